@@ -1,0 +1,42 @@
+"""dxfield: drifting fields on NumPy (CPU) and CuPy (GPU), no torch required.
+
+Rooms of the library:
+
+* :mod:`dxfield.kernels` -- Laplace and Gaussian kernels, pairwise distances,
+  blockwise exact kernel sums (:func:`kernel_matvec`);
+* :mod:`dxfield.field` -- the exact drifting field (:func:`drift_field`),
+  bidirectional (Algorithm 2 of the drifting paper) or row-normalised, in tiles
+  under a memory budget;
+* backends -- every function takes NumPy, CuPy or DLPack arrays (torch tensors
+  zero-copy) and answers in the input's namespace and device.
+
+Example
+-------
+>>> import numpy as np, dxfield
+>>> x = np.random.default_rng(0).normal(size=(128, 8)).astype(np.float32)
+>>> y = np.random.default_rng(1).normal(size=(512, 8)).astype(np.float32) + 1
+>>> dxfield.drift_field(x, y).shape
+(128, 8)
+"""
+
+from ._backend import BACKEND_ENV, BACKENDS, cupy_available
+from ._memory import BUDGET_ENV, DEFAULT_BUDGET
+from .field import DEFAULT_TEMPERATURES, NORMALIZATIONS, drift_field
+from .kernels import KERNELS, kernel_matrix, kernel_matvec, pairwise_distances
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "drift_field",
+    "kernel_matvec",
+    "kernel_matrix",
+    "pairwise_distances",
+    "cupy_available",
+    "KERNELS",
+    "NORMALIZATIONS",
+    "DEFAULT_TEMPERATURES",
+    "BACKENDS",
+    "BACKEND_ENV",
+    "BUDGET_ENV",
+    "DEFAULT_BUDGET",
+]

@@ -1,0 +1,113 @@
+"""Argument checks shared by the public functions.
+
+Every error names the argument, the offending value and what would be valid,
+so a user can fix the call without reading our source.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any, Iterable
+
+import numpy as np
+
+
+def _describe_dtype(a: Any) -> str:
+    return str(getattr(a, "dtype", type(a).__name__))
+
+
+def matrix(a: Any, name: str, *, dim: int | None = None, check_finite: bool = True, min_rows: int = 1):
+    """Check that ``a`` is a 2-D real numeric array with at least ``min_rows`` rows."""
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (n x D), got shape {tuple(a.shape)}")
+    kind = np.dtype(a.dtype).kind if not hasattr(a.dtype, "kind") else a.dtype.kind
+    if kind not in "fiub":
+        raise TypeError(f"{name} must hold real numbers (float or integer), got dtype {_describe_dtype(a)}")
+    n, d = a.shape
+    if n < min_rows:
+        raise ValueError(f"{name} must have at least {min_rows} row(s), got shape {tuple(a.shape)}")
+    if d < 1:
+        raise ValueError(f"{name} must have at least one feature column, got shape {tuple(a.shape)}")
+    if dim is not None and d != dim:
+        raise ValueError(f"{name} has {d} features per row but x has {dim}; feature dimensions must match")
+    if check_finite and kind == "f":
+        finite(a, name)
+    return a
+
+
+def float_matrix(a: Any, name: str, dtype, *, dim: int | None = None, check_finite: bool = True, min_rows: int = 1):
+    """:func:`matrix` checks, then ``a`` cast to the working ``dtype`` (no copy when it already is)."""
+    return matrix(a, name, dim=dim, check_finite=check_finite, min_rows=min_rows).astype(dtype, copy=False)
+
+
+def finite(a: Any, name: str) -> None:
+    """Raise ValueError when ``a`` holds NaN or Inf, saying how many and where the first is."""
+    ok = a.dtype.kind != "f" or bool(_xp_isfinite(a).all())
+    if not ok:
+        bad = ~_xp_isfinite(a)
+        count = int(bad.sum())
+        first = tuple(int(i) for i in np.argwhere(_to_host(bad))[0])
+        raise ValueError(f"{name} contains {count} NaN/Inf value(s), first at index {first}; inputs must be finite")
+
+
+def _xp_isfinite(a):
+    mod = type(a).__module__.split(".")[0]
+    if mod == "cupy":
+        import cupy
+
+        return cupy.isfinite(a)
+    return np.isfinite(a)
+
+
+def _to_host(a):
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else a
+
+
+def positive_float(value: Any, name: str) -> float:
+    """A finite float > 0."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a positive number, got {value!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return v
+
+
+def temperatures(value: Any, name: str = "temperatures") -> tuple[float, ...]:
+    """One temperature or a non-empty sequence of them, each finite and > 0."""
+    if isinstance(value, Real):
+        items: Iterable[Any] = (value,)
+    else:
+        try:
+            items = tuple(value)
+        except TypeError:
+            raise TypeError(f"{name} must be a number or a sequence of numbers, got {value!r}") from None
+    out = []
+    for i, t in enumerate(items):
+        out.append(positive_float(t, f"{name}[{i}]" if len(tuple(items)) > 1 else name))
+    if not out:
+        raise ValueError(f"{name} must hold at least one temperature, got {value!r}")
+    return tuple(out)
+
+
+def choice(value: Any, name: str, valid: Iterable[str]) -> str:
+    valid = tuple(valid)
+    if not isinstance(value, str) or value not in valid:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
+    return value
+
+
+def block_size(value: Any) -> tuple[int, int] | None:
+    """``None`` or a pair (query rows, target rows) of positive ints."""
+    if value is None:
+        return None
+    try:
+        bq, bt = value
+        bq, bt = int(bq), int(bt)
+    except (TypeError, ValueError):
+        raise TypeError(f"block_size must be None or a pair of ints (query rows, target rows), got {value!r}") from None
+    if bq < 1 or bt < 1:
+        raise ValueError(f"block_size entries must be >= 1, got {value!r}")
+    return bq, bt

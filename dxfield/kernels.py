@@ -1,0 +1,260 @@
+"""Kernels and pairwise distances.
+
+Two radial kernels, both with a length scale ``tau``:
+
+* ``"laplace"`` (default, what drifting models use): ``k(x, y) = exp(-||x - y|| / tau)``;
+* ``"gaussian"``: ``k(x, y) = exp(-||x - y||^2 / (2 tau^2))``.
+
+Squared distances come from matrix products, ``|x|^2 + |y|^2 - 2 x.y``, on
+coordinates centred on the queries' mean (translation does not change a
+distance, and centring removes most of the cancellation).  Entries that are
+still small compared with the norms they came from (near-duplicate points,
+where the product form loses most of its digits) are recomputed directly as
+``sum((x - y)^2)``; the result is clamped at zero.
+
+:func:`kernel_matvec` computes ``K(x, y) @ w`` in tiles and never holds the
+n x m kernel matrix.
+"""
+
+from __future__ import annotations
+
+import math
+
+from . import _checks
+from ._backend import device_context, floating_dtype, place
+from ._memory import parse_budget, plan_blocks, tile_cap
+
+KERNELS = ("laplace", "gaussian")
+
+
+def check_kernel(kernel: str) -> str:
+    return _checks.choice(kernel, "kernel", KERNELS)
+
+
+def log_kernel_from_sqdist(d2, tau: float, kernel: str, out=None):
+    """``log k`` from squared distances (elementwise, may work in place via ``out``)."""
+    xp = _xp(d2)
+    if kernel == "laplace":
+        out = xp.sqrt(d2, out=out)
+        return xp.multiply(out, -1.0 / tau, out=out)
+    return xp.multiply(d2, -0.5 / (tau * tau), out=out)
+
+
+def _xp(a):
+    from ._backend import array_namespace
+
+    return array_namespace(a)
+
+
+def refine_tolerance(dtype) -> float:
+    """Relative size below which a product-form squared distance is recomputed directly.
+
+    The product form carries an absolute error of a few ``eps * (|x|^2 + |y|^2)``;
+    below ``16 sqrt(eps)`` of that scale the relative error of the distance would
+    exceed about ``sqrt(eps)``, so those entries are redone exactly.
+    """
+    import numpy as np
+
+    return 16.0 * math.sqrt(float(np.finfo(dtype).eps))
+
+
+def sqdist_tile(xc, xx, yc, yy, out, scratch, hits, *, self_offset=None):
+    """Squared distances of a tile of centred queries ``xc`` and targets ``yc``.
+
+    ``xx``/``yy`` are their squared norms; ``out`` (bq x bt) receives the
+    result; ``scratch`` (same shape, same dtype) and ``hits`` (bool, same shape)
+    are work space.  ``self_offset``: when the targets are queries too, the
+    query row index of target 0 (self pairs are left out of the refinement;
+    the caller masks them).
+    """
+    xp = _xp(out)
+    xp.matmul(xc, yc.T, out=out)
+    out *= -2.0
+    out += xx[:, None]
+    out += yy[None, :]
+    xp.maximum(out, 0.0, out=out)
+    if self_offset is not None:
+        _set_diagonal(out, self_offset, 0.0)  # a point's distance to itself is exactly 0
+    rtol = refine_tolerance(out.dtype)
+    # hits: d2 < rtol * (|x|^2 + |y|^2), entries whose product form is unreliable.
+    xp.multiply(xx[:, None], -rtol, out=scratch)
+    scratch += out
+    scratch -= rtol * yy[None, :]
+    xp.less(scratch, 0.0, out=hits)
+    if self_offset is not None:
+        _set_diagonal(hits, self_offset, False)
+    if not bool(hits.any()):
+        return out
+    _recompute_hits(xp, out, xc, yc, hits, budget_entries=out.size)
+    return out
+
+
+def _set_diagonal(a, offset: int, value) -> None:
+    """Set ``a[i, j] = value`` where query row ``i`` is target ``j``: ``i == j + offset``."""
+    xp = _xp(a)
+    bq, bt = a.shape
+    lo, hi = max(0, -offset), min(bt, bq - offset)
+    if hi > lo:
+        j = xp.arange(lo, hi)
+        a[j + offset, j] = value
+
+
+def _recompute_hits(xp, d2, xc, yc, hits, budget_entries: int) -> None:
+    """``d2[i, j] = sum((xc[i] - yc[j])^2)`` where ``hits``; work bounded by ``budget_entries``."""
+    bt = hits.shape[1]
+    d = xc.shape[1]
+    rows = xp.nonzero(hits.any(axis=1))[0]
+    # index arrays cost two int64 per hit (4 float32-entries); gathered rows 3 x D per hit
+    row_step = max(1, budget_entries // (4 * bt))
+    hit_step = max(1, budget_entries // (3 * d))
+    for r0 in range(0, int(rows.shape[0]), row_step):
+        sel = rows[r0:r0 + row_step]
+        ii, jj = xp.nonzero(hits[sel])
+        ii = sel[ii]
+        for h0 in range(0, int(ii.shape[0]), hit_step):
+            i, j = ii[h0:h0 + hit_step], jj[h0:h0 + hit_step]
+            diff = xc[i]
+            diff -= yc[j]
+            xp.square(diff, out=diff)
+            d2[i, j] = diff.sum(axis=1)
+
+
+def sqdist(x, y):
+    """Dense squared distances (n x m) of two small point sets, NumPy or CuPy.
+
+    Holds the whole matrix: for large sets use the blockwise functions.
+    """
+    xp = _xp(x)
+    mu = x.mean(axis=0)
+    xc, yc = x - mu, y - mu
+    xx, yy = (xc * xc).sum(axis=1), (yc * yc).sum(axis=1)
+    out = xp.empty((x.shape[0], y.shape[0]), dtype=x.dtype)
+    scratch = xp.empty_like(out)
+    hits = xp.empty(out.shape, dtype=bool)
+    return sqdist_tile(xc, xx, yc, yy, out, scratch, hits)
+
+
+def pairwise_distances(x, y=None, *, backend=None):
+    """Euclidean distances ``||x_i - y_j||`` (n x m, dense), accurate for near duplicates.
+
+    Parameters
+    ----------
+    x : array (n, D); y : array (m, D), default ``x``.
+
+    Returns an array in the namespace and device of the inputs.
+    """
+    placement, a = place({"x": x, "y": y if y is not None else x}, backend)
+    xp = placement.xp
+    with device_context(placement):
+        dtype = floating_dtype(xp, a["x"], a["y"])
+        xa = _checks.float_matrix(a["x"], "x", dtype)
+        ya = _checks.float_matrix(a["y"], "y", dtype, dim=xa.shape[1])
+        return placement.to_origin(xp.sqrt(sqdist(xa, ya)))
+
+
+def kernel_matrix(x, y=None, *, kernel: str = "laplace", tau: float = 1.0, backend=None):
+    """Dense kernel matrix ``K(x, y)`` (n x m). For small sets (landmarks); see :func:`kernel_matvec`.
+
+    Examples
+    --------
+    >>> import numpy as np, dxfield
+    >>> K = dxfield.kernel_matrix(np.zeros((2, 3)), tau=0.5)
+    >>> K.shape, float(K[0, 1])
+    ((2, 2), 1.0)
+    """
+    kernel = check_kernel(kernel)
+    tau = _checks.positive_float(tau, "tau")
+    placement, a = place({"x": x, "y": y if y is not None else x}, backend)
+    xp = placement.xp
+    with device_context(placement):
+        dtype = floating_dtype(xp, a["x"], a["y"])
+        xa = _checks.float_matrix(a["x"], "x", dtype)
+        ya = _checks.float_matrix(a["y"], "y", dtype, dim=xa.shape[1])
+        k = log_kernel_from_sqdist(sqdist(xa, ya), tau, kernel)
+        return placement.to_origin(xp.exp(k, out=k))
+
+
+def kernel_matvec(x, y, w, *, kernel: str = "laplace", tau: float = 1.0, memory_budget=None,
+                  block_size=None, backend=None, check_finite: bool = True):
+    """Exact kernel sums ``K(x, y) @ w`` computed in tiles, never holding the n x m matrix.
+
+    Parameters
+    ----------
+    x : array (n, D)
+        Query points.
+    y : array (m, D)
+        Source points.
+    w : array (m,) or (m, k)
+        Weights (one or several columns).
+    kernel : {"laplace", "gaussian"}
+    tau : float > 0
+        Kernel length scale.
+    memory_budget : int or str, optional
+        Extra bytes the call may use (default 64 MiB, or ``$DXFIELD_MEMORY_BUDGET``).
+
+    Returns
+    -------
+    array (n,) or (n, k), in the namespace and device of the inputs.
+
+    Notes
+    -----
+    Cost O(n m (D + k)) flops, memory O(budget).  For kernel ridge regression,
+    MMD, kernel density or kernel k-means at sizes where ``K`` does not fit.
+
+    Examples
+    --------
+    >>> import numpy as np, dxfield
+    >>> rng = np.random.default_rng(0)
+    >>> x, y = rng.normal(size=(5, 3)), rng.normal(size=(7, 3))
+    >>> s = dxfield.kernel_matvec(x, y, np.ones(7), tau=2.0)
+    >>> bool(np.allclose(s, dxfield.kernel_matrix(x, y, tau=2.0).sum(1)))
+    True
+    """
+    kernel = check_kernel(kernel)
+    tau = _checks.positive_float(tau, "tau")
+    block = _checks.block_size(block_size)
+    budget = parse_budget(memory_budget)
+    placement, a = place({"x": x, "y": y, "w": w}, backend)
+    xp = placement.xp
+    with device_context(placement):
+        dtype = floating_dtype(xp, a["x"], a["y"], a["w"])
+        xa = _checks.float_matrix(a["x"], "x", dtype, check_finite=check_finite)
+        ya = _checks.float_matrix(a["y"], "y", dtype, dim=xa.shape[1], check_finite=check_finite)
+        wa = a["w"]
+        if wa.ndim not in (1, 2) or wa.shape[0] != ya.shape[0]:
+            raise ValueError(f"w must have shape ({ya.shape[0]},) or ({ya.shape[0]}, k) to match y, got {tuple(wa.shape)}")
+        vector = wa.ndim == 1
+        wa = _checks.float_matrix(wa.reshape(ya.shape[0], -1), "w", dtype, check_finite=check_finite)
+        n, d = xa.shape
+        m, k = wa.shape
+        it = dtype.itemsize
+        plan = plan_blocks(
+            n, m, budget=budget,
+            fixed=it * n * (d + 1 + k),
+            per_tile_entry=2 * it + 1,
+            per_query_row=it * (d + k) + 16,
+            per_target_row=it * (d + 1),
+            max_tile_entries=tile_cap(placement.device),
+            override=block, what=f"kernel_matvec with n={n}, D={d}",
+        )
+        mu = xa.mean(axis=0)
+        xc = xa - mu
+        xx = (xc * xc).sum(axis=1)
+        out = xp.zeros((n, k), dtype=dtype)
+        buf = xp.empty(plan.bq * plan.bt, dtype=dtype)
+        scratch = xp.empty(plan.bq * plan.bt, dtype=dtype)
+        hits = xp.empty(plan.bq * plan.bt, dtype=bool)
+        for j0 in range(0, m, plan.bt):
+            yc = ya[j0:j0 + plan.bt] - mu
+            yy = (yc * yc).sum(axis=1)
+            for i0 in range(0, n, plan.bq):
+                rows = slice(i0, i0 + plan.bq)
+                shape = (min(plan.bq, n - i0), yc.shape[0])
+                tile = buf[: shape[0] * shape[1]].reshape(shape)
+                sqdist_tile(xc[rows], xx[rows], yc, yy, tile,
+                            scratch[: tile.size].reshape(shape), hits[: tile.size].reshape(shape))
+                log_kernel_from_sqdist(tile, tau, kernel, out=tile)
+                xp.exp(tile, out=tile)
+                out[rows] += tile @ wa[j0:j0 + plan.bt]
+        result = out[:, 0] if vector else out
+        return placement.to_origin(result)
