@@ -14,6 +14,9 @@ import re
 from dataclasses import dataclass
 
 DEFAULT_BUDGET = 64 * 2**20
+# Small allocations a plan does not itemise: NumPy's ufunc/einsum buffers (8192
+# entries each), per-tile vectors of a few entries, Python objects.
+SLACK = 256 * 2**10
 BUDGET_ENV = "DXFIELD_MEMORY_BUDGET"
 
 _UNITS = {
@@ -82,6 +85,8 @@ def plan_blocks(
     one pass) with at least ``min_targets`` targets; otherwise square tiles.
     ``max_tile_entries`` caps a tile so it stays cache-friendly.
     """
+
+    fixed += SLACK
 
     def cost(bq: int, bt: int) -> int:
         return fixed + per_tile_entry * bq * bt + per_query_row * bq + per_target_row * bt

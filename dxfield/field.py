@@ -51,7 +51,7 @@ from typing import Any
 from . import _checks
 from ._backend import device_context, floating_dtype, place
 from ._memory import parse_budget, plan_blocks, tile_cap
-from .kernels import _set_diagonal, check_kernel, sqdist_tile
+from .kernels import _set_diagonal, check_kernel, sq_norms, sqdist_tile
 
 NORMALIZATIONS = ("bidirectional", "row")
 DEFAULT_TEMPERATURES = (0.02, 0.05, 0.2)
@@ -146,7 +146,8 @@ class ExactSums:
     """
 
     def __init__(self, xp, x, targets: list[Targets], *, log_kernel_scales, kernel: str,
-                 bidirectional: bool, budget: int, block_size=None, tile_cap: int):
+                 bidirectional: bool, budget: int, block_size=None, tile_cap: int,
+                 distances_only: bool = False):
         self.xp = xp
         self.x = x
         self.targets = targets
@@ -160,8 +161,9 @@ class ExactSums:
         nt = len(self.coefs)
         self.plan = plan_blocks(
             n, max(t.n for t in targets), budget=budget,
-            # centred queries, norms, accumulators and the final combination's temporaries
-            fixed=it * (n * d * (1 + 2 * nt + 3) + n * (2 + 8 * nt) + 2 * d),
+            # centred queries and norms, plus two sides of accumulators per temperature
+            # (combined in place at the end); a distance-only sweep needs none
+            fixed=it * (n * d * (1 + (0 if distances_only else 2 * nt)) + n * (2 + 8 * nt) + 2 * d),
             # distance tile, logits tile, scratch, hit mask, and near-duplicate refinement
             per_tile_entry=5 * it + 1,
             per_query_row=it * (d + 10) + 16,
@@ -172,7 +174,7 @@ class ExactSums:
         )
         self.mu = x.mean(axis=0)
         self.xc = x - self.mu
-        self.xx = (self.xc * self.xc).sum(axis=1)
+        self.xx = sq_norms(self.xc)
 
     # -- tiles -------------------------------------------------------------------------
     def _workspace(self):
@@ -213,7 +215,7 @@ class ExactSums:
         for t in self.targets:
             for j0 in range(0, t.n, self.plan.bt):
                 yc = t.y[j0:j0 + self.plan.bt] - self.mu
-                yy = (yc * yc).sum(axis=1)
+                yy = sq_norms(yc)
                 logw = None if t.log_weight is None else t.log_weight[j0:j0 + self.plan.bt]
                 yield t, j0, yc, yy, logw
 
@@ -279,26 +281,34 @@ class ExactSums:
 
 
 def combine(xp, sums, row_lse, *, drift_norm: bool):
-    """Per-temperature fields from the streamed sums, drift-normalised if asked, summed."""
+    """Per-temperature fields from the streamed sums, drift-normalised if asked, summed.
+
+    Works in place on the accumulators (they are consumed), so combining needs
+    no memory beyond the sums themselves.
+    """
     total = None
     for k, (pos, neg) in enumerate(sums):
         if row_lse is None:
-            v = pos.acc / pos.s[:, None]
+            v = pos.acc
+            v /= pos.s[:, None]
             has_neg = neg.s > 0
-            safe = xp.where(has_neg, neg.s, 1.0)
-            v -= xp.where(has_neg[:, None], neg.acc / safe[:, None], 0.0)
+            neg.acc /= xp.where(has_neg, neg.s, 1.0)[:, None]
+            v -= neg.acc  # rows without any negative have acc == 0
         else:
             # V_i = exp(m+_i + m-_i - LR_i) * (s-_i acc+_i - s+_i acc-_i)
             with _quiet(xp):
                 logf = pos.m + neg.m - row_lse[k].value()
             finite = xp.isfinite(logf)
-            v = neg.s[:, None] * pos.acc
-            v -= pos.s[:, None] * neg.acc
+            v = pos.acc
+            v *= neg.s[:, None]
+            neg.acc *= pos.s[:, None]
+            v -= neg.acc
             if drift_norm:  # only the relative factor matters before normalising
                 ref = xp.max(xp.where(finite, logf, -xp.inf)) if bool(finite.any()) else 0.0
                 logf = logf - ref
             factor = xp.where(finite, xp.exp(xp.where(finite, logf, 0.0)), 0.0).astype(v.dtype, copy=False)
             v *= factor[:, None]
+        del pos.acc, neg.acc
         if drift_norm:
             v = normalize_drift(xp, v)
         if total is None:
@@ -310,7 +320,8 @@ def combine(xp, sums, row_lse, *, drift_norm: bool):
 
 def normalize_drift(xp, v):
     """``v / sqrt(mean_i ||v_i||^2 / D)``; an all-zero field stays zero."""
-    rms = float(xp.sqrt(xp.mean(xp.square(v))))
+    flat = v.reshape(-1)
+    rms = math.sqrt(float(xp.vdot(flat, flat)) / max(1, flat.size))  # no N x D temporary
     if rms > 0 and math.isfinite(rms):
         v /= rms
     return v
@@ -444,15 +455,16 @@ def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normaliz
                 logw = _weights(xp, a["neg_weight"] if weights_is_array else neg_weight, na.shape[0], dtype, check_finite)
             targets.append(Targets(na, True, log_weight=logw))
 
-        def engine(coefs):
+        def engine(coefs, distances_only=False):
             return ExactSums(xp, xa, targets, log_kernel_scales=coefs, kernel=kernel,
                              bidirectional=normalization == "bidirectional", budget=budget,
-                             block_size=block, tile_cap=tile_cap(placement.device))
+                             block_size=block, tile_cap=tile_cap(placement.device),
+                             distances_only=distances_only)
 
         scale = None
         unit = 1.0  # distance unit the temperatures are measured in
         if scale_arg == "auto":
-            mean_d = engine((1.0,)).mean_distance()
+            mean_d = engine((1.0,), distances_only=True).mean_distance()
             scale = mean_d / math.sqrt(d) if mean_d > 0 and math.isfinite(mean_d) else 1.0
         elif scale_arg is not None:
             scale = float(scale_arg)

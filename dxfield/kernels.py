@@ -89,6 +89,11 @@ def sqdist_tile(xc, xx, yc, yy, out, scratch, hits, *, self_offset=None):
     return out
 
 
+def sq_norms(a):
+    """Squared row norms ``sum(a * a, axis=1)`` without an n x D temporary."""
+    return _xp(a).einsum("ij,ij->i", a, a)
+
+
 def _set_diagonal(a, offset: int, value) -> None:
     """Set ``a[i, j] = value`` where query row ``i`` is target ``j``: ``i == j + offset``."""
     xp = _xp(a)
@@ -127,7 +132,7 @@ def sqdist(x, y):
     xp = _xp(x)
     mu = x.mean(axis=0)
     xc, yc = x - mu, y - mu
-    xx, yy = (xc * xc).sum(axis=1), (yc * yc).sum(axis=1)
+    xx, yy = sq_norms(xc), sq_norms(yc)
     out = xp.empty((x.shape[0], y.shape[0]), dtype=x.dtype)
     scratch = xp.empty_like(out)
     hits = xp.empty(out.shape, dtype=bool)
@@ -239,14 +244,14 @@ def kernel_matvec(x, y, w, *, kernel: str = "laplace", tau: float = 1.0, memory_
         )
         mu = xa.mean(axis=0)
         xc = xa - mu
-        xx = (xc * xc).sum(axis=1)
+        xx = sq_norms(xc)
         out = xp.zeros((n, k), dtype=dtype)
         buf = xp.empty(plan.bq * plan.bt, dtype=dtype)
         scratch = xp.empty(plan.bq * plan.bt, dtype=dtype)
         hits = xp.empty(plan.bq * plan.bt, dtype=bool)
         for j0 in range(0, m, plan.bt):
             yc = ya[j0:j0 + plan.bt] - mu
-            yy = (yc * yc).sum(axis=1)
+            yy = sq_norms(yc)
             for i0 in range(0, n, plan.bq):
                 rows = slice(i0, i0 + plan.bq)
                 shape = (min(plan.bq, n - i0), yc.shape[0])

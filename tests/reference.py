@@ -77,9 +77,11 @@ def field(x, pos, neg=None, *, temperatures=(0.02, 0.05, 0.2), normalization="bi
             Wn = An * Ap.sum(1, keepdims=True)
             v = Wp @ pos - Wn @ yneg
         if drift_norm:
-            rms = np.sqrt((v ** 2).sum(1).mean() / d)
-            if rms > 0:
-                v = v / rms
+            # divide by max |v| first so that squaring a tiny (but nonzero) field cannot underflow
+            peak = np.abs(v).max()
+            if peak > 0:
+                v = v / peak
+                v = v / np.sqrt((v ** 2).sum(1).mean() / d)
         total += v
     return total, scale
 
