@@ -23,12 +23,17 @@ from ._backend import BACKEND_ENV, BACKENDS, cupy_available
 from ._memory import BUDGET_ENV, DEFAULT_BUDGET
 from .field import DEFAULT_TEMPERATURES, NORMALIZATIONS, drift_field
 from .kernels import KERNELS, kernel_matrix, kernel_matvec, pairwise_distances
+from .nystrom import Nystrom, NystromConditioningWarning
+from . import landmarks
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "drift_field",
     "kernel_matvec",
+    "Nystrom",
+    "landmarks",
+    "NystromConditioningWarning",
     "kernel_matrix",
     "pairwise_distances",
     "cupy_available",

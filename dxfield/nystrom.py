@@ -1,0 +1,229 @@
+"""Nystrom feature maps: ``k(x, y) ~ phi(x) . phi(y)`` from m landmarks.
+
+Math (design.md 2.4).  With landmarks ``U`` (m x D)::
+
+    W = K_UU + ridge * I        (factored in float64 by eigh)
+    A = W^{-1/2}                (eigenvalues clamped at eig_clamp * max)
+    phi(x) = k(x, U) @ A        (n x m)
+
+so that ``phi(x) . phi(y) = k(x, U) W^{-1} k(U, y)``, the Nystrom approximation
+of ``k(x, y)``; with every point a landmark and ``ridge -> 0`` it is exact.
+Both kernels have ``k(x, x) = 1``, so ``ridge`` is relative to the kernel's
+scale.  The fit records the spectrum, condition number and effective rank
+(``sum_i lambda_i / (lambda_i + ridge)``) and warns when the condition number
+is large enough to cost digits in the working precision.
+
+Like scikit-learn's ``Nystroem`` but on NumPy or CuPy, with results in the
+input's namespace and device, and ``transform`` computed in row blocks.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+from . import _checks
+from ._backend import device_context, floating_dtype, place
+from ._memory import SLACK, parse_budget, tile_cap
+from .kernels import check_kernel, log_kernel_from_sqdist, sq_norms, sqdist, sqdist_tile
+
+
+class NystromConditioningWarning(UserWarning):
+    """The landmark Gram matrix is ill-conditioned for the working precision."""
+
+
+class Nystrom:
+    """Nystrom approximation of a Laplace or Gaussian kernel.
+
+    Parameters
+    ----------
+    kernel : {"laplace", "gaussian"}
+    tau : float > 0
+        Kernel length scale (``exp(-d / tau)`` or ``exp(-d^2 / (2 tau^2))``).
+    ridge : float >= 0, default 1e-4
+        Added to the diagonal of ``K_UU`` (relative: the kernel's diagonal is 1).
+    eig_clamp : float > 0, default 1e-8
+        Eigenvalues of ``K_UU + ridge I`` below ``eig_clamp * max`` are raised to it.
+    memory_budget : int or str, optional
+        Extra bytes ``transform`` may use beyond its output (default 64 MiB).
+    backend : {"auto", "numpy", "cupy"}, optional
+
+    Attributes (after ``fit``)
+    --------------------------
+    landmarks_ : array (m, D)
+    factor_ : array (m, m)
+        ``A = (K_UU + ridge I)^{-1/2}`` in the working dtype.
+    eigenvalues_ : numpy array (m,)
+        Spectrum of ``K_UU + ridge I`` (float64, ascending, before clamping).
+    condition_number_ : float
+        ``max / min`` eigenvalue after clamping.
+    effective_rank_ : float
+        ``sum lambda_i / (lambda_i + ridge)`` over the spectrum of ``K_UU``.
+    n_clamped_ : int
+        Eigenvalues raised by the clamp.
+
+    Examples
+    --------
+    >>> import numpy as np, dxfield
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.normal(size=(500, 4))
+    >>> ny = dxfield.Nystrom(kernel="gaussian", tau=3.0).fit(x[:100])
+    >>> phi = ny.transform(x)                      # (500, 100)
+    >>> K = dxfield.kernel_matrix(x, kernel="gaussian", tau=3.0)
+    >>> bool(np.abs(phi @ phi.T - K).max() < 0.05)
+    True
+    """
+
+    def __init__(self, kernel: str = "laplace", tau: float = 1.0, ridge: float = 1e-4,
+                 eig_clamp: float = 1e-8, memory_budget=None, backend=None):
+        self.kernel = check_kernel(kernel)
+        self.tau = _checks.positive_float(tau, "tau")
+        self.ridge = _non_negative(ridge, "ridge")
+        self.eig_clamp = _checks.positive_float(eig_clamp, "eig_clamp")
+        self.memory_budget = parse_budget(memory_budget)
+        self.backend = backend
+
+    # -- fit -----------------------------------------------------------------------
+    def fit(self, landmarks) -> "Nystrom":
+        """Factor the landmark Gram matrix. ``landmarks``: (m, D), distinct points."""
+        placement, a = place({"landmarks": landmarks}, self.backend)
+        xp = placement.xp
+        with device_context(placement):
+            dtype = floating_dtype(xp, a["landmarks"])
+            u = _checks.float_matrix(a["landmarks"], "landmarks", dtype)
+            gram = log_kernel_from_sqdist(sqdist(u.astype(xp.float64), u.astype(xp.float64)), self.tau, self.kernel)
+            gram = xp.exp(gram, out=gram)
+            factor, spectrum = inverse_sqrt(xp, gram, self.ridge, self.eig_clamp)
+            self._placement = placement
+            self.landmarks_ = u
+            self.factor_ = factor.astype(dtype)
+            self.eigenvalues_ = spectrum.eigenvalues
+            self.condition_number_ = spectrum.condition_number
+            self.effective_rank_ = spectrum.effective_rank
+            self.n_clamped_ = spectrum.n_clamped
+            self._mu = u.mean(axis=0)
+            self._uc = u - self._mu
+            self._uu = sq_norms(self._uc)
+        limit = (1e-4 / float(np.finfo(dtype).eps)) ** 2
+        if self.condition_number_ > limit:
+            warnings.warn(
+                f"Nystrom: K_UU + ridge*I has condition number {self.condition_number_:.3g} "
+                f"(> {limit:.3g}), so phi(x) loses about {0.5 * math.log10(self.condition_number_):.1f} "
+                f"digits in {dtype}; raise ridge (now {self.ridge:g}), use fewer or better spread "
+                "landmarks, or work in float64",
+                NystromConditioningWarning, stacklevel=2,
+            )
+        return self
+
+    @property
+    def n_components(self) -> int:
+        self._check_fitted()
+        return int(self.landmarks_.shape[0])
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "factor_"):
+            raise RuntimeError("this Nystrom map is not fitted yet; call fit(landmarks) first")
+
+    # -- transform -----------------------------------------------------------------
+    def transform(self, x, *, check_finite: bool = True):
+        """``phi(x) = k(x, U) @ A``, (n, m), in ``x``'s namespace and device."""
+        self._check_fitted()
+        placement, a = place({"x": x}, self.backend)
+        if placement.device != self._placement.device:
+            raise ValueError(f"x is on {placement.device} but the map was fitted on {self._placement.device}; "
+                             "move x (or refit) so both are on one device")
+        xp = placement.xp
+        with device_context(placement):
+            xa = _checks.float_matrix(a["x"], "x", self.factor_.dtype, dim=self.landmarks_.shape[1],
+                                      check_finite=check_finite)
+            out = kernel_features(xp, xa, self._uc, self._uu, self._mu, self.factor_, self.tau, self.kernel,
+                                  budget=self.memory_budget, tile_entries=tile_cap(placement.device))
+            return placement.to_origin(out)
+
+    def approximate_kernel(self, x, y=None):
+        """``phi(x) @ phi(y).T``: the Nystrom approximation of ``K(x, y)`` (dense; small sets)."""
+        px = self.transform(x)
+        py = px if y is None else self.transform(y)
+        return px @ py.T
+
+
+def kernel_features(xp, x, uc, uu, mu, factor, tau: float, kernel: str, *, budget: int, tile_entries: int,
+                    out=None):
+    """``k(x, U) @ factor`` in row blocks; ``uc``/``uu``: landmarks centred on ``mu`` and their norms.
+
+    ``factor`` may have any number of columns (the folded summaries use m x (D+1)).
+    """
+    n, d = x.shape
+    m = uc.shape[0]
+    k = factor.shape[1]
+    it = x.dtype.itemsize
+    # per row of x: a kernel row, a scratch row and a hit mask (m entries), its centred copy
+    per_row = m * (2 * it + 1) + it * (d + 4)
+    rows_step = min(n, (budget - SLACK) // per_row, max(1, tile_entries // m))
+    if rows_step < 1:
+        raise ValueError(f"memory_budget={budget} bytes is too small for Nystrom features with m={m}, D={d}: "
+                         f"one row needs {per_row} bytes beyond {SLACK}; raise memory_budget")
+    if out is None:
+        out = xp.empty((n, k), dtype=x.dtype)
+    size = rows_step * m
+    buf = xp.empty(size, dtype=x.dtype)
+    scratch = xp.empty(size, dtype=x.dtype)
+    hits = xp.empty(size, dtype=bool)
+    for i0 in range(0, n, rows_step):
+        xc = x[i0:i0 + rows_step] - mu
+        xx = sq_norms(xc)
+        shape = (xc.shape[0], m)
+        tile = buf[: shape[0] * m].reshape(shape)
+        sqdist_tile(xc, xx, uc, uu, tile, scratch[: tile.size].reshape(shape), hits[: tile.size].reshape(shape))
+        log_kernel_from_sqdist(tile, tau, kernel, out=tile)
+        xp.exp(tile, out=tile)
+        xp.matmul(tile, factor, out=out[i0:i0 + shape[0]])
+    return out
+
+
+class Spectrum:
+    """What the factorisation of ``K_UU + ridge I`` found."""
+
+    def __init__(self, eigenvalues, clamped, ridge: float):
+        self.eigenvalues = eigenvalues
+        self.n_clamped = int((clamped > eigenvalues).sum())
+        self.condition_number = float(clamped.max() / clamped.min())
+        kernel_eigs = np.maximum(eigenvalues - ridge, 0.0)
+        self.effective_rank = float((kernel_eigs / (kernel_eigs + ridge)).sum()) if ridge > 0 else float(
+            (kernel_eigs > clamped.max() * 1e-12).sum())
+
+
+def inverse_sqrt(xp, gram, ridge: float, eig_clamp: float):
+    """``(gram + ridge I)^{-1/2}`` in float64 by eigh, eigenvalues clamped; and its :class:`Spectrum`."""
+    gram = gram.astype(xp.float64, copy=True)
+    m = gram.shape[0]
+    idx = xp.arange(m)
+    gram[idx, idx] += ridge
+    gram = 0.5 * (gram + gram.T)  # exact symmetry for eigh
+    lam, q = xp.linalg.eigh(gram)
+    lam_host = _host(lam)
+    top = float(lam_host.max()) if m else 1.0
+    floor = eig_clamp * max(top, np.finfo(np.float64).tiny)
+    clamped = np.maximum(lam_host, floor)
+    inv_sqrt = xp.asarray(1.0 / np.sqrt(clamped))
+    factor = (q * inv_sqrt[None, :]) @ q.T
+    return factor, Spectrum(lam_host, clamped, ridge)
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+
+
+def _non_negative(value, name: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number >= 0, got {value!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return v
+
+
+__all__ = ["Nystrom", "NystromConditioningWarning", "kernel_features", "inverse_sqrt"]
