@@ -24,7 +24,11 @@ drift normalisation removes a common scale first.
 
 *Row-normalised* (mean shift, what the projected field approximates)::
 
-    b±(x_i) = sum_j k(x_i, y±_j) y±_j / sum_j k(x_i, y±_j),   V = b+ - b-.
+    b±(x_i) = sum_j k(x_i, y±_j) y±_j / sum_j k(x_i, y±_j),   V = b+ - b-,
+
+with ``b- := x_i`` for a query without any negative (N = 1 with self negatives
+only, or all weights zero), so its field is the plain mean shift toward the
+positives.  Bidirectional gives V = 0 there (no negative mass to balance).
 
 Weighted negatives: a negative of weight ``w`` counts as ``w`` copies of that
 point (its kernel entries are multiplied by ``w`` in the row sums; its own
@@ -46,6 +50,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from numbers import Real
 from typing import Any
 
 from . import _checks
@@ -280,11 +285,12 @@ class ExactSums:
         return sums, row_lse
 
 
-def combine(xp, sums, row_lse, *, drift_norm: bool):
+def combine(xp, sums, row_lse, *, drift_norm: bool, xc=None):
     """Per-temperature fields from the streamed sums, drift-normalised if asked, summed.
 
     Works in place on the accumulators (they are consumed), so combining needs
-    no memory beyond the sums themselves.
+    no memory beyond the sums themselves.  ``xc``: the centred queries, needed
+    by row normalisation for rows without any negative (there ``b- := x_i``).
     """
     total = None
     for k, (pos, neg) in enumerate(sums):
@@ -293,7 +299,11 @@ def combine(xp, sums, row_lse, *, drift_norm: bool):
             v /= pos.s[:, None]
             has_neg = neg.s > 0
             neg.acc /= xp.where(has_neg, neg.s, 1.0)[:, None]
-            v -= neg.acc  # rows without any negative have acc == 0
+            if not bool(has_neg.all()):
+                # No negative mass (N = 1 self-only, or all weights 0): no repulsion, and the
+                # field is the mean shift b+(x_i) - x_i, local to the query.
+                neg.acc[~has_neg] = xc[~has_neg]
+            v -= neg.acc
         else:
             # V_i = exp(m+_i + m-_i - LR_i) * (s-_i acc+_i - s+_i acc-_i)
             with _quiet(xp):
@@ -321,9 +331,12 @@ def combine(xp, sums, row_lse, *, drift_norm: bool):
 def normalize_drift(xp, v):
     """``v / sqrt(mean_i ||v_i||^2 / D)``; an all-zero field stays zero."""
     flat = v.reshape(-1)
-    rms = math.sqrt(float(xp.vdot(flat, flat)) / max(1, flat.size))  # no N x D temporary
-    if rms > 0 and math.isfinite(rms):
-        v /= rms
+    peak = float(xp.max(xp.abs(flat))) if flat.size else 0.0
+    if not (peak > 0 and math.isfinite(peak)):
+        return v
+    v /= peak  # first to O(1), so the sum of squares cannot overflow in float32
+    rms = math.sqrt(float(xp.vdot(flat, flat)) / flat.size)  # no N x D temporary
+    v /= rms
     return v
 
 
@@ -331,8 +344,8 @@ def _weights(xp, neg_weight, m: int, dtype, check_finite: bool):
     """Log of per-negative weights: scalar or (M,), each finite and >= 0."""
     import numpy as np
 
-    if isinstance(neg_weight, (int, float)) and not isinstance(neg_weight, bool):
-        w = xp.full(m, float(neg_weight), dtype=dtype)
+    if isinstance(neg_weight, float):
+        w = xp.full(m, neg_weight, dtype=dtype)
     else:
         w = neg_weight
         if w.ndim != 1 or w.shape[0] != m:
@@ -436,7 +449,9 @@ def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normaliz
         scale_arg = _checks.positive_float(feature_scale, "feature_scale")
 
     arrays = {"x": x, "pos": pos, "neg": neg}
-    weights_is_array = neg_weight is not None and not isinstance(neg_weight, (int, float))
+    if neg_weight is not None and (isinstance(neg_weight, Real) or getattr(neg_weight, "ndim", None) == 0):
+        neg_weight = float(neg_weight)  # Python, NumPy or 0-d array scalar: one weight for all
+    weights_is_array = neg_weight is not None and not isinstance(neg_weight, float)
     if weights_is_array:
         arrays["neg_weight"] = neg_weight
     placement, a = place(arrays, backend)
@@ -471,8 +486,10 @@ def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normaliz
         if scale is not None:
             unit = scale * math.sqrt(d)
         coefs = [_coef(kernel, tau * unit) for tau in temps]
-        sums, row_lse = engine(coefs).sweep()
-        v = combine(xp, sums, row_lse, drift_norm=drift_norm)
+        sweeper = engine(coefs)
+        sums, row_lse = sweeper.sweep()
+        v = combine(xp, sums, row_lse, drift_norm=drift_norm, xc=sweeper.xc)
+        del sweeper
         if scale is not None and not drift_norm:
             v /= scale
         v = placement.to_origin(v)

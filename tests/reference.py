@@ -64,7 +64,7 @@ def field(x, pos, neg=None, *, temperatures=(0.02, 0.05, 0.2), normalization="bi
             Lw = L + logw[None, :]
             bp = _softmax(Lw[:, :P]) @ pos
             has_neg = np.isfinite(Lw[:, P:]).any(1, keepdims=True)
-            bn = np.where(has_neg, _softmax(Lw[:, P:]) @ yneg, 0.0)
+            bn = np.where(has_neg, _softmax(Lw[:, P:]) @ yneg, x)  # no negatives: b- := x_i
             v = bp - bn
         else:
             # A = sqrt(softmax_row * softmax_col) = exp(L - LR/2 - LC/2), weights as multiplicities

@@ -255,3 +255,113 @@ def test_single_query_with_only_itself_as_negative_has_no_repulsion():
     v = dxfield.drift_field(x, pos)
     assert np.isfinite(v).all()
     np.testing.assert_array_equal(v, 0.0)
+
+
+@pytest.mark.parametrize("norm", ["bidirectional", "row"])
+@pytest.mark.parametrize("block_size", [None, (3, 5), (7, 11), (40, 4)], ids=str)
+def test_float32_far_from_origin_with_near_duplicate_queries(xp, norm, block_size):
+    """Queries in near-identical pairs ~1000 away from the origin (float32): the distances
+    the kernel sees must be those of the points, not of the product form's cancellation."""
+    rng = np.random.default_rng(21)
+    base = (1000.0 + rng.normal(size=(20, 8))).astype(np.float32)
+    x = np.concatenate([base, (base + 1e-3 * rng.normal(size=base.shape)).astype(np.float32)])
+    pos = (1000.0 + rng.normal(size=(30, 8))).astype(np.float32)
+    for fs, temps in [("auto", (0.02,)), (None, (0.3,)), ("auto", (0.02, 0.05, 0.2))]:
+        v = dxfield.drift_field(xp.asarray(x), xp.asarray(pos), normalization=norm, temperatures=temps,
+                                feature_scale=fs, block_size=block_size)
+        vref, _ = ref.field(x, pos, normalization=norm, temperatures=temps, feature_scale=fs)
+        assert rel_err(v, vref) <= RTOL32
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_hard_regimes_emit_no_runtime_warnings(dtype):
+    """Outlier queries, zero-weight negatives, a lone query: no overflow/divide/invalid warnings."""
+    import warnings
+
+    rng = np.random.default_rng(17)
+    x = rng.normal(size=(20, 16))
+    x[:3] += 40 * rng.normal(size=(3, 16))
+    pos, neg = rng.normal(size=(30, 16)) + 0.5, rng.normal(size=(10, 16)) - 0.5
+    x, pos, neg = (a.astype(dtype) for a in (x, pos, neg))
+    partly_zero = np.r_[np.zeros(5), np.ones(5)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for norm, kernel, fs, dn in itertools.product(["bidirectional", "row"], ["laplace", "gaussian"],
+                                                      ["auto", None], [True, False]):
+            kw = dict(normalization=norm, kernel=kernel, feature_scale=fs, drift_norm=dn)
+            outs = [
+                dxfield.drift_field(x, pos, **kw),
+                dxfield.drift_field(x, pos, neg, neg_weight=0.0, **kw),
+                dxfield.drift_field(x, pos, neg, neg_weight=partly_zero, include_self=True, **kw),
+                dxfield.drift_field(x[:1], pos, **kw),
+            ]
+            assert all(np.isfinite(v).all() for v in outs)
+
+
+def test_all_zero_negative_weights_leave_a_pure_attraction_bidirectional_field_of_zero(data):
+    """Bidirectional: with every negative weighted 0 there is no repulsion mass, so V = 0
+    (attraction is weighted by the row's negative mass); matches the reference."""
+    x, pos, neg = data
+    v = dxfield.drift_field(x, pos, neg, neg_weight=0.0)
+    np.testing.assert_array_equal(v, 0.0)
+
+
+def test_row_field_of_a_query_without_negatives_does_not_depend_on_other_queries(data):
+    """No negative mass: b- := x_i, so V_i = b+(x_i) - x_i whatever the other queries are."""
+    x, pos, neg = data
+    kw = dict(normalization="row", neg_weight=0.0, feature_scale=1.0, drift_norm=False)
+    together = dxfield.drift_field(x, pos, neg, **kw)
+    alone = dxfield.drift_field(x[:1], pos, neg, **kw)
+    np.testing.assert_allclose(together[:1], alone, rtol=1e-10, atol=1e-12)
+
+
+def test_row_field_is_local_to_each_query(data):
+    """Row normalisation without drift normalisation: V_i depends on x_i and the targets only
+    (explicit negatives; the counterpart of the xfail above when every row has negatives)."""
+    x, pos, neg = data
+    kw = dict(normalization="row", feature_scale=1.0, drift_norm=False)
+    together = dxfield.drift_field(x, pos, neg, **kw)
+    for i in (0, 5, N - 1):
+        np.testing.assert_allclose(together[i:i + 1], dxfield.drift_field(x[i:i + 1], pos, neg, **kw),
+                                   rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("factor", [
+    1e-6, 1.0, 1e6, 1e12,
+    1e18,  # sum of squares would overflow float32 without rescaling first
+])
+def test_float32_drift_normalised_field_is_scale_free(factor):
+    """feature_scale='auto' + drift_norm: the float32 field has unit RMS and matches the reference
+    whatever the units of the features (within float32's range: distances stay representable)."""
+    rng = np.random.default_rng(31)
+    x = (rng.normal(size=(20, 4)) * factor).astype(np.float32)
+    pos = ((rng.normal(size=(30, 4)) + 0.5) * factor).astype(np.float32)
+    v = dxfield.drift_field(x, pos, temperatures=0.2)
+    assert np.isfinite(v).all()
+    assert np.mean(np.sum(v.astype(np.float64) ** 2, axis=1)) / 4 == pytest.approx(1.0, rel=1e-4)
+    vref, _ = ref.field(x, pos, temperatures=(0.2,))
+    assert rel_err(v, vref) <= RTOL32
+
+
+@pytest.mark.parametrize("layout", ["strided", "fortran"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_non_contiguous_inputs(layout, dtype):
+    rng = np.random.default_rng(41)
+    big_x, big_p = rng.normal(size=(40, 10)).astype(dtype), (rng.normal(size=(60, 10)) + 0.5).astype(dtype)
+    if layout == "strided":
+        x, pos = big_x[::2, ::2], big_p[::3, 1::2]
+    else:
+        x, pos = np.asfortranarray(big_x[:, :5]), np.asfortranarray(big_p[:, :5])
+    neg = x[::3]
+    for kw in [{}, dict(normalization="row"), dict(neg=neg, include_self=True, neg_weight=1.5)]:
+        v = dxfield.drift_field(x, pos, block_size=(3, 4), **kw)
+        vref, _ = ref.field(x, pos, **kw)
+        assert rel_err(v, vref) <= (RTOL64 if dtype == np.float64 else RTOL32)
+
+
+def test_feature_scale_does_not_depend_on_tiling(data):
+    x, pos, neg = data
+    _, sref = ref.field(x, pos, neg, include_self=True)
+    for block in [None, (1, 1), (3, 5), (N - 1, 4), (4, 1000)]:
+        _, s = dxfield.drift_field(x, pos, neg, include_self=True, block_size=block, return_scale=True)
+        assert s == pytest.approx(sref, rel=1e-12)
