@@ -25,6 +25,7 @@ from .field import DEFAULT_TEMPERATURES, NORMALIZATIONS, drift_field
 from .kernels import KERNELS, kernel_matrix, kernel_matvec, pairwise_distances
 from .nystrom import Nystrom, NystromConditioningWarning
 from . import landmarks
+from .projected import ProjectedField
 
 __version__ = "0.1.0.dev0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "kernel_matvec",
     "Nystrom",
     "landmarks",
+    "ProjectedField",
     "NystromConditioningWarning",
     "kernel_matrix",
     "pairwise_distances",

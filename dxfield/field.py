@@ -152,13 +152,14 @@ class ExactSums:
 
     def __init__(self, xp, x, targets: list[Targets], *, log_kernel_scales, kernel: str,
                  bidirectional: bool, budget: int, block_size=None, tile_cap: int,
-                 distances_only: bool = False):
+                 distances_only: bool = False, sides=(0, 1)):
         self.xp = xp
         self.x = x
         self.targets = targets
         self.kernel = kernel
         self.coefs = tuple(log_kernel_scales)  # logits = -coef * (d or d^2)
         self.bidirectional = bidirectional
+        self.sides = tuple(sides)  # which RowSums to keep: 0 positives, 1 negatives
         n, d = x.shape
         self.n, self.d = n, d
         self.dtype = x.dtype
@@ -168,7 +169,7 @@ class ExactSums:
             n, max(t.n for t in targets), budget=budget,
             # centred queries and norms, plus two sides of accumulators per temperature
             # (combined in place at the end); a distance-only sweep needs none
-            fixed=it * (n * d * (1 + (0 if distances_only else 2 * nt)) + n * (2 + 8 * nt) + 2 * d),
+            fixed=it * (n * d * (1 + (0 if distances_only else len(self.sides) * nt)) + n * (2 + 8 * nt) + 2 * d),
             # distance tile, logits tile, scratch, hit mask, and near-duplicate refinement
             per_tile_entry=5 * it + 1,
             per_query_row=it * (d + 10) + 16,
@@ -245,12 +246,14 @@ class ExactSums:
         the row log-sum-exp over all (weighted) targets, or None for row normalisation."""
         xp, n, d, dt = self.xp, self.n, self.d, self.dtype
         nt = len(self.coefs)
-        sums = [[RowSums(xp, n, d, dt), RowSums(xp, n, d, dt)] for _ in range(nt)]
+        sums = [[RowSums(xp, n, d, dt) if side in self.sides else None for side in (0, 1)] for _ in range(nt)]
         row_lse = [LogSumExp(xp, n, dt) for _ in range(nt)] if self.bidirectional else None
         ws = self._workspace()
         whole_columns = self.plan.bq >= n
         for t, j0, yc, yy, logw in self._target_tiles():
             side = 1 if t.negative else 0
+            if side not in self.sides:
+                raise ValueError("ExactSums: targets on a side that was not requested")
             bt = yc.shape[0]
             col_lse = None
             if self.bidirectional and not whole_columns:

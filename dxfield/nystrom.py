@@ -149,38 +149,54 @@ class Nystrom:
         return px @ py.T
 
 
-def kernel_features(xp, x, uc, uu, mu, factor, tau: float, kernel: str, *, budget: int, tile_entries: int,
-                    out=None):
-    """``k(x, U) @ factor`` in row blocks; ``uc``/``uu``: landmarks centred on ``mu`` and their norms.
+def kernel_features(xp, x, uc, uu, mu, factor, tau: float, kernel: str, *, budget: int, tile_entries: int):
+    """``k(x, U) @ factor`` in row blocks; ``uc``/``uu``: landmarks centred on ``mu`` and their norms."""
+    return kernel_products(xp, x, uc, uu, mu, [factor], [tau], kernel, budget=budget,
+                           tile_entries=tile_entries)[0][0]
 
-    ``factor`` may have any number of columns (the folded summaries use m x (D+1)).
+
+def kernel_products(xp, x, uc, uu, mu, mats, taus, kernel: str, *, budget: int, tile_entries: int,
+                    shift_rows: bool = False):
+    """``exp(l_k(x, U) - s_k(x)) @ mats[k]`` for each temperature ``k``, in row blocks.
+
+    ``l_k`` are the log-kernel values at length scale ``taus[k]``; ``s_k`` is 0,
+    or with ``shift_rows`` each row's maximum (so no row underflows; ratios of
+    two products are unchanged).  One distance tile serves every temperature.
+    Returns ``(outputs, shifts)``: lists over temperatures of (n x cols) arrays
+    and of (n,) row shifts (None without ``shift_rows``).
     """
     n, d = x.shape
     m = uc.shape[0]
-    k = factor.shape[1]
     it = x.dtype.itemsize
-    # per row of x: a kernel row, a scratch row and a hit mask (m entries), its centred copy
-    per_row = m * (2 * it + 1) + it * (d + 4)
+    # per row of x: the distance row, a kernel row, a scratch row and a hit mask, its centred copy
+    per_row = m * (3 * it + 1) + it * (d + 4)
     rows_step = min(n, (budget - SLACK) // per_row, max(1, tile_entries // m))
     if rows_step < 1:
-        raise ValueError(f"memory_budget={budget} bytes is too small for Nystrom features with m={m}, D={d}: "
+        raise ValueError(f"memory_budget={budget} bytes is too small for a kernel block with m={m}, D={d}: "
                          f"one row needs {per_row} bytes beyond {SLACK}; raise memory_budget")
-    if out is None:
-        out = xp.empty((n, k), dtype=x.dtype)
+    outs = [xp.empty((n, mat.shape[1]), dtype=x.dtype) for mat in mats]
+    shifts = [xp.empty(n, dtype=x.dtype) for _ in mats] if shift_rows else None
     size = rows_step * m
-    buf = xp.empty(size, dtype=x.dtype)
-    scratch = xp.empty(size, dtype=x.dtype)
-    hits = xp.empty(size, dtype=bool)
+    buf, kbuf = xp.empty(size, dtype=x.dtype), xp.empty(size, dtype=x.dtype)
+    scratch, hits = xp.empty(size, dtype=x.dtype), xp.empty(size, dtype=bool)
     for i0 in range(0, n, rows_step):
         xc = x[i0:i0 + rows_step] - mu
-        xx = sq_norms(xc)
         shape = (xc.shape[0], m)
-        tile = buf[: shape[0] * m].reshape(shape)
-        sqdist_tile(xc, xx, uc, uu, tile, scratch[: tile.size].reshape(shape), hits[: tile.size].reshape(shape))
-        log_kernel_from_sqdist(tile, tau, kernel, out=tile)
-        xp.exp(tile, out=tile)
-        xp.matmul(tile, factor, out=out[i0:i0 + shape[0]])
-    return out
+        dist = buf[: shape[0] * m].reshape(shape)
+        sqdist_tile(xc, sq_norms(xc), uc, uu, dist, scratch[: dist.size].reshape(shape), hits[: dist.size].reshape(shape))
+        if kernel == "laplace":
+            xp.sqrt(dist, out=dist)
+        coef_of = (lambda t: 1.0 / t) if kernel == "laplace" else (lambda t: 0.5 / (t * t))
+        for k, (mat, tau) in enumerate(zip(mats, taus)):
+            tile = kbuf[: dist.size].reshape(shape)
+            xp.multiply(dist, -coef_of(tau), out=tile)
+            if shift_rows:
+                top = tile.max(axis=1)
+                tile -= top[:, None]
+                shifts[k][i0:i0 + shape[0]] = top
+            xp.exp(tile, out=tile)
+            xp.matmul(tile, mat, out=outs[k][i0:i0 + shape[0]])
+    return outs, shifts
 
 
 class Spectrum:

@@ -1,0 +1,737 @@
+"""The projected drifting field (DriftXpress): attraction from cached Nystrom summaries.
+
+Math (design.md 2.4).  Landmarks ``U`` (real samples), per temperature a
+Nystrom map ``phi(x) = k(x, U) A`` with ``A = (K_UU + ridge I)^{-1/2}``, and
+summaries of the positives ``Y``::
+
+    t = sum_j phi(y_j)   (m),    G = sum_j phi(y_j) y_j^T   (m x D),    n = |Y|
+
+so the attraction (the row-normalised barycentre of the positives) is::
+
+    b+(x) = phi(x) G / phi(x) t = k(x, U) [A G] / k(x, U) [A t]
+
+The "folded" matrix ``F = A [G | t]`` (m x (D+1)) makes a step cost one
+``k(x, U)`` block times ``F``: O(N m D), whatever the number of positives.
+Summaries are sums over the data, so shards built on the same landmarks add.
+
+Class shards (``labels``) have their own landmarks, factors and summaries; the
+unconditional attraction combines them block-diagonally,
+``sum_s phi_s G_s / sum_s phi_s t_s``; ``field(x, labels=...)`` uses each
+query's own class.
+
+Numerics.  Kernel rows are shifted by their maximum before ``exp`` (the ratio
+is unchanged), so small temperatures do not underflow.  Landmarks are real
+positives, so in exact arithmetic the shifted denominator is at least 1 (the
+nearest landmark's own term); when the Nystrom denominator falls below
+``den_floor`` (default 1e-8, the paper's clamp) the approximation has broken
+down for that row, and its attraction falls back to the kernel-weighted mean
+of the landmarks (the exact barycentre with the landmarks as positives).  The
+number of such rows is reported in :attr:`ProjectedField.last_stats`.
+
+Repulsion is exact over the negatives by default (the blockwise exact code,
+row-normalised, self pairs masked), or ``"nystrom"``: the batch's own summaries
+on the same landmarks with each query's self-interaction ``||phi(x_i)||^2``
+removed from numerator and denominator (computed in float64; rows whose
+denominator is not positive fall back to exact repulsion).
+
+The feature scale ``S`` is fixed when the cache is built and stored with it:
+kernels use ``tau * S * sqrt(D)`` in raw units and the field is returned in
+units of ``S``, like :func:`dxfield.drift_field`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field as dc_field
+from typing import Any
+
+import numpy as np
+
+from . import _checks
+from ._backend import Device, Placement, device_context, floating_dtype, place
+from ._memory import SLACK, parse_budget, tile_cap
+from ._progress import Progress
+from .field import DEFAULT_TEMPERATURES, ExactSums, Targets, _weights, normalize_drift
+from .kernels import check_kernel, log_kernel_from_sqdist, sq_norms, sqdist, sqdist_tile
+from .landmarks import METHODS, _mean_distance, nearest, select
+from .nystrom import _host, _non_negative, inverse_sqrt, kernel_products
+
+REPULSIONS = ("exact", "nystrom")
+DEFAULT_DEN_FLOOR = 1e-8
+
+
+@dataclass
+class Shard:
+    """One landmark set (a class, or all data) with its per-temperature factors and summaries.
+
+    Host float64 copies are the source of truth (they are what is saved and
+    merged); device copies in the working dtype are made on first use.
+    """
+
+    label: int | None
+    landmarks: np.ndarray  # (m, D) float64
+    factors: list  # per temperature (m, m) float64: A
+    t: list  # per temperature (m,) float64
+    G: list  # per temperature (m, D) float64, centred on the field's centre
+    n: int
+    spectra: list = dc_field(default_factory=list)  # per temperature dict
+
+    @property
+    def m(self) -> int:
+        return int(self.landmarks.shape[0])
+
+    def folded(self, k: int) -> np.ndarray:
+        """``A [G | t]`` (m x (D+1)), float64."""
+        a = self.factors[k]
+        return a @ np.concatenate([self.G[k], self.t[k][:, None]], axis=1)
+
+
+class ProjectedField:
+    """DriftXpress field: Nystrom attraction from cached summaries + exact (or Nystrom) repulsion.
+
+    Build once from the real data (``build``), save/load it as an HDF5 cache,
+    then call ``field(x)`` every training step.
+
+    Examples
+    --------
+    >>> import numpy as np, dxfield
+    >>> rng = np.random.default_rng(0)
+    >>> data = rng.normal(size=(5000, 8)).astype(np.float32) + 2
+    >>> pf = dxfield.ProjectedField.build(data, landmarks=256, method="uniform", temperatures=(0.05, 0.2))
+    >>> x = rng.normal(size=(64, 8)).astype(np.float32)
+    >>> V = pf.field(x)                 # (64, 8), like drift_field(x, data, normalization="row")
+    >>> V.shape
+    (64, 8)
+    """
+
+    def __init__(self, *, kernel: str, temperatures, ridge: float, eig_clamp: float, feature_scale,
+                 dim: int, centre: np.ndarray, shards: list[Shard], fingerprint: dict | None = None,
+                 dtype=np.float32, den_floor: float = DEFAULT_DEN_FLOOR, placement: Placement | None = None,
+                 memory_budget=None):
+        self.kernel = kernel
+        self.temperatures = tuple(float(t) for t in temperatures)
+        self.ridge = float(ridge)
+        self.eig_clamp = float(eig_clamp)
+        self.feature_scale = None if feature_scale is None else float(feature_scale)
+        self.dim = int(dim)
+        self.centre = np.asarray(centre, dtype=np.float64)
+        self.shards = list(shards)
+        self.fingerprint = dict(fingerprint or {})
+        self.dtype = np.dtype(dtype)
+        self.den_floor = float(den_floor)
+        self.memory_budget = parse_budget(memory_budget)
+        self.last_stats: dict[str, Any] = {}
+        self._device_cache: dict[Device, dict] = {}
+        self._home = placement
+
+    # -- properties ----------------------------------------------------------------
+    @property
+    def classes(self) -> list:
+        """Class labels of the shards ([None] for an unconditional cache)."""
+        return [s.label for s in self.shards]
+
+    @property
+    def n_landmarks(self) -> int:
+        return sum(s.m for s in self.shards)
+
+    @property
+    def n_samples(self) -> int:
+        return sum(s.n for s in self.shards)
+
+    @property
+    def taus(self) -> tuple[float, ...]:
+        """Kernel length scales in raw feature units (``tau * S * sqrt(D)``, or ``tau``)."""
+        unit = 1.0 if self.feature_scale is None else self.feature_scale * math.sqrt(self.dim)
+        return tuple(t * unit for t in self.temperatures)
+
+    def __repr__(self) -> str:
+        cls = "unconditional" if self.classes == [None] else f"{len(self.shards)} classes"
+        return (f"ProjectedField({self.kernel}, temperatures={self.temperatures}, D={self.dim}, "
+                f"{self.n_landmarks} landmarks, {self.n_samples} samples, {cls}, S={self.feature_scale})")
+
+    # -- building ------------------------------------------------------------------
+    @classmethod
+    def build(cls, pos, *, temperatures=DEFAULT_TEMPERATURES, landmarks=1024, method: str = "kmeans",
+              labels=None, ridge: float = 1e-4, eig_clamp: float = 1e-8, kernel: str = "laplace",
+              feature_scale="auto", seed: int = 0, chunk_size: int | None = None, progress: bool = False,
+              den_floor: float = DEFAULT_DEN_FLOOR, memory_budget=None, backend=None, dtype=None,
+              selection_pool: int = 100_000) -> "ProjectedField":
+        """Choose landmarks, factor their Gram matrices and stream the summaries of ``pos``.
+
+        Parameters
+        ----------
+        pos : array (P, D)
+            Real samples (features).  NumPy/CuPy/DLPack arrays, a memory-mapped
+            ``.npy`` (``np.load(..., mmap_mode="r")``) or an HDF5 dataset
+            (``h5py``); read in chunks, so it may be larger than memory.
+        temperatures : float or sequence
+            As in :func:`dxfield.drift_field` (in units of the feature scale).
+        landmarks : int or array (m, D)
+            Landmarks per class (or in all) to select with ``method``, or the
+            landmark points themselves (shared by every class shard).
+        method : {"uniform", "kmeans", "kcenter", "rls"}
+            Landmark selection (see :mod:`dxfield.landmarks`); for data that is
+            not in memory it runs on a uniform pool of ``selection_pool`` rows.
+        labels : array (P,) of ints, optional
+            Build one shard per class (class-conditional fields).
+        ridge, eig_clamp : Nystrom regularisation (see :class:`dxfield.Nystrom`).
+        feature_scale : "auto", float or None
+            "auto": ``S = mean pairwise distance / sqrt(D)`` over up to 2048
+            sampled positives, fixed here and stored with the cache.
+        chunk_size : int, optional
+            Rows per streamed chunk (default: from ``memory_budget``).
+        progress : bool
+            Show a progress bar on stderr while streaming.
+        """
+        temps = _checks.temperatures(temperatures)
+        kernel = check_kernel(kernel)
+        method = _checks.choice(method, "method", METHODS)
+        ridge = _non_negative(ridge, "ridge")
+        eig_clamp = _checks.positive_float(eig_clamp, "eig_clamp")
+        den_floor = _checks.positive_float(den_floor, "den_floor")
+        budget = parse_budget(memory_budget)
+        rows = RowSource(pos, "pos", backend)
+        placement, xp = rows.placement, rows.placement.xp
+        wdtype = np.dtype(dtype) if dtype is not None else (np.dtype(np.float64) if rows.dtype == np.float64 else np.dtype(np.float32))
+        n, d = rows.n, rows.d
+        lab = None
+        if labels is not None:
+            lab = _host(place({"labels": labels}, "numpy")[1]["labels"])
+            if lab.ndim != 1 or lab.shape[0] != n:
+                raise ValueError(f"labels must have shape ({n},) (one per row of pos), got {tuple(lab.shape)}")
+            if lab.dtype.kind not in "iub":
+                raise TypeError(f"labels must be integers, got dtype {lab.dtype}")
+            lab = lab.astype(np.int64)
+        rng = np.random.default_rng(seed)
+        with device_context(placement):
+            # feature scale, fixed now
+            if isinstance(feature_scale, str):
+                if feature_scale != "auto":
+                    raise ValueError(f"feature_scale={feature_scale!r} is not valid; use 'auto', a number > 0, or None")
+                sample = rows.take(np.sort(rng.choice(n, size=min(n, 2048), replace=False)), wdtype)
+                scale = _mean_distance(xp, sample, rng, sample=sample.shape[0]) / math.sqrt(d) if n > 1 else 1.0
+            elif feature_scale is None:
+                scale = None
+            else:
+                scale = _checks.positive_float(feature_scale, "feature_scale")
+            unit = 1.0 if scale is None else scale * math.sqrt(d)
+            taus = [t * unit for t in temps]
+            # landmarks per shard
+            groups = [(None, None)] if lab is None else [(int(c), np.flatnonzero(lab == c)) for c in np.unique(lab)]
+            if isinstance(landmarks, (int, np.integer)) and not isinstance(landmarks, bool):
+                m = int(landmarks)
+                pool = np.arange(n) if rows.in_memory or n <= selection_pool else np.sort(
+                    rng.choice(n, size=selection_pool, replace=False))
+                pool_y = rows.take(pool, wdtype) if not rows.in_memory else rows.array(wdtype)
+                pool_lab = None if lab is None else lab[pool]
+                idx = _host(select(pool_y, m, method=method, labels=pool_lab, seed=seed, kernel=kernel,
+                                   tau=max(taus), memory_budget=budget))
+                points = _host(pool_y[xp.asarray(idx)]).astype(np.float64)
+                per_shard = [points[i * m:(i + 1) * m] for i in range(len(groups))]
+            else:
+                u = _host(place({"landmarks": landmarks}, "numpy")[1]["landmarks"])
+                u = _checks.float_matrix(u, "landmarks", np.float64, dim=d)
+                per_shard = [u for _ in groups]
+            centre = np.mean(np.concatenate(per_shard), axis=0)
+            shards = []
+            shared = {}
+            for (label, _), u in zip(groups, per_shard):
+                key = id(u)
+                if key not in shared:
+                    shared[key] = _factor(u, taus, kernel, ridge, eig_clamp)
+                factors, spectra = shared[key]
+                shards.append(Shard(label, u, factors, [np.zeros(u.shape[0]) for _ in temps],
+                                    [np.zeros((u.shape[0], d)) for _ in temps], 0, spectra))
+            pf = cls(kernel=kernel, temperatures=temps, ridge=ridge, eig_clamp=eig_clamp, feature_scale=scale,
+                     dim=d, centre=centre, shards=shards, fingerprint=rows.fingerprint(), dtype=wdtype,
+                     den_floor=den_floor, placement=placement, memory_budget=budget)
+            pf._accumulate(rows, lab, chunk_size=chunk_size, progress=progress)
+        return pf
+
+    def _accumulate(self, rows: "RowSource", lab, *, chunk_size, progress: bool) -> None:
+        """One streaming pass: kernel sums ``sum_j k(U, y_j)`` and ``sum_j k(U, y_j) y_j^T``, then t, G."""
+        xp = rows.placement.xp
+        dev = self._on(rows.placement)
+        d = self.dim
+        it = self.dtype.itemsize
+        m_max = max(s.m for s in self.shards)
+        if chunk_size is None:
+            per_row = m_max * (3 * it + 1) + it * (2 * d + 4)
+            chunk_size = max(1, min(rows.n, (self.memory_budget - SLACK) // per_row, max(1, (1 << 22) // m_max)))
+        chunk_size = int(chunk_size)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        sums = [[xp.zeros(s.m, dtype=xp.float64) for _ in self.temperatures] for s in self.shards]
+        outer = [[xp.zeros((s.m, d), dtype=xp.float64) for _ in self.temperatures] for s in self.shards]
+        counts = [0 for _ in self.shards]
+        label_pos = {s.label: i for i, s in enumerate(self.shards)}
+        with Progress(rows.n, "dxfield summaries", enabled=progress) as bar:
+            for i0, chunk in rows.chunks(chunk_size, self.dtype):
+                yc = chunk - dev["centre"]
+                for si, shard in enumerate(self.shards):
+                    if lab is None:
+                        part = yc
+                    else:
+                        sel = np.flatnonzero(lab[i0:i0 + chunk.shape[0]] == shard.label)
+                        if sel.size == 0:
+                            continue
+                        part = yc[xp.asarray(sel)]
+                    counts[si] += int(part.shape[0])
+                    ks = _kernel_rows(xp, part, dev["uc"][si], dev["uu"][si], self.taus, self.kernel)
+                    for k, kr in enumerate(ks):
+                        sums[si][k] += kr.sum(axis=0).astype(xp.float64)
+                        outer[si][k] += (kr.T @ part).astype(xp.float64)
+                bar.update(chunk.shape[0])
+        for si, shard in enumerate(self.shards):
+            shard.n += counts[si]
+            for k in range(len(self.temperatures)):
+                a = shard.factors[k]
+                shard.t[k] = shard.t[k] + a @ _host(sums[si][k])
+                shard.G[k] = shard.G[k] + a @ _host(outer[si][k])
+        self._device_cache.clear()
+
+    # -- device copies ---------------------------------------------------------------
+    def _on(self, placement: Placement) -> dict:
+        """Working-dtype arrays of this cache on ``placement``'s device (made once per device)."""
+        key = placement.device
+        if key not in self._device_cache:
+            xp = placement.xp
+            to = lambda a: xp.asarray(np.asarray(a, dtype=self.dtype))  # noqa: E731
+            with device_context(placement):
+                centre = to(self.centre)
+                uc = [to(s.landmarks - self.centre) for s in self.shards]
+                self._device_cache[key] = dict(
+                    centre=centre,
+                    uc=uc,
+                    uu=[sq_norms(u) for u in uc],
+                    folded=[[to(s.folded(k)) for k in range(len(self.temperatures))] for s in self.shards],
+                    uc_all=xp.concatenate(uc),
+                )
+                dev = self._device_cache[key]
+                dev["uu_all"] = sq_norms(dev["uc_all"])
+                dev["folded_all"] = [xp.concatenate([f[k] for f in dev["folded"]]) for k in range(len(self.temperatures))]
+        return self._device_cache[key]
+
+    # -- evaluation ------------------------------------------------------------------
+    def _prepare(self, x, extra: dict, backend, check_finite: bool):
+        placement, a = place({"x": x, **extra}, backend)
+        xp = placement.xp
+        xa = _checks.float_matrix(a["x"], "x", self.dtype, check_finite=check_finite)
+        if xa.shape[1] != self.dim:
+            raise ValueError(f"x has {xa.shape[1]} features per row but this cache was built for D={self.dim}")
+        return placement, xp, xa, a
+
+    def _class_rows(self, labels, n: int):
+        """Map query labels to shard indices: list of (shard index, host row indices)."""
+        if labels is None:
+            return None
+        lab = np.asarray(_host(place({"labels": labels}, "numpy")[1]["labels"]))
+        if lab.ndim != 1 or lab.shape[0] != n:
+            raise ValueError(f"labels must have shape ({n},) (one per query), got {tuple(lab.shape)}")
+        if self.classes == [None]:
+            raise ValueError("labels were given but this cache is unconditional (built without labels)")
+        known = {s.label: i for i, s in enumerate(self.shards)}
+        out = []
+        for c in np.unique(lab):
+            if int(c) not in known:
+                raise ValueError(f"labels contains class {int(c)}, which this cache has no summaries for; "
+                                 f"known classes: {sorted(known)}")
+            out.append((known[int(c)], np.flatnonzero(lab == c)))
+        return out
+
+    def _attraction(self, xp, xa, groups):
+        """Per temperature b+ (N x D) in coordinates centred on the cache's centre; and fallback counts."""
+        dev = self._on(self._placement_for(xp, xa))
+        n, d = xa.shape
+        nt = len(self.temperatures)
+        out = [xp.empty((n, d), dtype=self.dtype) for _ in range(nt)]
+        fallback = [0] * nt
+        jobs = [(None, None)] if groups is None else groups
+        for si, rows in jobs:
+            if si is None:
+                uc, uu, folded = dev["uc_all"], dev["uu_all"], dev["folded_all"]
+                xs = xa
+            else:
+                uc, uu, folded = dev["uc"][si], dev["uu"][si], [dev["folded"][si][k] for k in range(nt)]
+                xs = xa[xp.asarray(rows)]
+            prods, _ = kernel_products(xp, xs, uc, uu, dev["centre"], folded, self.taus, self.kernel,
+                                       budget=self.memory_budget, tile_entries=tile_cap(self._device_of(xp, xa)),
+                                       shift_rows=True)
+            for k, pr in enumerate(prods):
+                num, den = pr[:, :d], pr[:, d]
+                bad = ~(den > self.den_floor)
+                nbad = int(bad.sum())
+                if nbad:
+                    fallback[k] += nbad
+                    bad_idx = xp.nonzero(bad)[0]
+                    ext = xp.concatenate([uc, xp.ones((uc.shape[0], 1), dtype=uc.dtype)], axis=1)
+                    fb, _ = kernel_products(xp, xs[bad_idx], uc, uu, dev["centre"], [ext], [self.taus[k]],
+                                            self.kernel, budget=self.memory_budget,
+                                            tile_entries=tile_cap(self._device_of(xp, xa)), shift_rows=True)
+                    num[bad_idx] = fb[0][:, :d]
+                    den[bad_idx] = fb[0][:, d]
+                b = num / den[:, None]
+                if si is None:
+                    out[k] = b
+                else:
+                    out[k][xp.asarray(rows)] = b
+        return out, fallback
+
+    def _device_of(self, xp, a):
+        from ._backend import device_of
+
+        return device_of(a)
+
+    def _placement_for(self, xp, a) -> Placement:
+        dev = self._device_of(xp, a)
+        return Placement(xp=xp, device=dev, origin=dev)
+
+    def attraction(self, x, *, labels=None, backend=None, check_finite: bool = True):
+        """The barycentres ``b+(x)`` per temperature: array (T, N, D) in raw feature units.
+
+        With ``labels``, each query uses its own class's summaries; otherwise all
+        shards combine block-diagonally.
+        """
+        placement, xp, xa, _ = self._prepare(x, {}, backend, check_finite)
+        with device_context(placement):
+            groups = self._class_rows(labels, xa.shape[0])
+            bs, fallback = self._attraction(xp, xa, groups)
+            self.last_stats = {"attraction_fallback_rows": fallback}
+            out = xp.stack(bs) + self._on(placement)["centre"]
+            return placement.to_origin(out)
+
+    def field(self, x, neg=None, *, labels=None, repulsion: str = "exact", drift_norm: bool = True,
+              neg_weight=None, include_self: bool | None = None, backend=None, check_finite: bool = True):
+        """The projected drifting field ``V = b+ - b-`` at ``x`` (N x D), summed over temperatures.
+
+        Parameters
+        ----------
+        x : array (N, D)
+            Queries (generated features), raw units.
+        neg : array (M, D), optional
+            Explicit negatives; default the queries themselves (self pairs masked).
+        labels : array (N,) of ints, optional
+            Class of each query (class-conditional caches).
+        repulsion : {"exact", "nystrom"}
+        drift_norm : bool
+            Per-temperature ``V / sqrt(mean ||V||^2 / D)`` before summing.
+        neg_weight, include_self : as in :func:`dxfield.drift_field` (exact repulsion).
+
+        Returns
+        -------
+        V : (N, D) in units of the stored feature scale, in ``x``'s namespace/device.
+        Statistics of the call (fallback rows) are left in :attr:`last_stats`.
+        """
+        repulsion = _checks.choice(repulsion, "repulsion", REPULSIONS)
+        if include_self is None:
+            include_self = neg is None
+        if neg is None and not include_self:
+            raise ValueError("include_self=False needs explicit negatives: pass neg, or keep include_self")
+        if neg_weight is not None and neg is None:
+            raise ValueError("neg_weight weights the explicit negatives: pass neg as well")
+        if repulsion == "nystrom" and (neg is not None or not include_self):
+            raise ValueError("repulsion='nystrom' uses the queries themselves as negatives; "
+                             "use repulsion='exact' for explicit negatives")
+        from numbers import Real
+
+        if neg_weight is not None and (isinstance(neg_weight, Real) or getattr(neg_weight, "ndim", None) == 0):
+            neg_weight = float(neg_weight)
+        extra = {"neg": neg}
+        if neg_weight is not None and not isinstance(neg_weight, float):
+            extra["neg_weight"] = neg_weight
+        placement, xp, xa, a = self._prepare(x, extra, backend, check_finite)
+        with device_context(placement):
+            n, d = xa.shape
+            groups = self._class_rows(labels, n)
+            bplus, fallback = self._attraction(xp, xa, groups)
+            centre = self._on(placement)["centre"]
+            if repulsion == "exact":
+                bminus = self._exact_repulsion(xp, xa, a, include_self, neg_weight, centre, check_finite)
+                nys_fallback = 0
+            else:
+                bminus, nys_fallback = self._nystrom_repulsion(xp, xa, centre)
+            total = None
+            for k in range(len(self.temperatures)):
+                v = bplus[k]
+                v -= bminus[k]
+                if drift_norm:
+                    v = normalize_drift(xp, v)
+                total = v if total is None else total + v
+            if self.feature_scale is not None and not drift_norm:
+                total /= self.feature_scale
+            self.last_stats = {"attraction_fallback_rows": fallback, "repulsion_fallback_rows": nys_fallback}
+            return placement.to_origin(total)
+
+    def _exact_repulsion(self, xp, xa, a, include_self, neg_weight, centre, check_finite):
+        """Row-normalised barycentre of the negatives per temperature, centred on ``centre``."""
+        n, d = xa.shape
+        targets = []
+        if include_self:
+            targets.append(Targets(xa, True, is_queries=True))
+        if a.get("neg") is not None:
+            na = _checks.float_matrix(a["neg"], "neg", self.dtype, dim=d, check_finite=check_finite)
+            logw = None
+            if neg_weight is not None:
+                logw = _weights(xp, a["neg_weight"] if "neg_weight" in a else neg_weight, na.shape[0],
+                                self.dtype, check_finite)
+            targets.append(Targets(na, True, log_weight=logw))
+        coefs = [1.0 / t if self.kernel == "laplace" else 0.5 / (t * t) for t in self.taus]
+        sweeper = ExactSums(xp, xa, targets, log_kernel_scales=coefs, kernel=self.kernel, bidirectional=False,
+                            budget=self.memory_budget, tile_cap=tile_cap(self._device_of(xp, xa)),
+                            sides=(1,))
+        sums, _ = sweeper.sweep()
+        shift = sweeper.mu - centre  # sums are centred on the queries' mean
+        out = []
+        for k in range(len(self.temperatures)):
+            neg = sums[k][1]
+            has = neg.s > 0
+            b = neg.acc
+            b /= xp.where(has, neg.s, 1.0)[:, None]
+            if not bool(has.all()):  # no negative mass: b- := x_i (pure mean shift)
+                b[~has] = sweeper.xc[~has]
+            b += shift
+            out.append(b)
+        return out
+
+    def _nystrom_repulsion(self, xp, xa, centre):
+        """Barycentre of the other queries from their own Nystrom summaries (float64), self removed."""
+        dev = self._on(self._placement_for(xp, xa))
+        n, d = xa.shape
+        x64 = xa.astype(xp.float64)
+        xc64 = x64 - centre.astype(xp.float64)
+        uc64 = dev["uc_all"].astype(xp.float64)
+        uu64 = sq_norms(uc64)
+        out, bad_total = [], 0
+        factors = [_block_diag(xp, [s.factors[k] for s in self.shards]) for k in range(len(self.temperatures))]
+        phis, _ = kernel_products(xp, x64, uc64, uu64, centre.astype(xp.float64), factors, self.taus, self.kernel,
+                                  budget=self.memory_budget, tile_entries=tile_cap(self._device_of(xp, xa)))
+        need_exact = []
+        for k, phi in enumerate(phis):
+            t = phi.sum(axis=0)
+            g = phi.T @ xc64
+            self_k = (phi * phi).sum(axis=1)
+            num = phi @ g - self_k[:, None] * xc64
+            den = phi @ t - self_k
+            bad = ~(den > self.den_floor * xp.maximum(self_k, 1e-300))
+            nbad = int(bad.sum())
+            b = (num / xp.where(bad, 1.0, den)[:, None]).astype(self.dtype)
+            if nbad:
+                bad_total += nbad
+                need_exact.append((k, bad))
+            out.append(b)
+        if need_exact:
+            exact = self._exact_repulsion(xp, xa, {}, True, None, centre, False)
+            for k, bad in need_exact:
+                out[k][bad] = exact[k][bad]
+        return out, bad_total
+
+    # -- diagnostics -------------------------------------------------------------------
+    def diagnostics(self, x, pos=None, *, labels=None, backend=None) -> dict:
+        """Fidelity of the cache at probe points ``x`` (e.g. the current generated batch).
+
+        Returns a JSON-ready dict: per temperature the relative error of the
+        projected attraction against the exact row-normalised barycentre over
+        ``pos`` (when given), rows that took the fallback, the distance from
+        each probe to its nearest landmark (p50/p95/max, in units of
+        ``S * sqrt(D)`` when scaled), and each shard's condition numbers and
+        effective ranks.
+        """
+        placement, xp, xa, a = self._prepare(x, {"pos": pos}, backend, True)
+        with device_context(placement):
+            groups = self._class_rows(labels, xa.shape[0])
+            bs, fallback = self._attraction(xp, xa, groups)
+            dev = self._on(placement)
+            xc = xa - dev["centre"]
+            _, d2 = nearest(xp, xc, sq_norms(xc), dev["uc_all"], budget=self.memory_budget, tt=dev["uu_all"])
+            unit = 1.0 if self.feature_scale is None else self.feature_scale * math.sqrt(self.dim)
+            dist = np.sqrt(np.maximum(_host(d2).astype(np.float64), 0.0)) / unit
+            report = {
+                "temperatures": list(self.temperatures),
+                "n_landmarks": self.n_landmarks,
+                "n_samples": self.n_samples,
+                "attraction_fallback_rows": fallback,
+                "nearest_landmark_distance": {"p50": float(np.percentile(dist, 50)),
+                                              "p95": float(np.percentile(dist, 95)), "max": float(dist.max())},
+                "shards": [{"label": s.label, "m": s.m, "n": s.n,
+                            "condition_number": [sp["condition_number"] for sp in s.spectra],
+                            "effective_rank": [sp["effective_rank"] for sp in s.spectra],
+                            "n_clamped": [sp["n_clamped"] for sp in s.spectra]} for s in self.shards],
+            }
+            if a.get("pos") is not None:
+                pa = _checks.float_matrix(a["pos"], "pos", self.dtype, dim=self.dim)
+                coefs = [1.0 / t if self.kernel == "laplace" else 0.5 / (t * t) for t in self.taus]
+                errs = []
+                if groups is None:
+                    # relative error of the attraction displacement b+(x) - x (translation invariant)
+                    exact = _exact_barycentres(xp, xa, pa, coefs, self.kernel, self.memory_budget)
+                    mu = xa.mean(axis=0)
+                    for k in range(len(self.temperatures)):
+                        ex = exact[k] + mu
+                        errs.append(float(xp.linalg.norm(bs[k] + dev["centre"] - ex))
+                                    / max(float(xp.linalg.norm(ex - xa)), 1e-300))
+                report["attraction_relative_error"] = errs if errs else None
+            return report
+
+    # -- merge / save / load -------------------------------------------------------------
+    def merge(self, *others: "ProjectedField") -> "ProjectedField":
+        """Summaries of disjoint data shards built on the same landmarks, added: a new cache."""
+        return merge(self, *others)
+
+    def save(self, path) -> None:
+        """Write the cache to an HDF5 file, atomically (temp file + rename)."""
+        from ._cache import save
+
+        save(self, path)
+
+    @classmethod
+    def load(cls, path, *, kernel: str | None = None, temperatures=None, dim: int | None = None,
+             feature_scale=None, backend=None, memory_budget=None) -> "ProjectedField":
+        """Read a cache written by :meth:`save`, verifying format, checksum and any expectations given."""
+        from ._cache import load
+
+        return load(cls, path, kernel=kernel, temperatures=temperatures, dim=dim, feature_scale=feature_scale,
+                    memory_budget=memory_budget)
+
+
+def merge(first: ProjectedField, *others: ProjectedField) -> ProjectedField:
+    """Add the summaries of caches built with the same kernel, temperatures, scale and landmarks."""
+    out = ProjectedField(kernel=first.kernel, temperatures=first.temperatures, ridge=first.ridge,
+                         eig_clamp=first.eig_clamp, feature_scale=first.feature_scale, dim=first.dim,
+                         centre=first.centre, shards=[_copy_shard(s) for s in first.shards],
+                         fingerprint={"merged": True}, dtype=first.dtype, den_floor=first.den_floor,
+                         memory_budget=first.memory_budget)
+    for other in others:
+        for attr in ("kernel", "temperatures", "ridge", "feature_scale", "dim"):
+            if getattr(other, attr) != getattr(first, attr):
+                raise ValueError(f"cannot merge caches with different {attr}: {getattr(first, attr)!r} vs "
+                                 f"{getattr(other, attr)!r}")
+        by_label = {s.label: s for s in out.shards}
+        for s in other.shards:
+            mine = by_label.get(s.label)
+            if mine is None:
+                raise ValueError(f"cannot merge: class {s.label!r} has no shard in the first cache; "
+                                 "build every part with the same labels/landmarks")
+            if mine.landmarks.shape != s.landmarks.shape or not np.array_equal(mine.landmarks, s.landmarks):
+                raise ValueError(f"cannot merge: the shards of class {s.label!r} were built on different landmarks")
+            # G is stored centred on each cache's centre: re-centre before adding
+            offset = other.centre - out.centre
+            for k in range(len(out.temperatures)):
+                mine.t[k] = mine.t[k] + s.t[k]
+                mine.G[k] = mine.G[k] + s.G[k] + np.outer(s.t[k], offset)
+            mine.n += s.n
+    return out
+
+
+def _copy_shard(s: Shard) -> Shard:
+    return Shard(s.label, s.landmarks.copy(), [f.copy() for f in s.factors], [t.copy() for t in s.t],
+                 [g.copy() for g in s.G], s.n, [dict(sp) for sp in s.spectra])
+
+
+def _factor(u: np.ndarray, taus, kernel: str, ridge: float, eig_clamp: float):
+    """Per temperature ``A = (K_UU + ridge I)^{-1/2}`` (host float64) and spectrum summaries."""
+    d2 = sqdist(u, u)
+    factors, spectra = [], []
+    for tau in taus:
+        gram = np.exp(log_kernel_from_sqdist(d2.copy(), tau, kernel))
+        a, sp = inverse_sqrt(np, gram, ridge, eig_clamp)
+        factors.append(a)
+        spectra.append({"condition_number": sp.condition_number, "effective_rank": sp.effective_rank,
+                        "n_clamped": sp.n_clamped})
+    return factors, spectra
+
+
+def _kernel_rows(xp, yc, uc, uu, taus, kernel):
+    """``k(y, U)`` (rows x m) per temperature for a chunk (no row shift: these are summaries)."""
+    shape = (yc.shape[0], uc.shape[0])
+    dist = xp.empty(shape, dtype=yc.dtype)
+    sqdist_tile(yc, sq_norms(yc), uc, uu, dist, xp.empty(shape, yc.dtype), xp.empty(shape, bool))
+    if kernel == "laplace":
+        xp.sqrt(dist, out=dist)
+    out = []
+    for tau in taus:
+        coef = 1.0 / tau if kernel == "laplace" else 0.5 / (tau * tau)
+        out.append(xp.exp(-coef * dist))
+    return out
+
+
+def _block_diag(xp, blocks):
+    size = sum(b.shape[0] for b in blocks)
+    out = np.zeros((size, size))
+    i = 0
+    for b in blocks:
+        out[i:i + b.shape[0], i:i + b.shape[0]] = b
+        i += b.shape[0]
+    return xp.asarray(out)
+
+
+def _exact_barycentres(xp, x, pos, coefs, kernel, budget):
+    """Exact row-normalised barycentres of ``pos`` per temperature, centred on x's mean."""
+    sweeper = ExactSums(xp, x, [Targets(pos, False)], log_kernel_scales=coefs, kernel=kernel,
+                        bidirectional=False, budget=budget, tile_cap=tile_cap(_dev(x)), sides=(0,))
+    sums, _ = sweeper.sweep()
+    return [s[0].acc / s[0].s[:, None] for s in sums]
+
+
+def _dev(a):
+    from ._backend import device_of
+
+    return device_of(a)
+
+
+class RowSource:
+    """Rows of a data set read in chunks: an in-memory array (any backend), a memmap or an HDF5 dataset."""
+
+    def __init__(self, data, name: str, backend=None):
+        self.name = name
+        mod = type(data).__module__.split(".")[0]
+        if mod == "h5py" or (isinstance(data, np.memmap)):
+            self.data = data
+            self.in_memory = False
+            self.placement = place({}, backend)[0]
+            if self.placement.device.kind == "cpu" and backend not in (None, "auto", "numpy"):
+                pass
+        else:
+            self.placement, a = place({name: data}, backend)
+            self.data = a[name]
+            self.in_memory = True
+        shape = tuple(self.data.shape)
+        if len(shape) != 2:
+            raise ValueError(f"{name} must be a 2-D array (n x D), got shape {shape}")
+        if shape[0] < 1 or shape[1] < 1:
+            raise ValueError(f"{name} must have at least one row and one column, got shape {shape}")
+        self.n, self.d = int(shape[0]), int(shape[1])
+        self.dtype = np.dtype(str(self.data.dtype)) if not hasattr(self.data.dtype, "kind") else self.data.dtype
+        if np.dtype(self.dtype).kind not in "fiub":
+            raise TypeError(f"{name} must hold real numbers, got dtype {self.dtype}")
+
+    def _read(self, sl, dtype):
+        xp = self.placement.xp
+        block = self.data[sl]
+        if not self.in_memory:
+            block = xp.asarray(np.asarray(block))
+        block = block.astype(dtype, copy=False)
+        _checks.finite(block, self.name)
+        return block
+
+    def chunks(self, size: int, dtype):
+        for i0 in range(0, self.n, size):
+            yield i0, self._read(slice(i0, min(self.n, i0 + size)), dtype)
+
+    def take(self, idx: np.ndarray, dtype):
+        """Rows at sorted host indices."""
+        if self.in_memory:
+            return self._read(self.placement.xp.asarray(idx), dtype)
+        return self._read(np.asarray(idx), dtype)
+
+    def array(self, dtype):
+        return self._read(slice(None), dtype)
+
+    def fingerprint(self) -> dict:
+        """Shape, dtype and a hash of up to 64 evenly spaced rows: identifies the data set cheaply."""
+        import hashlib
+
+        idx = np.unique(np.linspace(0, self.n - 1, num=min(self.n, 64)).astype(np.int64))
+        rows = self.data[idx] if not self.in_memory else self.data[self.placement.xp.asarray(idx)]
+        rows = np.ascontiguousarray(_host(rows) if self.in_memory else np.asarray(rows))
+        return {"shape": [self.n, self.d], "dtype": str(self.dtype),
+                "sampled_rows_sha256": hashlib.sha256(rows.tobytes()).hexdigest()}
