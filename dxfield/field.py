@@ -365,6 +365,20 @@ def _weights(xp, neg_weight, m: int, dtype, check_finite: bool):
         return xp.log(w)
 
 
+def resolve_negatives(neg, neg_weight, include_self):
+    """Check the negatives' options; return ``include_self`` (resolved) and ``neg_weight``
+    (None, a float for any scalar, or the array as given)."""
+    if include_self is None:
+        include_self = neg is None
+    if neg is None and not include_self:
+        raise ValueError("include_self=False needs explicit negatives: pass neg, or keep include_self")
+    if neg_weight is not None and neg is None:
+        raise ValueError("neg_weight weights the explicit negatives: pass neg as well")
+    if neg_weight is not None and (isinstance(neg_weight, Real) or getattr(neg_weight, "ndim", None) == 0):
+        neg_weight = float(neg_weight)  # Python, NumPy or 0-d array scalar: one weight for all
+    return include_self, neg_weight
+
+
 def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normalization: str = "bidirectional",
                 kernel: str = "laplace", feature_scale="auto", drift_norm: bool = True, neg_weight=None,
                 include_self: bool | None = None, return_scale: bool = False, memory_budget=None,
@@ -439,12 +453,7 @@ def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normaliz
     kernel = check_kernel(kernel)
     block = _checks.block_size(block_size)
     budget = parse_budget(memory_budget)
-    if include_self is None:
-        include_self = neg is None
-    if neg is None and not include_self:
-        raise ValueError("include_self=False needs explicit negatives: pass neg, or keep include_self")
-    if neg_weight is not None and neg is None:
-        raise ValueError("neg_weight weights the explicit negatives: pass neg as well")
+    include_self, neg_weight = resolve_negatives(neg, neg_weight, include_self)
     scale_arg = feature_scale
     if not (feature_scale is None or (isinstance(feature_scale, str) and feature_scale == "auto")):
         if isinstance(feature_scale, str):
@@ -452,8 +461,6 @@ def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normaliz
         scale_arg = _checks.positive_float(feature_scale, "feature_scale")
 
     arrays = {"x": x, "pos": pos, "neg": neg}
-    if neg_weight is not None and (isinstance(neg_weight, Real) or getattr(neg_weight, "ndim", None) == 0):
-        neg_weight = float(neg_weight)  # Python, NumPy or 0-d array scalar: one weight for all
     weights_is_array = neg_weight is not None and not isinstance(neg_weight, float)
     if weights_is_array:
         arrays["neg_weight"] = neg_weight

@@ -148,13 +148,19 @@ def pairwise_distances(x, y=None, *, backend=None):
 
     Returns an array in the namespace and device of the inputs.
     """
-    placement, a = place({"x": x, "y": y if y is not None else x}, backend)
-    xp = placement.xp
+    placement, xa, ya = _dense_inputs(x, y, backend)
     with device_context(placement):
-        dtype = floating_dtype(xp, a["x"], a["y"])
+        return placement.to_origin(placement.xp.sqrt(sqdist(xa, ya)))
+
+
+def _dense_inputs(x, y, backend):
+    """Placement and checked working-dtype copies of ``x`` and ``y`` (default ``x``)."""
+    placement, a = place({"x": x, "y": y if y is not None else x}, backend)
+    with device_context(placement):
+        dtype = floating_dtype(placement.xp, a["x"], a["y"])
         xa = _checks.float_matrix(a["x"], "x", dtype)
         ya = _checks.float_matrix(a["y"], "y", dtype, dim=xa.shape[1])
-        return placement.to_origin(xp.sqrt(sqdist(xa, ya)))
+    return placement, xa, ya
 
 
 def kernel_matrix(x, y=None, *, kernel: str = "laplace", tau: float = 1.0, backend=None):
@@ -169,14 +175,10 @@ def kernel_matrix(x, y=None, *, kernel: str = "laplace", tau: float = 1.0, backe
     """
     kernel = check_kernel(kernel)
     tau = _checks.positive_float(tau, "tau")
-    placement, a = place({"x": x, "y": y if y is not None else x}, backend)
-    xp = placement.xp
+    placement, xa, ya = _dense_inputs(x, y, backend)
     with device_context(placement):
-        dtype = floating_dtype(xp, a["x"], a["y"])
-        xa = _checks.float_matrix(a["x"], "x", dtype)
-        ya = _checks.float_matrix(a["y"], "y", dtype, dim=xa.shape[1])
         k = log_kernel_from_sqdist(sqdist(xa, ya), tau, kernel)
-        return placement.to_origin(xp.exp(k, out=k))
+        return placement.to_origin(placement.xp.exp(k, out=k))
 
 
 def kernel_matvec(x, y, w, *, kernel: str = "laplace", tau: float = 1.0, memory_budget=None,

@@ -51,7 +51,7 @@ from . import _checks
 from ._backend import Device, Placement, device_context, floating_dtype, place
 from ._memory import SLACK, parse_budget, tile_cap
 from ._progress import Progress
-from .field import DEFAULT_TEMPERATURES, ExactSums, Targets, _weights, normalize_drift
+from .field import DEFAULT_TEMPERATURES, ExactSums, Targets, _weights, normalize_drift, resolve_negatives
 from .kernels import check_kernel, log_kernel_from_sqdist, sq_norms, sqdist, sqdist_tile
 from .landmarks import METHODS, _mean_distance, nearest, select
 from .nystrom import _host, _non_negative, inverse_sqrt, kernel_products
@@ -423,19 +423,10 @@ class ProjectedField:
         Statistics of the call (fallback rows) are left in :attr:`last_stats`.
         """
         repulsion = _checks.choice(repulsion, "repulsion", REPULSIONS)
-        if include_self is None:
-            include_self = neg is None
-        if neg is None and not include_self:
-            raise ValueError("include_self=False needs explicit negatives: pass neg, or keep include_self")
-        if neg_weight is not None and neg is None:
-            raise ValueError("neg_weight weights the explicit negatives: pass neg as well")
+        include_self, neg_weight = resolve_negatives(neg, neg_weight, include_self)
         if repulsion == "nystrom" and (neg is not None or not include_self):
             raise ValueError("repulsion='nystrom' uses the queries themselves as negatives; "
                              "use repulsion='exact' for explicit negatives")
-        from numbers import Real
-
-        if neg_weight is not None and (isinstance(neg_weight, Real) or getattr(neg_weight, "ndim", None) == 0):
-            neg_weight = float(neg_weight)
         extra = {"neg": neg}
         if neg_weight is not None and not isinstance(neg_weight, float):
             extra["neg_weight"] = neg_weight
