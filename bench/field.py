@@ -6,9 +6,12 @@ What is compared
   normalisation (Algorithm 2 of the drifting paper), temperatures
   (0.02, 0.05, 0.2), ``feature_scale="auto"``, ``drift_norm=True``, negatives =
   the queries with self pairs masked.  NumPy float32 inputs; tiled, memory
-  bounded by ``memory_budget`` (default 64 MiB).  ``dxfield@24MiB`` is the same
-  call with ``memory_budget="24MiB"`` (smaller tiles, two passes per target
-  tile) to show the memory/time trade-off.
+  bounded by ``memory_budget`` (default 64 MiB).  ``dxfield@16MiB`` is the same
+  call with ``memory_budget="16MiB"`` to show the memory/time trade-off: at the
+  default shape its tiles can no longer span all 1024 queries, so each target
+  tile is swept twice (column sums, then row sums).  A budget below what
+  dxfield's per-query accumulators need makes it raise ValueError; such a row
+  is reported as an error, not raised.
 * ``peer`` -- :func:`peer_field` below: the same field written in torch the way
   the public reimplementations of the drifting paper write it: one
   ``torch.cdist`` over the concatenated targets ``[pos, x]``, the self pairs
@@ -21,27 +24,29 @@ What is measured
 1. Agreement (first, before any timing): max |V_method - V_peer| / max |V_peer|
    over all entries, and the same against the peer run in float64 (the closest
    thing to ground truth at this size; ``--no-f64`` skips it).
-2. Time: in-process, one warm-up call, then ``--repeats`` timed calls
-   (``time.perf_counter``); best and median are reported.  Effective GFLOP/s
-   uses one flop count for every method,
-   ``2*G*(G+P)*D`` (distances) ``+ n_temps * 2*G*(G+P)*D`` (weighted sums);
-   work a method does beyond that (dxfield's extra distance sweep for the mean
-   distance, for instance) is not credited.
-3. Peak extra memory: each method runs once in a fresh subprocess
-   (``python bench/field.py --_child METHOD ...``).  The child imports
-   everything, builds the inputs, runs the method once on a tiny problem (so
-   thread pools and lazily loaded kernels exist), trims the allocator, then
-   resets the kernel's resident-set high-water mark by writing ``5`` to
-   ``/proc/self/clear_refs`` (Linux >= 4.0) and checks the reset took; it then
-   runs the method once and reads ``VmHWM`` from ``/proc/self/status``.
-   extra = VmHWM after - VmRSS before.  The child runs with
-   ``MALLOC_MMAP_THRESHOLD_=131072`` so freed large blocks go back to the OS and
-   cannot be silently reused.  If ``clear_refs`` cannot be written the child
-   falls back to sampling VmRSS from a thread every 1 ms.  For NumPy methods the
-   child also reports the ``tracemalloc`` peak of a second call as a cross-check
-   (NumPy reports its buffers to tracemalloc; torch does not).  The extra
-   includes the output V (G x D) in every row.
-4. Reference rates: NumPy (and torch) sgemm at (G x D) @ (D x P) on this machine.
+2. Each method gets its own spawned worker process (``bench/_measure.py``):
+   separate processes because torch's OpenMP pool and NumPy's OpenBLAS pool
+   spin-wait after each call, and on 2 cores a call of one library right after
+   the other's runs 2-3x slower.
+3. Peak extra memory: the worker imports, builds the inputs, runs the method
+   once on a tiny problem (thread pools, lazily loaded code), frees it,
+   ``gc.collect()`` + ``malloc_trim(0)``, resets the resident high-water mark
+   (``5`` > ``/proc/self/clear_refs``, Linux >= 4.0; checked), runs the real call
+   once and reads ``VmHWM``: extra = VmHWM - VmRSS before the call.  Fallback
+   where ``clear_refs`` is not writable: VmRSS sampled every 1 ms.  The extra
+   includes the output V (G x D).  For NumPy methods the worker also reports
+   the ``tracemalloc`` peak of one more call as a cross-check (NumPy reports
+   its buffers to tracemalloc; torch does not).
+4. Time: that first call is the warm-up; then ``--repeats`` rounds, each timing
+   one call per method (``time.perf_counter`` inside the worker), the order
+   rotated every round and ``--pause`` s idle before each call, so a slow spell
+   of the machine hits all methods alike.  Best and median are reported (CPU
+   time per call goes to the JSON).  Effective GFLOP/s uses one flop count for
+   every method, ``2*G*(G+P)*D`` (distances) ``+ n_temps * 2*G*(G+P)*D``
+   (weighted sums); work a method does beyond that (dxfield's extra distance
+   sweep for the mean distance, for instance) is not credited.
+5. Reference rates: NumPy and torch sgemm at (G x D) @ (D x P) on this machine,
+   each in its own process.
 
 Output: a markdown table on stdout, and the same data as JSON in
 ``bench/results/field-<host-kind>.json`` (written atomically).  Benchmarks print
@@ -50,7 +55,8 @@ and save figures; they never assert.
 Run::
 
     python bench/field.py                    # G=1024, P=16384, D=512 (~1-2 min on 2 cores)
-    python bench/field.py --quick            # tiny smoke run (seconds)
+    python bench/field.py --quick            # tiny smoke run (seconds; its times are
+                                             # thread wake-up latency, not throughput)
     python bench/field.py -G 512 -P 8192 -D 256 --repeats 3
     python bench/field.py --methods peer dxfield dxfield@32MiB --memory-budget 48MiB
     python bench/field.py --profile          # also cProfile one dxfield call
@@ -61,24 +67,22 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import json
 import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import MiB, Worker, run_isolated, write_json_atomic  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 TEMPERATURES = (0.02, 0.05, 0.2)
-DEFAULT_METHODS = ("peer", "dxfield", "dxfield@24MiB")
-MiB = 2 ** 20
+DEFAULT_METHODS = ("peer", "dxfield", "dxfield@16MiB")
 
 
 # --------------------------------------------------------------------------------------
@@ -143,7 +147,7 @@ def parse_method(name: str, default_budget):
         return "dxfield", default_budget
     if name.startswith("dxfield@"):
         return "dxfield", name.split("@", 1)[1]
-    raise SystemExit(f"unknown method {name!r}: use peer, peer-f64, dxfield or dxfield@<budget> (e.g. dxfield@24MiB)")
+    raise SystemExit(f"unknown method {name!r}: use peer, peer-f64, dxfield or dxfield@<budget> (e.g. dxfield@16MiB)")
 
 
 def method_label(name: str, default_budget) -> str:
@@ -179,152 +183,47 @@ def is_numpy_method(name: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------
-# memory measurement (child process)
+# work done in isolated processes (module level, so spawn can find it)
 # --------------------------------------------------------------------------------------
-def _status_kib(*keys):
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            k, _, rest = line.partition(":")
-            if k in keys:
-                out[k] = int(rest.split()[0])
-    return out
+def make_method(name: str, G: int, P: int, D: int, seed: int, default_budget):
+    """Build the inputs and return the zero-argument call of ``name`` (a Worker's setup)."""
+    x, pos = make_data(G, P, D, seed=seed)
+    return prepare(name, x, pos, default_budget)
 
 
-def _malloc_trim():
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except Exception:
-        pass
-
-
-def _reset_hwm() -> bool:
-    """Reset VmHWM to the current RSS; True if the kernel took it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    s = _status_kib("VmHWM", "VmRSS")
-    return s["VmHWM"] <= s["VmRSS"] + 1024  # within 1 MiB of current RSS
-
-
-class _RssSampler:
-    """Fallback: sample VmRSS every ``period`` s from a thread (misses sub-ms peaks)."""
-
-    def __init__(self, period=1e-3):
-        self.period, self.peak, self._stop = period, 0, threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        page = os.sysconf("SC_PAGE_SIZE") // 1024
-        with open("/proc/self/statm") as f:
-            while not self._stop.is_set():
-                f.seek(0)
-                self.peak = max(self.peak, int(f.read().split()[1]) * page)
-                time.sleep(self.period)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-
-
-def child_main(args) -> None:
-    """Run one method once in this fresh process and print its peak extra memory as JSON."""
-    import torch  # noqa: F401  (import everything before the baseline)
-    import dxfield  # noqa: F401
-
-    name = args._child
-    result = {"method": name}
-    try:
-        # Tiny warm-up: thread pools, lazily loaded kernels, first-call caches.
-        xs, ps = make_data(16, 64, args.D, seed=args.seed + 1)
-        prepare(name, xs, ps, args.memory_budget)()
-        x, pos = make_data(args.G, args.P, args.D, seed=args.seed)
-        fn = prepare(name, x, pos, args.memory_budget)
-        del xs, ps
-        gc.collect()
-        _malloc_trim()
-        base = _status_kib("VmRSS", "VmHWM")
-        if _reset_hwm():
-            base = _status_kib("VmRSS")["VmRSS"]
-            v = fn()
-            peak = _status_kib("VmHWM")["VmHWM"]
-            result["mechanism"] = "VmHWM after clear_refs=5"
-        else:
-            base = base["VmRSS"]
-            with _RssSampler() as s:
-                v = fn()
-            peak = s.peak
-            result["mechanism"] = "VmRSS sampled every 1 ms (clear_refs unavailable)"
-        result["baseline_rss_mib"] = base / 1024
-        result["peak_rss_mib"] = peak / 1024
-        result["extra_mib"] = (peak - base) / 1024
-        del v
-        if is_numpy_method(name):
-            import tracemalloc
-
-            gc.collect()
-            tracemalloc.start()
-            v = fn()
-            result["tracemalloc_peak_mib"] = tracemalloc.get_traced_memory()[1] / MiB
-            tracemalloc.stop()
-            del v
-    except Exception as e:  # benchmarks report, never raise
-        result["error"] = f"{type(e).__name__}: {e}"
-    print("@@CHILD@@" + json.dumps(result), flush=True)
-
-
-def measure_memory(name: str, args) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", name,
-           "-G", str(args.G), "-P", str(args.P), "-D", str(args.D), "--seed", str(args.seed)]
-    if args.memory_budget:
-        cmd += ["--memory-budget", str(args.memory_budget)]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    except subprocess.TimeoutExpired:
-        return {"method": name, "error": "child timed out"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("@@CHILD@@"):
-            return json.loads(line[len("@@CHILD@@"):])
-    return {"method": name, "error": f"child exited {proc.returncode}: {proc.stderr.strip()[-400:]}"}
-
-
-# --------------------------------------------------------------------------------------
-# timing and references
-# --------------------------------------------------------------------------------------
-def time_it(fn, repeats: int):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def gemm_rates(G: int, P: int, D: int, repeats: int = 3) -> dict:
-    """sgemm GFLOP/s at (G x D) @ (D x P): NumPy (its BLAS) and torch."""
-    import torch
-
+def gemm_rate(lib: str, G: int, P: int, D: int, repeats: int = 5) -> dict:
+    """Best-of sgemm GFLOP/s at (G x D) @ (D x P) with NumPy's BLAS or torch's."""
     rng = np.random.default_rng(123)
     a = rng.standard_normal((G, D), dtype=np.float32)
     b = rng.standard_normal((D, P), dtype=np.float32)
-    flops = 2.0 * G * D * P
-    out = {"shape": f"({G}x{D})@({D}x{P})", "flops": flops}
-    t_np = min(time_it(lambda: a @ b, repeats))
-    at, bt = torch.from_numpy(a), torch.from_numpy(b)
-    t_t = min(time_it(lambda: at @ bt, repeats))
-    out["numpy_gflops"] = flops / t_np / 1e9
-    out["torch_gflops"] = flops / t_t / 1e9
-    return out
+    if lib == "torch":
+        import torch
+
+        a, b = torch.from_numpy(a), torch.from_numpy(b)
+    a @ b  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return {"gflops": 2.0 * G * D * P / best / 1e9}
+
+
+def profile_dxfield(G: int, P: int, D: int, seed: int, budget, top: int = 18) -> str:
+    """cProfile text of one dxfield call (after a warm-up call), sorted by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    fn = make_method("dxfield", G, P, D, seed, budget)
+    fn()
+    pr = cProfile.Profile()
+    pr.enable()
+    fn()
+    pr.disable()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
 
 
 def agreement(v, ref) -> dict:
@@ -380,27 +279,22 @@ def machine_info() -> dict:
         info["dxfield"] = getattr(dxfield, "__version__", None)
     except Exception:
         pass
+    try:  # which dxfield was measured: commit, and whether dxfield/ had local edits
+        import subprocess
+
+        root = HERE.parent
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                            text=True, timeout=10).stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "dxfield"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        info["dxfield_dirty"] = bool(dirty)
+    except Exception:
+        pass
     return info
 
 
 def host_kind() -> str:
     return f"cpu{os.cpu_count()}"
-
-
-def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------------------
@@ -438,29 +332,22 @@ def render(rows, meta) -> str:
         )
     g = meta.get("gemm")
     if g:
-        lines += ["", f"reference sgemm {g['shape']}: numpy {g['numpy_gflops']:.1f} GFLOP/s, "
-                      f"torch {g['torch_gflops']:.1f} GFLOP/s"]
+        lines += ["", f"reference sgemm {g['shape']} (best of 5, own process each): "
+                      f"numpy {_f(g.get('numpy_gflops'), '.1f')} GFLOP/s, torch {_f(g.get('torch_gflops'), '.1f')} GFLOP/s"]
+    spread = [r["time_median_ms"] / r["time_best_ms"] for r in rows if r.get("time_best_ms")]
+    if spread:
+        lines += ["", f"timing spread, median/best: max {max(spread):.2f} over methods"
+                  + (" -- the machine was noisy or throttled during the run; compare best times"
+                     if max(spread) > 1.3 else "")]
+    cpu = [r for r in rows if r.get("cpu_best_ms") is not None]
+    if cpu:
+        lines += ["", "CPU time per call, best (all threads; spin-waiting included): " + "; ".join(
+            f"{r['label']}: {r['cpu_best_ms']:.0f} ms" for r in cpu)]
     tm = [r for r in rows if r.get("tracemalloc_peak_mib") is not None]
     if tm:
         lines += ["", "cross-check, tracemalloc peak of one call (NumPy buffers only): " + "; ".join(
             f"{r['label']}: {r['tracemalloc_peak_mib']:.1f} MiB" for r in tm)]
     return "\n".join(lines)
-
-
-def profile_dxfield(x, pos, budget, top: int = 18) -> str:
-    import cProfile
-    import io
-    import pstats
-
-    import dxfield
-
-    pr = cProfile.Profile()
-    pr.enable()
-    dxfield.drift_field(x, pos, memory_budget=budget)
-    pr.disable()
-    buf = io.StringIO()
-    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(top)
-    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------------
@@ -472,83 +359,104 @@ def build_parser():
     p.add_argument("-G", type=int, default=1024, help="generated samples (queries), default 1024")
     p.add_argument("-P", type=int, default=16384, help="positives, default 16384")
     p.add_argument("-D", type=int, default=512, help="feature dimension, default 512")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per method after one warm-up (default 5)")
+    p.add_argument("--repeats", type=int, default=7, help="timed calls per method after the warm-up (default 7)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                    help="peer, peer-f64, dxfield, dxfield@<budget>; default: %(default)s")
     p.add_argument("--memory-budget", default=None,
-                   help="memory_budget for the plain 'dxfield' method (e.g. 48MiB); default: dxfield's own")
+                   help="memory_budget for the plain 'dxfield' method (e.g. 48MiB); default: dxfield's own (64 MiB)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="tiny smoke run: G=64, P=512, D=32, 2 repeats")
-    p.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
+    p.add_argument("--pause", type=float, default=0.3,
+                   help="seconds of idle before each timed call, so the previous worker's threads stop spinning")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run: G=64, P=512, D=32, 3 repeats")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-f64", action="store_true", help="skip the float64 peer used as ground truth")
     p.add_argument("--profile", action="store_true", help="also print a cProfile of one dxfield call")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/field-<host-kind>.json)")
-    p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args._child:
-        child_main(args)
-        return 0
     if args.quick:
-        args.G, args.P, args.D, args.repeats = 64, 512, 32, 2
+        args.G, args.P, args.D, args.repeats = 64, 512, 32, 3
     for name in args.methods:
         parse_method(name, args.memory_budget)
     G, P, D = args.G, args.P, args.D
     nt = len(TEMPERATURES)
     flops = 2.0 * G * (G + P) * D * (1 + nt)
     print(f"# bench/field.py: G={G} P={P} D={D} repeats={args.repeats} methods={args.methods}", flush=True)
-
-    x, pos = make_data(G, P, D, seed=args.seed)
     rows = [{"method": m, "label": method_label(m, args.memory_budget)} for m in args.methods]
 
-    # 1. correctness first
+    # 1. correctness first (in this process; nothing here is timed)
     print("# agreement ...", flush=True)
+    x, pos = make_data(G, P, D, seed=args.seed)
     v_peer = to_numpy(prepare("peer", x, pos, None)())
     v_f64 = None if args.no_f64 else to_numpy(prepare("peer-f64", x, pos, None)())
-    fns = {}
     for r in rows:
         try:
-            fns[r["method"]] = fn = prepare(r["method"], x, pos, args.memory_budget)
-            v = to_numpy(fn())
+            v = to_numpy(prepare(r["method"], x, pos, args.memory_budget)())
             a = agreement(v, v_peer)
             r["max_rel_vs_peer"], r["fro_rel_vs_peer"] = a["max_rel"], a["fro_rel"]
             if v_f64 is not None:
                 a = agreement(v, v_f64)
                 r["max_rel_vs_f64"], r["fro_rel_vs_f64"] = a["max_rel"], a["fro_rel"]
             del v
-        except Exception as e:
+        except Exception as e:  # benchmarks report, never raise
             r["error"] = f"{type(e).__name__}: {e}"
-    del v_peer, v_f64
+    del x, pos, v_peer, v_f64
+    gc.collect()
 
-    # 2. time
+    # 2. one spawned worker per method: peak memory of its first call (also the warm-up)
+    workers = {}
+    mechanism = "skipped"
     for r in rows:
         if r.get("error"):
             continue
-        print(f"# timing {r['label']} ...", flush=True)
-        ts = time_it(fns[r["method"]], args.repeats)
-        r["times_ms"] = [t * 1e3 for t in ts]
-        r["time_best_ms"] = min(ts) * 1e3
-        r["time_median_ms"] = statistics.median(ts) * 1e3
-        r["gflops_eff"] = flops / min(ts) / 1e9
-    fns.clear()
-    gc.collect()
+        print(f"# start worker: {r['label']} (memory of the first call) ...", flush=True)
+        w = Worker(make_method, (r["method"], G, P, D, args.seed, args.memory_budget),
+                   warmup_args=(r["method"], 16, 64, D, args.seed + 1, args.memory_budget),
+                   measure_memory=not args.no_memory, traced=is_numpy_method(r["method"]))
+        if w.ready.get("error"):
+            r["error"] = w.ready["error"]
+            w.close()
+            continue
+        workers[r["method"]] = w
+        r["first_call_ms"] = w.ready["first_call_ms"]
+        if not args.no_memory:
+            r["peak_extra_mib"] = w.ready["extra_mib"]
+            r["baseline_rss_mib"] = w.ready["baseline_rss_mib"]
+            mechanism = w.ready["mechanism"]
 
-    # 3. memory, each method in a fresh process
-    mechanism = "skipped"
-    if not args.no_memory:
-        for r in rows:
-            print(f"# memory {r['label']} (fresh process) ...", flush=True)
-            m = measure_memory(r["method"], args)
-            if m.get("error"):
-                r.setdefault("memory_error", m["error"])
-                continue
-            r["peak_extra_mib"] = m["extra_mib"]
-            r["baseline_rss_mib"] = m["baseline_rss_mib"]
-            r["tracemalloc_peak_mib"] = m.get("tracemalloc_peak_mib")
-            mechanism = m["mechanism"]
+    # 3. timed calls, round robin over the workers (order rotated every round)
+    print(f"# timing: {args.repeats} rounds over {len(workers)} worker(s) ...", flush=True)
+    times = {m: [] for m in workers}
+    cpu = {m: [] for m in workers}
+    order = list(workers)
+    try:
+        for k in range(args.repeats):
+            for m in order[k % len(order):] + order[:k % len(order)] if order else []:
+                time.sleep(args.pause)
+                t = workers[m].ask("time")
+                if t.get("error"):
+                    next(r for r in rows if r["method"] == m).setdefault("time_error", t["error"])
+                    continue
+                times[m].append(t["wall_ms"])
+                cpu[m].append(t["cpu_ms"])
+        if not args.no_memory:
+            for m, w in workers.items():
+                if is_numpy_method(m):
+                    next(r for r in rows if r["method"] == m).update(w.ask("tracemalloc"))
+    finally:
+        for w in workers.values():
+            w.close()
+    for r in rows:
+        ts = times.get(r["method"])
+        if ts:
+            r["times_ms"], r["cpu_times_ms"] = ts, cpu[r["method"]]
+            r["time_best_ms"] = min(ts)
+            r["time_median_ms"] = statistics.median(ts)
+            r["cpu_best_ms"] = min(cpu[r["method"]])
+            r["gflops_eff"] = flops / (min(ts) / 1e3) / 1e9
 
     peer = next((r for r in rows if r["method"] == "peer" and not r.get("error")), None)
     for r in rows:
@@ -559,27 +467,34 @@ def main(argv=None) -> int:
         if r.get("peak_extra_mib") is not None and peer.get("peak_extra_mib"):
             r["mem_ratio_vs_peer"] = r["peak_extra_mib"] / peer["peak_extra_mib"]
 
-    # 4. reference gemm rate
+    # 4. reference sgemm rates, each library in its own process
     print("# reference sgemm ...", flush=True)
-    gemm = gemm_rates(G, P, D)
+    gemm = {"shape": f"({G}x{D})@({D}x{P})", "flops": 2.0 * G * D * P}
+    for lib in ("numpy", "torch"):
+        gemm[f"{lib}_gflops"] = run_isolated(gemm_rate, lib, G, P, D).get("gflops")
 
     meta = {
         "G": G, "P": P, "D": D, "dtype": "float32", "seed": args.seed,
         "temperatures": list(TEMPERATURES), "n_temperatures": nt,
-        "repeats": args.repeats, "memory_budget": args.memory_budget,
+        "repeats": args.repeats, "pause_s": args.pause, "memory_budget": args.memory_budget,
         "flops": flops, "flops_formula": "2*G*(G+P)*D * (1 + n_temps)",
         "memory_mechanism": mechanism, "gemm": gemm,
         "agreement_metric": "max|V - V_ref| / max|V_ref| (max_rel); ||V - V_ref||_F / ||V_ref||_F (fro_rel)",
+        "timing": "one spawned process per method; its first call (memory run) is the warm-up; "
+                  "timed calls round robin over methods",
     }
     print()
     print(render(rows, meta))
 
     if args.profile:
-        print("\n## cProfile of one dxfield call (default budget), by tottime\n")
-        print(profile_dxfield(x, pos, args.memory_budget))
+        print("\n## cProfile of one dxfield call (default budget, own process), by own time\n")
+        text = run_isolated(profile_dxfield, G, P, D, args.seed, args.memory_budget)
+        print(text if isinstance(text, str) else text)
 
-    out = Path(args.out) if args.out else HERE / "results" / f"field-{host_kind()}{'-quick' if args.quick else ''}.json"
-    write_json_atomic(out, {"benchmark": "bench/field.py", "meta": meta, "machine": machine_info(), "rows": rows})
+    suffix = "-quick" if args.quick else ""
+    out = Path(args.out) if args.out else HERE / "results" / f"field-{host_kind()}{suffix}.json"
+    write_json_atomic(out, {"benchmark": "bench/field.py", "argv": sys.argv[1:], "meta": meta,
+                            "machine": machine_info(), "rows": rows})
     print(f"\nwrote {out}")
     return 0
 

@@ -151,13 +151,12 @@ class ExactSums:
     """
 
     def __init__(self, xp, x, targets: list[Targets], *, log_kernel_scales, kernel: str,
-                 bidirectional: bool, budget: int, block_size=None, tile_cap: int,
-                 distances_only: bool = False, sides=(0, 1)):
+                 bidirectional: bool, budget: int, block_size=None, tile_cap: int, sides=(0, 1)):
         self.xp = xp
         self.x = x
         self.targets = targets
         self.kernel = kernel
-        self.coefs = tuple(log_kernel_scales)  # logits = -coef * (d or d^2)
+        self.coefs = tuple(log_kernel_scales)  # logits = -coef * (d or d^2); settable before sweep()
         self.bidirectional = bidirectional
         self.sides = tuple(sides)  # which RowSums to keep: 0 positives, 1 negatives
         n, d = x.shape
@@ -167,9 +166,9 @@ class ExactSums:
         nt = len(self.coefs)
         self.plan = plan_blocks(
             n, max(t.n for t in targets), budget=budget,
-            # centred queries and norms, plus two sides of accumulators per temperature
-            # (combined in place at the end); a distance-only sweep needs none
-            fixed=it * (n * d * (1 + (0 if distances_only else len(self.sides) * nt)) + n * (2 + 8 * nt) + 2 * d),
+            # centred queries and norms, plus the accumulators of each side and temperature
+            # (combined in place at the end)
+            fixed=it * (n * d * (1 + len(self.sides) * nt) + n * (2 + 8 * nt) + 2 * d),
             # distance tile, logits tile, scratch, hit mask, and near-duplicate refinement
             per_tile_entry=5 * it + 1,
             per_query_row=it * (d + 10) + 16,
@@ -480,23 +479,21 @@ def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normaliz
                 logw = _weights(xp, a["neg_weight"] if weights_is_array else neg_weight, na.shape[0], dtype, check_finite)
             targets.append(Targets(na, True, log_weight=logw))
 
-        def engine(coefs, distances_only=False):
-            return ExactSums(xp, xa, targets, log_kernel_scales=coefs, kernel=kernel,
-                             bidirectional=normalization == "bidirectional", budget=budget,
-                             block_size=block, tile_cap=tile_cap(placement.device),
-                             distances_only=distances_only)
-
+        # One engine for both sweeps: its plan is checked against the budget before any work,
+        # and the mean-distance sweep reuses its centred queries and tile shape.
+        sweeper = ExactSums(xp, xa, targets, log_kernel_scales=[1.0] * len(temps), kernel=kernel,
+                            bidirectional=normalization == "bidirectional", budget=budget,
+                            block_size=block, tile_cap=tile_cap(placement.device))
         scale = None
         unit = 1.0  # distance unit the temperatures are measured in
         if scale_arg == "auto":
-            mean_d = engine((1.0,), distances_only=True).mean_distance()
+            mean_d = sweeper.mean_distance()
             scale = mean_d / math.sqrt(d) if mean_d > 0 and math.isfinite(mean_d) else 1.0
         elif scale_arg is not None:
             scale = float(scale_arg)
         if scale is not None:
             unit = scale * math.sqrt(d)
-        coefs = [_coef(kernel, tau * unit) for tau in temps]
-        sweeper = engine(coefs)
+        sweeper.coefs = tuple(_coef(kernel, tau * unit) for tau in temps)
         sums, row_lse = sweeper.sweep()
         v = combine(xp, sums, row_lse, drift_norm=drift_norm, xc=sweeper.xc)
         del sweeper
