@@ -168,11 +168,21 @@ def _kmeans(xp, y, m, rng, *, max_iter, budget, **_):
             break
         assign = new_assign
         sums = xp.zeros_like(centres)
-        xp.add.at(sums, assign, yc)
+        _scatter_add(xp, sums, assign, yc)
         counts = xp.bincount(assign, minlength=m).astype(y.dtype)
         nonempty = counts > 0
         centres = xp.where(nonempty[:, None], sums / xp.maximum(counts, 1)[:, None], centres)
     return _snap(xp, yc, yy, centres, budget)
+
+
+def _scatter_add(xp, out, idx, values) -> None:
+    """``out[idx[i]] += values[i]`` with repeated indices accumulating."""
+    if xp is np:
+        np.add.at(out, idx, values)
+    else:  # CuPy: the atomic scatter lives in cupyx
+        import cupyx
+
+        cupyx.scatter_add(out, idx, values)
 
 
 def _snap(xp, yc, yy, centres, budget):
