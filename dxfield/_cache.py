@@ -110,8 +110,8 @@ def load(cls, path, *, kernel=None, temperatures=None, dim=None, feature_scale=N
         try:
             meta = json.loads(f.attrs["meta"])
             stored = str(f.attrs["checksum"])
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ValueError(f"{path} is not a dxfield summary cache (missing or unreadable metadata: {exc})") from None
+        except (KeyError, ValueError, TypeError, OSError) as exc:
+            raise ValueError(f"{path} is not a dxfield summary cache, or its metadata is corrupted ({exc})") from None
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not a dxfield summary cache (format {meta.get('format')!r})")
         if meta.get("version") != VERSION:

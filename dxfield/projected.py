@@ -20,12 +20,13 @@ unconditional attraction combines them block-diagonally,
 query's own class.
 
 Numerics.  Kernel rows are shifted by their maximum before ``exp`` (the ratio
-is unchanged), so small temperatures do not underflow.  Landmarks are real
-positives, so in exact arithmetic the shifted denominator is at least 1 (the
-nearest landmark's own term); when the Nystrom denominator falls below
-``den_floor`` (default 1e-8, the paper's clamp) the approximation has broken
-down for that row, and its attraction falls back to the kernel-weighted mean
-of the landmarks (the exact barycentre with the landmarks as positives).  The
+is unchanged), so small temperatures do not underflow.  When the Nystrom
+denominator ``k(x, U) A t`` is not positive, or is below ``den_floor`` (default
+1e-8, the paper's clamp) times the sum of the magnitudes of its terms
+``k(x, U) |A t|`` (so that cancellation has eaten its digits), the
+approximation has broken down for that row, and its attraction falls back to
+the kernel-weighted mean of the landmarks (the exact barycentre with the
+landmarks as positives).  The
 number of such rows is reported in :attr:`ProjectedField.last_stats`.
 
 Repulsion is exact over the negatives by default (the blockwise exact code,
@@ -33,6 +34,16 @@ row-normalised, self pairs masked), or ``"nystrom"``: the batch's own summaries
 on the same landmarks with each query's self-interaction ``||phi(x_i)||^2``
 removed from numerator and denominator (computed in float64; rows whose
 denominator is not positive fall back to exact repulsion).
+
+Limits.  ``k(x, U) A t`` sums O(1) terms to a value as small as the true
+kernel sum over the positives.  With landmarks among the positives (as
+:func:`dxfield.landmarks.select` picks them) that sum is at least the nearest
+landmark's own term, so the ratio is accurate at any temperature.  With
+landmarks that are not positives, at temperatures so small that a query's
+whole kernel sum falls below float64 rounding of those terms (about
+``exp(-35)``), no floating-point evaluation of the Nystrom formula can be
+accurate, and the cancellation test cannot always see it; keep landmarks
+among the positives.
 
 The feature scale ``S`` is fixed when the cache is built and stored with it:
 kernels use ``tau * S * sqrt(D)`` in raw units and the field is returned in
@@ -81,9 +92,14 @@ class Shard:
         return int(self.landmarks.shape[0])
 
     def folded(self, k: int) -> np.ndarray:
-        """``A [G | t]`` (m x (D+1)), float64."""
+        """``A [G | t | |t|]`` (m x (D+2)), float64.
+
+        The last column, ``|A t|``, gives the size of the terms that make up the
+        denominator ``k(x, U) A t``, for the cancellation test of the fallback.
+        """
         a = self.factors[k]
-        return a @ np.concatenate([self.G[k], self.t[k][:, None]], axis=1)
+        at = a @ self.t[k]
+        return np.concatenate([a @ self.G[k], at[:, None], np.abs(at)[:, None]], axis=1)
 
 
 class ProjectedField:
@@ -358,8 +374,10 @@ class ProjectedField:
                                        budget=self.memory_budget, tile_entries=tile_cap(self._device_of(xp, xa)),
                                        shift_rows=True)
             for k, pr in enumerate(prods):
+                # Fallback where the denominator is not positive or is lost in cancellation:
+                # below den_floor relative to the magnitude of the terms it sums.
                 num, den = pr[:, :d], pr[:, d]
-                bad = ~(den > self.den_floor)
+                bad = ~(den > self.den_floor * pr[:, d + 1])
                 nbad = int(bad.sum())
                 if nbad:
                     fallback[k] += nbad
@@ -411,7 +429,8 @@ class ProjectedField:
         neg : array (M, D), optional
             Explicit negatives; default the queries themselves (self pairs masked).
         labels : array (N,) of ints, optional
-            Class of each query (class-conditional caches).
+            Class of each query (class-conditional caches): attraction to its
+            class's summaries, repulsion from the other queries of its class.
         repulsion : {"exact", "nystrom"}
         drift_norm : bool
             Per-temperature ``V / sqrt(mean ||V||^2 / D)`` before summing.
@@ -436,11 +455,24 @@ class ProjectedField:
             groups = self._class_rows(labels, n)
             bplus, fallback = self._attraction(xp, xa, groups)
             centre = self._on(placement)["centre"]
-            if repulsion == "exact":
-                bminus = self._exact_repulsion(xp, xa, a, include_self, neg_weight, centre, check_finite)
-                nys_fallback = 0
+            def repel(q):
+                if repulsion == "exact":
+                    return self._exact_repulsion(xp, q, a, include_self, neg_weight, centre, check_finite), 0
+                return self._nystrom_repulsion(xp, q, centre)
+
+            if groups is None:
+                bminus, nys_fallback = repel(xa)
             else:
-                bminus, nys_fallback = self._nystrom_repulsion(xp, xa, centre)
+                # class-conditional: each query is repelled by the generated samples of its own class
+                # (and by the explicit negatives, shared by all classes)
+                bminus = [xp.empty_like(xa) for _ in self.temperatures]
+                nys_fallback = 0
+                for _, rows in groups:
+                    idx = xp.asarray(rows)
+                    part, nf = repel(xa[idx])
+                    nys_fallback += nf
+                    for k, b in enumerate(part):
+                        bminus[k][idx] = b
             total = None
             for k in range(len(self.temperatures)):
                 v = bplus[k]
@@ -592,7 +624,7 @@ def merge(first: ProjectedField, *others: ProjectedField) -> ProjectedField:
                          fingerprint={"merged": True}, dtype=first.dtype, den_floor=first.den_floor,
                          memory_budget=first.memory_budget)
     for other in others:
-        for attr in ("kernel", "temperatures", "ridge", "feature_scale", "dim"):
+        for attr in ("kernel", "temperatures", "ridge", "eig_clamp", "feature_scale", "dim"):
             if getattr(other, attr) != getattr(first, attr):
                 raise ValueError(f"cannot merge caches with different {attr}: {getattr(first, attr)!r} vs "
                                  f"{getattr(other, attr)!r}")
@@ -604,6 +636,9 @@ def merge(first: ProjectedField, *others: ProjectedField) -> ProjectedField:
                                  "build every part with the same labels/landmarks")
             if mine.landmarks.shape != s.landmarks.shape or not np.array_equal(mine.landmarks, s.landmarks):
                 raise ValueError(f"cannot merge: the shards of class {s.label!r} were built on different landmarks")
+            if any(not np.allclose(fa, fb, rtol=1e-10, atol=0) for fa, fb in zip(mine.factors, s.factors)):
+                raise ValueError(f"cannot merge: the shards of class {s.label!r} have different Nystrom factors "
+                                 "(another ridge/clamp or kernel setting)")
             # G is stored centred on each cache's centre: re-centre before adding
             offset = other.centre - out.centre
             for k in range(len(out.temperatures)):
