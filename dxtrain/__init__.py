@@ -1,9 +1,20 @@
 """dxtrain: PyTorch training of one-step drifting generators on top of dxfield.
 
-The trainer, data sets, generators, feature groups and the ``dxtrain`` CLI
-land with their own issue; today this package only reserves the name and
-documents the contract it will follow: features go to :mod:`dxfield` through
-DLPack (zero-copy, same device) and the field comes back the same way.
+Rooms: :mod:`dxtrain.data` (embedded and user data sets), :mod:`dxtrain.models`
+(generators, EMA), :mod:`dxtrain.features` (feature groups, frozen encoders),
+:mod:`dxtrain.fields` (exact and projected fields through DLPack),
+:mod:`dxtrain.train` (the loop), :mod:`dxtrain.evaluate` (metrics) and
+:mod:`dxtrain.cli` (the ``dxtrain`` command).
 """
+
+import os as _os
+
+# Every step alternates torch (generator) and NumPy/OpenBLAS (the field) on the
+# same cores.  Both thread pools busy-wait after a parallel region by default,
+# so each steals the cores the other needs: measured 2-3x slower steps on 2
+# CPU cores.  Sleep-waiting pools fix that; set the variables yourself to override.
+# (Effective only when dxtrain is imported before torch and NumPy, as the CLI does.)
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 __version__ = "0.1.0.dev0"

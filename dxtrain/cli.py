@@ -1,0 +1,228 @@
+"""The ``dxtrain`` command line: train, summarize, sample, eval.
+
+``dxtrain train`` with no arguments trains a class-conditional generator on the
+embedded digits data with the projected (DriftXpress) field, on the GPU if
+torch sees one, else on the CPU, and writes a run folder (``runs/digits``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from .train import FIELDS, TrainConfig
+
+_DEFAULTS = TrainConfig()
+
+
+def _temps(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        temps = tuple(float(t) for t in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers like 0.02,0.05,0.2, got {value!r}")
+    if not temps or any(t <= 0 for t in temps):
+        raise click.BadParameter(f"temperatures must be > 0, got {value!r}")
+    return temps
+
+
+def _data_options(f):
+    f = click.option("--labels-key", default=None, help="Key of the labels in a .npz/.h5 file (default: labels or y).")(f)
+    f = click.option("--data-key", default=None, help="Key of the samples in a .npz/.h5 file (default: x, data or images).")(f)
+    f = click.option("--data", default=_DEFAULTS.data, show_default=True,
+                     help="Embedded data set (digits, moons, swissroll, checkerboard, gaussians8) or a .npz/.npy/.h5 "
+                          "file of vectors (N x D) or images (N x H x W, N x C x H x W, N x H x W x C).")(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="driftxpress")
+def main():
+    """Train one-step drifting generators; DriftXpress makes the field cheap.
+
+    \b
+    dxtrain train                       # digits, projected field, a few minutes on 2 CPU cores
+    dxtrain train --field exact --time-budget 120 --out runs/exact
+    dxtrain summarize --data my.npz --out cache/   # build the summaries once
+    dxtrain sample --run runs/digits --n 64 --out samples.png
+    dxtrain eval --run runs/digits
+    """
+
+
+@main.command()
+@_data_options
+@click.option("--field", type=click.Choice(FIELDS), default=_DEFAULTS.field, show_default=True,
+              help="projected: DriftXpress (Nystrom summaries of the whole data set, exact repulsion); "
+                   "exact: standard drifting (Algorithm 2 on a mini-batch of positives).")
+@click.option("--steps", type=click.IntRange(min=1), default=_DEFAULTS.steps, show_default=True)
+@click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop after this many seconds of training (compare methods at equal wall-clock).")
+@click.option("--out", default=None, help="Run folder [default: runs/<data name>].")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where its checkpoint stopped.")
+@click.option("--batch", type=click.IntRange(min=1), default=_DEFAULTS.batch, show_default=True,
+              help="Generated samples per step (split evenly over classes when conditional).")
+@click.option("--positives", type=click.IntRange(min=1), default=_DEFAULTS.positives, show_default=True,
+              help="Real samples per step for --field exact.")
+@click.option("--temperatures", callback=_temps, default=None,
+              help="Comma-separated kernel temperatures [default: 0.02,0.05,0.2].")
+@click.option("--landmarks", type=click.IntRange(min=1), default=_DEFAULTS.landmarks, show_default=True,
+              help="Nystrom landmarks per class (projected field).")
+@click.option("--landmark-method", type=click.Choice(["kmeans", "uniform", "kcenter", "rls"]),
+              default=_DEFAULTS.landmark_method, show_default=True)
+@click.option("--cache", default=None, help="Summaries folder from `dxtrain summarize` (projected field).")
+@click.option("--conditional/--unconditional", default=True, show_default=True,
+              help="Use class labels when the data has them.")
+@click.option("--generator", type=click.Choice(["auto", "mlp", "conv"]), default="auto", show_default=True)
+@click.option("--encoder", default=_DEFAULTS.encoder, show_default=True,
+              help="Feature encoder: none (pixels/vectors), builtin (small frozen conv), a TorchScript file, "
+                   "or package.module:callable.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_DEFAULTS.lr, show_default=True)
+@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=_DEFAULTS.ema, show_default=True)
+@click.option("--grad-clip", type=click.FloatRange(min=0, min_open=True), default=_DEFAULTS.grad_clip,
+              show_default=True)
+@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--log-every", type=click.IntRange(min=1), default=_DEFAULTS.log_every, show_default=True)
+@click.option("--sample-every", type=click.IntRange(min=1), default=_DEFAULTS.sample_every, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=_DEFAULTS.checkpoint_every,
+              show_default=True)
+@click.option("--memory-budget", default=None, help="dxfield memory budget per call, e.g. 256MiB.")
+@click.option("--eval/--no-eval", "evaluate", default=True, show_default=True, help="Evaluate at the end.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def train(data, data_key, labels_key, out, resume, temperatures, **options):
+    """Train a drifting generator and write checkpoints, metrics and sample PNGs to --out."""
+    from .train import train as run_training
+
+    name = os.path.splitext(os.path.basename(data))[0] if os.path.sep in data or "." in data else data
+    cfg = TrainConfig(data=data, data_key=data_key, labels_key=labels_key, out=out or os.path.join("runs", name),
+                      temperatures=temperatures or _DEFAULTS.temperatures,
+                      **{k: v for k, v in options.items() if k != "positives_"})
+    try:
+        result = run_training(cfg, resume=resume)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        raise click.ClickException(str(exc))
+    click.echo(json.dumps({k: v for k, v in result.items() if k != "eval"}, default=float))
+    click.echo(f"run folder: {cfg.out}")
+
+
+@main.command()
+@_data_options
+@click.option("--out", required=True, help="Folder for the summaries (one HDF5 cache per feature group).")
+@click.option("--encoder", default=_DEFAULTS.encoder, show_default=True)
+@click.option("--temperatures", callback=_temps, default=None, help="Comma-separated [default: 0.02,0.05,0.2].")
+@click.option("--landmarks", type=click.IntRange(min=1), default=_DEFAULTS.landmarks, show_default=True)
+@click.option("--landmark-method", type=click.Choice(["kmeans", "uniform", "kcenter", "rls"]),
+              default=_DEFAULTS.landmark_method, show_default=True)
+@click.option("--conditional/--unconditional", default=True, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=_DEFAULTS.test_fraction, show_default=True,
+              help="Held-out share (excluded from the summaries, as in `train`).")
+def summarize(data, data_key, labels_key, out, encoder, temperatures, landmarks, landmark_method, conditional, seed,
+              device, test_fraction):
+    """Build the projected field's summaries of a data set once, for `train --cache`."""
+    import torch
+
+    from .features import FeatureGroups
+    from .fields import ProjectedFieldSet
+    from .train import pick_device, real_features, setup
+
+    cfg = TrainConfig(data=data, data_key=data_key, labels_key=labels_key, encoder=encoder, seed=seed,
+                      conditional=conditional, test_fraction=test_fraction,
+                      temperatures=temperatures or _DEFAULTS.temperatures, landmarks=landmarks,
+                      landmark_method=landmark_method)
+    try:
+        train_ds, _, cond = setup(cfg)
+        dev = pick_device(device)
+        groups = FeatureGroups(train_ds.shape, encoder).to(dev)
+        feats = real_features(groups, torch.from_numpy(train_ds.x), dev)
+        fs = ProjectedFieldSet.build(feats, labels=train_ds.labels if cond else None, temperatures=cfg.temperatures,
+                                     landmarks=landmarks, method=landmark_method, seed=seed,
+                                     log=lambda m: click.echo(m, err=True))
+        fs.save(out)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc))
+    click.echo(f"summaries of {len(train_ds)} samples, {len(feats)} group(s) -> {out}")
+
+
+def _load_run(run: str):
+    import torch
+
+    from .data import train_test_split
+    from .models import make_generator
+    from .train import TrainConfig, setup
+
+    path = os.path.join(run, "checkpoint.pt")
+    if not os.path.exists(path):
+        raise click.ClickException(f"no checkpoint in {run}: train first (dxtrain train --out {run})")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    train_ds, test_ds, cond = setup(cfg)
+    model = make_generator(cfg.generator, train_ds.shape, num_classes=train_ds.num_classes if cond else 0)
+    model.load_state_dict(ckpt["ema"]["model"] if "model" in ckpt["ema"] else ckpt["generator"])
+    model.eval()
+    return cfg, ckpt, model, train_ds, test_ds, (train_ds.num_classes if cond else 0)
+
+
+@main.command()
+@click.option("--run", required=True, help="Run folder written by `dxtrain train`.")
+@click.option("--n", type=click.IntRange(min=1), default=64, show_default=True, help="Samples to draw.")
+@click.option("--out", required=True, help="FILE.npz (key x, plus labels) or FILE.png (grid or scatter).")
+@click.option("--label", type=int, default=None, help="Class to sample (conditional runs); default: cycle classes.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def sample(run, n, out, label, seed):
+    """Draw samples from a run's EMA generator."""
+    import numpy as np
+
+    from .png import image_grid, scatter_image, write_png
+    from .train import generate
+
+    cfg, ckpt, model, train_ds, _, k = _load_run(run)
+    if label is not None and not (0 <= label < max(k, 1)) or (label is not None and k == 0):
+        raise click.ClickException(f"--label {label} is not a class of this run (it has {k} classes)")
+    x = generate(model, n, k, "cpu", seed=seed, label=label)
+    ext = os.path.splitext(out)[1].lower()
+    if ext == ".npz":
+        labels = (np.full(n, label) if label is not None else np.arange(n) % k) if k else None
+        tmp = out + ".tmp.npz"
+        np.savez(tmp, x=x, **({"labels": labels} if labels is not None else {}))
+        os.replace(tmp, out)
+    elif ext == ".png":
+        if train_ds.kind == "images":
+            write_png(out, image_grid(x, scale=4 if max(train_ds.shape[1:]) <= 16 else 2))
+        elif x.shape[1] == 2:
+            write_png(out, scatter_image(x, reference=train_ds.x[:5000]))
+        else:
+            raise click.ClickException("PNG output needs images or 2-D vectors; use an .npz file")
+    else:
+        raise click.ClickException(f"--out must end in .npz or .png, got {out!r}")
+    click.echo(f"{n} samples -> {out}")
+
+
+@main.command("eval")
+@click.option("--run", required=True, help="Run folder written by `dxtrain train`.")
+@click.option("--n", type=click.IntRange(min=10), default=None, help="Samples to evaluate [default: by data kind].")
+@click.option("--inception-weights", default=None, help="Inception weights on disk for standard FID (images).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def evaluate_cmd(run, n, inception_weights, seed):
+    """Evaluate a run's EMA generator against held-out data; prints and writes eval.json."""
+    from .evaluate import evaluate_samples
+    from .train import _classifier_cache, _write_json, generate
+
+    cfg, ckpt, model, train_ds, test_ds, k = _load_run(run)
+    n = n or (2000 if train_ds.kind == "vectors" else 2 * len(test_ds))
+    x = generate(model, n, k, "cpu", seed=seed + 7)
+    kwargs = {"inception_weights": inception_weights} if inception_weights else {}
+    report = evaluate_samples(x, train_ds, test_ds, classifier_cache=_classifier_cache(), seed=seed, **kwargs)
+    report.update({"step": int(ckpt["step"]), "wall": float(ckpt["elapsed"]), "field": cfg.field})
+    _write_json(os.path.join(run, "eval.json"), report)
+    click.echo(json.dumps(report, indent=1, default=float))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Drifting fields for training: the bridge between torch features and dxfield.
+
+Each step the trainer has, per feature group, the generated features ``f``
+(B x D_g, a torch tensor with grad).  A field object returns the drift ``V``
+and the feature scale ``S`` for that group; the loss is
+``MSE(f / S, stopgrad(f / S + V))`` (design.md 2.3), summed over groups.
+
+Tensors cross into dxfield through DLPack: ``f.detach()`` is read in place
+(same memory, same device) and the returned NumPy/CuPy array is wrapped back
+with ``torch.from_dlpack`` -- no host round trip on the GPU, no copy on the CPU.
+
+* :class:`ExactField` -- standard drifting: bidirectional Algorithm 2 against a
+  fresh mini-batch of ``positives`` real features per step (per class when
+  conditional).
+* :class:`ProjectedFieldSet` -- DriftXpress: one :class:`dxfield.ProjectedField`
+  per feature group, summarising the whole training set once (the encoder is
+  frozen, so real features never change); exact repulsion over the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import dxfield
+
+
+def to_dxfield(t: torch.Tensor):
+    """A detached tensor as a NumPy (CPU) or CuPy (CUDA) array sharing its memory."""
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.device.type == "cpu":
+        return np.from_dlpack(t)
+    import cupy  # only on CUDA; dxfield's gpu extra
+
+    return cupy.from_dlpack(t)
+
+
+def to_torch(a, like: torch.Tensor) -> torch.Tensor:
+    """A dxfield result as a torch tensor on ``like``'s device, zero-copy through DLPack."""
+    out = torch.from_dlpack(a)
+    return out.to(device=like.device, dtype=like.dtype)
+
+
+@dataclass
+class GroupDrift:
+    v: torch.Tensor  # (B, D_g), no grad
+    scale: float | torch.Tensor  # feature scale S (1.0 when unscaled), or per row (B, 1) for per-class fields
+
+
+def drift_loss(features: dict[str, torch.Tensor], drifts: dict[str, GroupDrift]) -> tuple[torch.Tensor, dict]:
+    """Sum over groups of ``MSE(f/S, stopgrad(f/S + V))``; also per-group drift norms for logging."""
+    total = None
+    stats = {}
+    for name, f in features.items():
+        g = drifts[name]
+        z = f / g.scale
+        target = (z + g.v).detach()
+        loss = torch.nn.functional.mse_loss(z, target)
+        total = loss if total is None else total + loss
+        stats[name] = float(g.v.pow(2).mean().sqrt())
+    return total, stats
+
+
+class ExactField:
+    """Standard drifting: Algorithm 2 against a mini-batch of real features each step."""
+
+    name = "exact"
+
+    def __init__(self, temperatures, *, memory_budget=None):
+        self.temperatures = tuple(temperatures)
+        self.memory_budget = memory_budget
+
+    def __call__(self, features: dict[str, torch.Tensor], positives: dict[str, torch.Tensor],
+                 labels: torch.Tensor | None = None, pos_labels: torch.Tensor | None = None) -> dict[str, GroupDrift]:
+        out = {}
+        for name, f in features.items():
+            if labels is None:
+                v, s = dxfield.drift_field(to_dxfield(f), to_dxfield(positives[name]), temperatures=self.temperatures,
+                                           return_scale=True, memory_budget=self.memory_budget)
+                out[name] = GroupDrift(to_torch(v, f), float(s))
+            else:
+                # per class: each class's generated samples against that class's positives and each other
+                v_all = torch.empty_like(f)
+                scale_rows = torch.empty(f.shape[0], 1, dtype=f.dtype, device=f.device)
+                for c in torch.unique(labels):
+                    q = (labels == c).nonzero().squeeze(1)
+                    p = (pos_labels == c).nonzero().squeeze(1)
+                    v, s = dxfield.drift_field(to_dxfield(f[q]), to_dxfield(positives[name][p]),
+                                               temperatures=self.temperatures, return_scale=True,
+                                               memory_budget=self.memory_budget)
+                    v_all[q] = to_torch(v, f)
+                    scale_rows[q] = float(s)
+                out[name] = GroupDrift(v_all, scale_rows)
+        return out
+
+
+class ProjectedFieldSet:
+    """DriftXpress: a :class:`dxfield.ProjectedField` per feature group over the whole training set."""
+
+    name = "projected"
+
+    def __init__(self, fields: dict[str, dxfield.ProjectedField]):
+        self.fields = fields
+        self.last_stats: dict = {}
+
+    @classmethod
+    def build(cls, real_features: dict[str, np.ndarray], *, labels=None, temperatures, landmarks: int,
+              method: str, seed: int = 0, memory_budget=None, progress: bool = False,
+              log=None) -> "ProjectedFieldSet":
+        fields = {}
+        for i, (name, feats) in enumerate(real_features.items()):
+            t0 = time.perf_counter()
+            m = int(min(landmarks, _smallest_class(feats.shape[0], labels)))
+            fields[name] = dxfield.ProjectedField.build(
+                feats, temperatures=temperatures, landmarks=m, method=method, labels=labels, seed=seed,
+                memory_budget=memory_budget, progress=progress)
+            if log is not None:
+                log(f"summaries {i + 1}/{len(real_features)} '{name}': D={feats.shape[1]}, m={m} per shard, "
+                    f"{time.perf_counter() - t0:.1f}s")
+        return cls(fields)
+
+    def __call__(self, features: dict[str, torch.Tensor], positives=None, labels: torch.Tensor | None = None,
+                 pos_labels=None) -> dict[str, GroupDrift]:
+        out = {}
+        fallback = 0
+        lab = None if labels is None else to_dxfield(labels)
+        for name, f in features.items():
+            pf = self.fields[name]
+            v = pf.field(to_dxfield(f), labels=lab)
+            fallback += sum(pf.last_stats.get("attraction_fallback_rows", [0]))
+            out[name] = GroupDrift(to_torch(v, f), float(pf.feature_scale or 1.0))
+        self.last_stats = {"fallback_rows": fallback}
+        return out
+
+    def diagnostics(self, features: dict[str, torch.Tensor], labels=None, limit: int = 4) -> dict:
+        """Fidelity diagnostics of the first ``limit`` groups at the current generated features."""
+        report = {}
+        for name in list(features)[:limit]:
+            d = self.fields[name].diagnostics(to_dxfield(features[name]))
+            report[name] = {"nearest_landmark_distance": d["nearest_landmark_distance"],
+                            "condition_number_max": max(max(s["condition_number"]) for s in d["shards"])}
+        return report
+
+    def save(self, folder: str) -> None:
+        """One HDF5 cache per group plus a manifest, each written atomically."""
+        os.makedirs(folder, exist_ok=True)
+        names = {}
+        for i, (name, pf) in enumerate(self.fields.items()):
+            fname = f"group{i:03d}.h5"
+            pf.save(os.path.join(folder, fname))
+            names[name] = fname
+        tmp = os.path.join(folder, "manifest.json.tmp")
+        with open(tmp, "w") as fh:
+            json.dump({"groups": names}, fh, indent=1)
+        os.replace(tmp, os.path.join(folder, "manifest.json"))
+
+    @classmethod
+    def load(cls, folder: str, *, expect: dict[str, int] | None = None, temperatures=None) -> "ProjectedFieldSet":
+        """Load a cache folder written by :meth:`save`; ``expect`` maps group names to dimensions."""
+        path = os.path.join(folder, "manifest.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{folder} is not a summaries folder (no manifest.json); "
+                                    "create one with `dxtrain summarize`")
+        with open(path) as fh:
+            names = json.load(fh)["groups"]
+        if expect is not None and set(expect) != set(names):
+            missing, extra = sorted(set(expect) - set(names)), sorted(set(names) - set(expect))
+            raise ValueError(f"summaries in {folder} do not match this run's feature groups "
+                             f"(missing {missing[:5]}, unexpected {extra[:5]}); rebuild with the same data/encoder")
+        fields = {}
+        for name, fname in names.items():
+            fields[name] = dxfield.ProjectedField.load(os.path.join(folder, fname), temperatures=temperatures,
+                                                       dim=None if expect is None else expect[name])
+        return cls(fields)
+
+
+def _smallest_class(n: int, labels) -> int:
+    if labels is None:
+        return n
+    return int(np.bincount(np.asarray(labels)).min())

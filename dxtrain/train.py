@@ -1,0 +1,412 @@
+"""Training loop for one-step drifting generators, readable top to bottom.
+
+One step: draw noise (and class labels), generate ``x = f(eps)``, extract the
+feature groups, ask the field for the drift ``V`` of every group (dxfield, via
+DLPack), and minimise ``sum_g MSE(phi_g(x)/S_g, stopgrad(phi_g(x)/S_g + V_g))``
+with AdamW, gradient clipping and an EMA of the weights.
+
+Two fields, one flag (``field``):
+
+* ``"exact"`` -- standard drifting: Algorithm 2 against ``positives`` real
+  samples drawn afresh every step (per class when conditional);
+* ``"projected"`` -- DriftXpress: Nystrom summaries of the *whole* training set,
+  built once before training (or loaded from ``dxtrain summarize``), exact
+  repulsion within the batch.
+
+A run folder holds ``config.json``, ``metrics.jsonl`` (one JSON object per
+logged step: step, wall-clock seconds of training, loss, drift norm, seconds in
+the field, steps/s, fidelity diagnostics), ``samples/step-*.png``,
+``checkpoint.pt`` (written atomically every ``checkpoint_every`` steps, at the
+end, and on SIGINT/SIGTERM) and ``eval.json``.  ``resume=True`` continues
+exactly where the checkpoint stopped: weights, optimiser, EMA, every random
+stream, step and elapsed time.  ``time_budget`` stops at a wall-clock budget
+(training time only, not periodic sampling or checkpoint I/O), so methods can
+be compared at equal time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+
+from .data import Dataset, load_dataset, train_test_split
+from .features import FeatureGroups
+from .fields import ExactField, ProjectedFieldSet, drift_loss
+from .models import EMA, make_generator, sample_noise
+
+FIELDS = ("projected", "exact")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved as ``config.json`` in the run folder."""
+
+    data: str = "digits"  # embedded name or a .npz/.npy/.h5 path
+    data_key: str | None = None
+    labels_key: str | None = None
+    out: str = "runs/digits"
+    field: str = "projected"  # "projected" (DriftXpress) or "exact" (standard drifting)
+    steps: int = 1500
+    time_budget: float | None = None  # seconds of training; stops early when reached
+    batch: int = 256  # generated samples per step (split evenly over classes when conditional)
+    positives: int = 512  # real samples per step for the exact field
+    temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)
+    landmarks: int = 128  # per class (projected field)
+    landmark_method: str = "kmeans"
+    conditional: bool = True  # use class labels when the data has them
+    generator: str = "auto"  # "auto", "mlp" or "conv"
+    encoder: str = "none"  # "none", "builtin", a TorchScript file or "module:callable"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 2.0
+    ema: float = 0.995
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    log_every: int = 25
+    sample_every: int = 250
+    checkpoint_every: int = 250
+    fidelity_every: int = 250
+    test_fraction: float = 0.15
+    cache: str | None = None  # summaries folder from `dxtrain summarize`
+    memory_budget: str | None = None  # dxfield's per-call budget
+    evaluate: bool = True
+    progress: bool = True
+
+    def validate(self) -> "TrainConfig":
+        if self.field not in FIELDS:
+            raise ValueError(f"field={self.field!r} is not valid; choose one of {FIELDS}")
+        for name in ("steps", "batch", "positives", "landmarks", "log_every", "sample_every", "checkpoint_every",
+                     "fidelity_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ValueError(f"time_budget must be > 0 seconds, got {self.time_budget}")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+        if any(t <= 0 for t in self.temperatures):
+            raise ValueError(f"temperatures must be > 0, got {self.temperatures}")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        if "temperatures" in kw:
+            kw["temperatures"] = tuple(kw["temperatures"])
+        return cls(**kw)
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={spec!r} but torch sees no CUDA GPU; use --device cpu")
+    return dev
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1, default=float)
+    os.replace(tmp, path)
+
+
+class _Stop:
+    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # second signal: give up immediately
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def real_features(groups: FeatureGroups, data: torch.Tensor, device, chunk: int = 2048) -> dict[str, np.ndarray]:
+    """Feature groups of the real data, computed once in chunks (the encoder is frozen)."""
+    out: dict[str, list] = {}
+    with torch.no_grad():
+        for i in range(0, data.shape[0], chunk):
+            for name, f in groups(data[i:i + chunk].to(device)).items():
+                out.setdefault(name, []).append(f.float().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def setup(cfg: TrainConfig, log=print):
+    """Data, model, features and field for a config: shared by train, summarize, sample and eval."""
+    data = load_dataset(cfg.data, seed=cfg.seed, key=cfg.data_key, labels_key=cfg.labels_key)
+    train_ds, test_ds = train_test_split(data, cfg.test_fraction, seed=cfg.seed)
+    conditional = bool(cfg.conditional and train_ds.num_classes > 0)
+    return train_ds, test_ds, conditional
+
+
+def class_labels(batch: int, num_classes: int, device) -> torch.Tensor:
+    """Balanced labels: ``batch // K`` of each class (at least one each)."""
+    per = max(1, batch // num_classes)
+    return torch.arange(num_classes, device=device).repeat_interleave(per)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, log=None) -> dict:
+    """Run (or resume) training as configured; returns the final metrics."""
+    cfg.validate()
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    os.makedirs(cfg.out, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+    if resume and not os.path.exists(ckpt_path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    if not resume and os.path.exists(ckpt_path):
+        raise FileExistsError(f"{cfg.out} already holds a run (checkpoint.pt); pass --resume to continue it "
+                              "or choose another --out")
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False) if resume else None
+    if checkpoint is not None:
+        saved = TrainConfig.from_dict(checkpoint["config"])
+        # the run's identity comes from the checkpoint; only the stopping rules may change on resume
+        for keep in ("steps", "time_budget", "progress", "evaluate", "out", "device"):
+            setattr(saved, keep, getattr(cfg, keep))
+        cfg = saved
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    noise_rng = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
+    _write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
+
+    # -- data, generator, features -----------------------------------------------------------
+    train_ds, test_ds, conditional = setup(cfg, log)
+    num_classes = train_ds.num_classes if conditional else 0
+    real = torch.from_numpy(train_ds.x)
+    real_labels = torch.from_numpy(train_ds.labels) if conditional else None
+    gen = make_generator(cfg.generator, train_ds.shape, num_classes=num_classes).to(device)
+    groups = FeatureGroups(train_ds.shape, cfg.encoder).to(device)
+    opt = torch.optim.AdamW(gen.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = EMA(gen, decay=cfg.ema)
+    step, elapsed = 0, 0.0
+    if checkpoint is not None:
+        gen.load_state_dict(checkpoint["generator"])
+        ema.load_state_dict(checkpoint["ema"])
+        opt.load_state_dict(checkpoint["optimizer"])
+        step, elapsed = int(checkpoint["step"]), float(checkpoint["elapsed"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        rng.bit_generator.state = checkpoint["rng"]["numpy"]
+        noise_rng.set_state(checkpoint["rng"]["noise"])
+        log(f"resumed {cfg.out} at step {step} ({elapsed:.1f}s of training)")
+    n_params = sum(p.numel() for p in gen.parameters())
+    log(f"data {cfg.data}: {len(train_ds)} train / {len(test_ds)} test, sample shape {train_ds.shape}, "
+        f"{train_ds.num_classes} classes ({'conditional' if conditional else 'unconditional'}); "
+        f"generator {type(gen).__name__} ({n_params:,} parameters); {len(groups.names)} feature group(s); "
+        f"field {cfg.field}; device {device}")
+
+    # -- the field ------------------------------------------------------------------------------
+    if cfg.field == "exact":
+        field_fn = ExactField(cfg.temperatures, memory_budget=cfg.memory_budget)
+    else:
+        cache = cfg.cache or os.path.join(cfg.out, "summaries")
+        dims = groups.dims
+        if os.path.exists(os.path.join(cache, "manifest.json")):
+            field_fn = ProjectedFieldSet.load(cache, expect=dims, temperatures=cfg.temperatures)
+            log(f"loaded summaries from {cache}")
+        else:
+            t0 = time.perf_counter()
+            feats = real_features(groups, real, device)
+            field_fn = ProjectedFieldSet.build(
+                feats, labels=None if real_labels is None else real_labels.numpy(), temperatures=cfg.temperatures,
+                landmarks=cfg.landmarks, method=cfg.landmark_method, seed=cfg.seed,
+                memory_budget=cfg.memory_budget, log=log)
+            field_fn.save(cache)
+            log(f"built summaries of {len(train_ds)} samples in {time.perf_counter() - t0:.1f}s -> {cache}")
+
+    # -- loop -----------------------------------------------------------------------------------
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    fixed_noise = sample_noise(gen, 100 if train_ds.kind == "images" else 2000,
+                               torch.Generator().manual_seed(12345), device=device)
+    fixed_labels = (torch.arange(100 if train_ds.kind == "images" else 2000, device=device) % num_classes
+                    if conditional else None)
+    last = {}
+    window_t, window_steps, window_field = time.perf_counter(), 0, 0.0
+    bar = _Bar(cfg.steps, enabled=cfg.progress, start=step)
+    with _Stop() as stop, open(metrics_path, "a") as metrics:
+        while step < cfg.steps and not stop.requested:
+            if cfg.time_budget is not None and elapsed >= cfg.time_budget:
+                log(f"time budget of {cfg.time_budget:.0f}s reached at step {step}")
+                break
+            t_step = time.perf_counter()
+            labels = class_labels(cfg.batch, num_classes, device) if conditional else None
+            b = cfg.batch if labels is None else labels.shape[0]
+            noise = sample_noise(gen, b, noise_rng, device=device)
+            x = gen(noise, labels)
+            feats = groups(x)
+            pos_feats, pos_labels = None, None
+            if cfg.field == "exact":
+                idx, pos_labels = _draw_positives(rng, cfg.positives, real.shape[0], real_labels, num_classes)
+                with torch.no_grad():
+                    pos_feats = groups(real[idx].to(device))
+                if pos_labels is not None:
+                    pos_labels = pos_labels.to(device)
+            t_field = time.perf_counter()
+            drifts = field_fn(feats, pos_feats, labels, pos_labels)
+            field_s = time.perf_counter() - t_field
+            loss, group_norms = drift_loss(feats, drifts)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            loss_value = loss.item()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(gen.parameters(), cfg.grad_clip))
+            opt.step()
+            ema.update(gen)
+            step += 1
+            elapsed += time.perf_counter() - t_step
+            window_steps += 1
+            window_field += field_s
+            drift_norm = float(np.mean(list(group_norms.values())))
+            bar.update(step, f"loss {loss_value:.4f} drift {drift_norm:.3f}")
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                last = {"step": step, "wall": round(elapsed, 4), "loss": loss_value, "drift_norm": drift_norm,
+                        "grad_norm": grad_norm, "field_s": window_field / window_steps,
+                        "steps_per_s": window_steps / max(now - window_t, 1e-9)}
+                if cfg.field == "projected":
+                    last["fallback_rows"] = field_fn.last_stats.get("fallback_rows", 0)
+                    if step % cfg.fidelity_every == 0:
+                        last["fidelity"] = field_fn.diagnostics(feats)
+                metrics.write(json.dumps(last) + "\n")
+                metrics.flush()
+                window_t, window_steps, window_field = now, 0, 0.0
+            if step % cfg.sample_every == 0:
+                save_samples(ema.model, fixed_noise, fixed_labels, train_ds, os.path.join(cfg.out, "samples"),
+                             step)
+            if step % cfg.checkpoint_every == 0:
+                _checkpoint(ckpt_path, cfg, gen, ema, opt, step, elapsed, rng, noise_rng, train_ds)
+    bar.close()
+    _checkpoint(ckpt_path, cfg, gen, ema, opt, step, elapsed, rng, noise_rng, train_ds)
+    save_samples(ema.model, fixed_noise, fixed_labels, train_ds, os.path.join(cfg.out, "samples"), step)
+    if stop.requested:
+        log(f"interrupted: checkpoint saved at step {step}; continue with --resume")
+        return {"step": step, "interrupted": True, **last}
+    result = {"step": step, "wall": elapsed, **{k: v for k, v in last.items() if k not in ("step", "wall")}}
+    if cfg.evaluate:
+        from .evaluate import evaluate_samples
+
+        samples = generate(ema.model, 2000 if train_ds.kind == "vectors" else len(test_ds) * 2, num_classes,
+                           device, seed=cfg.seed + 7)
+        report = evaluate_samples(samples, train_ds, test_ds, classifier_cache=_classifier_cache(), seed=cfg.seed)
+        report.update({"step": step, "wall": elapsed, "field": cfg.field})
+        _write_json(os.path.join(cfg.out, "eval.json"), report)
+        result["eval"] = report
+        log("eval: " + json.dumps({k: v for k, v in report.items() if isinstance(v, (int, float))}))
+    return result
+
+
+def _draw_positives(rng, n: int, n_real: int, real_labels, num_classes: int):
+    """Indices of ``n`` real samples (``n // K`` per class when conditional) and their labels."""
+    if real_labels is None or num_classes == 0:
+        return torch.from_numpy(rng.choice(n_real, size=min(n, n_real), replace=False)), None
+    per = max(1, n // num_classes)
+    lab = real_labels.numpy()
+    idx = []
+    for c in range(num_classes):
+        members = np.flatnonzero(lab == c)
+        idx.append(rng.choice(members, size=min(per, members.size), replace=False))
+    idx = np.concatenate(idx)
+    return torch.from_numpy(idx), torch.from_numpy(lab[idx])
+
+
+def _checkpoint(path, cfg, gen, ema, opt, step, elapsed, rng, noise_rng, ds: Dataset) -> None:
+    atomic_torch_save({
+        "config": asdict(cfg), "generator": gen.state_dict(), "ema": ema.state_dict(),
+        "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed,
+        "rng": {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state, "noise": noise_rng.get_state()},
+        "data": {"name": ds.name, "kind": ds.kind, "shape": list(ds.shape), "num_classes": ds.num_classes},
+    }, path)
+
+
+def generate(model, n: int, num_classes: int, device, seed: int = 0, label: int | None = None) -> np.ndarray:
+    """``n`` samples from ``model`` (classes cycled, or all ``label``), as a NumPy array."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        for i in range(0, n, 1024):
+            b = min(1024, n - i)
+            labels = None
+            if num_classes:
+                labels = (torch.full((b,), label) if label is not None else torch.arange(i, i + b) % num_classes)
+                labels = labels.to(device)
+            out.append(model(sample_noise(model, b, g, device=device), labels).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def save_samples(model, noise, labels, ds: Dataset, folder: str, step: int) -> str:
+    """PNG of the EMA model's samples at fixed noise: a grid for images, a scatter for 2-D data."""
+    from .png import image_grid, scatter_image, write_png
+
+    os.makedirs(folder, exist_ok=True)
+    with torch.no_grad():
+        x = model(noise, labels).float().cpu().numpy()
+    path = os.path.join(folder, f"step-{step:06d}.png")
+    if ds.kind == "images":
+        write_png(path, image_grid(x, nrow=10, scale=4 if max(ds.shape[1:]) <= 16 else 2))
+    elif x.shape[1] == 2:
+        write_png(path, scatter_image(x, reference=ds.x[:5000]))
+    else:
+        return ""
+    return path
+
+
+def _classifier_cache() -> str:
+    base = os.environ.get("DXTRAIN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dxtrain"))
+    return os.path.join(base, "digits_classifier.pt")
+
+
+class _Bar:
+    """A one-line progress bar on stderr: step, rate and the latest loss."""
+
+    def __init__(self, total: int, enabled: bool, start: int = 0):
+        self.total, self.enabled = total, enabled and sys.stderr.isatty() or enabled == "force"
+        self.t0, self.start, self.last = time.perf_counter(), start, 0.0
+
+    def update(self, step: int, text: str) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last < 0.25 and step < self.total):
+            return
+        self.last = now
+        rate = (step - self.start) / max(now - self.t0, 1e-9)
+        frac = step / self.total
+        eta = (self.total - step) / rate if rate > 0 else math.nan
+        sys.stderr.write(f"\r[{'#' * int(24 * frac):<24}] {step}/{self.total} {rate:.1f} it/s eta {eta:.0f}s {text}   ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")

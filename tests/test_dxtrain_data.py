@@ -1,0 +1,439 @@
+"""dxtrain's data sets (dxtrain/data.py) and PNG output (dxtrain/png.py); no torch needed.
+
+* every embedded set loads with the documented shape, dtype, range, labels
+  and scale, deterministically in ``seed``;
+* a user's ``.npz``/``.npy``/``.h5`` file loads with default and explicit
+  keys and labels; channels-last images are detected; uint8 and float images
+  are scaled as documented; labels are remapped to 0..K-1;
+* every malformed input fails with an error naming the file and the problem;
+* the stratified train/test split is disjoint, complete and proportional;
+* PNG files round-trip exactly, are valid PNG (signature, CRCs, IHDR), are
+  written atomically; grids and scatter plots put the right pixels in place.
+"""
+
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from dxtrain.data import EMBEDDED, Dataset, load_dataset, train_test_split
+from dxtrain.png import image_grid, read_png, scatter_image, write_png
+
+# --------------------------------------------------------------------------- embedded
+
+
+def test_digits_embedded():
+    ds = load_dataset("digits")
+    assert (ds.name, ds.kind, ds.shape, ds.dim, ds.num_classes) == ("digits", "images", (1, 8, 8), 64, 10)
+    assert ds.x.shape == (1797, 1, 8, 8) and ds.x.dtype == np.float32
+    assert ds.labels.dtype == np.int64 and set(np.unique(ds.labels)) == set(range(10))
+    assert ds.x.min() == -1.0 and ds.x.max() == 1.0
+    # pixel / 16 * 2 - 1 of integers 0..16: exactly 17 levels
+    levels = np.unique(ds.x)
+    np.testing.assert_allclose(levels, np.arange(17) / 16 * 2 - 1, atol=1e-6)
+    # every class is well represented (~180 each)
+    assert np.bincount(ds.labels).min() > 150
+
+
+@pytest.mark.parametrize("name, classes", [("moons", 2), ("swissroll", 0), ("checkerboard", 0),
+                                           ("gaussians8", 8)])
+def test_toys(name, classes):
+    ds = load_dataset(name, n=3000, seed=3)
+    assert (ds.kind, ds.shape, ds.num_classes, len(ds)) == ("vectors", (2,), classes, 3000)
+    assert ds.x.dtype == np.float32 and np.all(np.isfinite(ds.x))
+    np.testing.assert_allclose(ds.x.mean(0), 0.0, atol=1e-5)
+    assert np.mean(ds.x.astype(np.float64) ** 2) == pytest.approx(1.0, rel=1e-4)
+    if classes:
+        assert ds.labels.dtype == np.int64 and set(np.unique(ds.labels)) == set(range(classes))
+    else:
+        assert ds.labels is None
+    same = load_dataset(name, n=3000, seed=3)
+    other = load_dataset(name, n=3000, seed=4)
+    np.testing.assert_array_equal(ds.x, same.x)
+    assert not np.array_equal(ds.x, other.x)
+
+
+def test_toy_default_size_and_structure():
+    assert len(load_dataset("swissroll")) == 20000
+    g = load_dataset("gaussians8", n=4000)
+    # each label is one tight cluster: its points sit near their own centre
+    centres = np.stack([g.x[g.labels == c].mean(0) for c in range(8)])
+    radii = np.linalg.norm(centres, axis=1)
+    assert radii.std() < 0.05 * radii.mean()
+    spread = np.mean([g.x[g.labels == c].std(0).mean() for c in range(8)])
+    assert spread < 0.2 * radii.mean()
+    m = load_dataset("moons", n=4000)
+    assert abs(np.mean(m.labels) - 0.5) < 0.01  # balanced moons
+
+
+def test_checkerboard_occupies_half_the_squares():
+    b = load_dataset("checkerboard", n=20000)
+    # undo the scaling: the board is 4 x 4 unit squares, so 16 cells of equal area
+    x = b.x.astype(np.float64)
+    cells = np.clip(np.floor((x - x.min(0)) / np.ptp(x, axis=0) * 4), 0, 3).astype(int)
+    counts = np.bincount(cells[:, 0] * 4 + cells[:, 1], minlength=16).reshape(4, 4)
+    occupied = counts > 0.5 * 20000 / 8
+    assert occupied.sum() == 8
+    assert np.all(occupied[:-1] != occupied[1:]) and np.all(occupied[:, :-1] != occupied[:, 1:])
+
+
+def test_n_subsets_digits():
+    ds = load_dataset("digits", n=100, seed=1)
+    assert len(ds) == 100 and ds.num_classes == 10
+    np.testing.assert_array_equal(ds.x, load_dataset("digits", n=100, seed=1).x)
+
+
+def test_unknown_embedded_name_lists_valid_ones():
+    with pytest.raises(ValueError) as err:
+        load_dataset("digitz")
+    for name in EMBEDDED:
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize("n", [0, -5, 2.5])
+def test_bad_n(n):
+    with pytest.raises(ValueError, match="n="):
+        load_dataset("moons", n=n)
+
+
+def test_n_larger_than_data():
+    with pytest.raises(ValueError, match="exceeds the 1797"):
+        load_dataset("digits", n=5000)
+
+
+def test_key_rejected_for_embedded():
+    with pytest.raises(ValueError, match="files only"):
+        load_dataset("digits", key="x")
+
+
+# --------------------------------------------------------------------------- files
+
+
+def test_npz_default_key_and_labels(tmp_path):
+    x = np.random.default_rng(0).normal(size=(50, 5))
+    y = np.repeat([10, 20, 30, 40, 50], 10)
+    path = tmp_path / "vecs.npz"
+    np.savez(path, x=x, labels=y)
+    ds = load_dataset(str(path))
+    assert (ds.name, ds.kind, ds.shape, ds.num_classes) == ("vecs", "vectors", (5,), 5)
+    np.testing.assert_allclose(ds.x, x.astype(np.float32))  # float vectors are kept as they are
+    np.testing.assert_array_equal(ds.labels, y // 10 - 1)
+    np.testing.assert_array_equal(ds.label_names, [10, 20, 30, 40, 50])
+
+
+@pytest.mark.parametrize("stored", ["data", "images", "arr_0"])
+def test_npz_fallback_keys(tmp_path, stored):
+    path = tmp_path / "f.npz"
+    np.savez(path, **{stored: np.ones((4, 3))})
+    assert load_dataset(str(path)).x.shape == (4, 3)
+
+
+def test_npz_explicit_keys_and_y(tmp_path):
+    path = tmp_path / "f.npz"
+    np.savez(path, feats=np.zeros((6, 2)), x=np.ones((6, 2)), y=np.array([1, 1, 0, 0, 1, 0]),
+             cls=np.array([5, 5, 5, 7, 7, 7]))
+    assert load_dataset(str(path)).x[0, 0] == 1.0
+    ds = load_dataset(str(path), key="feats", labels_key="cls")
+    assert ds.x[0, 0] == 0.0
+    np.testing.assert_array_equal(ds.labels, [0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(load_dataset(str(path)).labels, [1, 1, 0, 0, 1, 0])  # "y" by default
+
+
+def test_npz_missing_key_lists_present(tmp_path):
+    path = tmp_path / "f.npz"
+    np.savez(path, foo=np.ones((3, 2)), bar=np.ones(3))
+    with pytest.raises(ValueError) as err:
+        load_dataset(str(path))
+    msg = str(err.value)
+    assert "f.npz" in msg and "'foo'" in msg and "'bar'" in msg
+    with pytest.raises(ValueError, match="under key 'nope'.*'foo'"):
+        load_dataset(str(path), key="nope")
+    with pytest.raises(ValueError, match="label.*under key 'zzz'"):
+        load_dataset(str(path), key="foo", labels_key="zzz")
+
+
+def test_npy_with_and_without_sibling_labels(tmp_path):
+    x = np.random.default_rng(1).uniform(size=(8, 3)).astype(np.float32)
+    np.save(tmp_path / "pts.npy", x)
+    ds = load_dataset(str(tmp_path / "pts.npy"))
+    assert ds.labels is None and ds.num_classes == 0 and ds.name == "pts"
+    np.save(tmp_path / "pts.labels.npy", np.array([3, 3, 4, 4, 3, 4, 9, 9]))
+    ds = load_dataset(str(tmp_path / "pts.npy"))
+    np.testing.assert_array_equal(ds.labels, [0, 0, 1, 1, 0, 1, 2, 2])
+    assert ds.num_classes == 3
+    with pytest.raises(ValueError, match="key="):
+        load_dataset(str(tmp_path / "pts.npy"), key="x")
+
+
+def test_h5_keys_and_labels(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    path = tmp_path / "imgs.h5"
+    images = np.random.default_rng(2).integers(0, 256, size=(6, 8, 8), dtype=np.uint8)
+    with h5py.File(path, "w") as f:
+        f["images"] = images
+        f["y"] = np.array([0, 1, 0, 1, 0, 1])
+        f.create_group("grp")["other"] = np.zeros((6, 4))
+    ds = load_dataset(str(path))
+    assert ds.kind == "images" and ds.shape == (1, 8, 8) and ds.num_classes == 2
+    np.testing.assert_allclose(ds.x[:, 0], images / 255 * 2 - 1, atol=1e-6)
+    assert load_dataset(str(path), key="grp/other").shape == (4,)
+    with pytest.raises(ValueError) as err:
+        load_dataset(str(path), key="missing")
+    assert "'images'" in str(err.value) and "'grp/other'" in str(err.value)
+    hdf5 = tmp_path / "v.hdf5"
+    with h5py.File(hdf5, "w") as f:
+        f["x"] = np.ones((3, 2))
+    assert load_dataset(str(hdf5)).shape == (2,)
+
+
+def _save(tmp_path, x, labels=None, name="d.npz"):
+    path = tmp_path / name
+    arrays = {"x": x} if labels is None else {"x": x, "labels": labels}
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_channels_last_detected(tmp_path):
+    x = np.random.default_rng(3).uniform(size=(5, 8, 6, 3)).astype(np.float32)
+    ds = load_dataset(_save(tmp_path, x))
+    assert ds.shape == (3, 8, 6)
+    np.testing.assert_allclose(ds.x, np.moveaxis(x, -1, 1) * 2 - 1, atol=1e-6)
+
+
+def test_channels_first_kept(tmp_path):
+    x = np.random.default_rng(3).uniform(size=(5, 3, 8, 6)).astype(np.float32)
+    assert load_dataset(_save(tmp_path, x)).shape == (3, 8, 6)
+    # last dim 3 but the second is 4 too: not taken as channels-last
+    assert load_dataset(_save(tmp_path, np.zeros((2, 4, 5, 3)))).shape == (4, 5, 3)
+
+
+def test_grayscale_3d_images(tmp_path):
+    assert load_dataset(_save(tmp_path, np.zeros((4, 7, 9), np.uint8))).shape == (1, 7, 9)
+
+
+def test_uint8_scaling(tmp_path):
+    x = np.array([0, 51, 255, 128], np.uint8).reshape(1, 1, 2, 2).repeat(3, 0)
+    ds = load_dataset(_save(tmp_path, x))
+    np.testing.assert_allclose(ds.x[0, 0].ravel(), [-1.0, -0.6, 1.0, 128 / 255 * 2 - 1], atol=1e-6)
+    assert "uint8" in ds.preprocessing
+    vec = load_dataset(_save(tmp_path, np.array([[0, 255], [255, 0]], np.uint8)))
+    np.testing.assert_allclose(vec.x, [[-1, 1], [1, -1]])
+
+
+def test_float_image_ranges(tmp_path):
+    rng = np.random.default_rng(4)
+    unit = rng.uniform(0, 1, (4, 1, 5, 5))
+    np.testing.assert_allclose(load_dataset(_save(tmp_path, unit)).x, unit * 2 - 1, atol=1e-6)
+    signed = rng.uniform(-1, 1, (4, 1, 5, 5))
+    np.testing.assert_allclose(load_dataset(_save(tmp_path, signed)).x, signed, atol=1e-6)
+    wide = rng.normal(50.0, 7.0, (4, 1, 5, 5))
+    ds = load_dataset(_save(tmp_path, wide))
+    assert abs(ds.x.mean()) < 1e-5 and ds.x.std() == pytest.approx(1.0, rel=1e-4)
+    assert "standardised" in ds.preprocessing
+    far = rng.normal(50.0, 7.0, (4, 3))  # vectors are never rescaled
+    np.testing.assert_allclose(load_dataset(_save(tmp_path, far)).x, far.astype(np.float32))
+
+
+def test_float_integral_labels_accepted(tmp_path):
+    ds = load_dataset(_save(tmp_path, np.zeros((3, 2)), np.array([2.0, 0.0, 2.0])))
+    np.testing.assert_array_equal(ds.labels, [1, 0, 1])
+
+
+def test_missing_file(tmp_path):
+    path = str(tmp_path / "nope.npz")
+    with pytest.raises(FileNotFoundError, match="nope.npz"):
+        load_dataset(path)
+
+
+def test_unknown_extension(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("1,2\n")
+    with pytest.raises(ValueError, match=r"data\.csv.*'\.csv'.*\.npz"):
+        load_dataset(str(path))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.array([[0.0, np.nan]] * 3), "NaN/Inf"),
+    (np.array([[0.0, np.inf]] * 3), "NaN/Inf"),
+    (np.zeros((0, 4)), "empty"),
+    (np.zeros(5), r"shape \(5,\)"),
+    (np.zeros((2, 1, 3, 4, 5)), r"shape \(2, 1, 3, 4, 5\)"),
+    (np.array([["a", "b"]] * 2), "dtype"),
+])
+def test_bad_samples(tmp_path, bad, match):
+    path = _save(tmp_path, bad)
+    with pytest.raises(ValueError, match=match) as err:
+        load_dataset(path)
+    assert "d.npz" in str(err.value)
+
+
+@pytest.mark.parametrize("labels, match", [
+    (np.array([0, 1]), r"labels have shape \(2,\); expected \(3,\)"),
+    (np.array([0.5, 1.0, 2.0]), "labels must be integers"),
+    (np.array(["a", "b", "c"]), "labels must be integers"),
+    (np.array([0.0, np.nan, 1.0]), "labels must be integers"),
+])
+def test_bad_labels(tmp_path, labels, match):
+    with pytest.raises(ValueError, match=match) as err:
+        load_dataset(_save(tmp_path, np.zeros((3, 2)), labels))
+    assert "d.npz" in str(err.value)
+
+
+def test_unreadable_files(tmp_path):
+    for name in ("junk.npz", "junk.npy", "junk.h5"):
+        (tmp_path / name).write_bytes(b"not really")
+        with pytest.raises(ValueError, match=name):
+            load_dataset(str(tmp_path / name))
+
+
+# --------------------------------------------------------------------------- Dataset, split
+
+
+def test_dataset_validates_itself():
+    with pytest.raises(ValueError, match="kind"):
+        Dataset("a", np.zeros((2, 2), np.float32), None, "points", 0)
+    with pytest.raises(ValueError, match="4 dims"):
+        Dataset("a", np.zeros((2, 2), np.float32), None, "images", 0)
+    with pytest.raises(ValueError, match="labels shape"):
+        Dataset("a", np.zeros((2, 2), np.float32), np.zeros(3, np.int64), "vectors", 1)
+
+
+def test_stratified_split():
+    ds = load_dataset("digits")
+    train, test = train_test_split(ds, test_fraction=0.2, seed=0)
+    assert len(train) + len(test) == len(ds)
+    assert test.num_classes == train.num_classes == 10
+    # disjoint and complete: match rows by their bytes (digits has few duplicates, so compare multisets)
+    rows = lambda d: sorted(r.tobytes() + l.tobytes() for r, l in zip(d.x, d.labels))  # noqa: E731
+    assert sorted(rows(train) + rows(test)) == rows(ds)
+    full, held = np.bincount(ds.labels), np.bincount(test.labels, minlength=10)
+    assert np.all(np.abs(held - 0.2 * full) <= 1)
+    again = train_test_split(ds, test_fraction=0.2, seed=0)[1]
+    np.testing.assert_array_equal(again.x, test.x)
+    assert not np.array_equal(train_test_split(ds, 0.2, seed=1)[1].x, test.x)
+
+
+def test_split_keeps_rare_class_on_both_sides():
+    ds = Dataset("r", np.arange(22, dtype=np.float32)[:, None], np.array([0] * 20 + [1, 1]), "vectors", 2)
+    train, test = train_test_split(ds, test_fraction=0.1)
+    assert 1 in train.labels and 1 in test.labels
+
+
+def test_unlabelled_split_and_subset():
+    ds = load_dataset("swissroll", n=1000)
+    train, test = train_test_split(ds, test_fraction=0.25, seed=2)
+    assert (len(train), len(test)) == (750, 250) and train.labels is None
+    together = np.concatenate([train.x, test.x])
+    np.testing.assert_array_equal(np.sort(together, axis=0), np.sort(ds.x, axis=0))
+    sub = ds.subset([3, 1])
+    np.testing.assert_array_equal(sub.x, ds.x[[3, 1]])
+    with pytest.raises(ValueError, match="test_fraction"):
+        train_test_split(ds, test_fraction=1.0)
+
+
+# --------------------------------------------------------------------------- PNG
+
+
+def _chunks(data):
+    pos, out = 8, []
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, payload = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        out.append((kind, payload, crc == zlib.crc32(kind + payload)))
+        pos += 12 + length
+    return out
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (6, 4, 3)])
+def test_png_round_trip(tmp_path, shape):
+    pixels = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
+    path = tmp_path / "a.png"
+    write_png(path, pixels)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks = _chunks(data)
+    assert [c[0] for c in chunks] == [b"IHDR", b"IDAT", b"IEND"] and all(c[2] for c in chunks)
+    width, height, depth, colour = struct.unpack(">IIBB", chunks[0][1][:10])
+    assert (height, width, depth, colour) == (shape[0], shape[1], 8, 0 if len(shape) == 2 else 2)
+    np.testing.assert_array_equal(read_png(path), pixels)
+    assert os.listdir(tmp_path) == ["a.png"]  # no temporary file left behind
+
+
+def test_read_png_all_filters(tmp_path):
+    # Hand-encode each row with a different PNG filter; read_png must undo all five.
+    pixels = np.random.default_rng(1).integers(0, 256, size=(5, 6, 3), dtype=np.int64)
+    rows, prev = [], np.zeros(18, np.int64)
+    for ftype, row in enumerate(pixels.reshape(5, 18)):
+        left = np.concatenate([[0, 0, 0], row[:-3]])
+        up_left = np.concatenate([[0, 0, 0], prev[:-3]])
+        if ftype == 0:
+            enc = row
+        elif ftype == 1:
+            enc = row - left
+        elif ftype == 2:
+            enc = row - prev
+        elif ftype == 3:
+            enc = row - (left + prev) // 2
+        else:
+            p = left + prev - up_left
+            pa, pb, pc = abs(p - left), abs(p - prev), abs(p - up_left)
+            enc = row - np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, prev, up_left))
+        rows.append(bytes([ftype]) + (enc % 256).astype(np.uint8).tobytes())
+        prev = row
+
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 6, 5, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
+    (tmp_path / "f.png").write_bytes(data)
+    np.testing.assert_array_equal(read_png(tmp_path / "f.png"), pixels)
+    (tmp_path / "bad.png").write_bytes(data[:40] + bytes([data[40] ^ 1]) + data[41:])
+    with pytest.raises(ValueError, match="CRC"):
+        read_png(tmp_path / "bad.png")
+
+
+def test_write_png_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="uint8"):
+        write_png(tmp_path / "a.png", np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="shape"):
+        write_png(tmp_path / "a.png", np.zeros((4, 4, 2), np.uint8))
+    assert os.listdir(tmp_path) == []
+
+
+def test_image_grid_layout_and_scaling():
+    images = np.full((5, 1, 2, 3), -1.0)
+    images[1] = 1.0
+    images[2, 0, 0, 0] = 0.0
+    images[3] = np.nan
+    grid = image_grid(images, nrow=3, pad=1, scale=2)
+    # 2 rows x 3 cols of 4 x 6 tiles with 1-pixel borders
+    assert grid.shape == (2 * (4 + 1) + 1, 3 * (6 + 1) + 1) and grid.dtype == np.uint8
+    tile = lambda i: grid[1 + (i // 3) * 5:1 + (i // 3) * 5 + 4, 1 + (i % 3) * 7:1 + (i % 3) * 7 + 6]  # noqa: E731
+    assert np.all(tile(0) == 0) and np.all(tile(1) == 255)
+    assert np.all(tile(2)[:2, :2] == 128) and tile(2)[2, 2] == 0  # nearest-neighbour 2x2 block
+    assert np.all(tile(3) == 128)  # NaN shows as mid grey
+    assert grid[0, 0] == 128  # padding
+    rgb = image_grid(np.zeros((4, 3, 2, 2)))
+    assert rgb.shape == (2 * 3 + 1, 2 * 3 + 1, 3)
+    with pytest.raises(ValueError, match="C = 1 or 3"):
+        image_grid(np.zeros((4, 2, 2, 2)))
+
+
+def test_scatter_image_colours():
+    reference = np.array([[-1.0, -1.0]])
+    points = np.array([[1.0, 1.0], [np.nan, 0.0], [50.0, 0.0]])
+    picture = scatter_image(points, reference, size=101, lim=2.0)
+    assert picture.shape == (101, 101, 3) and picture.dtype == np.uint8
+    # x = 1 -> column 75; y = 1 -> row 25 (y points up)
+    assert tuple(picture[25, 75]) == (214, 39, 40)
+    assert tuple(picture[75, 25]) == (190, 190, 190)
+    assert tuple(picture[5, 5]) == (255, 255, 255)
+    red = np.all(picture == (214, 39, 40), axis=2)
+    assert red.sum() == 9  # one 3x3 dot: NaN and out-of-window points are not drawn
+    auto = scatter_image(np.random.default_rng(0).normal(size=(500, 2)))
+    assert auto.shape == (512, 512, 3) and np.all(auto[0, 0] == 255)
+    with pytest.raises(ValueError, match=r"\(N, 2\)"):
+        scatter_image(np.zeros((3, 3)))
