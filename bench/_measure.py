@@ -122,7 +122,7 @@ def _worker_main(conn, setup, args, warmup_args, measure_memory, traced):
         if warmup_args is not None:  # thread pools, lazily loaded code, first-call caches
             setup(*warmup_args)()
         fn = setup(*args)
-        ready = {}
+        ready = dict(getattr(fn, "setup_info", None) or {})  # e.g. a cache's build time (not timed below)
         t0 = time.perf_counter()
         if measure_memory:
             out, mem = peak_extra_rss(fn)
@@ -173,6 +173,11 @@ class Worker:
     the real call once (measuring its peak extra RSS if ``measure_memory``): that
     call is the warm-up for the timed calls.  ``traced``: also offer a
     tracemalloc peak (meaningful for NumPy code only).
+
+    Work done in ``setup`` (building a cache, say) is neither timed nor counted
+    in the peak: the memory baseline is taken after it.  If the returned
+    callable has a dict attribute ``setup_info`` (e.g. the build time), its
+    items are sent back in :attr:`ready`.
     """
 
     def __init__(self, setup, args, *, warmup_args=None, measure_memory=True, traced=False,
