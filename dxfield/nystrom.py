@@ -106,15 +106,7 @@ class Nystrom:
             self._mu = u.mean(axis=0)
             self._uc = u - self._mu
             self._uu = sq_norms(self._uc)
-        limit = (1e-4 / float(np.finfo(dtype).eps)) ** 2
-        if self.condition_number_ > limit:
-            warnings.warn(
-                f"Nystrom: K_UU + ridge*I has condition number {self.condition_number_:.3g} "
-                f"(> {limit:.3g}), so phi(x) loses about {0.5 * math.log10(self.condition_number_):.1f} "
-                f"digits in {dtype}; raise ridge (now {self.ridge:g}), use fewer or better spread "
-                "landmarks, or work in float64",
-                NystromConditioningWarning, stacklevel=2,
-            )
+        warn_if_ill_conditioned(self.condition_number_, dtype, self.ridge, "Nystrom", stacklevel=3)
         return self
 
     @property
@@ -197,6 +189,19 @@ def kernel_products(xp, x, uc, uu, mu, mats, taus, kernel: str, *, budget: int, 
             xp.exp(tile, out=tile)
             xp.matmul(tile, mat, out=outs[k][i0:i0 + shape[0]])
     return outs, shifts
+
+
+def warn_if_ill_conditioned(condition_number: float, dtype, ridge: float, where: str, stacklevel: int = 2) -> None:
+    """Warn when ``K_UU + ridge I`` is too ill-conditioned for ``dtype`` (phi would lose > ~4 digits)."""
+    limit = (1e-4 / float(np.finfo(dtype).eps)) ** 2
+    if condition_number > limit:
+        warnings.warn(
+            f"{where}: K_UU + ridge*I has condition number {condition_number:.3g} "
+            f"(> {limit:.3g}), so phi(x) loses about {0.5 * math.log10(condition_number):.1f} "
+            f"digits in {np.dtype(dtype)}; raise ridge (now {ridge:g}), use fewer or better spread "
+            "landmarks, or work in float64",
+            NystromConditioningWarning, stacklevel=stacklevel,
+        )
 
 
 class Spectrum:

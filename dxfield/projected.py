@@ -65,7 +65,7 @@ from ._progress import Progress
 from .field import DEFAULT_TEMPERATURES, ExactSums, Targets, _weights, normalize_drift, resolve_negatives
 from .kernels import check_kernel, log_kernel_from_sqdist, sq_norms, sqdist, sqdist_tile
 from .landmarks import METHODS, _mean_distance, nearest, select
-from .nystrom import _host, _non_negative, inverse_sqrt, kernel_products
+from .nystrom import _host, _non_negative, inverse_sqrt, kernel_products, warn_if_ill_conditioned
 
 REPULSIONS = ("exact", "nystrom")
 DEFAULT_DEN_FLOOR = 1e-8
@@ -254,7 +254,7 @@ class ProjectedField:
             for (label, _), u in zip(groups, per_shard):
                 key = id(u)
                 if key not in shared:
-                    shared[key] = _factor(u, taus, kernel, ridge, eig_clamp)
+                    shared[key] = _factor(u, taus, kernel, ridge, eig_clamp, wdtype)
                 factors, spectra = shared[key]
                 shards.append(Shard(label, u, factors, [np.zeros(u.shape[0]) for _ in temps],
                                     [np.zeros((u.shape[0], d)) for _ in temps], 0, spectra))
@@ -578,7 +578,9 @@ class ProjectedField:
                 "shards": [{"label": s.label, "m": s.m, "n": s.n,
                             "condition_number": [sp["condition_number"] for sp in s.spectra],
                             "effective_rank": [sp["effective_rank"] for sp in s.spectra],
-                            "n_clamped": [sp["n_clamped"] for sp in s.spectra]} for s in self.shards],
+                            "n_clamped": [sp["n_clamped"] for sp in s.spectra],
+                            "eigenvalue_range": [[sp.get("eigenvalue_min"), sp.get("eigenvalue_max")]
+                                                 for sp in s.spectra]} for s in self.shards],
             }
             if a.get("pos") is not None:
                 pa = _checks.float_matrix(a["pos"], "pos", self.dtype, dim=self.dim)
@@ -653,16 +655,19 @@ def _copy_shard(s: Shard) -> Shard:
                  [g.copy() for g in s.G], s.n, [dict(sp) for sp in s.spectra])
 
 
-def _factor(u: np.ndarray, taus, kernel: str, ridge: float, eig_clamp: float):
-    """Per temperature ``A = (K_UU + ridge I)^{-1/2}`` (host float64) and spectrum summaries."""
+def _factor(u: np.ndarray, taus, kernel: str, ridge: float, eig_clamp: float, dtype):
+    """Per temperature ``A = (K_UU + ridge I)^{-1/2}`` (host float64) and spectrum summaries;
+    warns when a factor is too ill-conditioned for the working ``dtype``."""
     d2 = sqdist(u, u)
     factors, spectra = [], []
     for tau in taus:
         gram = np.exp(log_kernel_from_sqdist(d2.copy(), tau, kernel))
         a, sp = inverse_sqrt(np, gram, ridge, eig_clamp)
+        warn_if_ill_conditioned(sp.condition_number, dtype, ridge, f"ProjectedField (tau={tau:.4g})", stacklevel=4)
         factors.append(a)
         spectra.append({"condition_number": sp.condition_number, "effective_rank": sp.effective_rank,
-                        "n_clamped": sp.n_clamped})
+                        "n_clamped": sp.n_clamped, "eigenvalue_min": float(sp.eigenvalues.min()),
+                        "eigenvalue_max": float(sp.eigenvalues.max())})
     return factors, spectra
 
 
