@@ -70,6 +70,7 @@ class Targets:
     negative: bool
     log_weight: Any = None  # (n,) or None
     is_queries: bool = False  # these targets are the queries: mask i == j
+    labels: Any = None  # (n,) ints: pairs whose query label differs are masked (class-conditional)
 
     @property
     def n(self) -> int:
@@ -151,8 +152,10 @@ class ExactSums:
     """
 
     def __init__(self, xp, x, targets: list[Targets], *, log_kernel_scales, kernel: str,
-                 bidirectional: bool, budget: int, block_size=None, tile_cap: int, sides=(0, 1)):
+                 bidirectional: bool, budget: int, block_size=None, tile_cap: int, sides=(0, 1),
+                 query_labels=None):
         self.xp = xp
+        self.query_labels = query_labels  # (N,) ints, with Targets.labels: block-diagonal by class
         self.x = x
         self.targets = targets
         self.kernel = kernel
@@ -209,11 +212,15 @@ class ExactSums:
                 xp.sqrt(r, out=r)
             yield rows, i0, r
 
-    def _logits(self, ws, r, k: int, mask_offset):
+    def _logits(self, ws, r, k: int, mask_offset, rows=None, tlab=None):
         l = ws["logits"][: r.size].reshape(r.shape)
         self.xp.multiply(r, -self.coefs[k], out=l)
         if mask_offset is not None:
             _set_diagonal(l, mask_offset, -self.xp.inf)
+        if tlab is not None:  # other-class pairs do not interact
+            other = ws["hits"][: r.size].reshape(r.shape)
+            self.xp.not_equal(self.query_labels[rows][:, None], tlab[None, :], out=other)
+            l[other] = -self.xp.inf
         return l
 
     def _target_tiles(self):
@@ -222,7 +229,8 @@ class ExactSums:
                 yc = t.y[j0:j0 + self.plan.bt] - self.mu
                 yy = sq_norms(yc)
                 logw = None if t.log_weight is None else t.log_weight[j0:j0 + self.plan.bt]
-                yield t, j0, yc, yy, logw
+                tlab = None if t.labels is None else t.labels[j0:j0 + self.plan.bt]
+                yield t, j0, yc, yy, logw, tlab
 
     # -- sweeps ------------------------------------------------------------------------
     def mean_distance(self) -> float:
@@ -230,7 +238,7 @@ class ExactSums:
         xp = self.xp
         ws = self._workspace()
         total, count = 0.0, 0
-        for t, j0, yc, yy, _ in self._target_tiles():
+        for t, j0, yc, yy, _, _ in self._target_tiles():
             for rows, i0, r in self._distance_tiles(ws, yc, yy, j0, t.is_queries):
                 d = r if self.kernel == "laplace" else xp.sqrt(r, out=r)
                 total += float(d.sum(dtype=xp.float64))
@@ -249,7 +257,7 @@ class ExactSums:
         row_lse = [LogSumExp(xp, n, dt) for _ in range(nt)] if self.bidirectional else None
         ws = self._workspace()
         whole_columns = self.plan.bq >= n
-        for t, j0, yc, yy, logw in self._target_tiles():
+        for t, j0, yc, yy, logw, tlab in self._target_tiles():
             side = 1 if t.negative else 0
             if side not in self.sides:
                 raise ValueError("ExactSums: targets on a side that was not requested")
@@ -260,13 +268,13 @@ class ExactSums:
                 col_lse = [LogSumExp(xp, bt, dt) for _ in range(nt)]
                 for rows, i0, r in self._distance_tiles(ws, yc, yy, j0, t.is_queries):
                     for k in range(nt):
-                        l = self._logits(ws, r, k, (j0 - i0) if t.is_queries else None)
+                        l = self._logits(ws, r, k, (j0 - i0) if t.is_queries else None, rows, tlab)
                         col_lse[k].add(slice(None), l, 0, ws["scratch"][: l.size].reshape(l.shape))
                 col_lse = [c.value() for c in col_lse]
             for rows, i0, r in self._distance_tiles(ws, yc, yy, j0, t.is_queries):
                 mm = ws["mm"][: (rows.stop - i0) * d].reshape(rows.stop - i0, d)
                 for k in range(nt):
-                    l = self._logits(ws, r, k, (j0 - i0) if t.is_queries else None)
+                    l = self._logits(ws, r, k, (j0 - i0) if t.is_queries else None, rows, tlab)
                     scratch = ws["scratch"][: l.size].reshape(l.shape)
                     if self.bidirectional:
                         if whole_columns:

@@ -462,6 +462,11 @@ class ProjectedField:
 
             if groups is None:
                 bminus, nys_fallback = repel(xa)
+            elif repulsion == "exact":
+                # class-conditional: one sweep, pairs of different classes masked
+                qlab = xp.asarray(np.asarray(_host(place({"labels": labels}, "numpy")[1]["labels"]), np.int64))
+                bminus = self._exact_repulsion(xp, xa, a, include_self, neg_weight, centre, check_finite, qlab)
+                nys_fallback = 0
             else:
                 # class-conditional: each query is repelled by the generated samples of its own class
                 # (and by the explicit negatives, shared by all classes)
@@ -485,12 +490,15 @@ class ProjectedField:
             self.last_stats = {"attraction_fallback_rows": fallback, "repulsion_fallback_rows": nys_fallback}
             return placement.to_origin(total)
 
-    def _exact_repulsion(self, xp, xa, a, include_self, neg_weight, centre, check_finite):
-        """Row-normalised barycentre of the negatives per temperature, centred on ``centre``."""
+    def _exact_repulsion(self, xp, xa, a, include_self, neg_weight, centre, check_finite, query_labels=None):
+        """Row-normalised barycentre of the negatives per temperature, centred on ``centre``.
+
+        With ``query_labels``, a query is repelled only by the queries of its own class
+        (explicit negatives, if any, by all)."""
         n, d = xa.shape
         targets = []
         if include_self:
-            targets.append(Targets(xa, True, is_queries=True))
+            targets.append(Targets(xa, True, is_queries=True, labels=query_labels))
         if a.get("neg") is not None:
             na = _checks.float_matrix(a["neg"], "neg", self.dtype, dim=d, check_finite=check_finite)
             logw = None
@@ -501,7 +509,7 @@ class ProjectedField:
         coefs = [1.0 / t if self.kernel == "laplace" else 0.5 / (t * t) for t in self.taus]
         sweeper = ExactSums(xp, xa, targets, log_kernel_scales=coefs, kernel=self.kernel, bidirectional=False,
                             budget=self.memory_budget, tile_cap=tile_cap(self._device_of(xp, xa)),
-                            sides=(1,))
+                            sides=(1,), query_labels=query_labels)
         sums, _ = sweeper.sweep()
         shift = sweeper.mu - centre  # sums are centred on the queries' mean
         out = []

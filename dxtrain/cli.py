@@ -78,8 +78,10 @@ def main():
               help="Use class labels when the data has them.")
 @click.option("--generator", type=click.Choice(["auto", "mlp", "conv"]), default="auto", show_default=True)
 @click.option("--encoder", default=_DEFAULTS.encoder, show_default=True,
-              help="Feature encoder: none (pixels/vectors), builtin (small frozen conv), a TorchScript file, "
-                   "or package.module:callable.")
+              help="Feature encoder: auto (builtin for images, none for vectors), none (pixels/vectors), builtin "
+                   "(small frozen random conv, multi-scale groups), a TorchScript file, or package.module:callable.")
+@click.option("--max-locations", type=click.IntRange(min=1), default=_DEFAULTS.max_locations, show_default=True,
+              help="Per-location feature groups kept per encoder scale (evenly spaced).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_DEFAULTS.lr, show_default=True)
 @click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=_DEFAULTS.ema, show_default=True)
 @click.option("--grad-clip", type=click.FloatRange(min=0, min_open=True), default=_DEFAULTS.grad_clip,
@@ -107,12 +109,15 @@ def train(data, data_key, labels_key, out, resume, temperatures, **options):
         raise click.ClickException(str(exc))
     click.echo(json.dumps({k: v for k, v in result.items() if k != "eval"}, default=float))
     click.echo(f"run folder: {cfg.out}")
+    if result.get("interrupted"):
+        sys.exit(130)  # the shell convention for SIGINT; the checkpoint is saved
 
 
 @main.command()
 @_data_options
 @click.option("--out", required=True, help="Folder for the summaries (one HDF5 cache per feature group).")
 @click.option("--encoder", default=_DEFAULTS.encoder, show_default=True)
+@click.option("--max-locations", type=click.IntRange(min=1), default=_DEFAULTS.max_locations, show_default=True)
 @click.option("--temperatures", callback=_temps, default=None, help="Comma-separated [default: 0.02,0.05,0.2].")
 @click.option("--landmarks", type=click.IntRange(min=1), default=_DEFAULTS.landmarks, show_default=True)
 @click.option("--landmark-method", type=click.Choice(["kmeans", "uniform", "kcenter", "rls"]),
@@ -123,14 +128,14 @@ def train(data, data_key, labels_key, out, resume, temperatures, **options):
 @click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               default=_DEFAULTS.test_fraction, show_default=True,
               help="Held-out share (excluded from the summaries, as in `train`).")
-def summarize(data, data_key, labels_key, out, encoder, temperatures, landmarks, landmark_method, conditional, seed,
-              device, test_fraction):
+def summarize(data, data_key, labels_key, out, encoder, max_locations, temperatures, landmarks, landmark_method,
+              conditional, seed, device, test_fraction):
     """Build the projected field's summaries of a data set once, for `train --cache`."""
     import torch
 
     from .features import FeatureGroups
     from .fields import ProjectedFieldSet
-    from .train import pick_device, real_features, setup
+    from .train import pick_device, real_features, resolve_encoder, setup
 
     cfg = TrainConfig(data=data, data_key=data_key, labels_key=labels_key, encoder=encoder, seed=seed,
                       conditional=conditional, test_fraction=test_fraction,
@@ -139,7 +144,8 @@ def summarize(data, data_key, labels_key, out, encoder, temperatures, landmarks,
     try:
         train_ds, _, cond = setup(cfg)
         dev = pick_device(device)
-        groups = FeatureGroups(train_ds.shape, encoder).to(dev)
+        groups = FeatureGroups(train_ds.shape, resolve_encoder(encoder, train_ds.kind),
+                               max_locations=max_locations).to(dev)
         feats = real_features(groups, torch.from_numpy(train_ds.x), dev)
         fs = ProjectedFieldSet.build(feats, labels=train_ds.labels if cond else None, temperatures=cfg.temperatures,
                                      landmarks=landmarks, method=landmark_method, seed=seed,

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import dxfield
+from dxfield.projected import RowSource
 
 
 def to_dxfield(t: torch.Tensor):
@@ -162,8 +163,14 @@ class ProjectedFieldSet:
         os.replace(tmp, os.path.join(folder, "manifest.json"))
 
     @classmethod
-    def load(cls, folder: str, *, expect: dict[str, int] | None = None, temperatures=None) -> "ProjectedFieldSet":
-        """Load a cache folder written by :meth:`save`; ``expect`` maps group names to dimensions."""
+    def load(cls, folder: str, *, expect: dict[str, int] | None = None, temperatures=None,
+             data: dict[str, np.ndarray] | None = None) -> "ProjectedFieldSet":
+        """Load a cache folder written by :meth:`save`; ``expect`` maps group names to dimensions.
+
+        With ``data`` (the real features per group), each cache's data fingerprint
+        (shape and a hash of sampled rows) must match: summaries of another data
+        set, split or encoder are refused.
+        """
         path = os.path.join(folder, "manifest.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{folder} is not a summaries folder (no manifest.json); "
@@ -176,8 +183,16 @@ class ProjectedFieldSet:
                              f"(missing {missing[:5]}, unexpected {extra[:5]}); rebuild with the same data/encoder")
         fields = {}
         for name, fname in names.items():
-            fields[name] = dxfield.ProjectedField.load(os.path.join(folder, fname), temperatures=temperatures,
-                                                       dim=None if expect is None else expect[name])
+            pf = dxfield.ProjectedField.load(os.path.join(folder, fname), temperatures=temperatures,
+                                             dim=None if expect is None else expect[name])
+            if data is not None and "sampled_rows_sha256" in pf.fingerprint:
+                now = RowSource(data[name], "features").fingerprint()
+                if (now["shape"], now["sampled_rows_sha256"]) != (pf.fingerprint["shape"],
+                                                                   pf.fingerprint["sampled_rows_sha256"]):
+                    raise ValueError(f"summaries in {folder} were built from other data than this run's "
+                                     f"(group '{name}': cached shape {pf.fingerprint['shape']}, now {now['shape']}, "
+                                     "or different samples); rebuild them with `dxtrain summarize` for this data")
+            fields[name] = pf
         return cls(fields)
 
 

@@ -54,7 +54,7 @@ class TrainConfig:
     labels_key: str | None = None
     out: str = "runs/digits"
     field: str = "projected"  # "projected" (DriftXpress) or "exact" (standard drifting)
-    steps: int = 1500
+    steps: int = 600
     time_budget: float | None = None  # seconds of training; stops early when reached
     batch: int = 256  # generated samples per step (split evenly over classes when conditional)
     positives: int = 512  # real samples per step for the exact field
@@ -63,7 +63,9 @@ class TrainConfig:
     landmark_method: str = "kmeans"
     conditional: bool = True  # use class labels when the data has them
     generator: str = "auto"  # "auto", "mlp" or "conv"
-    encoder: str = "none"  # "none", "builtin", a TorchScript file or "module:callable"
+    encoder: str = "auto"  # "auto" (builtin for images, none for vectors), "none", "builtin", a TorchScript
+    #                        file or "module:callable"
+    max_locations: int = 4  # per-location feature groups kept per encoder scale
     lr: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float = 2.0
@@ -84,7 +86,7 @@ class TrainConfig:
         if self.field not in FIELDS:
             raise ValueError(f"field={self.field!r} is not valid; choose one of {FIELDS}")
         for name in ("steps", "batch", "positives", "landmarks", "log_every", "sample_every", "checkpoint_every",
-                     "fidelity_every"):
+                     "fidelity_every", "max_locations"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.time_budget is not None and not self.time_budget > 0:
@@ -106,6 +108,13 @@ class TrainConfig:
         return cls(**kw)
 
 
+def resolve_encoder(spec: str, kind: str) -> str:
+    """``"auto"``: the built-in frozen conv encoder for images, none for vectors."""
+    if spec == "auto":
+        return "builtin" if kind == "images" else "none"
+    return spec
+
+
 def pick_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -117,19 +126,26 @@ def pick_device(spec: str) -> torch.device:
 
 def atomic_torch_save(obj, path: str) -> None:
     """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    _atomic_write(path, lambda fh: torch.save(obj, fh), "wb")
 
 
 def _write_json(path: str, obj) -> None:
+    _atomic_write(path, lambda fh: json.dump(obj, fh, indent=1, default=float), "w")
+
+
+def _atomic_write(path: str, write, mode: str) -> None:
+    """Write through ``write(fh)`` into a temp file, fsync, rename; no temp file survives a failure."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1, default=float)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 class _Stop:
@@ -211,7 +227,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=None) -> dict:
     real = torch.from_numpy(train_ds.x)
     real_labels = torch.from_numpy(train_ds.labels) if conditional else None
     gen = make_generator(cfg.generator, train_ds.shape, num_classes=num_classes).to(device)
-    groups = FeatureGroups(train_ds.shape, cfg.encoder).to(device)
+    groups = FeatureGroups(train_ds.shape, resolve_encoder(cfg.encoder, train_ds.kind),
+                           max_locations=cfg.max_locations).to(device)
     opt = torch.optim.AdamW(gen.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(gen, decay=cfg.ema)
     step, elapsed = 0, 0.0
@@ -236,12 +253,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=None) -> dict:
     else:
         cache = cfg.cache or os.path.join(cfg.out, "summaries")
         dims = groups.dims
+        t0 = time.perf_counter()
+        feats = real_features(groups, real, device)
         if os.path.exists(os.path.join(cache, "manifest.json")):
-            field_fn = ProjectedFieldSet.load(cache, expect=dims, temperatures=cfg.temperatures)
+            field_fn = ProjectedFieldSet.load(cache, expect=dims, temperatures=cfg.temperatures, data=feats)
             log(f"loaded summaries from {cache}")
         else:
-            t0 = time.perf_counter()
-            feats = real_features(groups, real, device)
             field_fn = ProjectedFieldSet.build(
                 feats, labels=None if real_labels is None else real_labels.numpy(), temperatures=cfg.temperatures,
                 landmarks=cfg.landmarks, method=cfg.landmark_method, seed=cfg.seed,
@@ -251,6 +268,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=None) -> dict:
 
     # -- loop -----------------------------------------------------------------------------------
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    if checkpoint is not None:
+        _truncate_metrics(metrics_path, step)
     fixed_noise = sample_noise(gen, 100 if train_ds.kind == "images" else 2000,
                                torch.Generator().manual_seed(12345), device=device)
     fixed_labels = (torch.arange(100 if train_ds.kind == "images" else 2000, device=device) % num_classes
@@ -261,7 +280,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=None) -> dict:
     with _Stop() as stop, open(metrics_path, "a") as metrics:
         while step < cfg.steps and not stop.requested:
             if cfg.time_budget is not None and elapsed >= cfg.time_budget:
-                log(f"time budget of {cfg.time_budget:.0f}s reached at step {step}")
+                log(f"time budget of {cfg.time_budget:g}s reached at step {step}")
                 break
             t_step = time.perf_counter()
             labels = class_labels(cfg.batch, num_classes, device) if conditional else None
@@ -292,7 +311,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=None) -> dict:
             window_field += field_s
             drift_norm = float(np.mean(list(group_norms.values())))
             bar.update(step, f"loss {loss_value:.4f} drift {drift_norm:.3f}")
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            final = step == cfg.steps or stop.requested or (
+                cfg.time_budget is not None and elapsed >= cfg.time_budget)
+            if step % cfg.log_every == 0 or final:
                 now = time.perf_counter()
                 last = {"step": step, "wall": round(elapsed, 4), "loss": loss_value, "drift_norm": drift_norm,
                         "grad_norm": grad_norm, "field_s": window_field / window_steps,
@@ -314,7 +335,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=None) -> dict:
     save_samples(ema.model, fixed_noise, fixed_labels, train_ds, os.path.join(cfg.out, "samples"), step)
     if stop.requested:
         log(f"interrupted: checkpoint saved at step {step}; continue with --resume")
-        return {"step": step, "interrupted": True, **last}
+        return {**last, "step": step, "wall": elapsed, "interrupted": True}
     result = {"step": step, "wall": elapsed, **{k: v for k, v in last.items() if k not in ("step", "wall")}}
     if cfg.evaluate:
         from .evaluate import evaluate_samples
@@ -327,6 +348,21 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=None) -> dict:
         result["eval"] = report
         log("eval: " + json.dumps({k: v for k, v in report.items() if isinstance(v, (int, float))}))
     return result
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop metrics logged after ``step`` (a crash after them, before the next checkpoint)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as fh:
+        for line in fh:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except json.JSONDecodeError:  # a line cut by the crash
+                continue
+    _atomic_write(path, lambda fh: fh.writelines(kept), "w")
 
 
 def _draw_positives(rng, n: int, n_real: int, real_labels, num_classes: int):
