@@ -53,6 +53,7 @@ units of ``S``, like :func:`dxfield.drift_field`.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field as dc_field
 from typing import Any
 
@@ -171,7 +172,7 @@ class ProjectedField:
               labels=None, ridge: float = 1e-4, eig_clamp: float = 1e-8, kernel: str = "laplace",
               feature_scale="auto", seed: int = 0, chunk_size: int | None = None, progress: bool = False,
               den_floor: float = DEFAULT_DEN_FLOOR, memory_budget=None, backend=None, dtype=None,
-              selection_pool: int = 100_000) -> "ProjectedField":
+              selection_pool: int = 100_000, summarize: bool = True) -> "ProjectedField":
         """Choose landmarks, factor their Gram matrices and stream the summaries of ``pos``.
 
         Parameters
@@ -198,6 +199,12 @@ class ProjectedField:
             Rows per streamed chunk (default: from ``memory_budget``).
         progress : bool
             Show a progress bar on stderr while streaming.
+        summarize : bool
+            False: choose the landmarks, feature scale and factors from ``pos``
+            (deterministic given ``seed``) but leave the summaries empty
+            (``n == 0``); add them with :meth:`add_summaries`, e.g. one subset of
+            the rows per process, then sum ``t``, ``G`` and ``n`` over the
+            processes (summaries are sums over the data).
         """
         temps = _checks.temperatures(temperatures)
         kernel = check_kernel(kernel)
@@ -243,11 +250,16 @@ class ProjectedField:
                 idx = _host(select(pool_y, m, method=method, labels=pool_lab, seed=seed, kernel=kernel,
                                    tau=max(taus), memory_budget=budget))
                 points = _host(pool_y[xp.asarray(idx)]).astype(np.float64)
-                per_shard = [points[i * m:(i + 1) * m] for i in range(len(groups))]
+                # identical points (e.g. blank corners of images) repeat a landmark: keep one of each
+                per_shard = [_distinct_rows(points[i * m:(i + 1) * m]) for i in range(len(groups))]
             else:
                 u = _host(place({"landmarks": landmarks}, "numpy")[1]["landmarks"])
                 u = _checks.float_matrix(u, "landmarks", np.float64, dim=d)
-                per_shard = [u for _ in groups]
+                distinct = _distinct_rows(u)
+                if distinct.shape[0] < u.shape[0]:
+                    warnings.warn(f"landmarks: {u.shape[0] - distinct.shape[0]} duplicate row(s) dropped "
+                                  f"({distinct.shape[0]} distinct landmarks kept)", stacklevel=2)
+                per_shard = [distinct for _ in groups]
             centre = np.mean(np.concatenate(per_shard), axis=0)
             shards = []
             shared = {}
@@ -261,8 +273,42 @@ class ProjectedField:
             pf = cls(kernel=kernel, temperatures=temps, ridge=ridge, eig_clamp=eig_clamp, feature_scale=scale,
                      dim=d, centre=centre, shards=shards, fingerprint=rows.fingerprint(), dtype=wdtype,
                      den_floor=den_floor, placement=placement, memory_budget=budget)
-            pf._accumulate(rows, lab, chunk_size=chunk_size, progress=progress)
+            if summarize:
+                pf._accumulate(rows, lab, chunk_size=chunk_size, progress=progress)
         return pf
+
+    def add_summaries(self, pos, labels=None, *, chunk_size: int | None = None, progress: bool = False,
+                      backend=None) -> "ProjectedField":
+        """Add the summaries (``t``, ``G``, ``n``) of more positives ``pos`` on this cache's landmarks.
+
+        ``labels`` (one per row) is required for a class-conditional cache and
+        refused for an unconditional one; every label must be a class of this
+        cache.  Adding disjoint subsets of the rows one after another (or in
+        different processes and summing the host arrays) gives the summaries of
+        their union, up to float64 rounding.  Returns ``self``.
+        """
+        rows = RowSource(pos, "pos", backend)
+        if rows.d != self.dim:
+            raise ValueError(f"pos has {rows.d} features per row but this cache was built for D={self.dim}")
+        lab = None
+        conditional = self.classes != [None]
+        if labels is not None:
+            if not conditional:
+                raise ValueError("labels were given but this cache is unconditional (built without labels)")
+            lab = _host(place({"labels": labels}, "numpy")[1]["labels"])
+            if lab.ndim != 1 or lab.shape[0] != rows.n:
+                raise ValueError(f"labels must have shape ({rows.n},) (one per row of pos), got {tuple(lab.shape)}")
+            if lab.dtype.kind not in "iub":
+                raise TypeError(f"labels must be integers, got dtype {lab.dtype}")
+            lab = lab.astype(np.int64)
+            unknown = sorted(set(np.unique(lab).tolist()) - {s.label for s in self.shards})
+            if unknown:
+                raise ValueError(f"labels contains classes {unknown[:5]} that this cache has no shards for")
+        elif conditional:
+            raise ValueError("this cache is class-conditional: pass the labels of pos")
+        with device_context(rows.placement):
+            self._accumulate(rows, lab, chunk_size=chunk_size, progress=progress)
+        return self
 
     def _accumulate(self, rows: "RowSource", lab, *, chunk_size, progress: bool) -> None:
         """One streaming pass: kernel sums ``sum_j k(U, y_j)`` and ``sum_j k(U, y_j) y_j^T``, then t, G."""
@@ -656,6 +702,12 @@ def merge(first: ProjectedField, *others: ProjectedField) -> ProjectedField:
                 mine.G[k] = mine.G[k] + s.G[k] + np.outer(s.t[k], offset)
             mine.n += s.n
     return out
+
+
+def _distinct_rows(u: np.ndarray) -> np.ndarray:
+    """The rows of ``u`` without exact repeats, in their first-seen order."""
+    _, first = np.unique(u, axis=0, return_index=True)
+    return u[np.sort(first)]
 
 
 def _copy_shard(s: Shard) -> Shard:

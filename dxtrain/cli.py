@@ -107,8 +107,9 @@ def train(data, data_key, labels_key, out, resume, temperatures, **options):
         result = run_training(cfg, resume=resume)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         raise click.ClickException(str(exc))
-    click.echo(json.dumps({k: v for k, v in result.items() if k != "eval"}, default=float))
-    click.echo(f"run folder: {cfg.out}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the run
+        click.echo(json.dumps({k: v for k, v in result.items() if k != "eval"}, default=float))
+        click.echo(f"run folder: {cfg.out}")
     if result.get("interrupted"):
         sys.exit(130)  # the shell convention for SIGINT; the checkpoint is saved
 

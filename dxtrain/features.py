@@ -18,9 +18,9 @@ generator a richer signal than one long vector (the drifting paper's recipe).
     locations or an evenly spaced grid of at most ``max_locations``;
   - ``"s{i}.mean"``, ``"s{i}.std"``: mean / std over all locations, ``(B, C')``;
   - ``"s{i}.p2.mean"``, ``"s{i}.p2.std"``: mean / std of each cell of a 2x2 grid
-    of patches, flattened ``(B, C' * 4)`` (when ``H', W' >= 2``);
-  - ``"s{i}.p4.mean"``, ``"s{i}.p4.std"``: the same on a 4x4 grid,
-    ``(B, C' * 16)`` (when ``H', W' >= 4``);
+    of patches, flattened ``(B, C' * 4)`` (when ``H', W' >= 4``: patches of at least 2x2);
+  - ``"s{i}.p4.mean"``, ``"s{i}.p4.std"``: the same on a 4x4 grid (``H', W' >= 8``),
+    ``(B, C' * 16)``;
   - ``"pixels"`` (the raw sample flattened) unless ``include_pixels=False``.
 
   An encoder output of shape ``(B, D')`` is one group ``"s{i}"``.
@@ -286,7 +286,7 @@ class FeatureGroups(nn.Module):
             groups[f"s{i}.mean"] = mean.flatten(1)
             groups[f"s{i}.std"] = std.flatten(1)
             for grid in PATCH_GRIDS:
-                if min(output.shape[2:]) >= grid:
+                if min(output.shape[2:]) >= 2 * grid:  # a patch of one location has no spread
                     mean, std = _patch_moments(output, grid)
                     groups[f"s{i}.p{grid}.mean"] = mean.flatten(1)
                     groups[f"s{i}.p{grid}.std"] = std.flatten(1)

@@ -114,14 +114,39 @@ class ProjectedFieldSet:
     @classmethod
     def build(cls, real_features: dict[str, np.ndarray], *, labels=None, temperatures, landmarks: int,
               method: str, seed: int = 0, memory_budget=None, progress: bool = False,
-              log=None) -> "ProjectedFieldSet":
+              log=None, rank: int = 0, world_size: int = 1, allreduce=None) -> "ProjectedFieldSet":
+        """One :class:`dxfield.ProjectedField` per group of ``real_features``.
+
+        Sharded (multi-process) build: with ``world_size > 1`` every process
+        passes the *same* full ``real_features``, its ``rank`` and ``allreduce``,
+        a callable summing a float64 NumPy array over the processes and
+        returning the sum (the same on every process).  Landmarks, feature
+        scale and factors come from the full data on every process (identical,
+        deterministic from ``seed``); each process summarises only the rows
+        ``rank::world_size``, then ``t``, ``G`` and ``n`` are all-reduced, so
+        every process ends with the summaries of all the data (equal to a
+        single-process build up to float64 rounding).
+        """
+        world_size, rank = int(world_size), int(rank)
+        if world_size > 1 and allreduce is None:
+            raise ValueError("a sharded build (world_size > 1) needs an allreduce callable")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        lab = None if labels is None else np.asarray(labels)
         fields = {}
         for i, (name, feats) in enumerate(real_features.items()):
             t0 = time.perf_counter()
             m = int(min(landmarks, _smallest_class(feats.shape[0], labels)))
-            fields[name] = dxfield.ProjectedField.build(
+            pf = dxfield.ProjectedField.build(
                 feats, temperatures=temperatures, landmarks=m, method=method, labels=labels, seed=seed,
-                memory_budget=memory_budget, progress=progress)
+                memory_budget=memory_budget, progress=progress, summarize=world_size == 1)
+            if world_size > 1:
+                mine = feats[rank::world_size]
+                if mine.shape[0]:
+                    pf.add_summaries(mine, None if lab is None else lab[rank::world_size],
+                                     progress=progress)
+                _allreduce_summaries(pf, allreduce)
+            fields[name] = pf
             if log is not None:
                 log(f"summaries {i + 1}/{len(real_features)} '{name}': D={feats.shape[1]}, m={m} per shard, "
                     f"{time.perf_counter() - t0:.1f}s")
@@ -194,6 +219,27 @@ class ProjectedFieldSet:
                                      "or different samples); rebuild them with `dxtrain summarize` for this data")
             fields[name] = pf
         return cls(fields)
+
+
+def _allreduce_summaries(pf: dxfield.ProjectedField, allreduce) -> None:
+    """Sum every shard's ``t``, ``G`` and ``n`` over the processes: one ``allreduce`` call per field."""
+    parts = []
+    for s in pf.shards:
+        parts += [np.asarray(t, np.float64).ravel() for t in s.t]
+        parts += [np.asarray(g, np.float64).ravel() for g in s.G]
+        parts.append(np.array([s.n], np.float64))  # exact: counts are far below 2**53
+    flat = np.asarray(allreduce(np.concatenate(parts)), np.float64)
+    i = 0
+    for s in pf.shards:
+        for k, t in enumerate(s.t):
+            s.t[k] = flat[i:i + t.size].reshape(t.shape).copy()
+            i += t.size
+        for k, g in enumerate(s.G):
+            s.G[k] = flat[i:i + g.size].reshape(g.shape).copy()
+            i += g.size
+        s.n = int(round(flat[i]))
+        i += 1
+    pf._device_cache.clear()
 
 
 def _smallest_class(n: int, labels) -> int:

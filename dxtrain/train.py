@@ -22,6 +22,22 @@ exactly where the checkpoint stopped: weights, optimiser, EMA, every random
 stream, step and elapsed time.  ``time_budget`` stops at a wall-clock budget
 (training time only, not periodic sampling or checkpoint I/O), so methods can
 be compared at equal time.
+
+Multi-process (DDP).  Launched by ``torchrun`` (``WORLD_SIZE > 1`` in the
+environment), e.g. ``torchrun --nproc-per-node 2 -m dxtrain train ...``, the
+loop runs data-parallel: one process per rank (gloo on the CPU, NCCL on CUDA,
+rank ``LOCAL_RANK``'s GPU), identical initial weights, each rank drawing its own
+noise and positives (streams seeded from seed and rank), gradients all-reduced
+by ``DistributedDataParallel``.  ``batch`` is per rank: the global batch is
+``batch x world size``.  Projected-field summaries are built with each rank
+summarising a shard of the real rows (``rank::world_size``) on landmarks chosen
+identically from all the data, then all-reduced.  Only rank 0 writes the run
+folder (config, metrics, samples, checkpoints, summaries, eval); the logged
+loss and drift norm are averages over the ranks.  All ranks stop at the same
+step (signals and the time budget are agreed every step).  Resuming under DDP
+restores weights, optimiser, EMA, step and rank 0's random streams; the other
+ranks re-derive theirs from (seed, rank, step), so exact resume is guaranteed
+only for single-process runs.
 """
 
 from __future__ import annotations
@@ -41,6 +57,8 @@ from .data import Dataset, load_dataset, train_test_split
 from .features import FeatureGroups
 from .fields import ExactField, ProjectedFieldSet, drift_loss
 from .models import EMA, make_generator, sample_noise
+
+DEBUG_DIR_ENV = "DXTRAIN_DEBUG_DIR"  # tests: each rank writes a hash of its final weights there
 
 FIELDS = ("projected", "exact")
 
@@ -191,6 +209,83 @@ def setup(cfg: TrainConfig, log=print):
     return train_ds, test_ds, conditional
 
 
+class _Dist:
+    """This process's place in a torchrun launch (``WORLD_SIZE > 1``), or a single process."""
+
+    def __init__(self):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        self.rank = int(os.environ.get("RANK", "0") or 0) if self.world_size > 1 else 0
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0) if self.world_size > 1 else 0
+        self.enabled = self.world_size > 1
+        self.owned = False  # True when we initialised the process group (and so destroy it)
+        self.comm = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def init(self, device: torch.device) -> torch.device:
+        """Initialise the process group; returns this rank's device (``cuda:LOCAL_RANK`` on CUDA)."""
+        if not self.enabled:
+            return device
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            raise ValueError("WORLD_SIZE > 1 but this torch has no torch.distributed")
+        if device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            self.owned = True
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.comm = device if device.type == "cuda" else torch.device("cpu")
+        return device
+
+    def allreduce_numpy(self, a: np.ndarray) -> np.ndarray:
+        """Sum of a float64 array over the ranks (the same result on every rank)."""
+        import torch.distributed as dist
+
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).to(self.comm)
+        dist.all_reduce(t)
+        return t.cpu().numpy()
+
+    def agree(self, *flags: bool) -> list[bool]:
+        """Each flag OR-ed over the ranks (an all-reduce MAX), so every rank takes the same branch."""
+        if not self.enabled:
+            return [bool(f) for f in flags]
+        import torch.distributed as dist
+
+        t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32, device=self.comm)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    def mean(self, *values: float) -> list[float]:
+        if not self.enabled:
+            return list(values)
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.comm)
+        dist.all_reduce(t)
+        return [v / self.world_size for v in t.tolist()]
+
+    def close(self) -> None:
+        if self.owned:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self.owned = False
+
+
+def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """Seed of a rank's random streams: ``seed`` itself for a fresh single-process (or rank 0) run."""
+    if rank == 0 and step == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed) & (2 ** 63 - 1), rank, step]).generate_state(1, np.uint64)[0]
+               % (2 ** 62))
+
+
 def class_labels(batch: int, num_classes: int, device) -> torch.Tensor:
     """Balanced labels: ``batch // K`` of each class (at least one each)."""
     per = max(1, batch // num_classes)
@@ -198,9 +293,22 @@ def class_labels(batch: int, num_classes: int, device) -> torch.Tensor:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, log=None) -> dict:
-    """Run (or resume) training as configured; returns the final metrics."""
+    """Run (or resume) training as configured; returns the final metrics.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) this runs one DDP rank (see the module docstring).
+    """
+    ddp = _Dist()
+    try:
+        return _train(cfg, resume, log, ddp)
+    finally:
+        ddp.close()
+
+
+def _train(cfg: TrainConfig, resume: bool, log, ddp: _Dist) -> dict:
     cfg.validate()
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if not ddp.main:
+        log = lambda msg: None  # noqa: E731  (rank 0 speaks for the run)
     os.makedirs(cfg.out, exist_ok=True)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     if resume and not os.path.exists(ckpt_path):
@@ -215,11 +323,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=None) -> dict:
         for keep in ("steps", "time_budget", "progress", "evaluate", "out", "device"):
             setattr(saved, keep, getattr(cfg, keep))
         cfg = saved
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    noise_rng = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
-    _write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
+    device = ddp.init(pick_device(cfg.device))
+    torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
+    rank_seed = _rank_seed(cfg.seed, ddp.rank)
+    rng = np.random.default_rng(rank_seed)
+    noise_rng = torch.Generator(device="cpu").manual_seed(rank_seed + 1)
+    if ddp.main:
+        _write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
 
     # -- data, generator, features -----------------------------------------------------------
     train_ds, test_ds, conditional = setup(cfg, log)
@@ -238,14 +348,24 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=None) -> dict:
         opt.load_state_dict(checkpoint["optimizer"])
         step, elapsed = int(checkpoint["step"]), float(checkpoint["elapsed"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
-        rng.bit_generator.state = checkpoint["rng"]["numpy"]
-        noise_rng.set_state(checkpoint["rng"]["noise"])
+        if ddp.main:
+            rng.bit_generator.state = checkpoint["rng"]["numpy"]
+            noise_rng.set_state(checkpoint["rng"]["noise"])
+        else:  # the checkpoint holds rank 0's streams; the others re-derive theirs deterministically
+            rank_seed = _rank_seed(cfg.seed, ddp.rank, step)
+            rng = np.random.default_rng(rank_seed)
+            noise_rng = torch.Generator(device="cpu").manual_seed(rank_seed + 1)
         log(f"resumed {cfg.out} at step {step} ({elapsed:.1f}s of training)")
     n_params = sum(p.numel() for p in gen.parameters())
     log(f"data {cfg.data}: {len(train_ds)} train / {len(test_ds)} test, sample shape {train_ds.shape}, "
         f"{train_ds.num_classes} classes ({'conditional' if conditional else 'unconditional'}); "
         f"generator {type(gen).__name__} ({n_params:,} parameters); {len(groups.names)} feature group(s); "
-        f"field {cfg.field}; device {device}")
+        f"field {cfg.field}; device {device}"
+        + (f"; DDP over {ddp.world_size} ranks (global batch {cfg.batch} x {ddp.world_size})" if ddp.enabled else ""))
+    model = gen  # the module itself: sampling, EMA, checkpoints
+    if ddp.enabled:
+        gen = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # -- the field ------------------------------------------------------------------------------
     if cfg.field == "exact":
@@ -255,37 +375,43 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=None) -> dict:
         dims = groups.dims
         t0 = time.perf_counter()
         feats = real_features(groups, real, device)
-        if os.path.exists(os.path.join(cache, "manifest.json")):
+        missing, = ddp.agree(not os.path.exists(os.path.join(cache, "manifest.json")))
+        if not missing:
             field_fn = ProjectedFieldSet.load(cache, expect=dims, temperatures=cfg.temperatures, data=feats)
             log(f"loaded summaries from {cache}")
         else:
             field_fn = ProjectedFieldSet.build(
                 feats, labels=None if real_labels is None else real_labels.numpy(), temperatures=cfg.temperatures,
                 landmarks=cfg.landmarks, method=cfg.landmark_method, seed=cfg.seed,
-                memory_budget=cfg.memory_budget, log=log)
-            field_fn.save(cache)
+                memory_budget=cfg.memory_budget, log=log, rank=ddp.rank, world_size=ddp.world_size,
+                allreduce=ddp.allreduce_numpy if ddp.enabled else None)
+            if ddp.main:
+                field_fn.save(cache)
             log(f"built summaries of {len(train_ds)} samples in {time.perf_counter() - t0:.1f}s -> {cache}")
 
     # -- loop -----------------------------------------------------------------------------------
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-    if checkpoint is not None:
+    if checkpoint is not None and ddp.main:
         _truncate_metrics(metrics_path, step)
-    fixed_noise = sample_noise(gen, 100 if train_ds.kind == "images" else 2000,
+    fixed_noise = sample_noise(model, 100 if train_ds.kind == "images" else 2000,
                                torch.Generator().manual_seed(12345), device=device)
     fixed_labels = (torch.arange(100 if train_ds.kind == "images" else 2000, device=device) % num_classes
                     if conditional else None)
     last = {}
     window_t, window_steps, window_field = time.perf_counter(), 0, 0.0
-    bar = _Bar(cfg.steps, enabled=cfg.progress, start=step)
-    with _Stop() as stop, open(metrics_path, "a") as metrics:
-        while step < cfg.steps and not stop.requested:
-            if cfg.time_budget is not None and elapsed >= cfg.time_budget:
+    bar = _Bar(cfg.steps, enabled=cfg.progress and ddp.main, start=step)
+    # stopping: decided at the end of each step and agreed over the ranks, so none waits in a collective
+    budget_hit = cfg.time_budget is not None and elapsed >= cfg.time_budget  # elapsed is the same on all ranks here
+    interrupted = False
+    with _Stop() as stop, (open(metrics_path, "a") if ddp.main else _NullFile()) as metrics:
+        while step < cfg.steps and not interrupted and not (stop.requested and not ddp.enabled):
+            if budget_hit:
                 log(f"time budget of {cfg.time_budget:g}s reached at step {step}")
                 break
             t_step = time.perf_counter()
             labels = class_labels(cfg.batch, num_classes, device) if conditional else None
             b = cfg.batch if labels is None else labels.shape[0]
-            noise = sample_noise(gen, b, noise_rng, device=device)
+            noise = sample_noise(model, b, noise_rng, device=device)
             x = gen(noise, labels)
             feats = groups(x)
             pos_feats, pos_labels = None, None
@@ -302,42 +428,48 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=None) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             loss_value = loss.item()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(gen.parameters(), cfg.grad_clip))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
             opt.step()
-            ema.update(gen)
+            ema.update(model)
             step += 1
             elapsed += time.perf_counter() - t_step
             window_steps += 1
             window_field += field_s
             drift_norm = float(np.mean(list(group_norms.values())))
             bar.update(step, f"loss {loss_value:.4f} drift {drift_norm:.3f}")
-            final = step == cfg.steps or stop.requested or (
-                cfg.time_budget is not None and elapsed >= cfg.time_budget)
+            interrupted, budget_hit = ddp.agree(stop.requested,
+                                                cfg.time_budget is not None and elapsed >= cfg.time_budget)
+            final = step == cfg.steps or interrupted or budget_hit
             if step % cfg.log_every == 0 or final:
+                loss_value, drift_norm = ddp.mean(loss_value, drift_norm)
                 now = time.perf_counter()
                 last = {"step": step, "wall": round(elapsed, 4), "loss": loss_value, "drift_norm": drift_norm,
                         "grad_norm": grad_norm, "field_s": window_field / window_steps,
                         "steps_per_s": window_steps / max(now - window_t, 1e-9)}
                 if cfg.field == "projected":
                     last["fallback_rows"] = field_fn.last_stats.get("fallback_rows", 0)
-                    if step % cfg.fidelity_every == 0:
+                    if step % cfg.fidelity_every == 0 and ddp.main:
                         last["fidelity"] = field_fn.diagnostics(feats)
                 metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
                 window_t, window_steps, window_field = now, 0, 0.0
-            if step % cfg.sample_every == 0:
+            if step % cfg.sample_every == 0 and ddp.main:
                 save_samples(ema.model, fixed_noise, fixed_labels, train_ds, os.path.join(cfg.out, "samples"),
                              step)
-            if step % cfg.checkpoint_every == 0:
-                _checkpoint(ckpt_path, cfg, gen, ema, opt, step, elapsed, rng, noise_rng, train_ds)
+            if step % cfg.checkpoint_every == 0 and ddp.main:
+                _checkpoint(ckpt_path, cfg, model, ema, opt, step, elapsed, rng, noise_rng, train_ds)
+    if not ddp.enabled:
+        interrupted = stop.requested
     bar.close()
-    _checkpoint(ckpt_path, cfg, gen, ema, opt, step, elapsed, rng, noise_rng, train_ds)
-    save_samples(ema.model, fixed_noise, fixed_labels, train_ds, os.path.join(cfg.out, "samples"), step)
-    if stop.requested:
+    _debug_weights(model, ddp.rank, step)
+    if ddp.main:
+        _checkpoint(ckpt_path, cfg, model, ema, opt, step, elapsed, rng, noise_rng, train_ds)
+        save_samples(ema.model, fixed_noise, fixed_labels, train_ds, os.path.join(cfg.out, "samples"), step)
+    if interrupted:
         log(f"interrupted: checkpoint saved at step {step}; continue with --resume")
         return {**last, "step": step, "wall": elapsed, "interrupted": True}
     result = {"step": step, "wall": elapsed, **{k: v for k, v in last.items() if k not in ("step", "wall")}}
-    if cfg.evaluate:
+    if cfg.evaluate and ddp.main:
         from .evaluate import evaluate_samples
 
         samples = generate(ema.model, 2000 if train_ds.kind == "vectors" else len(test_ds) * 2, num_classes,
@@ -348,6 +480,37 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=None) -> dict:
         result["eval"] = report
         log("eval: " + json.dumps({k: v for k, v in report.items() if isinstance(v, (int, float))}))
     return result
+
+
+class _NullFile:
+    """Stands in for metrics.jsonl on ranks other than 0."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, text):
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def _debug_weights(model, rank: int, step: int) -> None:
+    """With ``$DXTRAIN_DEBUG_DIR`` set (tests): write ``rank<R>.json``, a hash of this rank's final weights."""
+    folder = os.environ.get(DEBUG_DIR_ENV)
+    if not folder:
+        return
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    os.makedirs(folder, exist_ok=True)
+    _write_json(os.path.join(folder, f"rank{rank}.json"), {"rank": rank, "step": step, "sha256": h.hexdigest()})
 
 
 def _truncate_metrics(path: str, step: int) -> None:

@@ -146,7 +146,7 @@ def _expected_names(maps, locations):
     for i, ((h, w), locs) in enumerate(zip(maps, locations)):
         names += [f"s{i}.loc{a}_{b}" for a, b in locs] + [f"s{i}.mean", f"s{i}.std"]
         for grid in (2, 4):
-            if min(h, w) >= grid:
+            if min(h, w) >= 2 * grid:
                 names += [f"s{i}.p{grid}.mean", f"s{i}.p{grid}.std"]
     return names + ["pixels"]
 
@@ -162,7 +162,9 @@ def test_builtin_encoder_groups(shape):
     for name, value in out.items():
         assert value.shape == (2, groups.dims[name]) and value.dtype == torch.float32 and value.is_contiguous()
     assert groups.dims["s0.loc0_0"] == 32 and groups.dims["s1.mean"] == 64
-    assert groups.dims["s0.p2.mean"] == 32 * 4 and groups.dims["s1.p4.std"] == 64 * 16
+    assert groups.dims["s0.p2.mean"] == 32 * 4 and groups.dims["s0.p4.std"] == 32 * 16
+    # a 4x4 grid on a map smaller than 8x8 would make patches of one location (no spread): skipped
+    assert ("s1.p4.std" in groups.dims) == (min(h, w) // 2 >= 8)
     assert groups.dims["pixels"] == c * h * w
 
 
