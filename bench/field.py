@@ -548,6 +548,12 @@ def render(rows, meta) -> str:
         lines += ["", f"timing spread, median/best: max {max(spread):.2f} over methods"
                   + (" -- the machine was noisy or throttled during the run; compare best times"
                      if max(spread) > 1.3 else "")]
+    return "\n".join(lines + _cpu_and_tracemalloc_lines(rows))
+
+
+def _cpu_and_tracemalloc_lines(rows) -> list[str]:
+    """Footer lines shared by both reports: CPU time per call and the tracemalloc cross-check."""
+    lines = []
     cpu = [r for r in rows if r.get("cpu_best_ms") is not None]
     if cpu:
         lines += ["", "CPU time per call, best (all threads; spin-waiting included): " + "; ".join(
@@ -556,7 +562,7 @@ def render(rows, meta) -> str:
     if tm:
         lines += ["", "cross-check, tracemalloc peak of one call (NumPy buffers only): " + "; ".join(
             f"{r['label']}: {r['tracemalloc_peak_mib']:.1f} MiB" for r in tm)]
-    return "\n".join(lines)
+    return lines
 
 
 def _gf(flops: float) -> str:
@@ -665,15 +671,7 @@ def render_projected(rows, meta) -> str:
             what = "same field" if not is_projected(r["method"]) else "different field, for context"
             lines.append(f"{r['label']} vs peer ({what}): max rel {r['max_rel_vs_peer']:.3e}, "
                          f"Frobenius {_f(r.get('fro_rel_vs_peer'), '.3e')}")
-    cpu = [r for r in rows if r.get("cpu_best_ms") is not None]
-    if cpu:
-        lines += ["", "CPU time per call, best (all threads; spin-waiting included): " + "; ".join(
-            f"{r['label']}: {r['cpu_best_ms']:.0f} ms" for r in cpu)]
-    tm = [r for r in rows if r.get("tracemalloc_peak_mib") is not None]
-    if tm:
-        lines += ["", "cross-check, tracemalloc peak of one call (NumPy buffers only): " + "; ".join(
-            f"{r['label']}: {r['tracemalloc_peak_mib']:.1f} MiB" for r in tm)]
-    return "\n".join(lines)
+    return "\n".join(lines + _cpu_and_tracemalloc_lines(rows))
 
 
 def peer_row_gflops(rows) -> float:

@@ -25,9 +25,10 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 
 import numpy as np
+
+from ._atomic import atomic_path
 
 FORMAT = "dxfield.ProjectedField"
 VERSION = 1
@@ -75,24 +76,12 @@ def save(pf, path) -> None:
     path = os.fspath(path)
     meta, arrays, _ = _contents(pf)
     checksum = _digest(meta, arrays)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["meta"] = json.dumps(meta, sort_keys=True)
             f.attrs["checksum"] = checksum
             for name, a in arrays:
                 f.create_dataset(name, data=a)
-            f.flush()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load(cls, path, *, kernel=None, temperatures=None, dim=None, feature_scale=None, memory_budget=None):

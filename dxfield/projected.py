@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 
 from . import _checks
-from ._backend import Device, Placement, device_context, floating_dtype, place
+from ._backend import Device, Placement, device_context, place
 from ._memory import SLACK, parse_budget, tile_cap
 from ._progress import Progress
 from .field import DEFAULT_TEMPERATURES, ExactSums, Targets, _weights, normalize_drift, resolve_negatives
@@ -326,7 +326,6 @@ class ProjectedField:
         sums = [[xp.zeros(s.m, dtype=xp.float64) for _ in self.temperatures] for s in self.shards]
         outer = [[xp.zeros((s.m, d), dtype=xp.float64) for _ in self.temperatures] for s in self.shards]
         counts = [0 for _ in self.shards]
-        label_pos = {s.label: i for i, s in enumerate(self.shards)}
         with Progress(rows.n, "dxfield summaries", enabled=progress) as bar:
             for i0, chunk in rows.chunks(chunk_size, self.dtype):
                 yc = chunk - dev["centre"]

@@ -160,7 +160,6 @@ def summarize(data, data_key, labels_key, out, encoder, max_locations, temperatu
 def _load_run(run: str):
     import torch
 
-    from .data import train_test_split
     from .models import make_generator
     from .train import TrainConfig, setup
 
@@ -186,6 +185,8 @@ def sample(run, n, out, label, seed):
     """Draw samples from a run's EMA generator."""
     import numpy as np
 
+    from dxfield._atomic import atomic_write
+
     from .png import image_grid, scatter_image, write_png
     from .train import generate
 
@@ -196,9 +197,7 @@ def sample(run, n, out, label, seed):
     ext = os.path.splitext(out)[1].lower()
     if ext == ".npz":
         labels = (np.full(n, label) if label is not None else np.arange(n) % k) if k else None
-        tmp = out + ".tmp.npz"
-        np.savez(tmp, x=x, **({"labels": labels} if labels is not None else {}))
-        os.replace(tmp, out)
+        atomic_write(out, lambda fh: np.savez(fh, x=x, **({"labels": labels} if labels is not None else {})))
     elif ext == ".png":
         if train_ds.kind == "images":
             write_png(out, image_grid(x, scale=4 if max(train_ds.shape[1:]) <= 16 else 2))

@@ -33,10 +33,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
 import time
 
 import numpy as np
+
+from dxfield._atomic import atomic_write
 import torch
 from torch import nn
 
@@ -372,17 +373,7 @@ def train_digits_classifier(train: Dataset, test: Dataset | None = None, *, seed
 
 
 def _atomic_torch_save(obj, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda fh: torch.save(obj, fh), "wb")
 
 
 # --------------------------------------------------------------------------- FID (optional)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import dxfield
+from dxfield._atomic import atomic_write
 from dxfield.projected import RowSource
 
 
@@ -182,10 +183,7 @@ class ProjectedFieldSet:
             fname = f"group{i:03d}.h5"
             pf.save(os.path.join(folder, fname))
             names[name] = fname
-        tmp = os.path.join(folder, "manifest.json.tmp")
-        with open(tmp, "w") as fh:
-            json.dump({"groups": names}, fh, indent=1)
-        os.replace(tmp, os.path.join(folder, "manifest.json"))
+        atomic_write(os.path.join(folder, "manifest.json"), lambda fh: json.dump({"groups": names}, fh, indent=1), "w")
 
     @classmethod
     def load(cls, folder: str, *, expect: dict[str, int] | None = None, temperatures=None,

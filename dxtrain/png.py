@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 import zlib
 
 import numpy as np
+
+from dxfield._atomic import atomic_write
 
 __all__ = ["write_png", "read_png", "image_grid", "scatter_image"]
 
@@ -63,16 +64,7 @@ def write_png(path, pixels: np.ndarray) -> None:
             + _chunk(b"IDAT", zlib.compress(raw.tobytes(), 6))
             + _chunk(b"IEND", b""))
 
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda fh: fh.write(data), "wb")
 
 
 def read_png(path) -> np.ndarray:

@@ -48,10 +48,12 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
+
+from dxfield._atomic import atomic_write
 
 from .data import Dataset, load_dataset, train_test_split
 from .features import FeatureGroups
@@ -144,26 +146,11 @@ def pick_device(spec: str) -> torch.device:
 
 def atomic_torch_save(obj, path: str) -> None:
     """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
-    _atomic_write(path, lambda fh: torch.save(obj, fh), "wb")
+    atomic_write(path, lambda fh: torch.save(obj, fh), "wb")
 
 
 def _write_json(path: str, obj) -> None:
-    _atomic_write(path, lambda fh: json.dump(obj, fh, indent=1, default=float), "w")
-
-
-def _atomic_write(path: str, write, mode: str) -> None:
-    """Write through ``write(fh)`` into a temp file, fsync, rename; no temp file survives a failure."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda fh: json.dump(obj, fh, indent=1, default=float), "w")
 
 
 class _Stop:
@@ -525,7 +512,7 @@ def _truncate_metrics(path: str, step: int) -> None:
                     kept.append(line if line.endswith("\n") else line + "\n")
             except json.JSONDecodeError:  # a line cut by the crash
                 continue
-    _atomic_write(path, lambda fh: fh.writelines(kept), "w")
+    atomic_write(path, lambda fh: fh.writelines(kept), "w")
 
 
 def _draw_positives(rng, n: int, n_real: int, real_labels, num_classes: int):

@@ -54,7 +54,6 @@ def field(x, pos, neg=None, *, temperatures=(0.02, 0.05, 0.2), normalization="bi
     total = np.zeros_like(x)
     P = len(pos)
     logw = np.log(np.concatenate([np.ones(P), wneg]))
-    y_all = np.concatenate([pos, yneg])
     for tau in np.atleast_1d(temperatures):
         t = tau * np.sqrt(d) if scale is not None else tau
         L = log_kernel(np.concatenate([dpos, dneg], axis=1), t, kernel)
@@ -95,7 +94,6 @@ def field_paper_form(x, pos, tau):
     pos = np.asarray(pos, np.float64)
     dist = distances(x, np.concatenate([pos, x]))
     dist[:, len(pos):] += np.eye(len(x)) * 1e6
-    K = np.exp(-dist / tau)
     A = np.sqrt(_softmax(-dist / tau, axis=1) * _softmax(-dist / tau, axis=0))
     Ap, An = A[:, :len(pos)], A[:, len(pos):]
     return (Ap * An.sum(1, keepdims=True)) @ pos - (An * Ap.sum(1, keepdims=True)) @ x
