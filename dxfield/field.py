@@ -238,9 +238,14 @@ class ExactSums:
         xp = self.xp
         ws = self._workspace()
         total, count = 0.0, 0
-        for t, j0, yc, yy, _, _ in self._target_tiles():
+        for t, j0, yc, yy, _, tlab in self._target_tiles():
             for rows, i0, r in self._distance_tiles(ws, yc, yy, j0, t.is_queries):
                 d = r if self.kernel == "laplace" else xp.sqrt(r, out=r)
+                if tlab is not None:  # only same-class pairs interact, so only they set the scale
+                    same = ws["hits"][: d.size].reshape(d.shape)
+                    xp.equal(self.query_labels[rows][:, None], tlab[None, :], out=same)
+                    d *= same
+                    count += int(same.sum()) - d.size
                 total += float(d.sum(dtype=xp.float64))
                 count += d.size
                 if t.is_queries:
@@ -306,7 +311,10 @@ def combine(xp, sums, row_lse, *, drift_norm: bool, xc=None):
     for k, (pos, neg) in enumerate(sums):
         if row_lse is None:
             v = pos.acc
-            v /= pos.s[:, None]
+            has_pos = pos.s > 0
+            v /= xp.where(has_pos, pos.s, 1.0)[:, None]
+            if not bool(has_pos.all()):  # no positive of its class: no attraction (b+ := x_i)
+                v[~has_pos] = xc[~has_pos]
             has_neg = neg.s > 0
             neg.acc /= xp.where(has_neg, neg.s, 1.0)[:, None]
             if not bool(has_neg.all()):
@@ -389,7 +397,8 @@ def resolve_negatives(neg, neg_weight, include_self):
 def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normalization: str = "bidirectional",
                 kernel: str = "laplace", feature_scale="auto", drift_norm: bool = True, neg_weight=None,
                 include_self: bool | None = None, return_scale: bool = False, memory_budget=None,
-                block_size=None, backend=None, check_finite: bool = True):
+                block_size=None, backend=None, check_finite: bool = True, labels=None, pos_labels=None,
+                neg_labels=None):
     """Exact drifting field ``V`` (N x D) at the queries ``x``.
 
     Parameters
@@ -434,6 +443,13 @@ def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normaliz
         Where to compute (default ``$DXFIELD_BACKEND`` or ``"auto"``: follow the input).
     check_finite : bool, default True
         Reject NaN/Inf inputs (one pass over the inputs).
+    labels, pos_labels, neg_labels : int arrays (N,), (P,), (M,), optional
+        Class-conditional field in one call: a query interacts only with
+        targets of its own class (positives, other queries, and explicit
+        negatives with ``neg_labels``; explicit negatives without labels
+        interact with every query, e.g. guidance's unconditional negatives).
+        Equivalent to one call per class, except that ``feature_scale="auto"``
+        takes one mean over all same-class pairs.  Needs ``pos_labels``.
 
     Returns
     -------
@@ -467,7 +483,14 @@ def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normaliz
             raise ValueError(f"feature_scale={feature_scale!r} is not valid; use 'auto', a number > 0, or None")
         scale_arg = _checks.positive_float(feature_scale, "feature_scale")
 
-    arrays = {"x": x, "pos": pos, "neg": neg}
+    if labels is not None and pos_labels is None:
+        raise ValueError("labels (of the queries) needs pos_labels (of the positives) too")
+    if labels is None and (pos_labels is not None or neg_labels is not None):
+        raise ValueError("pos_labels/neg_labels need labels (of the queries) too")
+    if neg_labels is not None and neg is None:
+        raise ValueError("neg_labels labels the explicit negatives: pass neg as well")
+    arrays = {"x": x, "pos": pos, "neg": neg, "labels": labels, "pos_labels": pos_labels,
+              "neg_labels": neg_labels}
     weights_is_array = neg_weight is not None and not isinstance(neg_weight, float)
     if weights_is_array:
         arrays["neg_weight"] = neg_weight
@@ -477,21 +500,25 @@ def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normaliz
         dtype = floating_dtype(xp, a["x"], a["pos"], a["neg"])
         xa = _checks.float_matrix(a["x"], "x", dtype, check_finite=check_finite)
         n, d = xa.shape
-        targets = [Targets(_checks.float_matrix(a["pos"], "pos", dtype, dim=d, check_finite=check_finite), False)]
+        pa = _checks.float_matrix(a["pos"], "pos", dtype, dim=d, check_finite=check_finite)
+        qlab = _class_labels(xp, a["labels"], n, "labels")
+        plab = _class_labels(xp, a["pos_labels"], pa.shape[0], "pos_labels")
+        targets = [Targets(pa, False, labels=plab)]
         if include_self:
-            targets.append(Targets(xa, True, is_queries=True))
+            targets.append(Targets(xa, True, is_queries=True, labels=qlab))
         if neg is not None:
             na = _checks.float_matrix(a["neg"], "neg", dtype, dim=d, check_finite=check_finite)
             logw = None
             if neg_weight is not None:
                 logw = _weights(xp, a["neg_weight"] if weights_is_array else neg_weight, na.shape[0], dtype, check_finite)
-            targets.append(Targets(na, True, log_weight=logw))
+            targets.append(Targets(na, True, log_weight=logw,
+                                   labels=_class_labels(xp, a["neg_labels"], na.shape[0], "neg_labels")))
 
         # One engine for both sweeps: its plan is checked against the budget before any work,
         # and the mean-distance sweep reuses its centred queries and tile shape.
         sweeper = ExactSums(xp, xa, targets, log_kernel_scales=[1.0] * len(temps), kernel=kernel,
                             bidirectional=normalization == "bidirectional", budget=budget,
-                            block_size=block, tile_cap=tile_cap(placement.device))
+                            block_size=block, tile_cap=tile_cap(placement.device), query_labels=qlab)
         scale = None
         unit = 1.0  # distance unit the temperatures are measured in
         if scale_arg == "auto":
@@ -509,6 +536,17 @@ def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normaliz
             v /= scale
         v = placement.to_origin(v)
         return (v, scale) if return_scale else v
+
+
+def _class_labels(xp, lab, n: int, name: str):
+    """Integer class labels of length ``n`` as an int64 array of the working namespace (or None)."""
+    if lab is None:
+        return None
+    if lab.ndim != 1 or lab.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), one per row, got {tuple(lab.shape)}")
+    if lab.dtype.kind not in "iub":
+        raise TypeError(f"{name} must hold integer class labels, got dtype {lab.dtype}")
+    return lab.astype(xp.int64, copy=False)
 
 
 def _coef(kernel: str, tau: float) -> float:

@@ -53,7 +53,7 @@ def to_torch(a, like: torch.Tensor) -> torch.Tensor:
 @dataclass
 class GroupDrift:
     v: torch.Tensor  # (B, D_g), no grad
-    scale: float | torch.Tensor  # feature scale S (1.0 when unscaled), or per row (B, 1) for per-class fields
+    scale: float  # feature scale S (1.0 when unscaled)
 
 
 def drift_loss(features: dict[str, torch.Tensor], drifts: dict[str, GroupDrift]) -> tuple[torch.Tensor, dict]:
@@ -81,25 +81,16 @@ class ExactField:
 
     def __call__(self, features: dict[str, torch.Tensor], positives: dict[str, torch.Tensor],
                  labels: torch.Tensor | None = None, pos_labels: torch.Tensor | None = None) -> dict[str, GroupDrift]:
+        # Class-conditional runs use one sweep per group: each generated sample meets only the
+        # positives and the other generated samples of its own class (dxfield masks the rest).
+        lab = None if labels is None else to_dxfield(labels)
+        plab = None if pos_labels is None else to_dxfield(pos_labels)
         out = {}
         for name, f in features.items():
-            if labels is None:
-                v, s = dxfield.drift_field(to_dxfield(f), to_dxfield(positives[name]), temperatures=self.temperatures,
-                                           return_scale=True, memory_budget=self.memory_budget)
-                out[name] = GroupDrift(to_torch(v, f), float(s))
-            else:
-                # per class: each class's generated samples against that class's positives and each other
-                v_all = torch.empty_like(f)
-                scale_rows = torch.empty(f.shape[0], 1, dtype=f.dtype, device=f.device)
-                for c in torch.unique(labels):
-                    q = (labels == c).nonzero().squeeze(1)
-                    p = (pos_labels == c).nonzero().squeeze(1)
-                    v, s = dxfield.drift_field(to_dxfield(f[q]), to_dxfield(positives[name][p]),
-                                               temperatures=self.temperatures, return_scale=True,
-                                               memory_budget=self.memory_budget)
-                    v_all[q] = to_torch(v, f)
-                    scale_rows[q] = float(s)
-                out[name] = GroupDrift(v_all, scale_rows)
+            v, s = dxfield.drift_field(to_dxfield(f), to_dxfield(positives[name]), temperatures=self.temperatures,
+                                       labels=lab, pos_labels=plab, return_scale=True,
+                                       memory_budget=self.memory_budget)
+            out[name] = GroupDrift(to_torch(v, f), float(s))
         return out
 
 

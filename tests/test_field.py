@@ -365,3 +365,60 @@ def test_feature_scale_does_not_depend_on_tiling(data):
     for block in [None, (1, 1), (3, 5), (N - 1, 4), (4, 1000)]:
         _, s = dxfield.drift_field(x, pos, neg, include_self=True, block_size=block, return_scale=True)
         assert s == pytest.approx(sref, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# class-conditional field in one call (labels): equals one call per class
+
+
+@pytest.mark.parametrize("normalization", ["bidirectional", "row"])
+@pytest.mark.parametrize("feature_scale", [None, 1.3])
+def test_labelled_field_equals_one_call_per_class(normalization, feature_scale):
+    rng = np.random.default_rng(7)
+    x, pos, neg = rng.normal(size=(45, 4)), rng.normal(size=(120, 4)) + 0.5, rng.normal(size=(30, 4))
+    ql, pl, nl = rng.integers(0, 3, 45), rng.integers(0, 3, 120), rng.integers(0, 3, 30)
+    kw = dict(normalization=normalization, feature_scale=feature_scale, drift_norm=False,
+              temperatures=(0.5, 2.0) if feature_scale is None else (0.02, 0.2))
+    together = dxfield.drift_field(x, pos, neg, labels=ql, pos_labels=pl, neg_labels=nl, include_self=True, **kw)
+    for c in range(3):
+        alone, _ = ref.field(x[ql == c], pos[pl == c], neg[nl == c], include_self=True, **kw)
+        np.testing.assert_allclose(together[ql == c], alone, rtol=1e-9, atol=1e-12)
+
+
+def test_labelled_auto_scale_is_the_mean_over_same_class_pairs():
+    rng = np.random.default_rng(8)
+    x, pos = rng.normal(size=(30, 3)), rng.normal(size=(90, 3)) * 2
+    ql, pl = np.repeat(np.arange(3), 10), np.repeat(np.arange(3), 30)
+    _, s = dxfield.drift_field(x, pos, labels=ql, pos_labels=pl, return_scale=True)
+    pairs = []
+    for c in range(3):
+        xc = x[ql == c]
+        pairs.append(ref.distances(xc, pos[pl == c]).ravel())
+        dq = ref.distances(xc, xc)
+        pairs.append(dq[~np.eye(len(xc), dtype=bool)])
+    assert s == pytest.approx(np.concatenate(pairs).mean() / np.sqrt(3), rel=1e-12)
+
+
+def test_unlabelled_negatives_interact_with_every_class():
+    rng = np.random.default_rng(9)
+    x, pos, neg = rng.normal(size=(20, 2)), rng.normal(size=(40, 2)), rng.normal(size=(10, 2))
+    ql, pl = np.repeat([0, 1], 10), np.repeat([0, 1], 20)
+    kw = dict(normalization="row", feature_scale=None, drift_norm=False, temperatures=1.0)
+    v = dxfield.drift_field(x, pos, neg, labels=ql, pos_labels=pl, include_self=False, **kw)
+    for c in (0, 1):
+        alone, _ = ref.field(x[ql == c], pos[pl == c], neg, include_self=False, **kw)
+        np.testing.assert_allclose(v[ql == c], alone, rtol=1e-9, atol=1e-12)
+
+
+def test_label_arguments_are_checked():
+    x, pos = np.zeros((4, 2)), np.ones((6, 2))
+    with pytest.raises(ValueError, match="pos_labels"):
+        dxfield.drift_field(x, pos, labels=np.zeros(4, int))
+    with pytest.raises(ValueError, match="labels"):
+        dxfield.drift_field(x, pos, pos_labels=np.zeros(6, int))
+    with pytest.raises(ValueError, match=r"pos_labels must have shape \(6,\)"):
+        dxfield.drift_field(x, pos, labels=np.zeros(4, int), pos_labels=np.zeros(5, int))
+    with pytest.raises(TypeError, match="labels must hold integer"):
+        dxfield.drift_field(x, pos, labels=np.zeros(4), pos_labels=np.zeros(6, int))
+    with pytest.raises(ValueError, match="neg_labels"):
+        dxfield.drift_field(x, pos, labels=np.zeros(4, int), pos_labels=np.zeros(6, int), neg_labels=np.zeros(2, int))
