@@ -105,6 +105,17 @@ def choice(value: Any, name: str, valid: Iterable[str]) -> str:
     return value
 
 
+def class_labels(lab: Any, n: int, name: str = "labels", what: str = "one per row"):
+    """Integer class labels of shape ``(n,)`` as int64 (same namespace), or None when ``lab`` is None."""
+    if lab is None:
+        return None
+    if lab.ndim != 1 or lab.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), {what}, got {tuple(lab.shape)}")
+    if lab.dtype.kind not in "iub":
+        raise TypeError(f"{name} must hold integer class labels, got dtype {lab.dtype}")
+    return lab.astype("int64", copy=False)
+
+
 def block_size(value: Any) -> tuple[int, int] | None:
     """``None`` or a pair (query rows, target rows) of positive ints."""
     if value is None:

@@ -56,7 +56,7 @@ from typing import Any
 from . import _checks
 from ._backend import device_context, floating_dtype, place
 from ._memory import parse_budget, plan_blocks, tile_cap
-from .kernels import _set_diagonal, check_kernel, sq_norms, sqdist_tile
+from .kernels import _set_diagonal, check_kernel, logit_coef, sq_norms, sqdist_tile
 
 NORMALIZATIONS = ("bidirectional", "row")
 DEFAULT_TEMPERATURES = (0.02, 0.05, 0.2)
@@ -501,8 +501,8 @@ def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normaliz
         xa = _checks.float_matrix(a["x"], "x", dtype, check_finite=check_finite)
         n, d = xa.shape
         pa = _checks.float_matrix(a["pos"], "pos", dtype, dim=d, check_finite=check_finite)
-        qlab = _class_labels(xp, a["labels"], n, "labels")
-        plab = _class_labels(xp, a["pos_labels"], pa.shape[0], "pos_labels")
+        qlab = _checks.class_labels(a["labels"], n, "labels")
+        plab = _checks.class_labels(a["pos_labels"], pa.shape[0], "pos_labels")
         targets = [Targets(pa, False, labels=plab)]
         if include_self:
             targets.append(Targets(xa, True, is_queries=True, labels=qlab))
@@ -512,7 +512,7 @@ def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normaliz
             if neg_weight is not None:
                 logw = _weights(xp, a["neg_weight"] if weights_is_array else neg_weight, na.shape[0], dtype, check_finite)
             targets.append(Targets(na, True, log_weight=logw,
-                                   labels=_class_labels(xp, a["neg_labels"], na.shape[0], "neg_labels")))
+                                   labels=_checks.class_labels(a["neg_labels"], na.shape[0], "neg_labels")))
 
         # One engine for both sweeps: its plan is checked against the budget before any work,
         # and the mean-distance sweep reuses its centred queries and tile shape.
@@ -528,7 +528,7 @@ def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normaliz
             scale = float(scale_arg)
         if scale is not None:
             unit = scale * math.sqrt(d)
-        sweeper.coefs = tuple(_coef(kernel, tau * unit) for tau in temps)
+        sweeper.coefs = tuple(logit_coef(kernel, tau * unit) for tau in temps)
         sums, row_lse = sweeper.sweep()
         v = combine(xp, sums, row_lse, drift_norm=drift_norm, xc=sweeper.xc)
         del sweeper
@@ -536,21 +536,4 @@ def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normaliz
             v /= scale
         v = placement.to_origin(v)
         return (v, scale) if return_scale else v
-
-
-def _class_labels(xp, lab, n: int, name: str):
-    """Integer class labels of length ``n`` as an int64 array of the working namespace (or None)."""
-    if lab is None:
-        return None
-    if lab.ndim != 1 or lab.shape[0] != n:
-        raise ValueError(f"{name} must have shape ({n},), one per row, got {tuple(lab.shape)}")
-    if lab.dtype.kind not in "iub":
-        raise TypeError(f"{name} must hold integer class labels, got dtype {lab.dtype}")
-    return lab.astype(xp.int64, copy=False)
-
-
-def _coef(kernel: str, tau: float) -> float:
-    """Logits are ``-coef * r`` with r = d (laplace) or d^2 (gaussian)."""
-    return 1.0 / tau if kernel == "laplace" else 0.5 / (tau * tau)
-
 

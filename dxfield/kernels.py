@@ -31,13 +31,34 @@ def check_kernel(kernel: str) -> str:
     return _checks.choice(kernel, "kernel", KERNELS)
 
 
+def logit_coef(kernel: str, tau: float) -> float:
+    """``log k = -coef * r`` with ``r = d`` (laplace) or ``r = d^2`` (gaussian)."""
+    return 1.0 / tau if kernel == "laplace" else 0.5 / (tau * tau)
+
+
 def log_kernel_from_sqdist(d2, tau: float, kernel: str, out=None):
     """``log k`` from squared distances (elementwise, may work in place via ``out``)."""
     xp = _xp(d2)
     if kernel == "laplace":
-        out = xp.sqrt(d2, out=out)
-        return xp.multiply(out, -1.0 / tau, out=out)
-    return xp.multiply(d2, -0.5 / (tau * tau), out=out)
+        d2 = xp.sqrt(d2, out=out)
+        out = d2
+    return xp.multiply(d2, -logit_coef(kernel, tau), out=out)
+
+
+def kernel_tiles(a, b, taus, kernel: str, *, aa=None, bb=None) -> list:
+    """Dense ``k(a, b)`` (rows x cols) for each length scale in ``taus``, from one distance tile.
+
+    ``a`` and ``b`` centred alike (``aa``/``bb``: their squared norms, computed if
+    not given).  For small blocks (landmark Gram rows, summary chunks).
+    """
+    xp = _xp(a)
+    shape = (a.shape[0], b.shape[0])
+    r = xp.empty(shape, dtype=a.dtype)
+    sqdist_tile(a, sq_norms(a) if aa is None else aa, b, sq_norms(b) if bb is None else bb, r,
+                xp.empty(shape, a.dtype), xp.empty(shape, bool))
+    if kernel == "laplace":
+        xp.sqrt(r, out=r)
+    return [xp.exp(-logit_coef(kernel, tau) * r) for tau in taus]
 
 
 def _xp(a):

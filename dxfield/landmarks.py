@@ -27,7 +27,7 @@ import numpy as np
 from . import _checks
 from ._backend import device_context, floating_dtype, place
 from ._memory import SLACK, parse_budget
-from .kernels import check_kernel, log_kernel_from_sqdist, sq_norms, sqdist_tile
+from .kernels import check_kernel, kernel_tiles, sq_norms, sqdist_tile
 from .nystrom import _host
 
 METHODS = ("uniform", "kmeans", "kcenter", "rls")
@@ -93,11 +93,7 @@ def select(y, m: int, method: str = "uniform", *, labels=None, seed: int = 0, ke
         if labels is None:
             groups = [(None, None)]
         else:
-            lab = _host(a["labels"])
-            if lab.ndim != 1 or lab.shape[0] != n:
-                raise ValueError(f"labels must have shape ({n},) (one per row of y), got {tuple(lab.shape)}")
-            if lab.dtype.kind not in "iub":
-                raise TypeError(f"labels must be integers, got dtype {lab.dtype}")
+            lab = _checks.class_labels(_host(a["labels"]), n, "labels", "one per row of y")
             groups = [(c, np.flatnonzero(lab == c)) for c in np.unique(lab)]
         seeds = np.random.SeedSequence(int(seed)).spawn(len(groups))
         chosen = []
@@ -277,7 +273,7 @@ def _leverage(xp, x, s, weights, m, kernel, tau, ridge, budget):
     """Ridge leverage scores of the rows of ``x`` estimated from the weighted sample ``s``."""
     w = xp.asarray(weights)
     ss = sq_norms(s)
-    kss = _kernel_block(xp, s, ss, s, ss, kernel, tau)
+    kss = kernel_tiles(s, s, [tau], kernel, aa=ss, bb=ss)[0]
     wkw = kss * w[:, None] * w[None, :]
     if ridge is None:
         # Musco & Musco: lambda = (trace - top-k eigenvalue mass) / k of the weighted sample Gram
@@ -293,18 +289,10 @@ def _leverage(xp, x, s, weights, m, kernel, tau, ridge, budget):
     step = max(1, min(n, (budget - SLACK) // per_row))
     out = np.empty(n)
     for i0 in range(0, n, step):
-        kxs = _kernel_block(xp, x[i0:i0 + step], xx[i0:i0 + step], s, ss, kernel, tau)
+        kxs = kernel_tiles(x[i0:i0 + step], s, [tau], kernel, aa=xx[i0:i0 + step], bb=ss)[0]
         quad = ((kxs @ r) * kxs).sum(axis=1)
         out[i0:i0 + step] = _host(xp.maximum(1.0 - quad, 0.0)) / lam
     return out
-
-
-def _kernel_block(xp, a, aa, b, bb, kernel, tau):
-    shape = (a.shape[0], b.shape[0])
-    tile = xp.empty(shape, a.dtype)
-    sqdist_tile(a, aa, b, bb, tile, xp.empty(shape, a.dtype), xp.empty(shape, bool))
-    log_kernel_from_sqdist(tile, tau, kernel, out=tile)
-    return xp.exp(tile, out=tile)
 
 
 def _mean_distance(xp, y, rng, sample: int = 1000) -> float:

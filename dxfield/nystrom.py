@@ -27,7 +27,7 @@ import numpy as np
 from . import _checks
 from ._backend import device_context, floating_dtype, place
 from ._memory import SLACK, parse_budget, tile_cap
-from .kernels import check_kernel, log_kernel_from_sqdist, sq_norms, sqdist, sqdist_tile
+from .kernels import check_kernel, log_kernel_from_sqdist, logit_coef, sq_norms, sqdist, sqdist_tile
 
 
 class NystromConditioningWarning(UserWarning):
@@ -178,10 +178,9 @@ def kernel_products(xp, x, uc, uu, mu, mats, taus, kernel: str, *, budget: int, 
         sqdist_tile(xc, sq_norms(xc), uc, uu, dist, scratch[: dist.size].reshape(shape), hits[: dist.size].reshape(shape))
         if kernel == "laplace":
             xp.sqrt(dist, out=dist)
-        coef_of = (lambda t: 1.0 / t) if kernel == "laplace" else (lambda t: 0.5 / (t * t))
         for k, (mat, tau) in enumerate(zip(mats, taus)):
             tile = kbuf[: dist.size].reshape(shape)
-            xp.multiply(dist, -coef_of(tau), out=tile)
+            xp.multiply(dist, -logit_coef(kernel, tau), out=tile)
             if shift_rows:
                 top = tile.max(axis=1)
                 tile -= top[:, None]

@@ -60,11 +60,11 @@ from typing import Any
 import numpy as np
 
 from . import _checks
-from ._backend import Device, Placement, device_context, place
+from ._backend import Device, Placement, device_context, device_of, place
 from ._memory import SLACK, parse_budget, tile_cap
 from ._progress import Progress
 from .field import DEFAULT_TEMPERATURES, ExactSums, Targets, _weights, normalize_drift, resolve_negatives
-from .kernels import check_kernel, log_kernel_from_sqdist, sq_norms, sqdist, sqdist_tile
+from .kernels import check_kernel, kernel_tiles, log_kernel_from_sqdist, logit_coef, sq_norms, sqdist
 from .landmarks import METHODS, _mean_distance, nearest, select
 from .nystrom import _host, _non_negative, inverse_sqrt, kernel_products, warn_if_ill_conditioned
 
@@ -217,14 +217,7 @@ class ProjectedField:
         placement, xp = rows.placement, rows.placement.xp
         wdtype = np.dtype(dtype) if dtype is not None else (np.dtype(np.float64) if rows.dtype == np.float64 else np.dtype(np.float32))
         n, d = rows.n, rows.d
-        lab = None
-        if labels is not None:
-            lab = _host(place({"labels": labels}, "numpy")[1]["labels"])
-            if lab.ndim != 1 or lab.shape[0] != n:
-                raise ValueError(f"labels must have shape ({n},) (one per row of pos), got {tuple(lab.shape)}")
-            if lab.dtype.kind not in "iub":
-                raise TypeError(f"labels must be integers, got dtype {lab.dtype}")
-            lab = lab.astype(np.int64)
+        lab = None if labels is None else _host_labels(labels, n, "one per row of pos")
         rng = np.random.default_rng(seed)
         with device_context(placement):
             # feature scale, fixed now
@@ -295,12 +288,7 @@ class ProjectedField:
         if labels is not None:
             if not conditional:
                 raise ValueError("labels were given but this cache is unconditional (built without labels)")
-            lab = _host(place({"labels": labels}, "numpy")[1]["labels"])
-            if lab.ndim != 1 or lab.shape[0] != rows.n:
-                raise ValueError(f"labels must have shape ({rows.n},) (one per row of pos), got {tuple(lab.shape)}")
-            if lab.dtype.kind not in "iub":
-                raise TypeError(f"labels must be integers, got dtype {lab.dtype}")
-            lab = lab.astype(np.int64)
+            lab = _host_labels(labels, rows.n, "one per row of pos")
             unknown = sorted(set(np.unique(lab).tolist()) - {s.label for s in self.shards})
             if unknown:
                 raise ValueError(f"labels contains classes {unknown[:5]} that this cache has no shards for")
@@ -338,7 +326,8 @@ class ProjectedField:
                             continue
                         part = yc[xp.asarray(sel)]
                     counts[si] += int(part.shape[0])
-                    ks = _kernel_rows(xp, part, dev["uc"][si], dev["uu"][si], self.taus, self.kernel)
+                    # k(y, U) per temperature, unshifted: these are sums over the data
+                    ks = kernel_tiles(part, dev["uc"][si], self.taus, self.kernel, bb=dev["uu"][si])
                     for k, kr in enumerate(ks):
                         sums[si][k] += kr.sum(axis=0).astype(xp.float64)
                         outer[si][k] += (kr.T @ part).astype(xp.float64)
@@ -383,12 +372,11 @@ class ProjectedField:
         return placement, xp, xa, a
 
     def _class_rows(self, labels, n: int):
-        """Map query labels to shard indices: list of (shard index, host row indices)."""
+        """Map query labels to shard indices: ``(groups, host labels)``, groups a list of
+        (shard index, host row indices); ``(None, None)`` without labels."""
         if labels is None:
-            return None
-        lab = np.asarray(_host(place({"labels": labels}, "numpy")[1]["labels"]))
-        if lab.ndim != 1 or lab.shape[0] != n:
-            raise ValueError(f"labels must have shape ({n},) (one per query), got {tuple(lab.shape)}")
+            return None, None
+        lab = _host_labels(labels, n, "one per query")
         if self.classes == [None]:
             raise ValueError("labels were given but this cache is unconditional (built without labels)")
         known = {s.label: i for i, s in enumerate(self.shards)}
@@ -398,7 +386,7 @@ class ProjectedField:
                 raise ValueError(f"labels contains class {int(c)}, which this cache has no summaries for; "
                                  f"known classes: {sorted(known)}")
             out.append((known[int(c)], np.flatnonzero(lab == c)))
-        return out
+        return out, lab
 
     def _attraction(self, xp, xa, groups):
         """Per temperature b+ (N x D) in coordinates centred on the cache's centre; and fallback counts."""
@@ -416,7 +404,7 @@ class ProjectedField:
                 uc, uu, folded = dev["uc"][si], dev["uu"][si], [dev["folded"][si][k] for k in range(nt)]
                 xs = xa[xp.asarray(rows)]
             prods, _ = kernel_products(xp, xs, uc, uu, dev["centre"], folded, self.taus, self.kernel,
-                                       budget=self.memory_budget, tile_entries=tile_cap(self._device_of(xp, xa)),
+                                       budget=self.memory_budget, tile_entries=tile_cap(device_of(xa)),
                                        shift_rows=True)
             for k, pr in enumerate(prods):
                 # Fallback where the denominator is not positive or is lost in cancellation:
@@ -430,7 +418,7 @@ class ProjectedField:
                     ext = xp.concatenate([uc, xp.ones((uc.shape[0], 1), dtype=uc.dtype)], axis=1)
                     fb, _ = kernel_products(xp, xs[bad_idx], uc, uu, dev["centre"], [ext], [self.taus[k]],
                                             self.kernel, budget=self.memory_budget,
-                                            tile_entries=tile_cap(self._device_of(xp, xa)), shift_rows=True)
+                                            tile_entries=tile_cap(device_of(xa)), shift_rows=True)
                     num[bad_idx] = fb[0][:, :d]
                     den[bad_idx] = fb[0][:, d]
                 b = num / den[:, None]
@@ -440,13 +428,8 @@ class ProjectedField:
                     out[k][xp.asarray(rows)] = b
         return out, fallback
 
-    def _device_of(self, xp, a):
-        from ._backend import device_of
-
-        return device_of(a)
-
     def _placement_for(self, xp, a) -> Placement:
-        dev = self._device_of(xp, a)
+        dev = device_of(a)
         return Placement(xp=xp, device=dev, origin=dev)
 
     def attraction(self, x, *, labels=None, backend=None, check_finite: bool = True):
@@ -457,7 +440,7 @@ class ProjectedField:
         """
         placement, xp, xa, _ = self._prepare(x, {}, backend, check_finite)
         with device_context(placement):
-            groups = self._class_rows(labels, xa.shape[0])
+            groups, _ = self._class_rows(labels, xa.shape[0])
             bs, fallback = self._attraction(xp, xa, groups)
             self.last_stats = {"attraction_fallback_rows": fallback}
             out = xp.stack(bs) + self._on(placement)["centre"]
@@ -497,7 +480,7 @@ class ProjectedField:
         placement, xp, xa, a = self._prepare(x, extra, backend, check_finite)
         with device_context(placement):
             n, d = xa.shape
-            groups = self._class_rows(labels, n)
+            groups, lab = self._class_rows(labels, n)
             bplus, fallback = self._attraction(xp, xa, groups)
             centre = self._on(placement)["centre"]
             def repel(q):
@@ -509,8 +492,8 @@ class ProjectedField:
                 bminus, nys_fallback = repel(xa)
             elif repulsion == "exact":
                 # class-conditional: one sweep, pairs of different classes masked
-                qlab = xp.asarray(np.asarray(_host(place({"labels": labels}, "numpy")[1]["labels"]), np.int64))
-                bminus = self._exact_repulsion(xp, xa, a, include_self, neg_weight, centre, check_finite, qlab)
+                bminus = self._exact_repulsion(xp, xa, a, include_self, neg_weight, centre, check_finite,
+                                               xp.asarray(lab))
                 nys_fallback = 0
             else:
                 # class-conditional: each query is repelled by the generated samples of its own class
@@ -551,9 +534,9 @@ class ProjectedField:
                 logw = _weights(xp, a["neg_weight"] if "neg_weight" in a else neg_weight, na.shape[0],
                                 self.dtype, check_finite)
             targets.append(Targets(na, True, log_weight=logw))
-        coefs = [1.0 / t if self.kernel == "laplace" else 0.5 / (t * t) for t in self.taus]
+        coefs = [logit_coef(self.kernel, t) for t in self.taus]
         sweeper = ExactSums(xp, xa, targets, log_kernel_scales=coefs, kernel=self.kernel, bidirectional=False,
-                            budget=self.memory_budget, tile_cap=tile_cap(self._device_of(xp, xa)),
+                            budget=self.memory_budget, tile_cap=tile_cap(device_of(xa)),
                             sides=(1,), query_labels=query_labels)
         sums, _ = sweeper.sweep()
         shift = sweeper.mu - centre  # sums are centred on the queries' mean
@@ -580,7 +563,7 @@ class ProjectedField:
         out, bad_total = [], 0
         factors = [_block_diag(xp, [s.factors[k] for s in self.shards]) for k in range(len(self.temperatures))]
         phis, _ = kernel_products(xp, x64, uc64, uu64, centre.astype(xp.float64), factors, self.taus, self.kernel,
-                                  budget=self.memory_budget, tile_entries=tile_cap(self._device_of(xp, xa)))
+                                  budget=self.memory_budget, tile_entries=tile_cap(device_of(xa)))
         need_exact = []
         for k, phi in enumerate(phis):
             t = phi.sum(axis=0)
@@ -614,7 +597,7 @@ class ProjectedField:
         """
         placement, xp, xa, a = self._prepare(x, {"pos": pos}, backend, True)
         with device_context(placement):
-            groups = self._class_rows(labels, xa.shape[0])
+            groups, _ = self._class_rows(labels, xa.shape[0])
             bs, fallback = self._attraction(xp, xa, groups)
             dev = self._on(placement)
             xc = xa - dev["centre"]
@@ -637,7 +620,7 @@ class ProjectedField:
             }
             if a.get("pos") is not None:
                 pa = _checks.float_matrix(a["pos"], "pos", self.dtype, dim=self.dim)
-                coefs = [1.0 / t if self.kernel == "laplace" else 0.5 / (t * t) for t in self.taus]
+                coefs = [logit_coef(self.kernel, t) for t in self.taus]
                 errs = []
                 if groups is None:
                     # relative error of the attraction displacement b+(x) - x (translation invariant)
@@ -709,6 +692,11 @@ def _distinct_rows(u: np.ndarray) -> np.ndarray:
     return u[np.sort(first)]
 
 
+def _host_labels(labels, n: int, what: str) -> np.ndarray:
+    """Class labels from any array type as a checked host int64 array of shape (n,)."""
+    return _checks.class_labels(_host(place({"labels": labels}, "numpy")[1]["labels"]), n, "labels", what)
+
+
 def _copy_shard(s: Shard) -> Shard:
     return Shard(s.label, s.landmarks.copy(), [f.copy() for f in s.factors], [t.copy() for t in s.t],
                  [g.copy() for g in s.G], s.n, [dict(sp) for sp in s.spectra])
@@ -730,20 +718,6 @@ def _factor(u: np.ndarray, taus, kernel: str, ridge: float, eig_clamp: float, dt
     return factors, spectra
 
 
-def _kernel_rows(xp, yc, uc, uu, taus, kernel):
-    """``k(y, U)`` (rows x m) per temperature for a chunk (no row shift: these are summaries)."""
-    shape = (yc.shape[0], uc.shape[0])
-    dist = xp.empty(shape, dtype=yc.dtype)
-    sqdist_tile(yc, sq_norms(yc), uc, uu, dist, xp.empty(shape, yc.dtype), xp.empty(shape, bool))
-    if kernel == "laplace":
-        xp.sqrt(dist, out=dist)
-    out = []
-    for tau in taus:
-        coef = 1.0 / tau if kernel == "laplace" else 0.5 / (tau * tau)
-        out.append(xp.exp(-coef * dist))
-    return out
-
-
 def _block_diag(xp, blocks):
     size = sum(b.shape[0] for b in blocks)
     out = np.zeros((size, size))
@@ -757,15 +731,9 @@ def _block_diag(xp, blocks):
 def _exact_barycentres(xp, x, pos, coefs, kernel, budget):
     """Exact row-normalised barycentres of ``pos`` per temperature, centred on x's mean."""
     sweeper = ExactSums(xp, x, [Targets(pos, False)], log_kernel_scales=coefs, kernel=kernel,
-                        bidirectional=False, budget=budget, tile_cap=tile_cap(_dev(x)), sides=(0,))
+                        bidirectional=False, budget=budget, tile_cap=tile_cap(device_of(x)), sides=(0,))
     sums, _ = sweeper.sweep()
     return [s[0].acc / s[0].s[:, None] for s in sums]
-
-
-def _dev(a):
-    from ._backend import device_of
-
-    return device_of(a)
 
 
 class RowSource:
