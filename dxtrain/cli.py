@@ -102,7 +102,7 @@ def train(data, data_key, labels_key, out, resume, temperatures, **options):
     name = os.path.splitext(os.path.basename(data))[0] if os.path.sep in data or "." in data else data
     cfg = TrainConfig(data=data, data_key=data_key, labels_key=labels_key, out=out or os.path.join("runs", name),
                       temperatures=temperatures or _DEFAULTS.temperatures,
-                      **{k: v for k, v in options.items() if k != "positives_"})
+                      **options)
     try:
         result = run_training(cfg, resume=resume)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
@@ -134,24 +134,17 @@ def summarize(data, data_key, labels_key, out, encoder, max_locations, temperatu
     """Build the projected field's summaries of a data set once, for `train --cache`."""
     import torch
 
-    from .features import FeatureGroups
-    from .fields import ProjectedFieldSet
-    from .train import pick_device, real_features, resolve_encoder, setup
+    from .train import build_summaries, make_feature_groups, pick_device, real_features, setup
 
-    cfg = TrainConfig(data=data, data_key=data_key, labels_key=labels_key, encoder=encoder, seed=seed,
-                      conditional=conditional, test_fraction=test_fraction,
+    cfg = TrainConfig(data=data, data_key=data_key, labels_key=labels_key, encoder=encoder,
+                      max_locations=max_locations, seed=seed, conditional=conditional, test_fraction=test_fraction,
                       temperatures=temperatures or _DEFAULTS.temperatures, landmarks=landmarks,
                       landmark_method=landmark_method)
     try:
         train_ds, _, cond = setup(cfg)
         dev = pick_device(device)
-        groups = FeatureGroups(train_ds.shape, resolve_encoder(encoder, train_ds.kind),
-                               max_locations=max_locations).to(dev)
-        feats = real_features(groups, torch.from_numpy(train_ds.x), dev)
-        fs = ProjectedFieldSet.build(feats, labels=train_ds.labels if cond else None, temperatures=cfg.temperatures,
-                                     landmarks=landmarks, method=landmark_method, seed=seed,
-                                     log=lambda m: click.echo(m, err=True))
-        fs.save(out)
+        feats = real_features(make_feature_groups(cfg, train_ds, dev), torch.from_numpy(train_ds.x), dev)
+        build_summaries(cfg, feats, train_ds.labels if cond else None, lambda m: click.echo(m, err=True)).save(out)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc))
     click.echo(f"summaries of {len(train_ds)} samples, {len(feats)} group(s) -> {out}")

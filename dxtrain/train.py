@@ -188,8 +188,21 @@ def real_features(groups: FeatureGroups, data: torch.Tensor, device, chunk: int 
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def setup(cfg: TrainConfig, log=print):
-    """Data, model, features and field for a config: shared by train, summarize, sample and eval."""
+def make_feature_groups(cfg: TrainConfig, ds: Dataset, device) -> FeatureGroups:
+    """The run's frozen feature groups (encoder resolved from the data kind)."""
+    return FeatureGroups(ds.shape, resolve_encoder(cfg.encoder, ds.kind), max_locations=cfg.max_locations).to(device)
+
+
+def build_summaries(cfg: TrainConfig, feats: dict[str, np.ndarray], labels, log, **sharding) -> ProjectedFieldSet:
+    """The projected field's summaries of the real features, as configured (``sharding``: DDP)."""
+    return ProjectedFieldSet.build(feats, labels=labels, temperatures=cfg.temperatures, landmarks=cfg.landmarks,
+                                   method=cfg.landmark_method, seed=cfg.seed, memory_budget=cfg.memory_budget,
+                                   log=log, **sharding)
+
+
+def setup(cfg: TrainConfig):
+    """The train/test split of a config's data and whether the run is class-conditional
+    (shared by train, summarize, sample and eval, so all see the same split)."""
     data = load_dataset(cfg.data, seed=cfg.seed, key=cfg.data_key, labels_key=cfg.labels_key)
     train_ds, test_ds = train_test_split(data, cfg.test_fraction, seed=cfg.seed)
     conditional = bool(cfg.conditional and train_ds.num_classes > 0)
@@ -319,13 +332,12 @@ def _train(cfg: TrainConfig, resume: bool, log, ddp: _Dist) -> dict:
         _write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
 
     # -- data, generator, features -----------------------------------------------------------
-    train_ds, test_ds, conditional = setup(cfg, log)
+    train_ds, test_ds, conditional = setup(cfg)
     num_classes = train_ds.num_classes if conditional else 0
     real = torch.from_numpy(train_ds.x)
     real_labels = torch.from_numpy(train_ds.labels) if conditional else None
     gen = make_generator(cfg.generator, train_ds.shape, num_classes=num_classes).to(device)
-    groups = FeatureGroups(train_ds.shape, resolve_encoder(cfg.encoder, train_ds.kind),
-                           max_locations=cfg.max_locations).to(device)
+    groups = make_feature_groups(cfg, train_ds, device)
     opt = torch.optim.AdamW(gen.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(gen, decay=cfg.ema)
     step, elapsed = 0, 0.0
@@ -367,11 +379,9 @@ def _train(cfg: TrainConfig, resume: bool, log, ddp: _Dist) -> dict:
             field_fn = ProjectedFieldSet.load(cache, expect=dims, temperatures=cfg.temperatures, data=feats)
             log(f"loaded summaries from {cache}")
         else:
-            field_fn = ProjectedFieldSet.build(
-                feats, labels=None if real_labels is None else real_labels.numpy(), temperatures=cfg.temperatures,
-                landmarks=cfg.landmarks, method=cfg.landmark_method, seed=cfg.seed,
-                memory_budget=cfg.memory_budget, log=log, rank=ddp.rank, world_size=ddp.world_size,
-                allreduce=ddp.allreduce_numpy if ddp.enabled else None)
+            field_fn = build_summaries(cfg, feats, None if real_labels is None else real_labels.numpy(), log,
+                                       rank=ddp.rank, world_size=ddp.world_size,
+                                       allreduce=ddp.allreduce_numpy if ddp.enabled else None)
             if ddp.main:
                 field_fn.save(cache)
             log(f"built summaries of {len(train_ds)} samples in {time.perf_counter() - t0:.1f}s -> {cache}")
@@ -380,10 +390,9 @@ def _train(cfg: TrainConfig, resume: bool, log, ddp: _Dist) -> dict:
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if checkpoint is not None and ddp.main:
         _truncate_metrics(metrics_path, step)
-    fixed_noise = sample_noise(model, 100 if train_ds.kind == "images" else 2000,
-                               torch.Generator().manual_seed(12345), device=device)
-    fixed_labels = (torch.arange(100 if train_ds.kind == "images" else 2000, device=device) % num_classes
-                    if conditional else None)
+    n_fixed = 100 if train_ds.kind == "images" else 2000  # a 10 x 10 grid, or a scatter
+    fixed_noise = sample_noise(model, n_fixed, torch.Generator().manual_seed(12345), device=device)
+    fixed_labels = torch.arange(n_fixed, device=device) % num_classes if conditional else None
     last = {}
     window_t, window_steps, window_field = time.perf_counter(), 0, 0.0
     bar = _Bar(cfg.steps, enabled=cfg.progress and ddp.main, start=step)
