@@ -56,6 +56,7 @@ from typing import Any
 from . import _checks
 from ._backend import device_context, floating_dtype, place
 from ._memory import parse_budget, plan_blocks, tile_cap
+from ._fused import resolve as resolve_engine
 from .kernels import _set_diagonal, check_kernel, logit_coef, sq_norms, sqdist_tile
 
 NORMALIZATIONS = ("bidirectional", "row")
@@ -151,6 +152,11 @@ class ExactSums:
     sums is translation invariant, so the centre never needs adding back.
     """
 
+    # The fused GPU engine (dxfield._fused) runs both sweeps when ``ops`` is set; ``precision``
+    # is its GEMM precision ("float32" or "tf32").
+    ops = None
+    precision = "float32"
+
     def __init__(self, xp, x, targets: list[Targets], *, log_kernel_scales, kernel: str,
                  bidirectional: bool, budget: int, block_size=None, tile_cap: int, sides=(0, 1),
                  query_labels=None):
@@ -235,6 +241,9 @@ class ExactSums:
     # -- sweeps ------------------------------------------------------------------------
     def mean_distance(self) -> float:
         """Mean ``||x_i - y_j||`` over every pair except masked self pairs (float64 sum)."""
+        if self.ops is not None:
+            from ._fused import mean_distance
+            return mean_distance(self)
         xp = self.xp
         ws = self._workspace()
         total, count = 0.0, 0
@@ -256,6 +265,9 @@ class ExactSums:
     def sweep(self):
         """Return ``(sums, row_lse)``: ``sums[k][side]`` are :class:`RowSums`; ``row_lse[k]``
         the row log-sum-exp over all (weighted) targets, or None for row normalisation."""
+        if self.ops is not None:
+            from ._fused import exact_sweep
+            return exact_sweep(self)
         xp, n, d, dt = self.xp, self.n, self.d, self.dtype
         nt = len(self.coefs)
         sums = [[RowSums(xp, n, d, dt) if side in self.sides else None for side in (0, 1)] for _ in range(nt)]
@@ -398,7 +410,7 @@ def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normaliz
                 kernel: str = "laplace", feature_scale="auto", drift_norm: bool = True, neg_weight=None,
                 include_self: bool | None = None, return_scale: bool = False, memory_budget=None,
                 block_size=None, backend=None, check_finite: bool = True, labels=None, pos_labels=None,
-                neg_labels=None):
+                neg_labels=None, engine=None, precision: str = "float32"):
     """Exact drifting field ``V`` (N x D) at the queries ``x``.
 
     Parameters
@@ -450,6 +462,15 @@ def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normaliz
         interact with every query, e.g. guidance's unconditional negatives).
         Equivalent to one call per class, except that ``feature_scale="auto"``
         takes one mean over all same-class pairs.  Needs ``pos_labels``.
+    engine : {"auto", "composed", "fused"}, optional
+        How the sweeps run (default ``$DXFIELD_ENGINE`` or ``"auto"``).
+        ``"composed"``: array operations (NumPy or CuPy), the reference.
+        ``"fused"``: CUDA RawKernels around cuBLAS products (GPU, float32;
+        see :mod:`dxfield._fused`).  ``"auto"``: fused on a GPU for float32
+        inputs, composed otherwise.
+    precision : {"float32", "tf32"}, default "float32"
+        Precision of the fused engine's matrix products.  ``"tf32"`` uses the
+        tensor cores (about 1e-3 relative error in the products); GPU only.
 
     Returns
     -------
@@ -519,6 +540,8 @@ def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normaliz
         sweeper = ExactSums(xp, xa, targets, log_kernel_scales=[1.0] * len(temps), kernel=kernel,
                             bidirectional=normalization == "bidirectional", budget=budget,
                             block_size=block, tile_cap=tile_cap(placement.device), query_labels=qlab)
+        sweeper.ops = resolve_engine(engine, precision, placement, dtype, len(temps))
+        sweeper.precision = precision
         scale = None
         unit = 1.0  # distance unit the temperatures are measured in
         if scale_arg == "auto":

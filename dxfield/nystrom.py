@@ -148,15 +148,20 @@ def kernel_features(xp, x, uc, uu, mu, factor, tau: float, kernel: str, *, budge
 
 
 def kernel_products(xp, x, uc, uu, mu, mats, taus, kernel: str, *, budget: int, tile_entries: int,
-                    shift_rows: bool = False):
+                    shift_rows: bool = False, ops=None, precision: str = "float32"):
     """``exp(l_k(x, U) - s_k(x)) @ mats[k]`` for each temperature ``k``, in row blocks.
 
     ``l_k`` are the log-kernel values at length scale ``taus[k]``; ``s_k`` is 0,
     or with ``shift_rows`` each row's maximum (so no row underflows; ratios of
     two products are unchanged).  One distance tile serves every temperature.
     Returns ``(outputs, shifts)``: lists over temperatures of (n x cols) arrays
-    and of (n,) row shifts (None without ``shift_rows``).
+    and of (n,) row shifts (None without ``shift_rows``).  ``ops``: the fused
+    engine's kernels (float32 inputs), with ``precision`` for its products.
     """
+    if ops is not None and x.dtype == np.float32:  # the fused GPU engine (dxfield._fused)
+        from ._fused import kernel_products as fused_products
+        return fused_products(ops, x, uc, uu, mu, mats, taus, kernel, budget=budget, tile_entries=tile_entries,
+                              shift_rows=shift_rows, precision=precision)
     n, d = x.shape
     m = uc.shape[0]
     it = x.dtype.itemsize

@@ -61,6 +61,8 @@ import numpy as np
 
 from . import _checks
 from ._backend import Device, Placement, device_context, device_of, place
+from ._cuda import PRECISIONS
+from ._fused import resolve as resolve_engine
 from ._memory import SLACK, parse_budget, tile_cap
 from ._progress import Progress
 from .field import DEFAULT_TEMPERATURES, ExactSums, Targets, _weights, normalize_drift, resolve_negatives
@@ -388,7 +390,12 @@ class ProjectedField:
             out.append((known[int(c)], np.flatnonzero(lab == c)))
         return out, lab
 
-    def _attraction(self, xp, xa, groups):
+    def _engine(self, placement, engine, precision):
+        """The fused engine's ops for this call, or None (composed); see :func:`dxfield._fused.resolve`."""
+        return resolve_engine(engine, precision, placement, self.dtype, len(self.temperatures),
+                              precisions=PRECISIONS)
+
+    def _attraction(self, xp, xa, groups, ops=None, precision="float32"):
         """Per temperature b+ (N x D) in coordinates centred on the cache's centre; and fallback counts."""
         dev = self._on(self._placement_for(xp, xa))
         n, d = xa.shape
@@ -405,7 +412,7 @@ class ProjectedField:
                 xs = xa[xp.asarray(rows)]
             prods, _ = kernel_products(xp, xs, uc, uu, dev["centre"], folded, self.taus, self.kernel,
                                        budget=self.memory_budget, tile_entries=tile_cap(device_of(xa)),
-                                       shift_rows=True)
+                                       shift_rows=True, ops=ops, precision=precision)
             for k, pr in enumerate(prods):
                 # Fallback where the denominator is not positive or is lost in cancellation:
                 # below den_floor relative to the magnitude of the terms it sums.
@@ -418,7 +425,7 @@ class ProjectedField:
                     ext = xp.concatenate([uc, xp.ones((uc.shape[0], 1), dtype=uc.dtype)], axis=1)
                     fb, _ = kernel_products(xp, xs[bad_idx], uc, uu, dev["centre"], [ext], [self.taus[k]],
                                             self.kernel, budget=self.memory_budget,
-                                            tile_entries=tile_cap(device_of(xa)), shift_rows=True)
+                                            tile_entries=tile_cap(device_of(xa)), shift_rows=True, ops=ops)
                     num[bad_idx] = fb[0][:, :d]
                     den[bad_idx] = fb[0][:, d]
                 b = num / den[:, None]
@@ -432,22 +439,26 @@ class ProjectedField:
         dev = device_of(a)
         return Placement(xp=xp, device=dev, origin=dev)
 
-    def attraction(self, x, *, labels=None, backend=None, check_finite: bool = True):
+    def attraction(self, x, *, labels=None, backend=None, check_finite: bool = True, engine=None,
+                   precision: str = "float32"):
         """The barycentres ``b+(x)`` per temperature: array (T, N, D) in raw feature units.
 
         With ``labels``, each query uses its own class's summaries; otherwise all
-        shards combine block-diagonally.
+        shards combine block-diagonally.  ``engine`` and ``precision`` as in
+        :meth:`field`.
         """
         placement, xp, xa, _ = self._prepare(x, {}, backend, check_finite)
+        ops = self._engine(placement, engine, precision)
         with device_context(placement):
             groups, _ = self._class_rows(labels, xa.shape[0])
-            bs, fallback = self._attraction(xp, xa, groups)
+            bs, fallback = self._attraction(xp, xa, groups, ops, precision)
             self.last_stats = {"attraction_fallback_rows": fallback}
             out = xp.stack(bs) + self._on(placement)["centre"]
             return placement.to_origin(out)
 
     def field(self, x, neg=None, *, labels=None, repulsion: str = "exact", drift_norm: bool = True,
-              neg_weight=None, include_self: bool | None = None, backend=None, check_finite: bool = True):
+              neg_weight=None, include_self: bool | None = None, backend=None, check_finite: bool = True,
+              engine=None, precision: str = "float32"):
         """The projected drifting field ``V = b+ - b-`` at ``x`` (N x D), summed over temperatures.
 
         Parameters
@@ -463,6 +474,15 @@ class ProjectedField:
         drift_norm : bool
             Per-temperature ``V / sqrt(mean ||V||^2 / D)`` before summing.
         neg_weight, include_self : as in :func:`dxfield.drift_field` (exact repulsion).
+        engine : {"auto", "composed", "fused"}, optional
+            As in :func:`dxfield.drift_field`: ``"fused"`` computes the
+            query-landmark kernel block with a CUDA kernel fused with the
+            distances, the folded products with cuBLAS, and the exact repulsion
+            with the fused exact-field kernels (GPU, float32 caches).
+        precision : {"float32", "tf32", "bf16"}, default "float32"
+            Precision of the fused engine's matrix products (GPU only):
+            ``"tf32"`` and ``"bf16"`` use the tensor cores with float32
+            accumulation.  The exact repulsion uses TF32 when ``"bf16"`` is asked.
 
         Returns
         -------
@@ -478,14 +498,17 @@ class ProjectedField:
         if neg_weight is not None and not isinstance(neg_weight, float):
             extra["neg_weight"] = neg_weight
         placement, xp, xa, a = self._prepare(x, extra, backend, check_finite)
+        ops = self._engine(placement, engine, precision)
         with device_context(placement):
             n, d = xa.shape
             groups, lab = self._class_rows(labels, n)
-            bplus, fallback = self._attraction(xp, xa, groups)
+            bplus, fallback = self._attraction(xp, xa, groups, ops, precision)
+            rep = dict(ops=ops, precision="tf32" if precision == "bf16" else precision)
             centre = self._on(placement)["centre"]
             def repel(q):
                 if repulsion == "exact":
-                    return self._exact_repulsion(xp, q, a, include_self, neg_weight, centre, check_finite), 0
+                    return self._exact_repulsion(xp, q, a, include_self, neg_weight, centre, check_finite,
+                                                 **rep), 0
                 return self._nystrom_repulsion(xp, q, centre)
 
             if groups is None:
@@ -493,7 +516,7 @@ class ProjectedField:
             elif repulsion == "exact":
                 # class-conditional: one sweep, pairs of different classes masked
                 bminus = self._exact_repulsion(xp, xa, a, include_self, neg_weight, centre, check_finite,
-                                               xp.asarray(lab))
+                                               xp.asarray(lab), **rep)
                 nys_fallback = 0
             else:
                 # class-conditional: each query is repelled by the generated samples of its own class
@@ -518,7 +541,8 @@ class ProjectedField:
             self.last_stats = {"attraction_fallback_rows": fallback, "repulsion_fallback_rows": nys_fallback}
             return placement.to_origin(total)
 
-    def _exact_repulsion(self, xp, xa, a, include_self, neg_weight, centre, check_finite, query_labels=None):
+    def _exact_repulsion(self, xp, xa, a, include_self, neg_weight, centre, check_finite, query_labels=None,
+                         ops=None, precision="float32"):
         """Row-normalised barycentre of the negatives per temperature, centred on ``centre``.
 
         With ``query_labels``, a query is repelled only by the queries of its own class
@@ -538,6 +562,7 @@ class ProjectedField:
         sweeper = ExactSums(xp, xa, targets, log_kernel_scales=coefs, kernel=self.kernel, bidirectional=False,
                             budget=self.memory_budget, tile_cap=tile_cap(device_of(xa)),
                             sides=(1,), query_labels=query_labels)
+        sweeper.ops, sweeper.precision = ops, precision
         sums, _ = sweeper.sweep()
         shift = sweeper.mu - centre  # sums are centred on the queries' mean
         out = []

@@ -1,0 +1,177 @@
+"""CUDA plumbing for the fused engine: the kernel source, its launch table, cuBLAS GEMMs.
+
+The kernels live in ``dxfield/cuda/kernels.cu`` and are compiled at run time by
+NVRTC through :class:`cupy.RawModule` (CuPy caches the binary on disk, so the
+compile happens once per machine and CUDA version).  Nothing here imports CuPy
+at module import time: :class:`CupyOps` is built lazily when a GPU call asks
+for the fused engine.
+
+:data:`SIGNATURES` lists every kernel's parameters (``p`` pointer, ``i``
+int32, ``q`` int64, ``f`` float32).  It is the single place the Python side
+describes the kernels; the GPU launcher casts its arguments with it and the
+CPU emulator used by the tests (``tests/cuda_emu``) builds its ``ctypes``
+prototypes from it.
+
+Precision (``precision=``): the GEMMs run through ``cublasGemmEx`` with compute
+type ``CUBLAS_COMPUTE_32F`` (``"float32"``, the default), ``..._FAST_TF32``
+(``"tf32"``) or ``..._FAST_16BF`` (``"bf16"``, inputs rounded to bfloat16 inside
+cuBLAS, float32 accumulation).  The RawKernels always compute in float32.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+SOURCE_PATH = Path(__file__).with_name("cuda") / "kernels.cu"
+BLOCK = 256  # DX_BLOCK in the source: threads per block of the row kernels
+COL_BLOCK = (32, 8)  # DX_COL_X, DX_COL_Y
+MAX_TEMPERATURES = 8  # DX_MAX_TEMPS
+NVRTC_OPTIONS = ("--std=c++14",)
+PRECISIONS = ("float32", "tf32", "bf16")
+
+def _parse_signatures(text: str) -> dict[str, str]:
+    """``{kernel: codes}`` from the ``extern "C" __global__`` definitions of the source.
+
+    Codes: ``p`` pointer, ``i`` int, ``q`` long long, ``f`` float.  Parameter-list
+    macros (``#define NAME ...`` used as a parameter) are expanded first.
+    """
+    import re
+
+    joined = text.replace("\\\n", " ")
+    macros = dict(re.findall(r"^#define\s+(\w+_PARAMS)\s+(.*)$", joined, flags=re.M))
+    out = {}
+    for name, params in re.findall(r'extern "C" __global__ void (\w+)\(([^)]*)\)', joined):
+        codes = []
+        for raw in params.split(","):
+            raw = raw.strip()
+            if raw in macros:
+                codes.extend(_parse_params(macros[raw]))
+            else:
+                codes.extend(_parse_params(raw))
+        out[name] = "".join(codes)
+    return out
+
+
+def _parse_params(params: str) -> list[str]:
+    codes = []
+    for raw in params.split(","):
+        decl = " ".join(raw.replace("*", " * ").split())
+        if not decl:
+            continue
+        if "*" in decl:
+            codes.append("p")
+        elif decl.startswith("long long"):
+            codes.append("q")
+        elif decl.startswith("int"):
+            codes.append("i")
+        elif decl.startswith("float"):
+            codes.append("f")
+        else:
+            raise ValueError(f"kernels.cu: parameter type of {raw.strip()!r} is not one dxfield launches")
+    return codes
+
+
+SIGNATURES = _parse_signatures(SOURCE_PATH.read_text())
+
+
+def source() -> str:
+    """The CUDA C++ source of every kernel."""
+    return SOURCE_PATH.read_text()
+
+
+def _scalar(code: str, value):
+    if code == "i":
+        return np.int32(value)
+    if code == "q":
+        return np.int64(value)
+    if code == "f":
+        return np.float32(value)
+    raise ValueError(f"unknown argument code {code!r}")
+
+
+class CupyOps:
+    """Launch the kernels and run GEMMs on the current CuPy device and stream."""
+
+    _lock = threading.Lock()
+    _modules: dict = {}
+
+    block = BLOCK  # threads per block of the 1-D kernels (DX_BLOCK of the build)
+
+    def __init__(self, cupy):
+        self.xp = cupy
+        self.cupy = cupy
+
+    # -- kernels ---------------------------------------------------------------------
+    def _module(self):
+        dev = int(self.cupy.cuda.runtime.getDevice())
+        with self._lock:
+            mod = self._modules.get(dev)
+            if mod is None:
+                mod = self.cupy.RawModule(code=source(), options=NVRTC_OPTIONS)
+                self._modules[dev] = mod
+        return mod
+
+    def compile(self) -> None:
+        """Compile (or load from CuPy's cache) every kernel now; raises on NVRTC errors."""
+        mod = self._module()
+        for name in SIGNATURES:
+            mod.get_function(name)
+
+    def launch(self, name: str, grid, block, args) -> None:
+        sig = SIGNATURES[name]
+        if len(args) != len(sig):
+            raise TypeError(f"{name} takes {len(sig)} arguments, got {len(args)}")
+        cast = []
+        for code, a in zip(sig, args):
+            if code == "p":
+                if a is None:
+                    cast.append(np.uint64(0))
+                else:
+                    if not isinstance(a, self.cupy.ndarray):
+                        raise TypeError(f"{name}: pointer argument must be a CuPy array, got {type(a).__name__}")
+                    cast.append(a)
+            else:
+                cast.append(_scalar(code, a))
+        self._module().get_function(name)(tuple(int(g) for g in grid), tuple(int(b) for b in block), tuple(cast))
+
+    # -- GEMM ------------------------------------------------------------------------
+    def gemm(self, a, b, out, *, trans_b: bool = False, beta: float = 0.0, precision: str = "float32") -> None:
+        """``out = a @ (b.T if trans_b else b) + beta * out`` for float32 row-major matrices.
+
+        Rows may be strided (views of row ranges); columns must be contiguous.
+        """
+        from cupy_backends.cuda.api import runtime
+        from cupy_backends.cuda.libs import cublas
+
+        compute = {"float32": cublas.CUBLAS_COMPUTE_32F,
+                   "tf32": cublas.CUBLAS_COMPUTE_32F_FAST_TF32,
+                   "bf16": cublas.CUBLAS_COMPUTE_32F_FAST_16BF}[precision]
+        n, k = a.shape
+        p = b.shape[0] if trans_b else b.shape[1]
+        if (b.shape[1] if trans_b else b.shape[0]) != k or out.shape != (n, p):
+            raise ValueError(f"gemm: shapes {a.shape} x {b.shape}{'^T' if trans_b else ''} -> {out.shape}")
+        for name, arr in (("a", a), ("b", b), ("out", out)):
+            if arr.dtype != np.float32 or arr.strides[1] != 4 or arr.strides[0] % 4:
+                raise ValueError(f"gemm: {name} must be float32 with contiguous rows")
+        if n == 0 or p == 0:
+            return
+        lda, ldb, ldc = a.strides[0] // 4, b.strides[0] // 4, out.strides[0] // 4
+        # Row-major C (n x p) is column-major C^T (p x n) = op(B)^T A^T in cuBLAS terms.
+        alpha_h = np.array(1.0, dtype=np.float32)
+        beta_h = np.array(beta, dtype=np.float32)
+        handle = self.cupy.cuda.device.get_cublas_handle()
+        cublas.gemmEx(handle, cublas.CUBLAS_OP_T if trans_b else cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_N,
+                      p, n, k, alpha_h.ctypes.data, b.data.ptr, runtime.CUDA_R_32F, ldb,
+                      a.data.ptr, runtime.CUDA_R_32F, lda, beta_h.ctypes.data,
+                      out.data.ptr, runtime.CUDA_R_32F, ldc, compute, cublas.CUBLAS_GEMM_DEFAULT)
+
+
+def nvcc_compile(path_out: str, arch: str = "sm_80", nvcc: str = "nvcc") -> None:
+    """Compile the source with ``nvcc`` to a cubin (a build check for machines without a GPU)."""
+    import subprocess
+
+    subprocess.run([nvcc, f"-arch={arch}", "-cubin", "-std=c++14", "-Werror", "all-warnings",
+                    "-x", "cu", str(SOURCE_PATH), "-o", path_out], check=True, capture_output=True, text=True)

@@ -1,0 +1,109 @@
+"""Run dxfield's CUDA kernels on the CPU: compile kernels.cu against tests/cuda_emu/emulate.h.
+
+:func:`build` writes a C++ file that includes the emulation header and the
+kernel source, with one ``emu_<kernel>`` launcher per kernel generated from
+``dxfield._cuda`` (the same signature table the GPU launcher uses), compiles it
+with ``g++ -std=c++20`` into a shared library and returns :class:`EmuOps`, an
+object with the interface of ``dxfield._cuda.CupyOps`` on NumPy arrays (GEMMs
+by NumPy).  Returns None when no suitable C++ compiler is found.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from dxfield import _cuda
+
+HERE = Path(__file__).resolve().parent
+_CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int, "q": ctypes.c_longlong, "f": ctypes.c_float}
+
+
+def _declarations(text: str) -> dict[str, list[str]]:
+    """Kernel name -> its parameter declarations (macros expanded), from the source."""
+    joined = text.replace("\\\n", " ")
+    macros = dict(re.findall(r"^#define\s+(\w+_PARAMS)\s+(.*)$", joined, flags=re.M))
+    out = {}
+    for name, params in re.findall(r'extern "C" __global__ void (\w+)\(([^)]*)\)', joined):
+        decls = []
+        for raw in params.split(","):
+            raw = raw.strip()
+            decls.extend(p.strip() for p in macros.get(raw, raw).split(","))
+        out[name] = [d for d in decls if d]
+    return out
+
+
+def _launcher(name: str, decls: list[str]) -> str:
+    names = [re.split(r"[\s*]+", d)[-1] for d in decls]
+    params = ", ".join(["unsigned gx", "unsigned gy", "unsigned bx", "unsigned by"] + decls)
+    return (f'extern "C" void emu_{name}({params}) {{\n'
+            f"    dx_emu_launch(dim3(gx, gy), dim3(bx, by), [=]() {{ {name}({', '.join(names)}); }});\n}}\n")
+
+
+def build(tmpdir, block: int = 32):
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        return None
+    src = _cuda.source()
+    code = ['#include "emulate.h"', f"#define DX_BLOCK {block}", src]
+    code += [_launcher(n, d) for n, d in _declarations(src).items()]
+    cpp = Path(tmpdir) / "dx_emulated.cpp"
+    lib = Path(tmpdir) / "libdx_emulated.so"
+    cpp.write_text("\n".join(code))
+    proc = subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Werror",
+                           "-Wno-unused-function", f"-I{HERE / 'cuda_emu'}", str(cpp), "-o", str(lib)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        if "barrier" in proc.stderr and "No such file" in proc.stderr:
+            return None  # a compiler without C++20 <barrier>
+        raise RuntimeError(f"emulated kernels failed to compile:\n{proc.stderr[-4000:]}")
+    return EmuOps(ctypes.CDLL(str(lib)), block)
+
+
+class EmuOps:
+    """``CupyOps``' interface on NumPy arrays: kernels emulated on the CPU, GEMMs by NumPy."""
+
+    xp = np
+
+    def __init__(self, lib, block: int):
+        self.lib = lib
+        self.block = block
+        self.launches: dict[str, int] = {}
+        self.gemm_precisions: list[str] = []
+        for name, sig in _cuda.SIGNATURES.items():
+            fn = getattr(lib, f"emu_{name}")
+            fn.argtypes = [ctypes.c_uint] * 4 + [_CTYPES[c] for c in sig]
+            fn.restype = None
+
+    def launch(self, name, grid, block, args):
+        sig = _cuda.SIGNATURES[name]
+        assert len(args) == len(sig), (name, len(args), len(sig))
+        cast = []
+        for code, a in zip(sig, args):
+            if code == "p":
+                if a is None:
+                    cast.append(None)
+                else:
+                    assert isinstance(a, np.ndarray) and (a.ndim <= 1 or a.flags.c_contiguous or a.strides[-1] == a.itemsize), name
+                    cast.append(a.ctypes.data)
+            else:
+                cast.append(a)
+        grid = tuple(grid) + (1,) * (2 - len(grid))
+        block = tuple(block) + (1,) * (2 - len(block))
+        self.launches[name] = self.launches.get(name, 0) + 1
+        getattr(self.lib, f"emu_{name}")(grid[0], grid[1], block[0], block[1], *cast)
+
+    def gemm(self, a, b, out, *, trans_b=False, beta=0.0, precision="float32"):
+        self.gemm_precisions.append(precision)
+        prod = a @ (b.T if trans_b else b)
+        if beta == 0.0:
+            out[...] = prod
+        else:
+            out *= np.float32(beta)
+            out += prod

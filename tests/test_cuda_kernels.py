@@ -1,0 +1,182 @@
+"""The fused engine's CUDA kernels, checked without a GPU and on one.
+
+Without a GPU: ``dxfield/cuda/kernels.cu`` compiles with nvcc (build check), and
+it runs on the CPU through the emulation in ``tests/cuda_emu`` (each block's
+threads as real threads with a barrier), driven by the same Python code as on
+the GPU (``dxfield._fused``); its results must match the composed NumPy path and
+the dense float64 reference.  With a GPU (``tox -e gpu``), the same comparisons
+run on the real kernels in ``test_fused_gpu``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import dxfield
+from dxfield import _cuda, _fused
+
+import reference
+from emulated_cuda import build
+from helpers import make_points as _make_points, rel_err
+
+TOL = 1e-5  # fused vs composed, float32 (the issue's parity bound)
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    ops = build(tmp_path_factory.mktemp("emu"))
+    if ops is None:
+        pytest.skip("no C++20 compiler for the CUDA emulation")
+    return ops
+
+
+@pytest.fixture
+def fused(emu, monkeypatch):
+    """engine='fused' runs the emulated kernels on NumPy inputs."""
+    monkeypatch.setattr(_fused, "_OPS_OVERRIDE", emu)
+    emu.launches.clear()
+    emu.gemm_precisions.clear()
+    return emu
+
+
+def make_points(*args, **kw):
+    """float32 points: the fused engine computes in float32."""
+    return tuple(a.astype(np.float32) for a in _make_points(*args, **kw))
+
+
+def _pair(fn, **kw):
+    return fn(engine="fused", **kw), fn(engine="composed", **kw)
+
+
+# -- build checks --------------------------------------------------------------------------
+def test_signatures_parsed_from_the_source():
+    sig = _cuda.SIGNATURES
+    assert set(sig) == {"dx_dist_sum", "dx_col_partial", "dx_col_merge", "dx_row_pass", "dx_scale_rows",
+                        "dx_kernel_rows"}
+    tile = "piiippppifqippi"
+    assert sig["dx_dist_sum"] == tile + "pp"
+    assert sig["dx_row_pass"].startswith(tile) and sig["dx_row_pass"].endswith("f")
+    assert sig["dx_col_merge"] == "ppiipipp"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_kernels_compile_with_nvcc(tmp_path, arch):
+    try:
+        _cuda.nvcc_compile(str(tmp_path / "k.cubin"), arch=arch)
+    except subprocess.CalledProcessError as exc:
+        pytest.fail(f"nvcc failed:\n{exc.stderr}")
+    assert (tmp_path / "k.cubin").stat().st_size > 0
+
+
+# -- the exact field ---------------------------------------------------------------------------
+@pytest.mark.parametrize("normalization", ["bidirectional", "row"])
+@pytest.mark.parametrize("kernel", ["laplace", "gaussian"])
+def test_fused_matches_composed(fused, normalization, kernel):
+    rng = np.random.default_rng(1)
+    x, pos = make_points(rng, 37, 53, 5)
+    fn = lambda **kw: dxfield.drift_field(x, pos, normalization=normalization, kernel=kernel,
+                                          temperatures=(0.02, 0.05, 0.2), **kw)
+    vf, vc = _pair(fn)
+    assert rel_err(vf, vc) < TOL
+    assert fused.launches["dx_row_pass"] >= 1 and fused.launches["dx_dist_sum"] >= 1
+    if normalization == "bidirectional":
+        assert fused.launches["dx_col_partial"] >= 1
+    ref, _ = reference.field(x, pos, normalization=normalization, kernel=kernel)
+    assert rel_err(vf, ref) < 1e-4
+
+
+def test_fused_many_tiles_two_pass(fused):
+    """Query tiles smaller than N: the columns are completed in a first pass over the queries."""
+    rng = np.random.default_rng(2)
+    x, pos, neg = make_points(rng, 45, 70, 6, 30)
+    kw = dict(neg=neg, neg_weight=rng.uniform(0.0, 2.0, size=30).astype(np.float32), include_self=True,
+              temperatures=(0.05, 0.2), block_size=(16, 24))
+    vf, vc = _pair(lambda **k: dxfield.drift_field(x, pos, **kw, **k))
+    assert rel_err(vf, vc) < TOL
+    ref, _ = reference.field(x, pos, neg, neg_weight=kw["neg_weight"], include_self=True,
+                             temperatures=(0.05, 0.2))
+    assert rel_err(vf, ref) < 1e-4
+
+
+def test_fused_labels_and_raw_units(fused):
+    rng = np.random.default_rng(3)
+    x, pos = make_points(rng, 40, 60, 4)
+    lab, plab = rng.integers(0, 3, 40), rng.integers(0, 3, 60)
+    for kw in (dict(labels=lab, pos_labels=plab), dict(feature_scale=None, drift_norm=False, temperatures=0.5)):
+        vf, vc = _pair(lambda **k: dxfield.drift_field(x, pos, block_size=(40, 17), **kw, **k))
+        assert rel_err(vf, vc) < TOL, kw
+
+
+def test_fused_small_temperature_and_outliers(fused):
+    """Logits of hundreds and a far outlier: the streaming maxima and the row rescaling hold."""
+    rng = np.random.default_rng(4)
+    x, pos = make_points(rng, 30, 50, 3)
+    x[0] += 40.0  # an outlier query
+    pos[-1] -= 60.0  # an outlier target, last, so its column arrives after the reference was set
+    vf, vc = _pair(lambda **k: dxfield.drift_field(x, pos, temperatures=(0.003, 0.02), block_size=(30, 8), **k))
+    assert np.isfinite(vf).all()
+    assert rel_err(vf, vc) < 1e-4
+
+
+def test_fused_near_duplicates_are_refined(fused):
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=(20, 8)).astype(np.float32) + 50.0  # far from the origin: cancellation
+    x = base + 1e-4 * rng.normal(size=base.shape).astype(np.float32)
+    pos = np.concatenate([base, base + 1.0]).astype(np.float32)
+    vf, vc = _pair(lambda **k: dxfield.drift_field(x, pos, temperatures=0.02, **k))
+    assert rel_err(vf, vc) < 1e-4
+
+
+# -- the projected field ----------------------------------------------------------------------
+@pytest.mark.parametrize("labels", [False, True])
+def test_fused_projected_matches_composed(fused, labels):
+    rng = np.random.default_rng(6)
+    x, pos = make_points(rng, 33, 300, 6)
+    plab = rng.integers(0, 2, 300) if labels else None
+    pf = dxfield.ProjectedField.build(pos, landmarks=40, temperatures=(0.05, 0.2), labels=plab, seed=0)
+    qlab = rng.integers(0, 2, 33) if labels else None
+    af, ac = (pf.attraction(x, labels=qlab, engine=e) for e in ("fused", "composed"))
+    assert rel_err(af, ac) < TOL
+    assert fused.launches["dx_kernel_rows"] >= 1
+    vf, vc = (pf.field(x, labels=qlab, engine=e) for e in ("fused", "composed"))
+    assert rel_err(vf, vc) < TOL
+
+
+def test_precision_reaches_the_gemms(fused):
+    rng = np.random.default_rng(7)
+    x, pos = make_points(rng, 20, 30, 4)
+    dxfield.drift_field(x, pos, engine="fused", precision="tf32")
+    assert set(fused.gemm_precisions) == {"tf32"}
+    pf = dxfield.ProjectedField.build(pos, landmarks=10, temperatures=0.05)
+    fused.gemm_precisions.clear()
+    pf.attraction(x, engine="fused", precision="bf16")
+    assert set(fused.gemm_precisions) == {"bf16"}
+
+
+# -- engine selection ----------------------------------------------------------------------------
+def test_engine_errors_on_the_cpu():
+    x = np.zeros((4, 2), np.float32)
+    y = np.ones((5, 2), np.float32)
+    with pytest.raises(ValueError, match="engine='fused' runs CUDA kernels"):
+        dxfield.drift_field(x, y, engine="fused")
+    with pytest.raises(ValueError, match="precision='tf32'"):
+        dxfield.drift_field(x, y, precision="tf32")
+    with pytest.raises(ValueError, match="engine="):
+        dxfield.drift_field(x, y, engine="cuda")
+    with pytest.raises(ValueError, match="precision="):
+        dxfield.drift_field(x, y, precision="fp8")
+
+
+def test_engine_env(monkeypatch):
+    x = np.zeros((4, 2), np.float32)
+    y = np.ones((5, 2), np.float32)
+    monkeypatch.setenv(_fused.ENGINE_ENV, "nonsense")
+    with pytest.raises(ValueError, match=_fused.ENGINE_ENV):
+        dxfield.drift_field(x, y)
+    monkeypatch.setenv(_fused.ENGINE_ENV, "composed")
+    assert dxfield.drift_field(x, y).shape == (4, 2)
