@@ -20,6 +20,8 @@ Example
 """
 
 from ._backend import BACKEND_ENV, BACKENDS, cupy_available
+from ._backend import cupy_available as cuda_available
+from ._fused import ENGINE_ENV, ENGINES
 from ._memory import BUDGET_ENV, DEFAULT_BUDGET
 from .field import DEFAULT_TEMPERATURES, NORMALIZATIONS, drift_field
 from .kernels import KERNELS, kernel_matrix, kernel_matvec, pairwise_distances
@@ -39,6 +41,9 @@ __all__ = [
     "kernel_matrix",
     "pairwise_distances",
     "cupy_available",
+    "cuda_available",
+    "ENGINES",
+    "ENGINE_ENV",
     "KERNELS",
     "NORMALIZATIONS",
     "DEFAULT_TEMPERATURES",

@@ -448,7 +448,8 @@ def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normaliz
     return_scale : bool
         Also return the feature scale ``S`` used (None when unscaled).
     memory_budget : int or str, optional
-        Extra bytes this call may use (default 64 MiB, or ``$DXFIELD_MEMORY_BUDGET``).
+        Extra bytes this call may use (default ``$DXFIELD_MEMORY_BUDGET``, else
+        64 MiB on the CPU and 512 MiB on a GPU).
     block_size : (int, int), optional
         Force the tile shape (query rows, target rows); for tests and tuning.
     backend : {"auto", "numpy", "cupy"}, optional
@@ -496,7 +497,7 @@ def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normaliz
     normalization = _checks.choice(normalization, "normalization", NORMALIZATIONS)
     kernel = check_kernel(kernel)
     block = _checks.block_size(block_size)
-    budget = parse_budget(memory_budget)
+    parse_budget(memory_budget)  # a bad budget fails before any work
     include_self, neg_weight = resolve_negatives(neg, neg_weight, include_self)
     scale_arg = feature_scale
     if not (feature_scale is None or (isinstance(feature_scale, str) and feature_scale == "auto")):
@@ -517,6 +518,7 @@ def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normaliz
         arrays["neg_weight"] = neg_weight
     placement, a = place(arrays, backend)
     xp = placement.xp
+    budget = parse_budget(memory_budget, device=placement.device)
     with device_context(placement):
         dtype = floating_dtype(xp, a["x"], a["pos"], a["neg"])
         xa = _checks.float_matrix(a["x"], "x", dtype, check_finite=check_finite)

@@ -8,6 +8,10 @@ and the feature scale ``S`` for that group; the loss is
 Tensors cross into dxfield through DLPack: ``f.detach()`` is read in place
 (same memory, same device) and the returned NumPy/CuPy array is wrapped back
 with ``torch.from_dlpack`` -- no host round trip on the GPU, no copy on the CPU.
+On the GPU every dxfield call runs inside :func:`torch_stream`, so CuPy's
+kernels and cuBLAS calls go on torch's current stream: ordered after the torch
+ops that produced the features and before those that read the drift, with no
+synchronisation and no cross-stream race.
 
 * :class:`ExactField` -- standard drifting: bidirectional Algorithm 2 against a
   fresh mini-batch of ``positives`` real features per step (per class when
@@ -19,6 +23,7 @@ with ``torch.from_dlpack`` -- no host round trip on the GPU, no copy on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -30,6 +35,20 @@ import torch
 import dxfield
 from dxfield._atomic import atomic_write
 from dxfield.projected import RowSource
+
+
+@contextlib.contextmanager
+def torch_stream(like: torch.Tensor):
+    """Make CuPy work inside run on torch's current CUDA stream of ``like``'s device (CPU: no-op)."""
+    if like.device.type != "cuda":
+        yield
+        return
+    import cupy
+
+    index = like.device.index if like.device.index is not None else torch.cuda.current_device()
+    stream = torch.cuda.current_stream(index)
+    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream.cuda_stream, index):
+        yield
 
 
 def to_dxfield(t: torch.Tensor):
@@ -83,14 +102,15 @@ class ExactField:
                  labels: torch.Tensor | None = None, pos_labels: torch.Tensor | None = None) -> dict[str, GroupDrift]:
         # Class-conditional runs use one sweep per group: each generated sample meets only the
         # positives and the other generated samples of its own class (dxfield masks the rest).
-        lab = None if labels is None else to_dxfield(labels)
-        plab = None if pos_labels is None else to_dxfield(pos_labels)
         out = {}
-        for name, f in features.items():
-            v, s = dxfield.drift_field(to_dxfield(f), to_dxfield(positives[name]), temperatures=self.temperatures,
-                                       labels=lab, pos_labels=plab, return_scale=True,
-                                       memory_budget=self.memory_budget)
-            out[name] = GroupDrift(to_torch(v, f), float(s))
+        with torch_stream(next(iter(features.values()))):
+            lab = None if labels is None else to_dxfield(labels)
+            plab = None if pos_labels is None else to_dxfield(pos_labels)
+            for name, f in features.items():
+                v, s = dxfield.drift_field(to_dxfield(f), to_dxfield(positives[name]),
+                                           temperatures=self.temperatures, labels=lab, pos_labels=plab,
+                                           return_scale=True, memory_budget=self.memory_budget)
+                out[name] = GroupDrift(to_torch(v, f), float(s))
         return out
 
 
@@ -148,12 +168,13 @@ class ProjectedFieldSet:
                  pos_labels=None) -> dict[str, GroupDrift]:
         out = {}
         fallback = 0
-        lab = None if labels is None else to_dxfield(labels)
-        for name, f in features.items():
-            pf = self.fields[name]
-            v = pf.field(to_dxfield(f), labels=lab)
-            fallback += sum(pf.last_stats.get("attraction_fallback_rows", [0]))
-            out[name] = GroupDrift(to_torch(v, f), float(pf.feature_scale or 1.0))
+        with torch_stream(next(iter(features.values()))):
+            lab = None if labels is None else to_dxfield(labels)
+            for name, f in features.items():
+                pf = self.fields[name]
+                v = pf.field(to_dxfield(f), labels=lab)
+                fallback += sum(pf.last_stats.get("attraction_fallback_rows", [0]))
+                out[name] = GroupDrift(to_torch(v, f), float(pf.feature_scale or 1.0))
         self.last_stats = {"fallback_rows": fallback}
         return out
 
