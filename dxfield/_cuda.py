@@ -175,3 +175,67 @@ def nvcc_compile(path_out: str, arch: str = "sm_80", nvcc: str = "nvcc") -> None
 
     subprocess.run([nvcc, f"-arch={arch}", "-cubin", "-std=c++14", "-Werror", "all-warnings",
                     "-x", "cu", str(SOURCE_PATH), "-o", path_out], check=True, capture_output=True, text=True)
+
+
+def _nvrtc_library():
+    """``ctypes.CDLL`` of NVRTC, or None: ``$DXFIELD_NVRTC``, the NVIDIA pip wheels, CUDA_HOME, the loader."""
+    import ctypes
+    import ctypes.util
+    import glob
+    import os
+    import site
+    import sys
+
+    candidates = []
+    if os.environ.get("DXFIELD_NVRTC"):
+        candidates.append(os.environ["DXFIELD_NVRTC"])
+    roots = list(site.getsitepackages()) + [site.getusersitepackages()] + sys.path
+    for root in roots:
+        for sub in ("nvidia/cu13/lib", "nvidia/cuda_nvrtc/lib", "nvidia/cu12/lib"):
+            candidates += sorted(glob.glob(os.path.join(root, sub, "libnvrtc.so.*")))
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            candidates += sorted(glob.glob(os.path.join(home, "lib64", "libnvrtc.so*")))
+    found = ctypes.util.find_library("nvrtc")
+    if found:
+        candidates.append(found)
+    for path in candidates:
+        if ".alt." in os.path.basename(path):
+            continue
+        folder = os.path.dirname(path)
+        try:
+            # NVRTC dlopens its builtins by soname; load them first from the same folder.
+            for builtins in sorted(glob.glob(os.path.join(folder, "libnvrtc-builtins.so*"))):
+                if ".alt." not in builtins:
+                    ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
+
+
+def nvrtc_compile(arch: str = "compute_80") -> bool:
+    """Compile the source with NVRTC exactly as CuPy would (no host headers); False when
+    NVRTC is not installed, RuntimeError with the compiler log when the source fails."""
+    import ctypes
+
+    lib = _nvrtc_library()
+    if lib is None:
+        return False
+    prog = ctypes.c_void_p()
+    status = lib.nvrtcCreateProgram(ctypes.byref(prog), source().encode(), b"kernels.cu", 0, None, None)
+    if status != 0:
+        raise RuntimeError(f"nvrtcCreateProgram failed with status {status}")
+    try:
+        opts = [f"--gpu-architecture={arch}".encode()] + [o.encode() for o in NVRTC_OPTIONS]
+        status = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(max(1, size.value))
+        lib.nvrtcGetProgramLog(prog, log)
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    if status != 0:
+        raise RuntimeError(f"NVRTC failed to compile dxfield/cuda/kernels.cu for {arch}:\n"
+                           f"{log.value.decode(errors='replace')}")
+    return True

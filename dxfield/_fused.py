@@ -154,7 +154,8 @@ class _Tiles:
         bq, bt = s.shape
         i0 = rows.start
         return [s, bq, bt, bt, self.xx[rows], yy, self.xc[rows], yc, self.d, self.rtol, j0 - i0,
-                int(t.is_queries), None if self.qlab is None else self.qlab[rows], tlab, self.laplace]
+                int(t.is_queries), None if self.qlab is None or tlab is None else self.qlab[rows], tlab,
+                self.laplace]
 
 
 def mean_distance(es) -> float:

@@ -10,8 +10,10 @@ run on the real kernels in ``test_fused_gpu``.
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 import subprocess
+import types
 
 import numpy as np
 import pytest
@@ -71,6 +73,13 @@ def test_kernels_compile_with_nvcc(tmp_path, arch):
     except subprocess.CalledProcessError as exc:
         pytest.fail(f"nvcc failed:\n{exc.stderr}")
     assert (tmp_path / "k.cubin").stat().st_size > 0
+
+
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+def test_kernels_compile_with_nvrtc(arch):
+    """What CuPy does at run time (NVRTC, no host headers), checked without a GPU."""
+    if not _cuda.nvrtc_compile(arch):
+        pytest.skip("NVRTC is not installed (pip install nvidia-cuda-nvrtc, or set DXFIELD_NVRTC)")
 
 
 # -- the exact field ---------------------------------------------------------------------------
@@ -156,6 +165,114 @@ def test_precision_reaches_the_gemms(fused):
     fused.gemm_precisions.clear()
     pf.attraction(x, engine="fused", precision="bf16")
     assert set(fused.gemm_precisions) == {"bf16"}
+
+
+# -- the GPU launcher's plumbing, checked on the CPU ---------------------------------------------
+class _Dev(np.ndarray):
+    """A NumPy array that exposes ``.data.ptr`` like a CuPy array."""
+
+    @property
+    def data(self):
+        return types.SimpleNamespace(ptr=self.ctypes.data)
+
+
+def _colmajor(ptr, rows, cols, ld):
+    buf = (ctypes.c_float * (ld * (cols - 1) + rows)).from_address(ptr)
+    flat = np.ctypeslib.as_array(buf)
+    return np.lib.stride_tricks.as_strided(flat, shape=(rows, cols), strides=(4, 4 * ld))
+
+
+def _fake_cublas():
+    """cublasGemmEx with column-major semantics, in NumPy (checks the row-major mapping)."""
+    calls = []
+
+    def gemmEx(handle, transa, transb, m, n, k, alpha, A, atype, lda, B, btype, ldb, beta, C, ctype, ldc,
+               compute, algo):
+        calls.append(compute)
+        a = _colmajor(A, k, m, lda).T if transa == 1 else _colmajor(A, m, k, lda)
+        b = _colmajor(B, n, k, ldb).T if transb == 1 else _colmajor(B, k, n, ldb)
+        c = _colmajor(C, m, n, ldc)
+        al = ctypes.c_float.from_address(alpha).value
+        be = ctypes.c_float.from_address(beta).value
+        c[...] = al * (a.astype(np.float64) @ b) + be * c
+
+    return types.SimpleNamespace(gemmEx=gemmEx, CUBLAS_OP_N=0, CUBLAS_OP_T=1, CUBLAS_COMPUTE_32F=68,
+                                 CUBLAS_COMPUTE_32F_FAST_TF32=77, CUBLAS_COMPUTE_32F_FAST_16BF=75,
+                                 CUBLAS_GEMM_DEFAULT=-1, calls=calls)
+
+
+def test_cupy_gemm_mapping(monkeypatch):
+    import cupy_backends.cuda.libs as libs
+
+    fake = _fake_cublas()
+    monkeypatch.setitem(vars(libs), "cublas", fake)  # no getattr: the real one needs libcublas
+    ops = _cuda.CupyOps.__new__(_cuda.CupyOps)
+    ops.cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(device=types.SimpleNamespace(
+        get_cublas_handle=lambda: 0)))
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(9, 5)).astype(np.float32)
+    bt = rng.normal(size=(7, 5)).astype(np.float32)
+    b = rng.normal(size=(5, 7)).astype(np.float32)
+    big = np.zeros((12, 7), np.float32)
+    out = big.view(_Dev)[2:11]  # a row range of a bigger array
+    ops.gemm(a.view(_Dev), bt.view(_Dev), out, trans_b=True)
+    np.testing.assert_allclose(big[2:11], a @ bt.T, rtol=1e-5, atol=1e-5)
+    assert not big[:2].any() and not big[11:].any()
+    ops.gemm(a.view(_Dev), b.view(_Dev), out, beta=1.0, precision="tf32")
+    np.testing.assert_allclose(big[2:11], a @ bt.T + a @ b, rtol=1e-5, atol=1e-5)
+    assert fake.calls == [68, 77]
+    with pytest.raises(ValueError, match="shapes"):
+        ops.gemm(a.view(_Dev), b.view(_Dev), out, trans_b=True)
+
+
+class _CastCheckOps(_cuda.CupyOps):
+    """CupyOps.launch with a recording module: checks every argument's width against the
+    signature, then runs the kernel in the emulator."""
+
+    def __init__(self, emu):
+        self.emu = emu
+        self.xp = np
+        self.cupy = types.SimpleNamespace(ndarray=np.ndarray)
+        self.block = emu.block
+
+    def _module(self):
+        emu = self.emu
+
+        class Mod:
+            def get_function(self, name):
+                def call(grid, block, args):
+                    sig = _cuda.SIGNATURES[name]
+                    want = {"i": np.int32, "q": np.int64, "f": np.float32}
+                    fwd = []
+                    for code, a in zip(sig, args):
+                        if code == "p":
+                            assert isinstance(a, np.ndarray) or (type(a) is np.uint64 and a == 0), (name, a)
+                            fwd.append(a if isinstance(a, np.ndarray) else None)
+                        else:
+                            assert type(a) is want[code], (name, code, type(a))
+                            fwd.append(a.item())
+                    assert all(type(g) is int for g in grid + block)
+                    emu.launch(name, grid, block, fwd)
+                return call
+
+        return Mod()
+
+    def gemm(self, *args, **kw):
+        self.emu.gemm(*args, **kw)
+
+
+def test_cupy_launch_casts_arguments(emu, monkeypatch):
+    monkeypatch.setattr(_fused, "_OPS_OVERRIDE", _CastCheckOps(emu))
+    rng = np.random.default_rng(8)
+    x, pos, neg = make_points(rng, 20, 30, 4, 10)
+    lab, plab = rng.integers(0, 2, 20), rng.integers(0, 2, 30)
+    vf = dxfield.drift_field(x, pos, neg, include_self=True, labels=lab, pos_labels=plab,
+                             neg_weight=np.float32(0.5), engine="fused")
+    vc = dxfield.drift_field(x, pos, neg, include_self=True, labels=lab, pos_labels=plab,
+                             neg_weight=np.float32(0.5), engine="composed")
+    assert rel_err(vf, vc) < TOL
+    pf = dxfield.ProjectedField.build(pos, landmarks=8, temperatures=0.1)
+    assert rel_err(pf.attraction(x, engine="fused"), pf.attraction(x, engine="composed")) < TOL
 
 
 # -- engine selection ----------------------------------------------------------------------------

@@ -24,6 +24,9 @@
 #define DX_MAX_TEMPS 8  // temperatures per call (the Python side checks)
 #define DX_COL_X 32    // columns per block of the column kernel
 #define DX_COL_Y 8     // row lanes per block of the column kernel
+#ifndef INFINITY        // NVRTC compiles without the C headers that define it
+#define INFINITY __int_as_float(0x7f800000)
+#endif
 
 // Squared distance of query row xrow and target row yrow from their product
 // s = <xc, yc> and squared norms; recomputed directly where the product form
@@ -55,13 +58,13 @@ struct DxTile {
     long long self_offset;  // targets are queries: pair (i, j) is masked when i == j + self_offset
     int has_self;
     const long long* qlab;  // (bq,) query labels or NULL
-    const long long* tlab;  // (bt,) target labels or NULL
+    const long long* tlab;  // (bt,) target labels or NULL (NULL: the targets interact with every query)
     int laplace;            // r = d (1) or d^2 (0)
 };
 
 __device__ __forceinline__ bool dx_masked(const DxTile& t, int i, int j) {
     if (t.has_self && (long long)i == (long long)j + t.self_offset) return true;
-    if (t.qlab != 0 && t.qlab[i] != t.tlab[j]) return true;
+    if (t.qlab != 0 && t.tlab != 0 && t.qlab[i] != t.tlab[j]) return true;  // unlabelled targets meet all
     return false;
 }
 
