@@ -15,7 +15,11 @@ prototypes from it.
 Precision (``precision=``): the GEMMs run through ``cublasGemmEx`` with compute
 type ``CUBLAS_COMPUTE_32F`` (``"float32"``, the default), ``..._FAST_TF32``
 (``"tf32"``) or ``..._FAST_16BF`` (``"bf16"``, inputs rounded to bfloat16 inside
-cuBLAS, float32 accumulation).  The RawKernels always compute in float32.
+cuBLAS, float32 accumulation).  ``"tf32x3"`` splits each operand into two TF32
+parts (``dx_split_tf32``) and takes ``a_hi b_hi + a_hi b_lo + a_lo b_hi`` as ONE
+TF32 product over a three times longer inner dimension: float32-level accuracy
+(about 21 bits) on the tensor cores, at three times the TF32 work.  The
+RawKernels always compute in float32.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ BLOCK = 256  # DX_BLOCK in the source: threads per block of the row kernels
 COL_BLOCK = (32, 8)  # DX_COL_X, DX_COL_Y
 MAX_TEMPERATURES = 8  # DX_MAX_TEMPS
 NVRTC_OPTIONS = ("--std=c++14",)
-PRECISIONS = ("float32", "tf32", "bf16")
+PRECISIONS = ("float32", "tf32x3", "tf32", "bf16")
 
 def _parse_signatures(text: str) -> dict[str, str]:
     """``{kernel: codes}`` from the ``extern "C" __global__`` definitions of the source.
@@ -143,6 +147,8 @@ class CupyOps:
 
         Rows may be strided (views of row ranges); columns must be contiguous.
         """
+        if precision == "tf32x3":
+            return split_gemm(self, a, b, out, trans_b=trans_b, beta=beta)
         from cupy_backends.cuda.api import runtime
         from cupy_backends.cuda.libs import cublas
 
@@ -167,6 +173,31 @@ class CupyOps:
                       p, n, k, alpha_h.ctypes.data, b.data.ptr, runtime.CUDA_R_32F, ldb,
                       a.data.ptr, runtime.CUDA_R_32F, lda, beta_h.ctypes.data,
                       out.data.ptr, runtime.CUDA_R_32F, ldc, compute, cublas.CUBLAS_GEMM_DEFAULT)
+
+
+def split_gemm(ops, a, b, out, *, trans_b: bool = False, beta: float = 0.0) -> None:
+    """``precision="tf32x3"``: ``[a_hi a_hi a_lo] @ [b_hi; b_lo; b_hi]`` as one TF32 GEMM.
+
+    The split operands are three times the size of ``a`` and ``b`` (work space).
+    """
+    xp = ops.xp
+    n, k = a.shape
+    a3 = xp.empty((n, 3 * k), dtype=np.float32)
+    _split(ops, a, a3, axis=1, which=(0, 0, 1))
+    if trans_b:  # b is (p, k): its parts side by side, [b_hi b_lo b_hi]
+        b3 = xp.empty((b.shape[0], 3 * k), dtype=np.float32)
+        _split(ops, b, b3, axis=1, which=(0, 1, 0))
+    else:  # b is (k, p): its parts stacked, [b_hi; b_lo; b_hi]
+        b3 = xp.empty((3 * k, b.shape[1]), dtype=np.float32)
+        _split(ops, b, b3, axis=0, which=(0, 1, 0))
+    ops.gemm(a3, b3, out, trans_b=trans_b, beta=beta, precision="tf32")
+
+
+def _split(ops, src, dst, *, axis: int, which) -> None:
+    rows, cols = src.shape
+    grid = max(1, min(4096, -(-rows * cols // ops.block)))
+    ops.launch("dx_split_tf32", (grid,), (ops.block,),
+               [src, rows, cols, src.strides[0] // 4, dst, dst.strides[0] // 4, axis, *which])
 
 
 def nvcc_compile(path_out: str, arch: str = "sm_80", nvcc: str = "nvcc") -> None:

@@ -45,7 +45,7 @@ from ._cuda import COL_BLOCK, MAX_TEMPERATURES
 
 ENGINES = ("auto", "composed", "fused")
 ENGINE_ENV = "DXFIELD_ENGINE"
-EXACT_PRECISIONS = ("float32", "tf32")
+EXACT_PRECISIONS = ("float32", "tf32x3", "tf32")
 ROW_MARGIN = 20.0  # log-units a row maximum may exceed its reference before the row is rescaled
 ROWS_PER_CHUNK = 256  # query rows per block of the column kernel
 MAX_GRID = 4096  # blocks of the grid-stride kernels
@@ -121,7 +121,7 @@ def _grid(total: int, block: int) -> int:
 class _Tiles:
     """The per-call pieces every tile kernel takes (the DX_TILE_PARAMS of the source)."""
 
-    def __init__(self, es, ops):
+    def __init__(self, es, ops, width: int):
         xp = ops.xp
         self.es, self.ops, self.xp = es, ops, xp
         self.xc = xp.ascontiguousarray(es.xc, dtype=np.float32)
@@ -131,7 +131,8 @@ class _Tiles:
         self.laplace = int(es.kernel == "laplace")
         self.rtol = _rtol()
         self.d = es.d
-        self.S = xp.empty(es.plan.bq * es.plan.bt, dtype=np.float32)
+        self.width = width
+        self.S = xp.empty(es.plan.bq * width, dtype=np.float32)
 
     def row_tiles(self):
         n, bq = self.es.n, self.es.plan.bq
@@ -139,7 +140,7 @@ class _Tiles:
 
     def target_tiles(self):
         xp = self.xp
-        for t, j0, yc, yy, logw, tlab in self.es._target_tiles():
+        for t, j0, yc, yy, logw, tlab in _narrow(self.es._target_tiles(), self.width):
             yield (t, j0, xp.ascontiguousarray(yc, dtype=np.float32), xp.ascontiguousarray(yy, dtype=np.float32),
                    None if logw is None else xp.ascontiguousarray(logw, dtype=np.float32),
                    None if tlab is None else xp.ascontiguousarray(tlab, dtype=np.int64))
@@ -162,10 +163,10 @@ def mean_distance(es) -> float:
     """:meth:`ExactSums.mean_distance` on the fused kernels (sums in float64)."""
     ops = es.ops
     xp = ops.xp
-    tiles = _Tiles(es, ops)
+    tiles = _Tiles(es, ops, _tile_width(es, len(es.coefs)))
     total = xp.zeros((), dtype=np.float64)
     count = xp.zeros((), dtype=np.int64)
-    size = _grid(es.plan.bq * es.plan.bt, ops.block)
+    size = _grid(es.plan.bq * tiles.width, ops.block)
     bsum = xp.empty(size, dtype=np.float64)
     bcnt = xp.empty(size, dtype=np.int64)
     for t, j0, yc, yy, _, tlab in tiles.target_tiles():
@@ -205,20 +206,21 @@ def exact_sweep(es):
     n, d = es.n, es.d
     nt = len(es.coefs)
     bidi = es.bidirectional
-    tiles = _Tiles(es, ops)
+    width = _tile_width(es, nt)
+    tiles = _Tiles(es, ops, width)
     plan = es.plan
     coefs = xp.asarray(np.asarray(es.coefs, dtype=np.float32))
     states = {side: _State(xp, nt, n, d) for side in es.sides}
     scale = xp.empty((nt, n), dtype=np.float32)
     lse_m = xp.full((nt, n), -np.inf, dtype=np.float32) if bidi else None
     lse_s = xp.zeros((nt, n), dtype=np.float32) if bidi else None
-    weights = xp.empty(nt * plan.bq * plan.bt, dtype=np.float32)
+    weights = xp.empty(nt * plan.bq * width, dtype=np.float32)
     chunks_max = -(-plan.bq // ROWS_PER_CHUNK)
     if bidi:
-        part_rmin = xp.empty(chunks_max * plan.bt, dtype=np.float32)
-        part_s = xp.empty(chunks_max * nt * plan.bt, dtype=np.float32)
-        col_rmin = xp.empty(plan.bt, dtype=np.float32)
-        col_s = xp.empty(nt * plan.bt, dtype=np.float32)
+        part_rmin = xp.empty(chunks_max * width, dtype=np.float32)
+        part_s = xp.empty(chunks_max * nt * width, dtype=np.float32)
+        col_rmin = xp.empty(width, dtype=np.float32)
+        col_s = xp.empty(nt * width, dtype=np.float32)
     row_tiles = tiles.row_tiles()
     one_row_tile = len(row_tiles) == 1
     for t, j0, yc, yy, logw, tlab in tiles.target_tiles():
@@ -273,6 +275,46 @@ def exact_sweep(es):
             lse.xp, lse.m, lse.s = xp, lse_m[k], lse_s[k]
             row_lse.append(lse)
     return sums, row_lse
+
+
+def _tile_width(es, nt: int) -> int:
+    """Targets per fused tile under the call's memory budget.
+
+    The composed engine's plan sizes its tiles for its own work space; the fused
+    sweep holds per tile entry the product ``S`` and one weight tile per
+    temperature (plus a three-part split of one weight tile with ``"tf32x3"``),
+    and beyond the tiles the row states of both sides and, with ``"tf32x3"``,
+    split copies of the queries and of a target tile.  With ``block_size`` given
+    the plan's tile shape is kept as it is.
+    """
+    from ._memory import SLACK
+
+    plan = es.plan
+    if es.block_size is not None:
+        return plan.bt
+    n, d, bq = es.n, es.d, plan.bq
+    split = es.precision == "tf32x3"
+    per_entry = 4 * (1 + nt + (3 if split else 0))
+    per_target = 4 * (d + 2) + (12 * d if split else 0)
+    fixed = 4 * (n * d + 2 + len(es.sides) * nt * n * (d + 2) + 4 * nt * n) + (12 * n * d if split else 0)
+    width = (es.budget - SLACK - fixed) // (bq * per_entry + per_target)
+    if width < 1:
+        raise ValueError(f"memory_budget={es.budget} bytes is too small for the fused engine with N={n}, D={d} "
+                         f"and {nt} temperature(s) at precision {es.precision!r}; raise memory_budget "
+                         "or use engine='composed'")
+    return int(min(plan.bt, width))
+
+
+def _narrow(tiles, width: int):
+    """Split the target tiles of the plan into tiles of at most ``width`` targets."""
+    for t, j0, yc, yy, logw, tlab in tiles:
+        if yc.shape[0] <= width:
+            yield t, j0, yc, yy, logw, tlab
+            continue
+        for c0 in range(0, yc.shape[0], width):
+            c = slice(c0, c0 + width)
+            yield (t, j0 + c0, yc[c], yy[c], None if logw is None else logw[c],
+                   None if tlab is None else tlab[c])
 
 
 def kernel_products(ops, x, uc, uu, mu, mats, taus, kernel: str, *, budget: int, tile_entries: int,

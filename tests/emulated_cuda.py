@@ -66,6 +66,13 @@ def build(tmpdir, block: int = 32):
     return EmuOps(ctypes.CDLL(str(lib)), block)
 
 
+def _round_tf32(a):
+    """Round float32 to TF32 (nearest even on 10 mantissa bits), in NumPy."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0xFFF + ((u >> 13) & 1)) & 0xFFFFE000
+    return u.astype(np.uint32).view(np.float32).reshape(a.shape)
+
+
 class EmuOps:
     """``CupyOps``' interface on NumPy arrays: kernels emulated on the CPU, GEMMs by NumPy."""
 
@@ -100,8 +107,14 @@ class EmuOps:
         getattr(self.lib, f"emu_{name}")(grid[0], grid[1], block[0], block[1], *cast)
 
     def gemm(self, a, b, out, *, trans_b=False, beta=0.0, precision="float32"):
+        """NumPy GEMM; "tf32" rounds the inputs to TF32 (10 mantissa bits) like the tensor cores,
+        "tf32x3" goes through dxfield's split (emulated kernel) and two-part TF32 products."""
+        if precision == "tf32x3":
+            return _cuda.split_gemm(self, a, b, out, trans_b=trans_b, beta=beta)
         self.gemm_precisions.append(precision)
-        prod = a @ (b.T if trans_b else b)
+        if precision == "tf32":
+            a, b = _round_tf32(a), _round_tf32(b)
+        prod = a @ (b.T if trans_b else b)  # float32 accumulation, as on the GPU
         if beta == 0.0:
             out[...] = prod
         else:

@@ -58,7 +58,7 @@ def _pair(fn, **kw):
 def test_signatures_parsed_from_the_source():
     sig = _cuda.SIGNATURES
     assert set(sig) == {"dx_dist_sum", "dx_col_partial", "dx_col_merge", "dx_row_pass", "dx_scale_rows",
-                        "dx_kernel_rows"}
+                        "dx_kernel_rows", "dx_split_tf32"}
     tile = "piiippppifqippi"
     assert sig["dx_dist_sum"] == tile + "pp"
     assert sig["dx_row_pass"].startswith(tile) and sig["dx_row_pass"].endswith("f")
@@ -112,6 +112,20 @@ def test_fused_many_tiles_two_pass(fused):
     assert rel_err(vf, ref) < 1e-4
 
 
+def test_fused_narrower_tiles_than_the_plan(fused, monkeypatch):
+    """The fused engine cuts the plan's target tiles to its own width (memory budget)."""
+    rng = np.random.default_rng(10)
+    x, pos, neg = make_points(rng, 30, 50, 4, 20)
+    lab, plab, nlab = rng.integers(0, 2, 30), rng.integers(0, 2, 50), rng.integers(0, 2, 20)
+    kw = dict(neg=neg, include_self=True, labels=lab, pos_labels=plab, neg_labels=nlab,
+              neg_weight=rng.uniform(0.5, 1.5, 20).astype(np.float32))
+    vc = dxfield.drift_field(x, pos, engine="composed", **kw)
+    monkeypatch.setattr(_fused, "_tile_width", lambda es, nt: 7)
+    vf = dxfield.drift_field(x, pos, engine="fused", **kw)
+    assert rel_err(vf, vc) < TOL
+    assert fused.launches["dx_row_pass"] == -(-50 // 7) + -(-30 // 7) + -(-20 // 7)
+
+
 def test_fused_labels_and_raw_units(fused):
     rng = np.random.default_rng(3)
     x, pos = make_points(rng, 40, 60, 4)
@@ -154,6 +168,26 @@ def test_fused_projected_matches_composed(fused, labels):
     assert fused.launches["dx_kernel_rows"] >= 1
     vf, vc = (pf.field(x, labels=qlab, engine=e) for e in ("fused", "composed"))
     assert rel_err(vf, vc) < TOL
+
+
+def test_tf32x3_is_float32_accurate_and_tf32_is_not(fused):
+    """The emulated tensor cores round to TF32: plain TF32 loses ~1e-3, the 3-part split does not."""
+    rng = np.random.default_rng(9)
+    x, pos = make_points(rng, 40, 64, 32)
+    x += 3.0  # away from the origin: products carry large magnitudes
+    pos += 3.0
+    vc = dxfield.drift_field(x, pos, engine="composed")
+    v3 = dxfield.drift_field(x, pos, engine="fused", precision="tf32x3")
+    v1 = dxfield.drift_field(x, pos, engine="fused", precision="tf32")
+    assert fused.launches["dx_split_tf32"] >= 1
+    assert rel_err(v3, vc) < TOL
+    assert rel_err(v1, vc) > 10 * rel_err(v3, vc)
+    a = rng.normal(size=(13, 70)).astype(np.float32) * 100
+    b = rng.normal(size=(70, 9)).astype(np.float32)
+    out = np.empty((13, 9), np.float32)
+    fused.gemm(a, b, out, precision="tf32x3")
+    exact = a.astype(np.float64) @ b
+    assert np.abs(out - exact).max() / np.abs(exact).max() < 2e-6
 
 
 def test_precision_reaches_the_gemms(fused):

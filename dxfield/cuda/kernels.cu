@@ -339,3 +339,35 @@ extern "C" __global__ void dx_kernel_rows(float* S, int bq, int m, int ldS, cons
         if (tid == 0 && shifts != 0) shifts[(long long)k * n_state + i0 + i] = -c * ref;
     }
 }
+
+// ---------------------------------------------------------------------------------
+// 3xTF32 split (precision "tf32x3"): x = hi + lo with hi = tf32(x) and lo = tf32(x - hi),
+// both exactly representable in TF32, so a product of two splits taken as three TF32
+// tensor-core products, a_hi b_hi + a_hi b_lo + a_lo b_hi, keeps about 21 of float32's
+// 24 bits (the a_lo b_lo term is below float32 rounding).  The parts are written
+// side by side: axis 1 -> out[i, q * cols + j], axis 0 -> out[q * rows + i, j], part q
+// being hi when which_q == 0 and lo when which_q == 1.  Grid-stride, 1-D.
+__device__ __forceinline__ float dx_round_tf32(float x) {
+    unsigned int u = __float_as_uint(x);
+    if ((u & 0x7f800000u) == 0x7f800000u) return x;  // inf, nan
+    u += 0x00000fffu + ((u >> 13) & 1u);              // round to nearest even on 10 mantissa bits
+    return __uint_as_float(u & 0xffffe000u);
+}
+
+extern "C" __global__ void dx_split_tf32(const float* in, int rows, int cols, int ld_in, float* out, int ld_out,
+                                         int axis, int which0, int which1, int which2) {
+    long long total = (long long)rows * cols;
+    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        int i = (int)(idx / cols), j = (int)(idx % cols);
+        float x = in[(long long)i * ld_in + j];
+        float hi = dx_round_tf32(x);
+        float lo = dx_round_tf32(x - hi);
+        int which[3] = {which0, which1, which2};
+        for (int q = 0; q < 3; ++q) {
+            float v = which[q] ? lo : hi;
+            if (axis == 1) out[(long long)i * ld_out + (long long)q * cols + j] = v;
+            else out[((long long)q * rows + i) * ld_out + j] = v;
+        }
+    }
+}

@@ -7,6 +7,7 @@
 #pragma once
 #include <barrier>
 #include <cmath>
+#include <cstring>
 #include <math.h>
 #include <thread>
 #include <vector>
@@ -27,6 +28,8 @@ static std::barrier<>* dx_emu_barrier = nullptr;
 #define __restrict__
 
 static inline void __syncthreads() { dx_emu_barrier->arrive_and_wait(); }
+static inline unsigned int __float_as_uint(float x) { unsigned int u; std::memcpy(&u, &x, 4); return u; }
+static inline float __uint_as_float(unsigned int u) { float x; std::memcpy(&x, &u, 4); return x; }
 static inline int min(int a, int b) { return a < b ? a : b; }
 static inline int max(int a, int b) { return a > b ? a : b; }
 
