@@ -332,7 +332,7 @@ def kernel_products(ops, x, uc, uu, mu, mats, taus, kernel: str, *, budget: int,
     n, d = x.shape
     m = uc.shape[0]
     nt = len(mats)
-    per_row = 4 * (m * (1 + nt) + 2 * d + 4)  # product row, kernel rows, centred query
+    per_row = 4 * (m * (1 + nt) + 2 * d + 12)  # product row, kernel rows, centred query
     rows_step = min(n, (budget - SLACK) // per_row, max(1, tile_entries // m))
     if rows_step < 1:
         raise ValueError(f"memory_budget={budget} bytes is too small for a kernel block with m={m}, D={d}: "
@@ -340,8 +340,12 @@ def kernel_products(ops, x, uc, uu, mu, mats, taus, kernel: str, *, budget: int,
     coefs = xp.asarray(np.asarray([logit_coef(kernel, tau) for tau in taus], dtype=np.float32))
     uc = xp.ascontiguousarray(uc, dtype=np.float32)
     uu = xp.ascontiguousarray(uu, dtype=np.float32)
-    mats = [xp.ascontiguousarray(a, dtype=np.float32) for a in mats]
-    outs = [xp.empty((n, a.shape[1]), dtype=np.float32) for a in mats]
+    # Output rows padded to a multiple of 8 floats (32 bytes): cuBLAS's fast kernels, the
+    # tensor-core ones above all, want aligned leading dimensions (D + 2 columns is not).
+    cols = [a.shape[1] for a in mats]
+    padded = [-(-c // 8) * 8 for c in cols]
+    mats = [_padded(xp, a, p) for a, p in zip(mats, padded)]
+    outs = [xp.empty((n, p), dtype=np.float32) for p in padded]
     shifts = xp.zeros((nt, n), dtype=np.float32) if shift_rows else None
     sbuf = xp.empty(rows_step * m, dtype=np.float32)
     kbuf = xp.empty(nt * rows_step * m, dtype=np.float32)
@@ -357,4 +361,13 @@ def kernel_products(ops, x, uc, uu, mu, mats, taus, kernel: str, *, budget: int,
         for k in range(nt):
             ops.gemm(kbuf[k * bq * m:(k + 1) * bq * m].reshape(bq, m), mats[k], outs[k][i0:i0 + bq],
                      precision=precision)
-    return outs, (None if shifts is None else [shifts[k] for k in range(nt)])
+    return [o[:, :c] for o, c in zip(outs, cols)], (None if shifts is None else [shifts[k] for k in range(nt)])
+
+
+def _padded(xp, a, width: int):
+    """``a`` as a contiguous float32 matrix with zero columns appended up to ``width``."""
+    if a.shape[1] == width:
+        return xp.ascontiguousarray(a, dtype=np.float32)
+    out = xp.zeros((a.shape[0], width), dtype=np.float32)
+    out[:, : a.shape[1]] = a
+    return out
