@@ -36,49 +36,36 @@ MAX_TEMPERATURES = 8  # DX_MAX_TEMPS
 NVRTC_OPTIONS = ("--std=c++14",)
 PRECISIONS = ("float32", "tf32x3", "tf32", "bf16")
 
-def _parse_signatures(text: str) -> dict[str, str]:
-    """``{kernel: codes}`` from the ``extern "C" __global__`` definitions of the source.
 
-    Codes: ``p`` pointer, ``i`` int, ``q`` long long, ``f`` float.  Parameter-list
-    macros (``#define NAME ...`` used as a parameter) are expanded first.
-    """
+def declarations(text: str) -> dict[str, list[str]]:
+    """``{kernel: [parameter declarations]}`` from the ``extern "C" __global__`` definitions
+    of the source, parameter-list macros (``#define NAME_PARAMS ...``) expanded."""
     import re
 
     joined = text.replace("\\\n", " ")
     macros = dict(re.findall(r"^#define\s+(\w+_PARAMS)\s+(.*)$", joined, flags=re.M))
     out = {}
     for name, params in re.findall(r'extern "C" __global__ void (\w+)\(([^)]*)\)', joined):
-        codes = []
+        decls = []
         for raw in params.split(","):
             raw = raw.strip()
-            if raw in macros:
-                codes.extend(_parse_params(macros[raw]))
-            else:
-                codes.extend(_parse_params(raw))
-        out[name] = "".join(codes)
+            decls.extend(p.strip() for p in macros.get(raw, raw).split(","))
+        out[name] = [" ".join(d.replace("*", " * ").split()) for d in decls if d.strip()]
     return out
 
 
-def _parse_params(params: str) -> list[str]:
-    codes = []
-    for raw in params.split(","):
-        decl = " ".join(raw.replace("*", " * ").split())
-        if not decl:
-            continue
-        if "*" in decl:
-            codes.append("p")
-        elif decl.startswith("long long"):
-            codes.append("q")
-        elif decl.startswith("int"):
-            codes.append("i")
-        elif decl.startswith("float"):
-            codes.append("f")
-        else:
-            raise ValueError(f"kernels.cu: parameter type of {raw.strip()!r} is not one dxfield launches")
-    return codes
+def _code(decl: str) -> str:
+    """Argument code of one declaration: ``p`` pointer, ``i`` int, ``q`` long long, ``f`` float."""
+    if "*" in decl:
+        return "p"
+    for prefix, code in (("long long", "q"), ("int", "i"), ("float", "f")):
+        if decl.startswith(prefix):
+            return code
+    raise ValueError(f"kernels.cu: parameter type of {decl!r} is not one dxfield launches")
 
 
-SIGNATURES = _parse_signatures(SOURCE_PATH.read_text())
+SIGNATURES = {name: "".join(_code(d) for d in decls)
+              for name, decls in declarations(SOURCE_PATH.read_text()).items()}
 
 
 def source() -> str:

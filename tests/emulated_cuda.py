@@ -25,20 +25,6 @@ HERE = Path(__file__).resolve().parent
 _CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int, "q": ctypes.c_longlong, "f": ctypes.c_float}
 
 
-def _declarations(text: str) -> dict[str, list[str]]:
-    """Kernel name -> its parameter declarations (macros expanded), from the source."""
-    joined = text.replace("\\\n", " ")
-    macros = dict(re.findall(r"^#define\s+(\w+_PARAMS)\s+(.*)$", joined, flags=re.M))
-    out = {}
-    for name, params in re.findall(r'extern "C" __global__ void (\w+)\(([^)]*)\)', joined):
-        decls = []
-        for raw in params.split(","):
-            raw = raw.strip()
-            decls.extend(p.strip() for p in macros.get(raw, raw).split(","))
-        out[name] = [d for d in decls if d]
-    return out
-
-
 def _launcher(name: str, decls: list[str]) -> str:
     names = [re.split(r"[\s*]+", d)[-1] for d in decls]
     params = ", ".join(["unsigned gx", "unsigned gy", "unsigned bx", "unsigned by"] + decls)
@@ -52,7 +38,7 @@ def build(tmpdir, block: int = 32):
         return None
     src = _cuda.source()
     code = ['#include "emulate.h"', f"#define DX_BLOCK {block}", src]
-    code += [_launcher(n, d) for n, d in _declarations(src).items()]
+    code += [_launcher(n, d) for n, d in _cuda.declarations(src).items()]
     cpp = Path(tmpdir) / "dx_emulated.cpp"
     lib = Path(tmpdir) / "libdx_emulated.so"
     cpp.write_text("\n".join(code))
