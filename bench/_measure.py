@@ -17,6 +17,14 @@ resets it to the current RSS.  The baseline is taken after ``gc.collect()`` and
 set-up freed cannot be reused by the measured call without showing up.  If
 ``clear_refs`` cannot be written, a thread samples ``VmRSS`` every millisecond
 instead (it can miss peaks shorter than that).
+
+On a GPU (``device="cuda"``) the peak is the device memory the call takes above
+what was in use before it (inputs included in the baseline), read from the
+allocators: ``torch.cuda.max_memory_allocated`` for torch, and for CuPy a
+tracking allocator around the default memory pool that records the pool's
+high-water mark of bytes in use (:class:`CupyPeak`).  Memory that does not
+come from these allocators (cuBLAS workspaces, loaded kernels, the CUDA
+context) is not counted.  Timed calls are synchronised before and after.
 """
 
 from __future__ import annotations
@@ -25,11 +33,14 @@ import gc
 import json
 import multiprocessing as mp
 import os
+import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import numpy as np
 
 MiB = 2 ** 20
 
@@ -114,22 +125,140 @@ def peak_extra_rss(fn):
 
 
 # --------------------------------------------------------------------------------------
+# GPU: synchronisation, device memory
+# --------------------------------------------------------------------------------------
+def cuda_sync() -> None:
+    """Wait for the GPU work of the libraries this process has used (torch, CuPy)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    cupy = sys.modules.get("cupy")
+    if cupy is not None:
+        cupy.cuda.runtime.deviceSynchronize()
+
+
+def _no_sync() -> None:
+    pass
+
+
+def synchronizer(device: str):
+    """The function that makes a call's work finished when it returns: :func:`cuda_sync` or a no-op."""
+    return cuda_sync if device == "cuda" else _no_sync
+
+
+class CupyPeak:
+    """CuPy allocator: a memory pool's ``malloc``, recording the pool's high-water mark of bytes in use.
+
+    Bytes in use only grow in ``malloc``, so reading ``used_bytes()`` right after
+    each allocation sees every peak.  Install with
+    ``cupy.cuda.set_allocator(CupyPeak(cupy.get_default_memory_pool()).malloc)``.
+    """
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.peak = pool.used_bytes()
+
+    def malloc(self, size):
+        mem = self.pool.malloc(size)
+        used = self.pool.used_bytes()
+        if used > self.peak:
+            self.peak = used
+        return mem
+
+
+def _torch_cuda():
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and torch.cuda.is_initialized() else None
+
+
+def device_bytes_in_use() -> int:
+    """Device bytes held by live torch tensors and live CuPy arrays (default pool) in this process."""
+    n = 0
+    torch = _torch_cuda()
+    if torch is not None:
+        n += torch.cuda.memory_allocated()
+    cupy = sys.modules.get("cupy")
+    if cupy is not None:
+        n += cupy.get_default_memory_pool().used_bytes()
+    return n
+
+
+def memory_in_use_mib(device: str) -> float:
+    """What a set-up step is charged with: resident memory on the CPU, allocator bytes in use on a GPU."""
+    if device == "cuda":
+        cuda_sync()
+        return device_bytes_in_use() / MiB
+    return status_kib("VmRSS")["VmRSS"] / 1024
+
+
+def peak_extra_cuda(fn):
+    """Run ``fn()`` once on the GPU; return ``(result, info)`` with its peak device memory above the baseline."""
+    gc.collect()
+    cuda_sync()
+    torch, cupy = _torch_cuda(), sys.modules.get("cupy")
+    base = device_bytes_in_use()
+    parts = {}
+    t0 = 0  # torch's bytes before the call (0 if the call itself initialises torch's CUDA state)
+    if torch is not None:
+        torch.cuda.reset_peak_memory_stats()
+        t0 = torch.cuda.memory_allocated()
+    if cupy is not None:
+        previous = cupy.cuda.get_allocator()
+        tracker = CupyPeak(cupy.get_default_memory_pool())
+        c0 = tracker.peak
+        cupy.cuda.set_allocator(tracker.malloc)
+    try:
+        out = fn()
+        cuda_sync()
+    finally:
+        if cupy is not None:
+            cupy.cuda.set_allocator(previous)
+    torch = _torch_cuda()
+    if torch is not None:
+        parts["torch_extra_mib"] = (torch.cuda.max_memory_allocated() - t0) / MiB
+    if cupy is not None:
+        parts["cupy_extra_mib"] = (tracker.peak - c0) / MiB
+    return out, {"mechanism": "GPU allocators: torch.cuda.max_memory_allocated, CuPy pool high-water mark "
+                              "(tracking allocator); baseline after the inputs",
+                 "baseline_mib": base / MiB, "extra_mib": sum(parts.values()), **parts}
+
+
+def to_host(a):
+    """A result as a NumPy array: torch tensors (any device), CuPy arrays, NumPy arrays."""
+    if isinstance(a, np.ndarray):
+        return a
+    if hasattr(a, "detach"):  # torch
+        import torch
+
+        a = a.detach().cpu()
+        return (a if a.dtype in (torch.float32, torch.float64) else a.float()).numpy()
+    if type(a).__module__.startswith("cupy"):
+        return a.get()
+    return np.asarray(a)
+
+
+# --------------------------------------------------------------------------------------
 # isolated workers
 # --------------------------------------------------------------------------------------
-def _worker_main(conn, setup, args, warmup_args, measure_memory, traced):
+def _worker_main(conn, setup, args, warmup_args, measure_memory, traced, device="cpu", return_output=False):
     """Body of a :class:`Worker` process.  ``setup(*args)`` returns the zero-argument call."""
+    sync = synchronizer(device)
     try:
-        if warmup_args is not None:  # thread pools, lazily loaded code, first-call caches
+        if warmup_args is not None:  # thread pools, lazily loaded code, first-call caches, kernel compiles
             setup(*warmup_args)()
+            sync()
         fn = setup(*args)
         ready = dict(getattr(fn, "setup_info", None) or {})  # e.g. a cache's build time (not timed below)
         t0 = time.perf_counter()
         if measure_memory:
-            out, mem = peak_extra_rss(fn)
+            out, mem = (peak_extra_cuda if device == "cuda" else peak_extra_rss)(fn)
             ready.update(mem)
         else:
             out = fn()
+            sync()
         ready["first_call_ms"] = (time.perf_counter() - t0) * 1e3
+        if return_output:
+            ready["output"] = to_host(out)
         del out
         conn.send(ready)
     except Exception as e:  # report, never raise
@@ -139,8 +268,10 @@ def _worker_main(conn, setup, args, warmup_args, measure_memory, traced):
         cmd = conn.recv()
         try:
             if cmd == "time":
+                sync()
                 c0, t0 = time.process_time(), time.perf_counter()
                 fn()
+                sync()
                 conn.send({"wall_ms": (time.perf_counter() - t0) * 1e3,
                            "cpu_ms": (time.process_time() - c0) * 1e3})
             elif cmd == "tracemalloc":
@@ -177,19 +308,34 @@ class Worker:
     Work done in ``setup`` (building a cache, say) is neither timed nor counted
     in the peak: the memory baseline is taken after it.  If the returned
     callable has a dict attribute ``setup_info`` (e.g. the build time), its
-    items are sent back in :attr:`ready`.
+    items are sent back in :attr:`ready`; with ``return_output`` so is the
+    first call's result, as a NumPy array (``ready["output"]``).
+
+    ``device="cuda"``: calls are synchronised, and the peak is device memory
+    (:func:`peak_extra_cuda`).  The constructor returns once the process has
+    started; :attr:`ready` waits for the set-up and the first call, so several
+    workers can start side by side (on a GPU their start-up is mostly imports,
+    context creation and kernel compiles; on a small CPU keep them one at a time).
     """
 
     def __init__(self, setup, args, *, warmup_args=None, measure_memory=True, traced=False,
-                 timeout: float = 900.0):
+                 device: str = "cpu", return_output: bool = False, timeout: float = 900.0):
         ctx = mp.get_context("spawn")
         self.timeout = timeout
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker_main, daemon=True,
-                                args=(child, setup, args, warmup_args, measure_memory, traced))
+                                args=(child, setup, args, warmup_args, measure_memory, traced, device,
+                                      return_output))
         self.proc.start()
         child.close()
-        self.ready = self._recv()
+        self._ready = None
+
+    @property
+    def ready(self) -> dict:
+        """What the worker sent after its set-up and first call (``{"error": ...}`` if it failed)."""
+        if self._ready is None:
+            self._ready = self._recv()
+        return self._ready
 
     def _recv(self) -> dict:
         try:
@@ -231,6 +377,11 @@ def run_isolated(func, *args):
 # --------------------------------------------------------------------------------------
 # results
 # --------------------------------------------------------------------------------------
+def _json_default(obj):
+    """NumPy/CuPy scalars and arrays as plain numbers and lists; anything else as its text."""
+    return obj.tolist() if hasattr(obj, "tolist") else str(obj)
+
+
 def write_json_atomic(path: Path, data) -> None:
     """Write ``data`` as JSON to ``path`` via a temporary file and ``os.replace``."""
     path = Path(path)
@@ -238,7 +389,7 @@ def write_json_atomic(path: Path, data) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
+            json.dump(data, f, indent=2, default=_json_default)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())

@@ -1,6 +1,8 @@
 """Benchmark: dxfield's exact and projected drifting fields against the peers' full-matrix Algorithm 2.
 
-Two suites (``--suite``; every option given on the command line overrides the preset):
+Three suites (``--suite``; every option given on the command line overrides the preset), on
+``--device cpu`` (default; NumPy inputs) or ``--device cuda`` (CuPy inputs; the peer runs torch
+on the same GPU):
 
 * ``exact`` (default): G=1024, P=16384, D=512, temperatures (0.02, 0.05, 0.2),
   methods ``peer dxfield dxfield@16MiB``, 7 repeats -> ``field-<host-kind>.json``.
@@ -10,117 +12,177 @@ Two suites (``--suite``; every option given on the command line overrides the pr
   ``peer dxfield projected projected@m=512``, 5 repeats, no float64 peer ->
   ``field-projected-<host-kind>.json``.  Goal: ``projected`` at least 40x faster
   than ``peer`` (best times); the report states met / NOT met and the flop bound.
+* ``grid``: every method over a grid of shapes (G, P, D, m) (``--grid GxPxD[xm] ...``),
+  one temperature 0.05 -> ``field-grid-<host-kind>.json`` (written after each
+  shape, so a run cut short keeps the shapes it finished).  Default grid and methods:
 
-What is compared
-----------------
-* ``dxfield`` -- ``dxfield.drift_field(x, pos)`` with its defaults: bidirectional
-  normalisation (Algorithm 2 of the drifting paper), temperatures
-  (0.02, 0.05, 0.2), ``feature_scale="auto"``, ``drift_norm=True``, negatives =
-  the queries with self pairs masked.  NumPy float32 inputs; tiled, memory
-  bounded by ``memory_budget`` (default 64 MiB).  ``dxfield@16MiB`` is the same
-  call with ``memory_budget="16MiB"`` to show the memory/time trade-off: at the
-  default shape its tiles can no longer span all 1024 queries, so each target
-  tile is swept twice (column sums, then row sums).  A budget below what
-  dxfield's per-query accumulators need makes it raise ValueError; such a row
-  is reported as an error, not raised.
-* ``peer`` -- :func:`peer_field` below: the same field written in torch the way
-  the public reimplementations of the drifting paper write it: one
-  ``torch.cdist`` over the concatenated targets ``[pos, x]``, the self pairs
-  pushed away by +1e6, then per temperature a row softmax and a column softmax
-  of the full G x (P + G) logits, ``A = sqrt(row * col)``, the W+/W- weighting and
-  two matmuls.  float32, ``torch.no_grad()``.
-* ``projected`` / ``projected@m=<m>`` -- ``dxfield.ProjectedField``: set-up (not
-  timed; reported as "build time", measured in the worker) is
-  ``ProjectedField.build(pos, landmarks=m, method="uniform",
-  temperatures=TEMPS, feature_scale="auto")`` plus one call on 4 queries that
-  makes the cache's float32 working copies; the timed call is ``pf.field(x)``:
-  Nystrom attraction over ALL P positives from the cached folded summaries,
-  exact row-normalised repulsion over the G queries (self pairs masked),
-  ``drift_norm=True``.  ``m`` defaults to ``--landmarks`` (1024).
+  - CPU (about 3-5 min on 2 cores): 256x4096x128 m=256, 1024x4096x256 m=512,
+    1024x16384x512 m=1024, 2048x16384x512 m=1024, 4096x16384x256 m=1024,
+    1024x65536x512 m=1024 (the projected suite's shape);
+    ``peer dxfield projected attraction``; 3 repeats.
+  - CUDA: the issue's GPU goal shape G=4096, P=65536, D=512, m=1024 (exact field
+    2*G*(P+G)*D*2 = 584 GFLOP; attraction 2*G*m*D + 2*G*m*(D+1) = 8.6 GFLOP), then
+    1024x16384x512 m=1024 (the CPU suites' shape); ``peer dxfield fused fused-tf32
+    projected projected-tf32 projected-bf16 attraction attraction-tf32
+    attraction-bf16``; 5 repeats.
+  - ``--quick``: 64x512x32 m=64 and 128x1024x64 m=128, 3 repeats (seconds).
 
-All methods use the same temperatures (``--temperatures``).
+Methods (``--methods``; a ``-tf32`` / ``-bf16`` suffix picks the precision, float32 otherwise)
+--------------------------------------------------------------------------------------------
+* ``peer`` -- :func:`peer_field` below: the field written in torch the way the
+  public reimplementations of the drifting paper write it: one ``torch.cdist``
+  over the concatenated targets ``[pos, x]``, the self pairs pushed away by
+  +1e6, then per temperature a row softmax and a column softmax of the full
+  G x (P + G) logits, ``A = sqrt(row * col)``, the W+/W- weighting and two
+  matmuls.  float32 (torch's default matmul precision, no TF32),
+  ``torch.no_grad()``, on the benchmark's device.  ``peer-f64``: the same in float64.
+* ``dxfield`` / ``dxfield@<budget>`` -- ``dxfield.drift_field(x, pos,
+  engine="composed")``, the composed NumPy/CuPy path, with its defaults:
+  bidirectional normalisation (Algorithm 2), ``feature_scale="auto"``,
+  ``drift_norm=True``, negatives = the queries with self pairs masked; tiled,
+  memory bounded by ``memory_budget`` (dxfield's default, or ``<budget>``, e.g.
+  ``dxfield@16MiB``: at the exact suite's shape its tiles can no longer span
+  all 1024 queries, so each target tile is swept twice).  A budget below what
+  the per-query accumulators need makes it raise ValueError: an error row.
+* ``fused`` / ``fused-tf32`` -- ``drift_field(x, pos, engine="fused",
+  precision="float32"|"tf32")``: the CuPy RawKernel engine (GPU only; on NumPy
+  inputs it raises ValueError, reported as an error row).
+* ``projected`` / ``projected-tf32`` / ``projected-bf16`` (``@m=<m>`` for other
+  than the shape's landmarks) -- ``dxfield.ProjectedField``: set-up (not timed;
+  reported as "build time") is ``ProjectedField.build(pos, landmarks=m,
+  method="uniform", temperatures=TEMPS, feature_scale="auto")`` plus one call
+  on 4 queries that makes the cache's working copies on the device; the timed
+  call is ``pf.field(x, engine=..., precision=...)``: Nystrom attraction over ALL P
+  positives from the cached folded summaries, exact row-normalised repulsion
+  over the G queries (self pairs masked), ``drift_norm=True``.
+* ``attraction`` / ``attraction-tf32`` / ``attraction-bf16`` -- the same cache,
+  timed call ``pf.attraction(x, engine=..., precision=...)``: the barycentres b+ alone, the
+  part whose cost is O(G m D) (the attraction goal).
+
+All methods use the same temperatures (``--temperatures``).  dxfield's
+``engine`` is always explicit (so ``$DXFIELD_ENGINE`` cannot change what is
+measured): "composed" for ``dxfield``, "fused" for ``fused``, and for the
+projected and attraction methods "composed" on the CPU and "fused" on a GPU
+(where "auto" would fall back to the composed path, with only a warning, if the
+kernels failed to compile).  A keyword the installed dxfield does not know
+(TypeError) or a precision/engine the device cannot do (ValueError) is
+reported as an error row, never raised.
 
 What is measured
 ----------------
-1. Agreement (first, before any timing): max |V_method - V_peer| / max |V_peer|
-   over all entries, and the same against the peer run in float64 (the closest
-   thing to ground truth at this size; ``--no-f64`` skips it; the projected
-   suite always skips it).
-   Projected methods approximate a different field, the row-normalised one
-   (design.md 2.2), so their error is taken against
-   ``V_row = dxfield.drift_field(x, pos, normalization="row", temperatures=TEMPS,
-   feature_scale=S)`` with ``S = pf.feature_scale`` (the cache's fixed scale):
-   ``||V_proj - V_row||_F / ||V_row||_F`` and ``max|V_proj - V_row| / max|V_row|``;
-   also ``pf.diagnostics(x, pos)["attraction_relative_error"]``
-   (``|b+_proj - b+| / |b+ - x|`` per temperature) and, per temperature, the
-   cancellation factor ``|b+ - x| / |b+ - b-|`` (exact; ``b+`` from a float64
-   ``dxfield.kernel_matvec``): the exact repulsion is common to both fields, so
-   the field's relative error is about the attraction's times this factor.
-   For context only, the row field's difference from the peer's bidirectional
-   field is printed too: they are different fields by design (and the peer's
-   ``S`` comes from all query-target pairs, the cache's from the positives).
-2. Each method gets its own spawned worker process (``bench/_measure.py``):
-   separate processes because torch's OpenMP pool and NumPy's OpenBLAS pool
-   spin-wait after each call, and on 2 cores a call of one library right after
-   the other's runs 2-3x slower.
-3. Peak extra memory: the worker imports, builds the inputs, runs the method
-   once on a tiny problem (thread pools, lazily loaded code), frees it,
-   ``gc.collect()`` + ``malloc_trim(0)``, resets the resident high-water mark
-   (``5`` > ``/proc/self/clear_refs``, Linux >= 4.0; checked), runs the real call
-   once and reads ``VmHWM``: extra = VmHWM - VmRSS before the call.  Fallback
-   where ``clear_refs`` is not writable: VmRSS sampled every 1 ms.  The extra
-   includes the output V (G x D).  For NumPy methods the worker also reports
-   the ``tracemalloc`` peak of one more call as a cross-check (NumPy reports
-   its buffers to tracemalloc; torch does not).  A projected cache is built
+1. Each method gets its own spawned worker process (``bench/_measure.py``): on
+   the CPU because torch's OpenMP pool and NumPy's OpenBLAS pool spin-wait
+   after each call (on 2 cores a call of one library right after the other's
+   runs 2-3x slower); on a GPU so that one method's fault (a kernel error
+   poisons its CUDA context) cannot take the others down, and so that each
+   allocator's peak is the method's own.  CPU workers start one at a time; GPU
+   workers start side by side (their start-up is imports, context creation and
+   kernel compiles).
+2. Warm-up: the worker first runs the method on a tiny problem (16 queries, 64
+   positives: thread pools, lazily loaded code, NVRTC compiles, cuBLAS
+   handles), then builds the real inputs (and a projected cache), then makes
+   one real call, which is also the warm-up of the timed calls.
+3. Peak extra memory of that first call.  CPU: resets the resident high-water
+   mark (``5`` > ``/proc/self/clear_refs``, Linux >= 4.0; checked) after
+   ``gc.collect()`` + ``malloc_trim(0)`` and reads ``VmHWM``: extra = VmHWM -
+   VmRSS before the call (fallback: VmRSS sampled every 1 ms).  For NumPy
+   methods the worker also reports the ``tracemalloc`` peak of one more call as
+   a cross-check.  GPU: device bytes above those in use before the call (the
+   inputs are allocated before the baseline): ``torch.cuda.max_memory_allocated``
+   (peak stats reset first) for torch, and for CuPy a tracking allocator around
+   the default memory pool's ``malloc`` that records the pool's high-water mark
+   of bytes in use.  Both include the output.  A projected cache is built
    before the baseline, so it is not in the extra; its size is reported
    separately: ``4*(m*D + n_temps*(m*(D+1) + m*m))`` bytes (float32 landmarks,
-   folded summaries ``A [G | t]``, factors ``A``), the float64 host arrays
-   the cache keeps (landmarks, and per temperature ``A``, ``G``, ``t``), and
-   the worker's measured RSS growth over the build.
-4. Time: that first call is the warm-up; then ``--repeats`` rounds, each timing
-   one call per method (``time.perf_counter`` inside the worker), the order
-   rotated every round and ``--pause`` s idle before each call, so a slow spell
-   of the machine hits all methods alike.  Best and median are reported (CPU
-   time per call goes to the JSON).  Effective GFLOP/s: the exact methods
-   (peer, dxfield) are credited ``2*G*(G+P)*D`` (distances) ``+ n_temps *
-   2*G*(G+P)*D`` (weighted sums); work a method does beyond that (dxfield's
-   extra distance sweep for the mean distance, for instance) is not credited.
-   Projected: ``2*G*m*D`` (query-landmark distances) ``+ n_temps*2*G*m*(D+1)``
-   (kernel block times the folded matrix) ``+ 2*G*G*D + n_temps*2*G*G*D``
-   (exact repulsion).  The ratio of the two counts bounds the speed-up at
-   equal GFLOP/s (32.5x at the projected suite's shape: 139.6 vs 4.30 GFLOP),
-   so 40x needs the projected call to run at a higher rate than the peer; the
-   report gives each method's rate as a share of NumPy's sgemm.
-5. Reference rates: NumPy and torch sgemm at (G x D) @ (D x P) on this machine,
-   each in its own process, after the timed calls (the machine's state during
-   them, throttling included); with projected methods also NumPy at
-   (G x D) @ (D x m).
+   folded summaries ``A [G | t]``, factors ``A``), the float64 host arrays the
+   cache keeps, and the memory the build took (RSS growth on the CPU, allocator
+   bytes on a GPU).
+4. Agreement, from the first call's output (sent back by the worker):
+   max |V - V_ref| / max |V_ref| over all entries (``max_rel``) and
+   ||V - V_ref||_F / ||V_ref||_F (``fro_rel``), against
 
-Output: a markdown table on stdout (with projected methods: a speed table,
-then a cache-and-accuracy table), and the same data as JSON in
-``bench/results/field-<host-kind>.json`` or ``field-projected-<host-kind>.json``
-(written atomically).  Benchmarks print and save figures; they never assert.
+   - the peer (``vs peer``): the same field for the exact methods; the
+     projected ones approximate a different field (below), so theirs is context;
+   - the float64 peer (exact suite; ``--no-f64`` skips it, the projected and
+     grid suites always do);
+   - a reference method (``vs ref``): ``fused`` and ``fused-tf32`` against
+     ``dxfield`` (composed, float32): goal ``max_rel`` <= 1e-5 in float32 and
+     <= 1e-3 in TF32; the ``-tf32``/``-bf16`` projected and attraction methods
+     against their float32 version (the precision's own effect);
+   - projected methods, in their worker (same device): the exact
+     row-normalised field they approximate (design.md 2.2),
+     ``V_row = dxfield.drift_field(x, pos, normalization="row",
+     temperatures=TEMPS, feature_scale=S, engine="composed")`` with ``S =
+     pf.feature_scale`` (the cache's fixed scale).  The projected suite adds
+     ``pf.diagnostics(x, pos)["attraction_relative_error"]`` (``|b+_proj - b+|
+     / |b+ - x|`` per temperature) and, per temperature, the cancellation factor
+     ``|b+ - x| / |b+ - b-|`` (exact; ``b+`` from a float64
+     ``dxfield.kernel_matvec``): the exact repulsion is common to both fields,
+     so the field's relative error is about the attraction's times this factor;
+     and, for context, the row field's difference from the peer's bidirectional
+     field (different fields by design; the peer's ``S`` comes from all
+     query-target pairs, the cache's from the positives).
+5. Time: ``--repeats`` rounds, each timing one call per method
+   (``time.perf_counter`` inside the worker; on a GPU around a call
+   synchronised before and after), the order rotated every round and
+   ``--pause`` s idle before each call (0.3 s on the CPU, 0.05 s on a GPU), so
+   a slow spell of the machine hits all methods alike.  Best and median are
+   reported (CPU time per call goes to the JSON).
+6. Effective GFLOP/s: the exact methods (peer, dxfield, fused) are credited
+   ``2*G*(G+P)*D`` (distances) ``+ n_temps * 2*G*(G+P)*D`` (weighted sums);
+   work a method does beyond that (dxfield's extra distance sweep for the mean
+   distance, for instance) is not credited.  Projected: ``2*G*m*D``
+   (query-landmark distances) ``+ n_temps*2*G*m*(D+1)`` (kernel block times the
+   folded matrix) ``+ 2*G*G*D + n_temps*2*G*G*D`` (exact repulsion);
+   attraction: the first two terms.  The ratio of the counts bounds the
+   speed-up at equal GFLOP/s (32.5x at the projected suite's shape: 139.6 vs
+   4.30 GFLOP).
+7. Reference matrix products on the same device, each library in its own
+   process, after the timed calls (the machine's state during them), best of 5:
+   (G x D) @ (D x P) and, with projected or attraction methods, (G x D) @ (D x m).
+   CPU: NumPy's BLAS and torch, float32.  GPU: cuBLAS through torch in float32
+   (TF32 off), TF32 and bfloat16, and through CuPy in float32.  A rate is
+   timed over enough back-to-back products to span about 5 ms (one product at
+   the benchmark shapes), so at small shapes it is a throughput.  Each
+   method's share = its GFLOP/s / the best float32 rate at its own product
+   shape (P for exact methods, m for projected/attraction), and "same
+   precision" = / the best rate in its precision (TF32, bf16).  A share near
+   100% means the method runs as fast as one matrix product of its size could.
+
+Output: a markdown table on stdout (with projected methods: a speed table, then
+a cache-and-accuracy table; the grid: one table over all shapes, the matmul
+rates, and the key figures last), and the same data as JSON in
+``bench/results/`` (written atomically).  ``--summarize FILE`` prints the key
+figures of a grid JSON again.  Benchmarks print and save figures; they never assert.
 
 Run::
 
     python bench/field.py                    # G=1024, P=16384, D=512 (~1-2 min on 2 cores)
     python bench/field.py --suite projected  # G=1024, P=65536, D=512, m=1024, tau=0.05 (~2-3 min)
+    python bench/field.py --suite grid       # CPU grid (~3-5 min on 2 cores)
+    python bench/field.py --suite grid --device cuda        # GPU grid incl. the goal shape
+    python bench/field.py --suite grid --grid 1024x16384x512x1024 4096x65536x512 --methods peer fused
     python bench/field.py --suite projected --methods peer projected@m=2048 --repeats 3
     python bench/field.py --quick            # tiny smoke run (seconds; its times are
                                              # thread wake-up latency, not throughput)
+    python bench/field.py --suite grid --quick
     python bench/field.py -G 512 -P 8192 -D 256 --repeats 3
     python bench/field.py --methods peer dxfield dxfield@32MiB --memory-budget 48MiB
     python bench/field.py --profile          # also cProfile one dxfield call
+    python bench/field.py --summarize bench/results/field-grid-h100.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import gc
+import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -129,21 +191,42 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import MiB, Worker, malloc_trim, run_isolated, status_kib, write_json_atomic  # noqa: E402
+from _measure import (MiB, Worker, malloc_trim, memory_in_use_mib, run_isolated, synchronizer,  # noqa: E402
+                      to_host, write_json_atomic)
 
 HERE = Path(__file__).resolve().parent
 TEMPERATURES = (0.02, 0.05, 0.2)
-DEFAULT_METHODS = ("peer", "dxfield", "dxfield@16MiB")
 DEFAULT_LANDMARKS = 1024
-# presets: --suite NAME fills every option left unset on the command line
+DEFAULT_METHODS = ("peer", "dxfield", "dxfield@16MiB")
+GOAL_SHAPE = (4096, 65536, 512, 1024)  # the issue's GPU goal: G, P, D, m (one temperature 0.05)
+GRIDS = {
+    "cpu": [(256, 4096, 128, 256), (1024, 4096, 256, 512), (1024, 16384, 512, 1024),
+            (2048, 16384, 512, 1024), (4096, 16384, 256, 1024), (1024, 65536, 512, 1024)],
+    "cuda": [GOAL_SHAPE, (1024, 16384, 512, 1024)],
+    "quick": [(64, 512, 32, 64), (128, 1024, 64, 128)],
+}
+GRID_METHODS = {
+    "cpu": ["peer", "dxfield", "projected", "attraction"],
+    "cuda": ["peer", "dxfield", "fused", "fused-tf32", "projected", "projected-tf32", "projected-bf16",
+             "attraction", "attraction-tf32", "attraction-bf16"],
+}
+# presets: --suite NAME fills every option left unset on the command line; a value given per
+# device ({"cpu": ..., "cuda": ...}) is taken for --device
 SUITES = {
     "exact": dict(G=1024, P=16384, D=512, repeats=7, methods=list(DEFAULT_METHODS),
                   temperatures=list(TEMPERATURES), landmarks=DEFAULT_LANDMARKS),
     "projected": dict(G=1024, P=65536, D=512, repeats=5, landmarks=DEFAULT_LANDMARKS,
                       methods=["peer", "dxfield", "projected", "projected@m=512"],
                       temperatures=[0.05]),  # DriftXpress release setting: one temperature
+    "grid": dict(grid=GRIDS, repeats={"cpu": 3, "cuda": 5}, methods=GRID_METHODS, temperatures=[0.05],
+                 landmarks=DEFAULT_LANDMARKS),
 }
-PROJECTED_GOAL = 40.0  # the issue's "Done when": projected >= 40x faster than the peer
+# seconds a worker may take to answer (set-up + first call, or one timed call) before its method
+# becomes an error row: on a GPU a hung kernel must not eat the whole run
+WORKER_TIMEOUT = {"cpu": 900.0, "cuda": 120.0}
+PROJECTED_GOAL = 40.0  # the projected issue's "Done when": projected >= 40x faster than the peer
+FUSED_GOAL = {"float32": 1e-5, "tf32": 1e-3}  # max rel difference, fused vs composed
+CACHE_FAMILIES = ("projected", "attraction")  # methods that run on a ProjectedField cache
 
 
 # --------------------------------------------------------------------------------------
@@ -162,11 +245,26 @@ def make_data(G: int, P: int, D: int, seed: int = 0, n_modes: int = 16):
     return x, pos
 
 
+def parse_shape(spec: str, default_landmarks: int = DEFAULT_LANDMARKS) -> tuple[int, int, int, int]:
+    """``"GxPxD"`` or ``"GxPxDxm"`` (``x`` or ``,`` between the numbers) -> ``(G, P, D, m)``."""
+    parts = re.split(r"[x,]", spec.strip().lower())
+    if len(parts) in (3, 4) and all(p.isdigit() and int(p) > 0 for p in parts):
+        G, P, D, *m = (int(p) for p in parts)
+        return G, P, D, (m[0] if m else int(default_landmarks))
+    raise SystemExit(f"--grid: bad shape {spec!r}: use GxPxD or GxPxDxm with positive integers, "
+                     "e.g. 4096x65536x512x1024")
+
+
+def shape_name(shape) -> str:
+    G, P, D, m = shape
+    return f"{G}x{P}x{D} m={m}"
+
+
 # --------------------------------------------------------------------------------------
 # the peer: full-matrix Algorithm 2 in torch, as the public reimplementations write it
 # --------------------------------------------------------------------------------------
 def peer_field(x, pos, temperatures=TEMPERATURES):
-    """Bidirectional drifting field with full G x (P + G) matrices (torch).
+    """Bidirectional drifting field with full G x (P + G) matrices (torch, any device).
 
     Mirrors dxfield.drift_field(x, pos) defaults: feature_scale="auto",
     drift_norm=True, negatives = queries with self pairs masked.
@@ -200,43 +298,131 @@ def peer_field(x, pos, temperatures=TEMPERATURES):
 # --------------------------------------------------------------------------------------
 # methods
 # --------------------------------------------------------------------------------------
-def parse_method(name: str, default_budget, default_landmarks=DEFAULT_LANDMARKS):
-    """Method name -> (kind, parameter).
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One benchmarked call: ``family`` (peer, peer-f64, dxfield, fused, projected, attraction),
+    its ``precision``, and the memory ``budget`` (dxfield, fused) or landmarks ``m`` (cache methods)."""
 
-    ``peer``, ``peer-f64`` -> (name, None); ``dxfield`` / ``dxfield@<budget>`` ->
-    ("dxfield", budget); ``projected`` / ``projected@m=<m>`` (or ``projected@<m>``)
-    -> ("projected", m).
+    name: str
+    family: str
+    precision: str = "float32"
+    budget: str | None = None
+    m: int | None = None
+    engine: str | None = None  # dxfield's engine= (None for the peer)
+
+    @property
+    def uses_cache(self) -> bool:
+        return self.family in CACHE_FAMILIES
+
+    @property
+    def is_peer(self) -> bool:
+        return self.family.startswith("peer")
+
+    @property
+    def product(self) -> str:
+        """Which reference product its share is taken of: ``"P"`` or ``"m=<m>"``."""
+        return f"m={self.m}" if self.uses_cache else "P"
+
+    @property
+    def label(self) -> str:
+        p = "" if self.precision == "float32" else f", {self.precision}"
+        if self.family == "peer":
+            return "peer (torch, full matrices)"
+        if self.family == "peer-f64":
+            return "peer (torch, float64)"
+        if self.family == "dxfield":
+            return f"dxfield composed ({self.budget or 'default'} budget{p})"
+        if self.family == "fused":
+            return f"fused kernel ({self.precision}" + (f", {self.budget} budget)" if self.budget else ")")
+        e = ", fused" if self.engine == "fused" else ""
+        if self.family == "projected":
+            return f"projected (m={self.m}, exact repulsion{e}{p})"
+        return f"attraction only (m={self.m}{e}{p})"
+
+
+_METHOD_RE = re.compile(r"(peer-f64|peer|dxfield|fused|projected|attraction)(?:-(tf32|bf16))?(?:@(.+))?")
+
+
+def parse_method(name: str, default_budget=None, default_landmarks=DEFAULT_LANDMARKS,
+                 device: str = "cpu") -> Method:
+    """Method name -> :class:`Method`.
+
+    ``peer``, ``peer-f64``; ``dxfield[-tf32][@<budget>]`` (engine "composed"),
+    ``fused[-tf32][@<budget>]`` (engine "fused"; budget e.g. ``16MiB``, default
+    ``default_budget``); ``projected[-tf32|-bf16][@m=<m>]``,
+    ``attraction[-tf32|-bf16][@m=<m>]`` (``@<m>`` also works; default
+    ``default_landmarks``; engine "composed" on the CPU, "fused" on a GPU, so
+    that a GPU run cannot silently fall back to the composed path).  Whether a
+    precision is supported is the library's business: an unsupported one is an error row.
     """
-    if name in ("peer", "peer-f64"):
-        return name, None
-    if name == "dxfield":
-        return "dxfield", default_budget
-    if name.startswith("dxfield@"):
-        return "dxfield", name.split("@", 1)[1]
-    if name == "projected":
-        return "projected", int(default_landmarks)
-    if name.startswith("projected@"):
-        spec = name.split("@", 1)[1]
-        spec = spec[2:] if spec.startswith("m=") else spec
-        if spec.isdigit() and int(spec) > 0:
-            return "projected", int(spec)
-    raise SystemExit(f"unknown method {name!r}: use peer, peer-f64, dxfield, dxfield@<budget> (e.g. dxfield@16MiB), "
-                     "projected or projected@m=<landmarks> (e.g. projected@m=512)")
+    mo = _METHOD_RE.fullmatch(name)
+    if mo:
+        family, precision, param = mo.group(1), mo.group(2) or "float32", mo.group(3)
+        if family in ("peer", "peer-f64"):
+            if precision == "float32" and param is None:
+                return Method(name, family, "float64" if family == "peer-f64" else "float32")
+        elif family in ("dxfield", "fused"):
+            return Method(name, family, precision, budget=param if param is not None else default_budget,
+                          engine="composed" if family == "dxfield" else "fused")
+        else:
+            spec = str(default_landmarks) if param is None else param
+            spec = spec[2:] if spec.startswith("m=") else spec
+            if spec.isdigit() and int(spec) > 0:
+                return Method(name, family, precision, m=int(spec),
+                              engine="fused" if device == "cuda" else "composed")
+    raise SystemExit(f"unknown method {name!r}: use peer, peer-f64, dxfield[@<budget>] (e.g. dxfield@16MiB), "
+                     "fused, fused-tf32, projected[-tf32|-bf16][@m=<m>] (e.g. projected@m=512), "
+                     "attraction[-tf32|-bf16][@m=<m>]")
 
 
-def method_label(name: str, default_budget, default_landmarks=DEFAULT_LANDMARKS) -> str:
-    kind, param = parse_method(name, default_budget, default_landmarks)
-    if kind == "peer":
-        return "peer (torch, full matrices)"
-    if kind == "peer-f64":
-        return "peer (torch, float64)"
-    if kind == "projected":
-        return f"projected (m={param}, exact repulsion)"
-    return f"dxfield ({param or 'default 64MiB'} budget)"
+def method_flops(mt: Method, G: int, P: int, D: int, nt: int) -> float:
+    """Flops credited to one call (see the module docstring)."""
+    if mt.uses_cache:
+        m = min(mt.m, P)
+        attraction = 2.0 * G * m * D + nt * 2.0 * G * m * (D + 1)
+        return attraction if mt.family == "attraction" else attraction + 2.0 * G * G * D + nt * 2.0 * G * G * D
+    return 2.0 * G * (G + P) * D * (1 + nt)
 
 
-def is_projected(name: str) -> bool:
-    return name == "projected" or name.startswith("projected@")
+def reference_of(mt: Method, methods: list[Method]) -> Method | None:
+    """The method ``mt`` is compared with beyond the peer: fused (and tf32 variants of dxfield) ->
+    ``dxfield`` composed float32 at the default budget; tf32/bf16 projected or attraction -> the
+    float32 one with the same landmarks."""
+    if mt.family == "fused" or (mt.family == "dxfield" and mt.precision != "float32"):
+        want = lambda o: o.family == "dxfield" and o.precision == "float32" and o.budget == mt.budget  # noqa: E731
+        alt = lambda o: o.family == "dxfield" and o.precision == "float32"  # noqa: E731
+        return next((o for o in methods if want(o)), None) or next((o for o in methods if alt(o)), None)
+    if mt.uses_cache and mt.precision != "float32":
+        return next((o for o in methods if o.family == mt.family and o.m == mt.m and o.precision == "float32"),
+                    None)
+    return None
+
+
+def cache_mib(m: int, D: int, nt: int) -> dict:
+    """Size of a projected cache with ``m`` landmarks.
+
+    ``f32``: m*D (landmarks) + per temperature m*(D+1) (folded ``A [G | t]``) +
+    m*m (factor ``A``), float32.  ``f64_host``: the float64 host arrays the
+    cache keeps (and saves): landmarks, and per temperature factor, ``G`` (m x D) and ``t``.
+    """
+    return {"f32": (m * D + nt * (m * (D + 1) + m * m)) * 4 / MiB,
+            "f64_host": (m * D + nt * (m * m + m * D + m)) * 8 / MiB}
+
+
+def place(mt: Method, x, pos, device: str):
+    """The inputs where the method takes them: torch tensors for the peer, NumPy on the CPU, CuPy on a GPU."""
+    if mt.is_peer:
+        import torch
+
+        xt, pt = torch.from_numpy(x), torch.from_numpy(pos)
+        if mt.family == "peer-f64":
+            xt, pt = xt.double(), pt.double()
+        return (xt.cuda(), pt.cuda()) if device == "cuda" else (xt, pt)
+    if device == "cuda":
+        import cupy
+
+        return cupy.asarray(x), cupy.asarray(pos)
+    return x, pos
 
 
 def build_projected(pos, m: int, temperatures, seed: int = 0):
@@ -253,103 +439,130 @@ def build_projected(pos, m: int, temperatures, seed: int = 0):
     return pf, time.perf_counter() - t0
 
 
-def cache_mib(m: int, D: int, nt: int) -> dict:
-    """Size of a projected cache with ``m`` landmarks.
+def prepare(mt: Method, x, pos, temperatures=TEMPERATURES):
+    """A zero-argument callable that runs the method on inputs already placed (:func:`place`).
 
-    ``f32``: what the brief counts, m*D (landmarks) + per temperature m*(D+1)
-    (folded ``A [G | t]``) + m*m (factor ``A``), float32.  ``f64_host``: the
-    float64 host arrays the cache keeps (and saves): landmarks, and per
-    temperature factor, ``G`` (m x D) and ``t``.
+    Cache methods build the cache here (not part of the call) and make its
+    working copies with one call on 4 queries; the callable carries ``pf`` and
+    ``setup_info`` (build time, m, the cache's feature scale).
     """
-    return {"f32": (m * D + nt * (m * (D + 1) + m * m)) * 4 / MiB,
-            "f64_host": (m * D + nt * (m * m + m * D + m)) * 8 / MiB}
-
-
-def method_flops(name: str, G: int, P: int, D: int, nt: int, default_landmarks=DEFAULT_LANDMARKS) -> float:
-    """Flops credited to one call (see the module docstring)."""
-    kind, m = parse_method(name, None, default_landmarks)
-    if kind == "projected":
-        m = min(m, P)
-        return 2.0 * G * m * D + nt * 2.0 * G * m * (D + 1) + 2.0 * G * G * D + nt * 2.0 * G * G * D
-    return 2.0 * G * (G + P) * D * (1 + nt)
-
-
-def prepare(name: str, x, pos, default_budget, temperatures=TEMPERATURES, landmarks=DEFAULT_LANDMARKS):
-    """Return a zero-argument callable that runs the method and returns its V (native type).
-
-    For ``projected`` the cache is built here (not part of the call); the
-    callable carries ``setup_info`` (build time, m) and ``pf``.
-    """
-    kind, param = parse_method(name, default_budget, landmarks)
     temperatures = tuple(temperatures)
-    if kind.startswith("peer"):
-        import torch
-
-        xt, pt = torch.from_numpy(x), torch.from_numpy(pos)
-        if kind == "peer-f64":
-            xt, pt = xt.double(), pt.double()
-        return lambda: peer_field(xt, pt, temperatures)
-    if kind == "projected":
-        pf, build_s = build_projected(pos, param, temperatures)
-        fn = lambda: pf.field(x)  # noqa: E731  (exact repulsion over the queries, drift_norm=True)
-        fn.pf = pf
-        fn.setup_info = {"build_s": build_s, "m": pf.n_landmarks, "feature_scale_cache": pf.feature_scale}
-        return fn
+    if mt.is_peer:
+        return lambda: peer_field(x, pos, temperatures)
     import dxfield
 
-    return lambda: dxfield.drift_field(x, pos, temperatures=temperatures, memory_budget=param)
+    kw = dict(engine=mt.engine, precision=mt.precision)
+    if mt.family in ("dxfield", "fused"):
+        return lambda: dxfield.drift_field(x, pos, temperatures=temperatures, memory_budget=mt.budget, **kw)
+    pf, build_s = build_projected(pos, mt.m, temperatures)
+    call = pf.field if mt.family == "projected" else pf.attraction
+    call(x[:4], **kw)  # working copies of landmarks and folded summaries (device, dtype)
+    fn = lambda: call(x, **kw)  # noqa: E731  (projected: exact repulsion over the queries, drift_norm=True)
+    fn.pf = pf
+    fn.setup_info = {"build_s": build_s, "m": pf.n_landmarks, "feature_scale_cache": pf.feature_scale}
+    return fn
 
 
-def to_numpy(v):
-    return v.numpy() if hasattr(v, "numpy") and not isinstance(v, np.ndarray) else np.asarray(v)
-
-
-def is_numpy_method(name: str) -> bool:
-    return name.startswith("dxfield") or is_projected(name)
+def is_numpy_method(mt: Method, device: str) -> bool:
+    return device == "cpu" and not mt.is_peer
 
 
 # --------------------------------------------------------------------------------------
 # work done in isolated processes (module level, so spawn can find it)
 # --------------------------------------------------------------------------------------
-def make_method(name: str, G: int, P: int, D: int, seed: int, default_budget,
-                temperatures=TEMPERATURES, landmarks=DEFAULT_LANDMARKS):
-    """Build the inputs and return the zero-argument call of ``name`` (a Worker's setup).
+def make_method(name: str, G: int, P: int, D: int, m: int, seed: int, default_budget,
+                temperatures=TEMPERATURES, device: str = "cpu", accuracy: str | None = None):
+    """Build the inputs on ``device`` and return the zero-argument call of ``name`` (a Worker's setup).
 
-    Projected methods: the cache is built here (timed as ``build_s``), then one
-    call on 4 queries makes the cache's working-dtype copies, so neither the
-    cache nor those copies count in the measured call's peak; ``build_rss_mib``
-    is the resident growth from before the build to after it (cache + copies).
+    Cache methods: the cache is built here (timed as ``build_s``, with its
+    working copies), ``build_mem_mib`` is the memory it took (RSS on the CPU,
+    allocator bytes on a GPU).  ``accuracy`` (projected methods): ``"row"``
+    adds the error against the exact row field, ``"full"`` also the
+    diagnostics, cancellation factors and the row field itself
+    (``row_output``, for the parent's context line).
     """
-    x, pos = make_data(G, P, D, seed=seed)
-    if not is_projected(name):
-        return prepare(name, x, pos, default_budget, temperatures, landmarks)
+    mt = parse_method(name, default_budget, m, device)
+    x, pos = place(mt, *make_data(G, P, D, seed=seed), device)
+    if not mt.uses_cache:
+        return prepare(mt, x, pos, temperatures)
     gc.collect()
     malloc_trim()
-    rss0 = status_kib("VmRSS")["VmRSS"]
-    fn = prepare(name, x, pos, default_budget, temperatures, landmarks)
-    fn.pf.field(x[:4])  # working-dtype copies of landmarks and folded summaries
+    before = memory_in_use_mib(device)
+    fn = prepare(mt, x, pos, temperatures)
     gc.collect()
     malloc_trim()
-    fn.setup_info["build_rss_mib"] = (status_kib("VmRSS")["VmRSS"] - rss0) / 1024
+    fn.setup_info["build_mem_mib"] = memory_in_use_mib(device) - before
+    if accuracy and mt.family == "projected":
+        fn.setup_info.update(projected_accuracy(fn, x, pos, temperatures, detailed=accuracy == "full"))
     return fn
 
 
-def gemm_rate(lib: str, G: int, P: int, D: int, repeats: int = 5) -> dict:
-    """Best-of sgemm GFLOP/s at (G x D) @ (D x P) with NumPy's BLAS or torch's."""
-    rng = np.random.default_rng(123)
-    a = rng.standard_normal((G, D), dtype=np.float32)
-    b = rng.standard_normal((D, P), dtype=np.float32)
-    if lib == "torch":
-        import torch
+def method_output(*make_method_args):
+    """The output of one call of a method, as a NumPy array (e.g. the float64 peer, in its own process)."""
+    fn = make_method(*make_method_args)
+    return to_host(fn())
 
-        a, b = torch.from_numpy(a), torch.from_numpy(b)
-    a @ b  # warm-up
+
+def gemm_rates(lib: str, device: str, products, repeats: int = 5) -> dict:
+    """Best-of GFLOP/s of ``(G x D) @ (D x N)`` for each ``(key, G, D, N)`` in ``products``.
+
+    Returns ``{key: {precision: GFLOP/s}}``.  CPU: ``lib`` "numpy" (its BLAS) or
+    "torch", float32.  GPU: "torch" (cuBLAS; float32 with TF32 off, "tf32",
+    "bf16") or "cupy" (float32), synchronised.  Each timing spans enough
+    back-to-back products to last about 5 ms (one product at benchmark
+    shapes), so small shapes give a throughput, not a wake-up latency.
+    """
+    sync = synchronizer(device)
+    rng = np.random.default_rng(123)
+    out = {}
+    for key, G, D, N in products:
+        a = rng.standard_normal((G, D), dtype=np.float32)
+        b = rng.standard_normal((D, N), dtype=np.float32)
+        flops = 2.0 * G * D * N
+        rates = {}
+        if lib == "numpy":
+            rates["float32"] = _best_rate(lambda: a @ b, flops, sync, repeats)
+        elif lib == "cupy":
+            import cupy
+
+            ac, bc = cupy.asarray(a), cupy.asarray(b)
+            rates["float32"] = _best_rate(lambda: ac @ bc, flops, sync, repeats)
+        elif lib == "torch":
+            import torch
+
+            at, bt = torch.from_numpy(a), torch.from_numpy(b)
+            if device == "cuda":
+                at, bt = at.cuda(), bt.cuda()
+            previous = torch.get_float32_matmul_precision()
+            try:
+                for precision in (("float32", "tf32", "bf16") if device == "cuda" else ("float32",)):
+                    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+                    aa, bb = (at.bfloat16(), bt.bfloat16()) if precision == "bf16" else (at, bt)
+                    rates[precision] = _best_rate(lambda: aa @ bb, flops, sync, repeats)  # noqa: B023
+            finally:
+                torch.set_float32_matmul_precision(previous)
+        else:
+            raise ValueError(f"gemm_rates: unknown lib {lib!r}: use numpy, torch or cupy")
+        out[key] = rates
+    return out
+
+
+def _best_rate(mm, flops: float, sync, repeats: int) -> float:
+    mm()  # warm-up (thread pools; cuBLAS handle, workspace)
+    sync()
+    t0 = time.perf_counter()
+    mm()
+    sync()
+    n = int(min(1000, max(1, math.ceil(5e-3 / max(time.perf_counter() - t0, 1e-7)))))
     best = math.inf
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return {"gflops": 2.0 * G * D * P / best / 1e9}
+        for _ in range(n):
+            mm()
+        sync()
+        best = min(best, (time.perf_counter() - t0) / n)
+    return flops / best / 1e9
 
 
 def profile_dxfield(G: int, P: int, D: int, seed: int, budget, top: int = 18,
@@ -359,7 +572,7 @@ def profile_dxfield(G: int, P: int, D: int, seed: int, budget, top: int = 18,
     import io
     import pstats
 
-    fn = make_method("dxfield", G, P, D, seed, budget, temperatures)
+    fn = make_method("dxfield", G, P, D, DEFAULT_LANDMARKS, seed, budget, temperatures)
     fn()
     pr = cProfile.Profile()
     pr.enable()
@@ -381,35 +594,58 @@ def agreement(v, ref) -> dict:
     }
 
 
-def row_reference(x, pos, temperatures, scale) -> dict:
-    """What the projected field approximates, exactly: the row-normalised field (design.md 2.2).
+def projected_accuracy(fn, x, pos, temperatures, detailed: bool) -> dict:
+    """Errors of the projected call ``fn`` against the exact row-normalised field (design.md 2.2).
 
-    ``V``: ``dxfield.drift_field(x, pos, normalization="row", feature_scale=scale)``
-    (drift-normalised, summed over temperatures), the field the projected one is
-    compared with.  Per temperature also the attraction displacement
-    ``|b+ - x|`` (exact, float64 ``dxfield.kernel_matvec``) and ``|b+ - b-|``
-    (the raw row field): their ratio is how much the field's relative error
-    amplifies the attraction's, since the exact repulsion is common to both.
+    ``V_row = dxfield.drift_field(x, pos, normalization="row", feature_scale=S,
+    engine="composed")`` with the cache's ``S``, on the inputs' device.
+    ``detailed`` adds ``pf.diagnostics(x, pos)`` and the cancellation factors
+    (:func:`cancellation`), and returns ``V_row`` as ``row_output``.
+    """
+    import dxfield
+
+    pf = fn.pf
+    try:
+        v = to_host(fn())
+        stats = dict(getattr(pf, "last_stats", None) or {})
+        v_row = to_host(dxfield.drift_field(x, pos, normalization="row", temperatures=tuple(temperatures),
+                                            feature_scale=pf.feature_scale, engine="composed"))
+        a = agreement(v, v_row)
+        out = {"fro_rel_vs_row": a["fro_rel"], "max_rel_vs_row": a["max_rel"], "fallback_rows": stats}
+        if detailed:
+            diag = pf.diagnostics(x, pos)
+            out.update(attraction_relative_error=diag.get("attraction_relative_error"), diagnostics=diag,
+                       cancellation=cancellation(to_host(x), to_host(pos), temperatures, pf.feature_scale),
+                       row_output=v_row)
+        return out
+    except Exception as e:  # benchmarks report, never raise
+        return {"accuracy_error": f"{type(e).__name__}: {e}"}
+
+
+def cancellation(x, pos, temperatures, scale) -> list:
+    """Per temperature ``|b+ - x| / |b+ - b-|`` (exact; NumPy, float64 kernel sums).
+
+    The exact repulsion is common to the projected and the row field, so the
+    field's relative error is about the attraction's times this factor.
+    ``None`` where the unshifted kernel sums underflow.
     """
     import dxfield
 
     D = x.shape[1]
-    out = {"V": dxfield.drift_field(x, pos, normalization="row", temperatures=tuple(temperatures),
-                                    feature_scale=scale)}
     x64, pos64 = x.astype(np.float64), pos.astype(np.float64)
     w = np.concatenate([pos64, np.ones((pos.shape[0], 1))], axis=1)
-    cancel = []
+    out = []
     for t in temperatures:
         v_raw = dxfield.drift_field(x, pos, normalization="row", temperatures=(t,), feature_scale=scale,
-                                    drift_norm=False).astype(np.float64) * scale  # b+ - b-, raw units
+                                    drift_norm=False, engine="composed")
+        v_raw = to_host(v_raw).astype(np.float64) * scale  # b+ - b-, raw units
         ks = dxfield.kernel_matvec(x64, pos64, w, tau=t * scale * math.sqrt(D))
         den = ks[:, D]
         if not np.all(np.isfinite(ks)) or not np.all(den > 0):  # unshifted kernel sums underflowed
-            cancel.append(None)
+            out.append(None)
             continue
         disp = np.linalg.norm(ks[:, :D] / den[:, None] - x64)
-        cancel.append(float(disp / np.linalg.norm(v_raw)))
-    out["cancellation"] = cancel
+        out.append(float(disp / np.linalg.norm(v_raw)))
     return out
 
 
@@ -432,21 +668,34 @@ def peer_scale(x, pos, block: int = 256) -> float:
     return total / (G * (G + pos.shape[0]) - G) / math.sqrt(D)
 
 
-def projected_accuracy(pf, x, pos, ref: dict, v_peer) -> dict:
-    """Errors of ``pf.field(x)`` against the exact row field ``ref["V"]`` (same feature scale)."""
-    v = pf.field(x)
-    stats = dict(pf.last_stats)
-    a = agreement(v, ref["V"])
-    diag = pf.diagnostics(x, pos)
-    out = {"fro_rel_vs_row": a["fro_rel"], "max_rel_vs_row": a["max_rel"],
-           "attraction_relative_error": diag.get("attraction_relative_error"),
-           "cancellation": ref["cancellation"], "fallback_rows": stats, "diagnostics": diag}
-    b = agreement(v, v_peer)
-    out["max_rel_vs_peer"], out["fro_rel_vs_peer"] = b["max_rel"], b["fro_rel"]
-    return out
+def gpu_available() -> bool:
+    """True when CuPy can use a GPU (``dxfield.cuda_available()``)."""
+    import dxfield
+
+    return bool(getattr(dxfield, "cuda_available", dxfield.cupy_available)())
 
 
-def machine_info() -> dict:
+def gpu_name() -> str | None:
+    try:
+        import cupy
+
+        name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
+        return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:
+        return None
+
+
+def gpu_kind(name: str | None) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"h100"``; ``"NVIDIA H200"`` -> ``"h200"``."""
+    toks = re.findall(r"[a-z]*\d+[a-z0-9]*", (name or "").lower().replace("nvidia", ""))
+    return toks[0] if toks else "gpu"
+
+
+def host_kind(device: str = "cpu") -> str:
+    return gpu_kind(gpu_name()) if device == "cuda" else f"cpu{os.cpu_count()}"
+
+
+def machine_info(device: str = "cpu") -> dict:
     import torch
 
     info = {
@@ -459,6 +708,7 @@ def machine_info() -> dict:
         "numpy": np.__version__,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "device": device,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     try:
@@ -482,6 +732,18 @@ def machine_info() -> dict:
                 info["torch_" + tok.split("=")[0].lower()] = tok.split("=", 1)[1]
     except Exception:
         pass
+    if device == "cuda":
+        info["gpu"] = gpu_name()
+        info["torch_cuda"] = torch.version.cuda
+        info["torch_float32_matmul_precision"] = torch.get_float32_matmul_precision()
+        try:
+            import cupy
+
+            info["cupy"] = cupy.__version__
+            info["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
+            info["cuda_driver"] = cupy.cuda.runtime.driverGetVersion()
+        except Exception:
+            pass
     try:
         import dxfield
 
@@ -502,8 +764,163 @@ def machine_info() -> dict:
     return info
 
 
-def host_kind() -> str:
-    return f"cpu{os.cpu_count()}"
+# --------------------------------------------------------------------------------------
+# one shape: workers, agreement, timing, reference products
+# --------------------------------------------------------------------------------------
+def measure_shape(args, shape) -> dict:
+    """Run every method of ``args.methods`` at ``shape = (G, P, D, m)``.
+
+    Returns ``{"G", "P", "D", "m", "flops_exact", "memory_mechanism", "gemm", "context", "rows"}``:
+    one row per method (times, rates and shares, peak memory, agreement, or ``error``),
+    the reference products' rates, and notes that belong to no row.
+    """
+    G, P, D, m = shape
+    temps, device = args.temperatures, args.device
+    nt = len(temps)
+    methods = [parse_method(n, args.memory_budget, m, device) for n in args.methods]
+    print(f"# shape G={G} P={P} D={D} m={m}: {[mt.name for mt in methods]}", flush=True)
+    rows = [{"method": mt.name, "label": mt.label, "family": mt.family, "precision": mt.precision,
+             "flops": method_flops(mt, G, P, D, nt), "product": mt.product} for mt in methods]
+    for mt, r in zip(methods, rows):
+        if mt.uses_cache:
+            size = cache_mib(min(mt.m, P), D, nt)
+            r.update(m=min(mt.m, P), cache_mib_f32=size["f32"], cache_mib_f64_host=size["f64_host"])
+    accuracy = "full" if args.suite == "projected" else "row"
+
+    # 1. one spawned worker per method: set-up, warm-up, first call (peak memory, output)
+    def start(mt):
+        return Worker(make_method, (mt.name, G, P, D, m, args.seed, args.memory_budget, temps, device, accuracy),
+                      warmup_args=(mt.name, 16, 64, D, min(m, 64), args.seed + 1, args.memory_budget, temps,
+                                   device, None),
+                      measure_memory=not args.no_memory, traced=is_numpy_method(mt, device), device=device,
+                      return_output=True, timeout=WORKER_TIMEOUT[device])
+
+    pending = {mt.name: start(mt) for mt in methods} if device == "cuda" else {}  # GPU: start side by side
+    workers, outputs, context = {}, {}, {}
+    mechanism = "skipped"
+    for mt, r in zip(methods, rows):
+        print(f"# worker: {mt.label} (set-up, first call) ...", flush=True)
+        w = pending.pop(mt.name, None) or start(mt)
+        ready = dict(w.ready)
+        if ready.get("error"):
+            r["error"] = ready["error"]
+            w.close()
+            continue
+        workers[mt.name] = w
+        outputs[mt.name] = ready.pop("output", None)
+        row_output = ready.pop("row_output", None)
+        if row_output is not None and "row_output" not in context:
+            context["row_output"] = row_output
+        r["first_call_ms"] = ready["first_call_ms"]
+        for key in ("build_s", "build_mem_mib", "feature_scale_cache", "fro_rel_vs_row", "max_rel_vs_row",
+                    "attraction_relative_error", "cancellation", "fallback_rows", "diagnostics",
+                    "accuracy_error", "torch_extra_mib", "cupy_extra_mib"):
+            if key in ready:
+                r[key] = ready[key]
+        if not args.no_memory:
+            r["peak_extra_mib"] = ready["extra_mib"]
+            r["baseline_mib"] = ready.get("baseline_rss_mib", ready.get("baseline_mib"))
+            mechanism = ready["mechanism"]
+
+    # 2. agreement, from the first calls' outputs
+    peer_out = outputs.get(next((mt.name for mt in methods if mt.family == "peer"), None))
+    f64 = None
+    if not args.no_f64:
+        print("# float64 peer (own process) ...", flush=True)
+        f64 = run_isolated(method_output, "peer-f64", G, P, D, m, args.seed, None, temps, device)
+        if isinstance(f64, dict):  # {"error": ...}
+            context["f64_error"] = f64.get("error")
+            f64 = None
+    for mt, r in zip(methods, rows):
+        v = outputs.get(mt.name)
+        if v is None:
+            continue
+        if peer_out is not None and mt.family != "attraction" and v.shape == peer_out.shape:
+            a = agreement(v, peer_out)
+            r["max_rel_vs_peer"], r["fro_rel_vs_peer"] = a["max_rel"], a["fro_rel"]
+        if f64 is not None and not mt.uses_cache:
+            a = agreement(v, f64)
+            r["max_rel_vs_f64"], r["fro_rel_vs_f64"] = a["max_rel"], a["fro_rel"]
+        ref = reference_of(mt, methods)
+        if ref is not None and outputs.get(ref.name) is not None:
+            a = agreement(v, outputs[ref.name])
+            r.update(ref_method=ref.name, max_rel_vs_ref=a["max_rel"], fro_rel_vs_ref=a["fro_rel"])
+            goal = FUSED_GOAL.get(mt.precision) if mt.family == "fused" else None
+            if goal is not None:
+                r["ref_goal"] = goal
+    if context.get("row_output") is not None and peer_out is not None:
+        context["row_vs_peer"] = agreement(context["row_output"], peer_out)
+    context.pop("row_output", None)
+    del outputs, peer_out, f64
+
+    # 3. timed calls, round robin over the workers (order rotated every round)
+    print(f"# timing: {args.repeats} rounds over {len(workers)} worker(s) ...", flush=True)
+    times = {name: [] for name in workers}
+    cpu = {name: [] for name in workers}
+    order = list(workers)
+    try:
+        for k in range(args.repeats):
+            for name in order[k % len(order):] + order[:k % len(order)] if order else []:
+                time.sleep(args.pause)
+                t = workers[name].ask("time")
+                if t.get("error"):
+                    next(r for r in rows if r["method"] == name).setdefault("time_error", t["error"])
+                    continue
+                times[name].append(t["wall_ms"])
+                cpu[name].append(t["cpu_ms"])
+        if not args.no_memory:
+            for mt in methods:
+                if mt.name in workers and is_numpy_method(mt, device):
+                    next(r for r in rows if r["method"] == mt.name).update(workers[mt.name].ask("tracemalloc"))
+    finally:
+        for w in workers.values():
+            w.close()
+    for r in rows:
+        ts = times.get(r["method"])
+        if ts:
+            r["times_ms"], r["cpu_times_ms"] = ts, cpu[r["method"]]
+            r["time_best_ms"] = min(ts)
+            r["time_median_ms"] = statistics.median(ts)
+            r["cpu_best_ms"] = min(cpu[r["method"]])
+            r["gflops_eff"] = r["flops"] / (min(ts) / 1e3) / 1e9
+
+    # 4. reference matrix products, each library in its own process
+    print("# reference matrix products ...", flush=True)
+    products = [("P", G, D, P)] + [(k, G, D, min(int(k[2:]), P))
+                                   for k in dict.fromkeys(mt.product for mt in methods if mt.uses_cache)]
+    gemm = {key: {"shape": f"({g}x{d})@({d}x{n})", "flops": 2.0 * g * d * n, "gflops": {}}
+            for key, g, d, n in products}
+    for lib in (("cupy", "torch") if device == "cuda" else ("numpy", "torch")):
+        res = run_isolated(gemm_rates, lib, device, products)
+        for key, rates in (res.items() if "error" not in res else ()):
+            for precision, rate in rates.items():
+                gemm[key]["gflops"][f"{lib} {precision}"] = rate
+        if "error" in res:
+            context[f"gemm_{lib}_error"] = res["error"]
+
+    peer = next((r for r in rows if r["family"] == "peer" and r.get("time_best_ms")), None)
+    for mt, r in zip(methods, rows):
+        if r.get("error"):
+            continue
+        if peer and r.get("time_best_ms"):
+            r["time_ratio_vs_peer"] = r["time_best_ms"] / peer["time_best_ms"]
+            r["speedup_vs_peer"] = peer["time_best_ms"] / r["time_best_ms"]
+        if peer and r.get("peak_extra_mib") is not None and peer.get("peak_extra_mib"):
+            r["mem_ratio_vs_peer"] = r["peak_extra_mib"] / peer["peak_extra_mib"]
+        if r.get("gflops_eff") and mt.product in gemm:
+            f32, same = matmul_rate(gemm[mt.product], "float32"), matmul_rate(gemm[mt.product], mt.precision)
+            r["matmul_gflops_f32"], r["matmul_gflops_same"] = f32, same
+            r["share_f32"] = r["gflops_eff"] / f32 if f32 else None
+            r["share_same"] = r["gflops_eff"] / same if same else None
+    return {"G": G, "P": P, "D": D, "m": m, "flops_exact": 2.0 * G * (G + P) * D * (1 + nt),
+            "memory_mechanism": mechanism, "gemm": gemm, "context": context, "rows": rows}
+
+
+def matmul_rate(product: dict, precision: str):
+    """Best rate over the libraries at one product shape in ``precision``; None if none measured it
+    (float64, or TF32/bf16 on the CPU)."""
+    rates = [v for k, v in product["gflops"].items() if k.split(" ", 1)[1] == precision and v]
+    return max(rates) if rates else None
 
 
 # --------------------------------------------------------------------------------------
@@ -513,46 +930,68 @@ def _f(v, fmt):
     return "n/a" if v is None else format(v, fmt)
 
 
+def _pct(v):
+    return "n/a" if v is None else f"{100.0 * v:.0f}"
+
+
+def _gf(flops: float) -> str:
+    """GFLOP, readable at benchmark and at smoke-test sizes."""
+    g = flops / 1e9
+    return f"{g:.2f}" if g >= 0.1 else f"{g:.2e}"
+
+
+def _err(e: str, n: int = 160) -> str:
+    """An error message fit for one table cell."""
+    e = " ".join(str(e).split()).replace("|", "/")
+    return e if len(e) <= n else e[:n - 3] + "..."
+
+
+def _gemm_text(gemm: dict) -> str:
+    return "; ".join(f"{g['shape']}: " + (", ".join(f"{k} {v:.1f}" for k, v in g["gflops"].items() if v)
+                                          or "n/a") for g in gemm.values())
+
+
+def _spread_lines(rows) -> list[str]:
+    spread = [r["time_median_ms"] / r["time_best_ms"] for r in rows if r.get("time_best_ms")]
+    if not spread:
+        return []
+    return ["", f"timing spread, median/best: max {max(spread):.2f} over methods"
+            + (" -- the machine was noisy or throttled during the run; compare best times"
+               if max(spread) > 1.3 else "")]
+
+
 def render(rows, meta) -> str:
     G, P, D, nt = meta["G"], meta["P"], meta["D"], meta["n_temperatures"]
     lines = [
         f"## Exact drifting field: G={G} queries, P={P} positives, D={D}, float32, "
-        f"{nt} temperatures {meta['temperatures']}",
+        f"{nt} temperatures {meta['temperatures']} ({meta['device_name']})",
         "",
-        f"flops counted: 2*G*(G+P)*D * (1 + n_temps) = {meta['flops'] / 1e9:.2f} GFLOP "
+        f"flops counted: 2*G*(G+P)*D * (1 + n_temps) = {_gf(meta['flops'])} GFLOP "
         "(distances + one weighted sum per temperature; extra sweeps are not credited)",
-        f"memory: peak RSS above baseline in a fresh process ({meta['memory_mechanism']}); "
+        f"memory: peak extra of the first call in a fresh process ({meta['memory_mechanism']}); "
         f"one G x (G+P) float32 matrix = {G * (G + P) * 4 / MiB:.1f} MiB; output V = {G * D * 4 / MiB:.1f} MiB",
-        f"agreement: max|V - V_ref| / max|V_ref| over all entries; ref = peer float32 and peer float64",
+        "agreement: max|V - V_ref| / max|V_ref| over all entries; ref = peer float32 and peer float64",
         "",
-        "| method | time best (ms) | time median (ms) | GFLOP/s eff. | peak extra mem (MiB) "
+        "| method | time best (ms) | time median (ms) | GFLOP/s eff. | % of f32 matmul | peak extra mem (MiB) "
         "| time / peer | mem / peer | max rel diff vs peer | max rel diff vs float64 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['label']} | error: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['label']} | error: {_err(r['error'])} | | | | | | | | |")
             continue
         lines.append(
             f"| {r['label']} | {_f(r.get('time_best_ms'), '.1f')} | {_f(r.get('time_median_ms'), '.1f')} "
-            f"| {_f(r.get('gflops_eff'), '.1f')} | {_f(r.get('peak_extra_mib'), '.1f')} "
+            f"| {_f(r.get('gflops_eff'), '.1f')} | {_pct(r.get('share_f32'))} | {_f(r.get('peak_extra_mib'), '.1f')} "
             f"| {_f(r.get('time_ratio_vs_peer'), '.2f')} | {_f(r.get('mem_ratio_vs_peer'), '.3f')} "
             f"| {_f(r.get('max_rel_vs_peer'), '.2e')} | {_f(r.get('max_rel_vs_f64'), '.2e')} |"
         )
-    g = meta.get("gemm")
-    if g:
-        lines += ["", f"reference sgemm {g['shape']} (best of 5, own process each): "
-                      f"numpy {_f(g.get('numpy_gflops'), '.1f')} GFLOP/s, torch {_f(g.get('torch_gflops'), '.1f')} GFLOP/s"]
-    spread = [r["time_median_ms"] / r["time_best_ms"] for r in rows if r.get("time_best_ms")]
-    if spread:
-        lines += ["", f"timing spread, median/best: max {max(spread):.2f} over methods"
-                  + (" -- the machine was noisy or throttled during the run; compare best times"
-                     if max(spread) > 1.3 else "")]
-    return "\n".join(lines + _cpu_and_tracemalloc_lines(rows))
+    lines += ["", f"reference matrix products, GFLOP/s (best of 5, own process per library): {_gemm_text(meta['gemm'])}"]
+    return "\n".join(lines + _spread_lines(rows) + _cpu_and_tracemalloc_lines(rows))
 
 
 def _cpu_and_tracemalloc_lines(rows) -> list[str]:
-    """Footer lines shared by both reports: CPU time per call and the tracemalloc cross-check."""
+    """Footer lines shared by the reports: CPU time per call and the tracemalloc cross-check."""
     lines = []
     cpu = [r for r in rows if r.get("cpu_best_ms") is not None]
     if cpu:
@@ -565,20 +1004,13 @@ def _cpu_and_tracemalloc_lines(rows) -> list[str]:
     return lines
 
 
-def _gf(flops: float) -> str:
-    """GFLOP, readable at benchmark and at smoke-test sizes."""
-    g = flops / 1e9
-    return f"{g:.2f}" if g >= 0.1 else f"{g:.2e}"
-
-
 def render_projected(rows, meta) -> str:
     """Report of a run that includes projected methods: speed vs the peer, then cache and accuracy."""
     G, P, D, nt = meta["G"], meta["P"], meta["D"], meta["n_temperatures"]
     pj = meta["projected"]
-    g = meta.get("gemm") or {}
     lines = [
         f"## Projected field vs the peers' full-matrix Algorithm 2: G={G} queries, P={P} positives, D={D}, "
-        f"float32, {nt} temperature{'s' if nt > 1 else ''} {meta['temperatures']}",
+        f"float32, {nt} temperature{'s' if nt > 1 else ''} {meta['temperatures']} ({meta['device_name']})",
         "",
         f"flops counted, peer and dxfield exact: 2*G*(G+P)*D * (1 + n_temps) = {_gf(meta['flops'])} GFLOP",
     ]
@@ -587,32 +1019,29 @@ def render_projected(rows, meta) -> str:
                      f"= {_gf(f)} GFLOP (m={pj['m'][name]}) -> bound on the speed-up at equal GFLOP/s: "
                      f"{meta['flops'] / f:.1f}x")
     lines += [
-        f"memory: peak RSS above baseline in a fresh process ({meta['memory_mechanism']}); the projected "
+        f"memory: peak extra of the first call in a fresh process ({meta['memory_mechanism']}); the projected "
         "cache is built before the baseline (its size is in the second table); output V = "
         f"{G * D * 4 / MiB:.1f} MiB; one G x (G+P) float32 matrix = {G * (G + P) * 4 / MiB:.1f} MiB",
+        "% of f32 matmul: achieved GFLOP/s / the best float32 matrix product of the method's own shape "
+        "((G x D)@(D x P) for exact methods, (G x D)@(D x m) for projected ones)",
         "",
-        "| method | time best (ms) | time median (ms) | GFLOP counted | GFLOP/s achieved | % of numpy sgemm "
+        "| method | time best (ms) | time median (ms) | GFLOP counted | GFLOP/s achieved | % of f32 matmul "
         "| peak extra mem (MiB) | speed-up vs peer | mem / peer |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    ref_rate = g.get("numpy_gflops")
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['label']} | error: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['label']} | error: {_err(r['error'])} | | | | | | | |")
             continue
-        eff = r.get("gflops_eff")
-        pct = 100.0 * eff / ref_rate if eff and ref_rate else None
         lines.append(
             f"| {r['label']} | {_f(r.get('time_best_ms'), '.1f')} | {_f(r.get('time_median_ms'), '.1f')} "
-            f"| {_gf(r['flops'])} | {_f(eff, '.1f')} | {_f(pct, '.0f')} | {_f(r.get('peak_extra_mib'), '.1f')} "
-            f"| {_f(r.get('speedup_vs_peer'), '.1f')} | {_f(r.get('mem_ratio_vs_peer'), '.3f')} |")
-    if g:
-        lines += ["", f"reference sgemm (best of 5, own process each): {g['shape']}: numpy "
-                      f"{_f(g.get('numpy_gflops'), '.1f')}, torch {_f(g.get('torch_gflops'), '.1f')} GFLOP/s"
-                  + (f"; {g['shape_m']}: numpy {_f(g.get('numpy_gflops_m'), '.1f')} GFLOP/s"
-                     if g.get("shape_m") else "")
-                  + "  (measured after the timed calls: the machine's state during them)"]
-    pr = [r for r in rows if is_projected(r["method"]) and r.get("speedup_vs_peer")]
+            f"| {_gf(r['flops'])} | {_f(r.get('gflops_eff'), '.1f')} | {_pct(r.get('share_f32'))} "
+            f"| {_f(r.get('peak_extra_mib'), '.1f')} | {_f(r.get('speedup_vs_peer'), '.1f')} "
+            f"| {_f(r.get('mem_ratio_vs_peer'), '.3f')} |")
+    lines += ["", f"reference matrix products, GFLOP/s (best of 5, own process per library; measured after the "
+                  f"timed calls: the machine's state during them): {_gemm_text(meta['gemm'])}"]
+    peer_rate = next((r["gflops_eff"] for r in rows if r["family"] == "peer" and r.get("gflops_eff")), None)
+    pr = [r for r in rows if r["family"] == "projected" and r.get("speedup_vs_peer")]
     if pr:
         lines.append("")
         for r in pr:
@@ -620,12 +1049,8 @@ def render_projected(rows, meta) -> str:
             lines.append(f"goal: {r['label']} at least {PROJECTED_GOAL:.0f}x faster than the peer (best times): "
                          f"{r['speedup_vs_peer']:.1f}x -> {verdict} (flop bound "
                          f"{meta['flops'] / r['flops']:.1f}x; GFLOP/s projected / peer = "
-                         f"{r['gflops_eff'] / max(peer_row_gflops(rows), 1e-300):.2f})")
-    spread = [r["time_median_ms"] / r["time_best_ms"] for r in rows if r.get("time_best_ms")]
-    if spread:
-        lines += ["", f"timing spread, median/best: max {max(spread):.2f} over methods"
-                  + (" -- the machine was noisy or throttled during the run; compare best times"
-                     if max(spread) > 1.3 else "")]
+                         f"{r['gflops_eff'] / peer_rate if peer_rate else float('nan'):.2f})")
+    lines += _spread_lines(rows)
     lines += [
         "",
         f"### Projected cache and accuracy (feature scale S of the cache = {_f(pj.get('feature_scale'), '.4f')}, "
@@ -637,21 +1062,21 @@ def render_projected(rows, meta) -> str:
         "|b+ - x|, per temperature); cancellation = |b+ - x| / |b+ - b-| (exact, per temperature): the exact "
         "repulsion is shared, so the field's error is about attraction err x cancellation",
         "",
-        "| method | m | build time (s) | cache f32 (MiB) | host f64 (MiB) | RSS of build (MiB) "
+        "| method | m | build time (s) | cache f32 (MiB) | host f64 (MiB) | memory of build (MiB) "
         "| err vs row (Frobenius) | max rel vs row | attraction err | cancellation | fallback rows |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lst = lambda v, fmt: "n/a" if not v else ", ".join(_f(e, fmt) for e in v)  # noqa: E731
     for r in rows:
-        if not is_projected(r["method"]):
+        if r["family"] not in CACHE_FAMILIES:
             continue
-        if r.get("error") and r.get("fro_rel_vs_row") is None:
-            lines.append(f"| {r['label']} | error: {r['error']} | | | | | | | | | |")
+        if r.get("error") or r.get("accuracy_error"):
+            lines.append(f"| {r['label']} | error: {_err(r.get('error') or r['accuracy_error'])} | | | | | | | | | |")
             continue
         fb = r.get("fallback_rows") or {}
         lines.append(
             f"| {r['label']} | {r.get('m', 'n/a')} | {_f(r.get('build_s'), '.2f')} | {_f(r.get('cache_mib_f32'), '.1f')} "
-            f"| {_f(r.get('cache_mib_f64_host'), '.1f')} | {_f(r.get('build_rss_mib'), '.1f')} "
+            f"| {_f(r.get('cache_mib_f64_host'), '.1f')} | {_f(r.get('build_mem_mib'), '.1f')} "
             f"| {_f(r.get('fro_rel_vs_row'), '.3e')} | {_f(r.get('max_rel_vs_row'), '.3e')} "
             f"| {lst(r.get('attraction_relative_error'), '.3e')} | {lst(r.get('cancellation'), '.2f')} "
             f"| attraction {lst(fb.get('attraction_fallback_rows'), 'd')}, "
@@ -667,16 +1092,180 @@ def render_projected(rows, meta) -> str:
             "shift, design.md 2.2, vs Algorithm 2's row x column normalisation, 2.1), so this is not an error "
             "of either; the projected field is measured against the row field above")
     for r in rows:
-        if r.get("max_rel_vs_peer") is not None and r["method"] != "peer":
-            what = "same field" if not is_projected(r["method"]) else "different field, for context"
+        if r.get("max_rel_vs_peer") is not None and r["family"] != "peer":
+            what = "same field" if r["family"] not in CACHE_FAMILIES else "different field, for context"
             lines.append(f"{r['label']} vs peer ({what}): max rel {r['max_rel_vs_peer']:.3e}, "
                          f"Frobenius {_f(r.get('fro_rel_vs_peer'), '.3e')}")
     return "\n".join(lines + _cpu_and_tracemalloc_lines(rows))
 
 
-def peer_row_gflops(rows) -> float:
-    r = next((r for r in rows if r["method"] == "peer" and r.get("gflops_eff")), None)
-    return r["gflops_eff"] if r else float("nan")
+def _vs_ref(r) -> str:
+    if r.get("max_rel_vs_ref") is None:
+        return ""
+    text = f"{r['max_rel_vs_ref']:.1e} vs {r['ref_method']}"
+    if r.get("ref_goal") is not None:
+        text += f" (goal {r['ref_goal']:.0e}: {'met' if r['max_rel_vs_ref'] <= r['ref_goal'] else 'NOT met'})"
+    return text
+
+
+def render_grid(data) -> str:
+    """The grid report: one table over all shapes, the reference products, then the key figures."""
+    meta, shapes = data["meta"], data["shapes"]
+    mech = next((s["memory_mechanism"] for s in shapes if s["memory_mechanism"] != "skipped"), "skipped")
+    lines = [
+        f"## Drifting fields over a grid of shapes: {meta['device_name']}, float32 inputs, "
+        f"temperatures {meta['temperatures']}, {meta['repeats']} timed calls per method",
+        "",
+        "flops counted (T temperatures): exact methods (peer, dxfield, fused) 2*G*(G+P)*D*(1+T); projected "
+        "2*G*m*D + T*2*G*m*(D+1) + 2*G*G*D + T*2*G*G*D; attraction 2*G*m*D + T*2*G*m*(D+1)",
+        "% mm: achieved GFLOP/s / the best float32 matrix product of the method's own shape on this device "
+        "((G x D)@(D x P) for exact methods, (G x D)@(D x m) for projected and attraction); % same-prec. mm: "
+        "/ the product in the method's precision (TF32, bf16)",
+        f"memory: peak extra of the first call in a fresh process ({mech})",
+        "agreement (max|V - V_ref| / max|V_ref|): vs peer -- the same field for exact methods, a different one "
+        "for projected (context); vs ref -- fused vs dxfield composed (goal <= 1e-5 float32, <= 1e-3 TF32), "
+        "tf32/bf16 vs the float32 method; vs row -- projected vs the exact row-normalised field it "
+        "approximates (Frobenius)",
+        "",
+        "| G | P | D | m | method | best ms | median ms | GFLOP | GFLOP/s | % f32 mm | % same-prec. mm "
+        "| peak extra MiB | speed-up vs peer | max rel vs peer | vs ref (max rel) | vs row (Frobenius) |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for s in shapes:
+        for r in s["rows"]:
+            head = f"| {s['G']} | {s['P']} | {s['D']} | {r.get('m', '')} | {r['label']} "
+            if r.get("error"):
+                lines.append(head + f"| error: {_err(r['error'])} | | | | | | | | | | |")
+                continue
+            row_err = r.get("fro_rel_vs_row")
+            lines.append(
+                head + f"| {_f(r.get('time_best_ms'), '.2f')} | {_f(r.get('time_median_ms'), '.2f')} "
+                f"| {_gf(r['flops'])} | {_f(r.get('gflops_eff'), '.1f')} | {_pct(r.get('share_f32'))} "
+                f"| {_pct(r.get('share_same'))} | {_f(r.get('peak_extra_mib'), '.1f')} "
+                f"| {_f(r.get('speedup_vs_peer'), '.2f')} | {_f(r.get('max_rel_vs_peer'), '.1e')} "
+                f"| {_vs_ref(r)} | {_f(row_err, '.2e') if row_err is not None else ''} |")
+    lines += ["", "reference matrix products, GFLOP/s (best of 5, own process per library, after the timed calls):"]
+    for s in shapes:
+        lines.append(f"- G={s['G']} P={s['P']} D={s['D']}: {_gemm_text(s['gemm'])}")
+    notes = []
+    for s in shapes:
+        for key, v in (s.get("context") or {}).items():
+            if key.endswith("_error"):
+                notes.append(f"- {shape_name((s['G'], s['P'], s['D'], s['m']))}: {key}: {_err(v)}")
+        for r in s["rows"]:
+            for key in ("accuracy_error", "time_error"):
+                if r.get(key):
+                    notes.append(f"- {shape_name((s['G'], s['P'], s['D'], s['m']))}: {r['label']}: {key}: "
+                                 f"{_err(r[key])}")
+    if notes:
+        lines += ["", "notes:"] + notes
+    lines += _spread_lines([r for s in shapes for r in s["rows"]])
+    return "\n".join(lines)
+
+
+def _pick(shape: dict, family: str, precision: str = "float32"):
+    """The first row of ``family`` in ``precision`` at a shape, if it ran."""
+    return next((r for r in shape["rows"] if r["family"] == family and r["precision"] == precision), None)
+
+
+def summarize(data) -> str:
+    """The key figures of a grid run: one column per shape, best times (``--summarize FILE``)."""
+    shapes = data.get("shapes") or []
+    if not shapes:
+        return "### Key figures: no shape finished" + ("" if data.get("complete", True) else " (run cut short)")
+    goal = tuple(GOAL_SHAPE)
+
+    def get(family, key, precision="float32", fmt=".2f", scale=1.0):
+        def cell(s):
+            r = _pick(s, family, precision)
+            v = None if r is None else r.get(key)
+            return None if v is None else format(v * scale, fmt)
+        return cell
+
+    def joined(*cells):
+        def cell(s):
+            vals = [c(s) for c in cells]
+            return None if all(v is None for v in vals) else " / ".join(v or "n/a" for v in vals)
+        return cell
+
+    def goal_cell(family, precision):
+        def cell(s):
+            r = _pick(s, family, precision)
+            if r is None or r.get("max_rel_vs_ref") is None:
+                return None
+            g = FUSED_GOAL[precision]
+            return f"{r['max_rel_vs_ref']:.1e} ({'met' if r['max_rel_vs_ref'] <= g else 'NOT met'})"
+        return cell
+
+    def gemm_cell(product_of, precisions=("float32", "tf32", "bf16")):
+        def cell(s):
+            key = product_of(s)
+            g = s["gemm"].get(key) if key else None
+            if not g:
+                return None
+            vals = [matmul_rate(g, p) for p in precisions]
+            return " / ".join(_f(v, ".0f") for v in vals)
+        return cell
+
+    def errors(s):
+        errs = [f"{r['method']}: {_err(r['error'], 70)}" for r in s["rows"] if r.get("error")]
+        return "; ".join(errs) if errs else None
+
+    prec3 = ("float32", "tf32", "bf16")
+    metrics = [
+        ("peer time, best (ms)", get("peer", "time_best_ms")),
+        ("dxfield composed / fused / fused-tf32 time (ms)",
+         joined(get("dxfield", "time_best_ms"), get("fused", "time_best_ms"),
+                get("fused", "time_best_ms", "tf32"))),
+        ("speed-up vs peer: fused", get("fused", "speedup_vs_peer")),
+        ("speed-up vs peer: fused-tf32", get("fused", "speedup_vs_peer", "tf32")),
+        ("speed-up vs peer: dxfield composed", get("dxfield", "speedup_vs_peer")),
+        ("exact GFLOP/s: peer / composed / fused / fused-tf32",
+         joined(get("peer", "gflops_eff", fmt=".0f"), get("dxfield", "gflops_eff", fmt=".0f"),
+                get("fused", "gflops_eff", fmt=".0f"), get("fused", "gflops_eff", "tf32", fmt=".0f"))),
+        ("exact share of f32 matmul (%): peer / composed / fused / fused-tf32",
+         joined(get("peer", "share_f32", fmt=".0f", scale=100), get("dxfield", "share_f32", fmt=".0f", scale=100),
+                get("fused", "share_f32", fmt=".0f", scale=100),
+                get("fused", "share_f32", "tf32", fmt=".0f", scale=100))),
+        ("peak extra memory (MiB): peer / composed / fused / fused-tf32",
+         joined(get("peer", "peak_extra_mib", fmt=".0f"), get("dxfield", "peak_extra_mib", fmt=".0f"),
+                get("fused", "peak_extra_mib", fmt=".0f"), get("fused", "peak_extra_mib", "tf32", fmt=".0f"))),
+        (f"fused vs composed, max rel (goal {FUSED_GOAL['float32']:.0e})", goal_cell("fused", "float32")),
+        (f"fused-tf32 vs composed, max rel (goal {FUSED_GOAL['tf32']:.0e})", goal_cell("fused", "tf32")),
+        ("max rel vs peer: composed / fused / fused-tf32",
+         joined(get("dxfield", "max_rel_vs_peer", fmt=".1e"), get("fused", "max_rel_vs_peer", fmt=".1e"),
+                get("fused", "max_rel_vs_peer", "tf32", fmt=".1e"))),
+        ("projected speed-up vs peer: f32 / tf32 / bf16",
+         joined(*(get("projected", "speedup_vs_peer", p, fmt=".1f") for p in prec3))),
+        ("projected vs exact row field, Frobenius: f32 / tf32 / bf16",
+         joined(*(get("projected", "fro_rel_vs_row", p, fmt=".1e") for p in prec3))),
+        ("attraction time (ms): f32 / tf32 / bf16",
+         joined(*(get("attraction", "time_best_ms", p, fmt=".3f") for p in prec3))),
+        ("attraction GFLOP/s: f32 / tf32 / bf16",
+         joined(*(get("attraction", "gflops_eff", p, fmt=".0f") for p in prec3))),
+        ("attraction share of matmul, same precision (%): f32 / tf32 / bf16",
+         joined(*(get("attraction", "share_same", p, fmt=".0f", scale=100) for p in prec3))),
+        ("attraction share of f32 matmul (%): f32 / tf32 / bf16",
+         joined(*(get("attraction", "share_f32", p, fmt=".0f", scale=100) for p in prec3))),
+        ("attraction tf32 / bf16 vs f32, max rel",
+         joined(get("attraction", "max_rel_vs_ref", "tf32", fmt=".1e"),
+                get("attraction", "max_rel_vs_ref", "bf16", fmt=".1e"))),
+        ("matmul GFLOP/s (GxD)@(DxP): f32 / tf32 / bf16", gemm_cell(lambda s: "P")),
+        ("matmul GFLOP/s (GxD)@(Dxm): f32 / tf32 / bf16",
+         gemm_cell(lambda s: next((k for k in s["gemm"] if k.startswith("m=")), None))),
+        ("errors", errors),
+    ]
+    cols = [shape_name((s["G"], s["P"], s["D"], s["m"])) + (" (goal)" if (s["G"], s["P"], s["D"], s["m"]) == goal
+                                                            else "") for s in shapes]
+    lines = ["### Key figures (best times; " + (data.get("meta") or {}).get("device_name", "?")
+             + ("" if data.get("complete", True) else "; run cut short: shapes that finished") + ")", "",
+             "| | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for label, cell in metrics:
+        vals = [cell(s) for s in shapes]
+        if all(v is None for v in vals):
+            continue
+        lines.append(f"| {label} | " + " | ".join(v if v is not None else "n/a" for v in vals) + " |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------
@@ -688,219 +1277,171 @@ def build_parser():
     p.add_argument("--suite", choices=sorted(SUITES), default="exact",
                    help="preset for every option not given: 'exact' (default): G=1024 P=16384 D=512, "
                         "temperatures 0.02 0.05 0.2, peer vs dxfield; 'projected': G=1024 P=65536 D=512, "
-                        "m=1024, temperature 0.05, peer vs dxfield vs projected (m=1024 and 512), 5 repeats")
+                        "m=1024, temperature 0.05, peer vs dxfield vs projected (m=1024 and 512), 5 repeats; "
+                        "'grid': every method over a grid of shapes (--grid), temperature 0.05")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (NumPy inputs; default) or cuda (CuPy inputs, the peer in torch on the same GPU)")
+    p.add_argument("--grid", nargs="+", default=None, metavar="GxPxD[xm]",
+                   help="shapes of the grid suite, e.g. 4096x65536x512x1024 (m defaults to --landmarks); "
+                        "default: a CPU grid or the GPU goal grid (see the module docstring)")
     p.add_argument("-G", type=int, default=None, help="generated samples (queries), default 1024")
     p.add_argument("-P", type=int, default=None, help="positives, default 16384 (projected suite: 65536)")
     p.add_argument("-D", type=int, default=None, help="feature dimension, default 512")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed calls per method after the warm-up (default 7; projected suite: 5)")
+                   help="timed calls per method after the warm-up (default 7; projected suite: 5; "
+                        "grid: 3 on the CPU, 5 on a GPU)")
     p.add_argument("--methods", nargs="+", default=None,
-                   help="peer, peer-f64, dxfield, dxfield@<budget>, projected, projected@m=<m>; "
+                   help="peer, peer-f64, dxfield, dxfield@<budget>, fused, fused-tf32, "
+                        "projected[-tf32|-bf16][@m=<m>], attraction[-tf32|-bf16][@m=<m>]; "
                         f"default: {' '.join(DEFAULT_METHODS)} (projected suite: "
-                        f"{' '.join(SUITES['projected']['methods'])})")
+                        f"{' '.join(SUITES['projected']['methods'])}; grid: {' '.join(GRID_METHODS['cpu'])} "
+                        f"on the CPU, {' '.join(GRID_METHODS['cuda'])} on a GPU)")
     p.add_argument("--temperatures", type=float, nargs="+", default=None,
-                   help="temperatures of every method (default 0.02 0.05 0.2; projected suite: 0.05)")
+                   help="temperatures of every method (default 0.02 0.05 0.2; projected and grid suites: 0.05)")
     p.add_argument("--landmarks", "-m", type=int, default=None,
-                   help=f"landmarks of the plain 'projected' method (default {DEFAULT_LANDMARKS})")
+                   help=f"landmarks of the plain projected/attraction methods (default {DEFAULT_LANDMARKS}; "
+                        "grid: each shape's m)")
     p.add_argument("--memory-budget", default=None,
-                   help="memory_budget for the plain 'dxfield' method (e.g. 48MiB); default: dxfield's own (64 MiB)")
+                   help="memory_budget for the plain 'dxfield' and 'fused' methods (e.g. 48MiB); "
+                        "default: dxfield's own")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pause", type=float, default=0.3,
-                   help="seconds of idle before each timed call, so the previous worker's threads stop spinning")
+    p.add_argument("--pause", type=float, default=None,
+                   help="seconds of idle before each timed call, so the previous worker's threads stop spinning "
+                        "(default 0.3 on the CPU, 0.05 on a GPU)")
     p.add_argument("--quick", action="store_true",
-                   help="tiny smoke run: G=64, P=512, D=32, 3 repeats (projected suite: m=128)")
+                   help="tiny smoke run: G=64, P=512, D=32, 3 repeats (projected suite: m=128; grid: "
+                        "64x512x32x64 and 128x1024x64x128)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-f64", action="store_true",
-                   help="skip the float64 peer used as ground truth (the projected suite always skips it)")
-    p.add_argument("--profile", action="store_true", help="also print a cProfile of one dxfield call")
+                   help="skip the float64 peer used as ground truth (the projected and grid suites always skip it)")
+    p.add_argument("--profile", action="store_true", help="also print a cProfile of one dxfield call (CPU)")
     p.add_argument("--out", default=None,
                    help="JSON path (default bench/results/field-<host-kind>.json; projected suite: "
-                        "field-projected-<host-kind>.json)")
+                        "field-projected-<host-kind>.json; grid: field-grid-<host-kind>.json; host kind "
+                        "e.g. cpu2, h100, h200; '-quick' added for --quick)")
+    p.add_argument("--summarize", metavar="FILE", default=None,
+                   help="print the key figures of a grid JSON written earlier, and exit")
     return p
 
 
 def resolve_args(args):
-    """Fill the options left unset from the suite preset (and --quick)."""
+    """Fill the options left unset from the suite preset (and --quick); ``args.shapes`` = [(G, P, D, m)]."""
     preset = SUITES[args.suite]
-    for key in ("G", "P", "D", "repeats", "methods", "temperatures", "landmarks"):
+    repeats_given = args.repeats is not None
+
+    def pick(value):
+        return value[args.device] if isinstance(value, dict) else value
+
+    for key in ("repeats", "methods", "temperatures"):
         if getattr(args, key) is None:
-            setattr(args, key, preset[key])
-    if args.quick:
-        args.G, args.P, args.D, args.repeats = 64, 512, 32, 3
-        if args.suite == "projected":
-            args.landmarks = min(args.landmarks, 128)
-    if args.suite == "projected":
+            setattr(args, key, list(pick(preset[key])) if key != "repeats" else pick(preset[key]))
+    if args.suite == "grid":
+        if any(getattr(args, k) is not None for k in ("G", "P", "D")):
+            raise SystemExit("--suite grid takes its shapes from --grid GxPxD[xm] ..., not -G/-P/-D")
+        m_default = args.landmarks if args.landmarks is not None else preset["landmarks"]
+        if args.grid:
+            args.shapes = [parse_shape(s, m_default) for s in args.grid]
+        else:
+            args.shapes = list(GRIDS["quick"] if args.quick else pick(preset["grid"]))
+            if args.landmarks is not None:
+                args.shapes = [(G, P, D, args.landmarks) for G, P, D, _ in args.shapes]
+        args.landmarks = m_default
         args.no_f64 = True  # the float64 peer checks Algorithm 2 itself: the exact suite's business
+    else:
+        if args.grid:
+            raise SystemExit("--grid needs --suite grid (the other suites take -G -P -D)")
+        quick = dict(G=64, P=512, D=32) if args.quick else {}
+        for key in ("G", "P", "D", "landmarks"):
+            if getattr(args, key) is None:
+                setattr(args, key, quick.get(key, preset[key]))
+        if args.quick and args.suite == "projected":
+            args.landmarks = min(args.landmarks, 128)
+        if args.suite == "projected":
+            args.no_f64 = True
+        args.shapes = [(args.G, args.P, args.D, args.landmarks)]
+    if args.quick and not repeats_given:
+        args.repeats = 3
+    if args.pause is None:
+        args.pause = 0.05 if args.device == "cuda" else 0.3
+    args.methods = list(dict.fromkeys(args.methods))
     args.temperatures = tuple(float(t) for t in args.temperatures)
+    for name in args.methods:  # unknown names stop the run before anything starts
+        parse_method(name, args.memory_budget, args.landmarks)
     return args
 
 
 def main(argv=None) -> int:
-    args = resolve_args(build_parser().parse_args(argv))
-    for name in args.methods:
-        parse_method(name, args.memory_budget, args.landmarks)
-    G, P, D = args.G, args.P, args.D
-    temps, m_default = args.temperatures, args.landmarks
-    nt = len(temps)
-    flops = 2.0 * G * (G + P) * D * (1 + nt)
-    projected = [mth for mth in args.methods if is_projected(mth)]
-    print(f"# bench/field.py: suite={args.suite} G={G} P={P} D={D} temperatures={list(temps)} "
-          f"repeats={args.repeats} methods={args.methods}" + (f" m={m_default}" if projected else ""), flush=True)
-    rows = [{"method": mth, "label": method_label(mth, args.memory_budget, m_default),
-             "flops": method_flops(mth, G, P, D, nt, m_default)} for mth in args.methods]
-    for r in rows:
-        if is_projected(r["method"]):
-            m = min(parse_method(r["method"], None, m_default)[1], P)
-            size = cache_mib(m, D, nt)
-            r.update(m=m, cache_mib_f32=size["f32"], cache_mib_f64_host=size["f64_host"])
-
-    # 1. correctness first (in this process; nothing here is timed)
-    print("# agreement ...", flush=True)
-    x, pos = make_data(G, P, D, seed=args.seed)
-    v_peer = to_numpy(prepare("peer", x, pos, None, temps)())
-    v_f64 = None if args.no_f64 else to_numpy(prepare("peer-f64", x, pos, None, temps)())
-    refs = {}  # exact row field per cache feature scale
-    context = {}
-    for r in rows:
-        try:
-            if is_projected(r["method"]):
-                print(f"# accuracy of {r['label']}: build, exact row field, diagnostics ...", flush=True)
-                fn = prepare(r["method"], x, pos, None, temps, m_default)
-                scale = fn.pf.feature_scale
-                if scale not in refs:
-                    refs[scale] = row_reference(x, pos, temps, scale)
-                    if not context:
-                        context = {"feature_scale_cache": scale,
-                                   "row_vs_peer": agreement(refs[scale]["V"], v_peer)}
-                r["build_s_main"] = fn.setup_info["build_s"]
-                r.update(projected_accuracy(fn.pf, x, pos, refs[scale], v_peer))
-                del fn
-                continue
-            v = to_numpy(prepare(r["method"], x, pos, args.memory_budget, temps, m_default)())
-            a = agreement(v, v_peer)
-            r["max_rel_vs_peer"], r["fro_rel_vs_peer"] = a["max_rel"], a["fro_rel"]
-            if v_f64 is not None:
-                a = agreement(v, v_f64)
-                r["max_rel_vs_f64"], r["fro_rel_vs_f64"] = a["max_rel"], a["fro_rel"]
-            del v
-        except Exception as e:  # benchmarks report, never raise
-            r["error"] = f"{type(e).__name__}: {e}"
-    if context:
-        context["feature_scale_peer"] = peer_scale(x, pos)
-    del x, pos, v_peer, v_f64, refs
-    gc.collect()
-
-    # 2. one spawned worker per method: peak memory of its first call (also the warm-up)
-    workers = {}
-    mechanism = "skipped"
-    for r in rows:
-        if r.get("error"):
-            continue
-        print(f"# start worker: {r['label']} (memory of the first call) ...", flush=True)
-        w = Worker(make_method, (r["method"], G, P, D, args.seed, args.memory_budget, temps, m_default),
-                   warmup_args=(r["method"], 16, 64, D, args.seed + 1, args.memory_budget, temps, m_default),
-                   measure_memory=not args.no_memory, traced=is_numpy_method(r["method"]))
-        if w.ready.get("error"):
-            r["error"] = w.ready["error"]
-            w.close()
-            continue
-        workers[r["method"]] = w
-        r["first_call_ms"] = w.ready["first_call_ms"]
-        for key in ("build_s", "build_rss_mib"):
-            if key in w.ready:
-                r[key] = w.ready[key]
-        if not args.no_memory:
-            r["peak_extra_mib"] = w.ready["extra_mib"]
-            r["baseline_rss_mib"] = w.ready["baseline_rss_mib"]
-            mechanism = w.ready["mechanism"]
-
-    # 3. timed calls, round robin over the workers (order rotated every round)
-    print(f"# timing: {args.repeats} rounds over {len(workers)} worker(s) ...", flush=True)
-    times = {mth: [] for mth in workers}
-    cpu = {mth: [] for mth in workers}
-    order = list(workers)
-    try:
-        for k in range(args.repeats):
-            for mth in order[k % len(order):] + order[:k % len(order)] if order else []:
-                time.sleep(args.pause)
-                t = workers[mth].ask("time")
-                if t.get("error"):
-                    next(r for r in rows if r["method"] == mth).setdefault("time_error", t["error"])
-                    continue
-                times[mth].append(t["wall_ms"])
-                cpu[mth].append(t["cpu_ms"])
-        if not args.no_memory:
-            for mth, w in workers.items():
-                if is_numpy_method(mth):
-                    next(r for r in rows if r["method"] == mth).update(w.ask("tracemalloc"))
-    finally:
-        for w in workers.values():
-            w.close()
-    for r in rows:
-        ts = times.get(r["method"])
-        if ts:
-            r["times_ms"], r["cpu_times_ms"] = ts, cpu[r["method"]]
-            r["time_best_ms"] = min(ts)
-            r["time_median_ms"] = statistics.median(ts)
-            r["cpu_best_ms"] = min(cpu[r["method"]])
-            r["gflops_eff"] = r["flops"] / (min(ts) / 1e3) / 1e9
-
-    peer = next((r for r in rows if r["method"] == "peer" and not r.get("error")), None)
-    for r in rows:
-        if peer is None or r.get("error"):
-            continue
-        if r.get("time_best_ms") and peer.get("time_best_ms"):
-            r["time_ratio_vs_peer"] = r["time_best_ms"] / peer["time_best_ms"]
-            r["speedup_vs_peer"] = peer["time_best_ms"] / r["time_best_ms"]
-        if r.get("peak_extra_mib") is not None and peer.get("peak_extra_mib"):
-            r["mem_ratio_vs_peer"] = r["peak_extra_mib"] / peer["peak_extra_mib"]
-
-    # 4. reference sgemm rates, each library in its own process
-    print("# reference sgemm ...", flush=True)
-    gemm = {"shape": f"({G}x{D})@({D}x{P})", "flops": 2.0 * G * D * P}
-    for lib in ("numpy", "torch"):
-        gemm[f"{lib}_gflops"] = run_isolated(gemm_rate, lib, G, P, D).get("gflops")
-    if projected:  # the projected field's own product shape, (G x D) @ (D x m)
-        m0 = min(m_default, P)
-        gemm["shape_m"] = f"({G}x{D})@({D}x{m0})"
-        gemm["numpy_gflops_m"] = run_isolated(gemm_rate, "numpy", G, m0, D).get("gflops")
-
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    if args.summarize:
+        print(summarize(json.loads(Path(args.summarize).read_text())))
+        return 0
+    args = resolve_args(args)
+    if args.device == "cuda" and not gpu_available():
+        raise SystemExit("--device cuda: no usable CUDA GPU here (dxfield.cuda_available() is False); "
+                         "run on a GPU machine or use --device cpu")
+    device_name = (gpu_name() or "GPU") if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
+    temps = args.temperatures
     meta = {
-        "suite": args.suite,
-        "G": G, "P": P, "D": D, "dtype": "float32", "seed": args.seed,
-        "temperatures": list(temps), "n_temperatures": nt,
+        "suite": args.suite, "device": args.device, "device_name": device_name, "dtype": "float32",
+        "seed": args.seed, "temperatures": list(temps), "n_temperatures": len(temps),
         "repeats": args.repeats, "pause_s": args.pause, "memory_budget": args.memory_budget,
-        "flops": flops, "flops_formula": "2*G*(G+P)*D * (1 + n_temps)",
-        "memory_mechanism": mechanism, "gemm": gemm,
+        "methods": args.methods,
         "agreement_metric": "max|V - V_ref| / max|V_ref| (max_rel); ||V - V_ref||_F / ||V_ref||_F (fro_rel)",
-        "timing": "one spawned process per method; its first call (memory run) is the warm-up; "
-                  "timed calls round robin over methods",
+        "timing": "one spawned process per method; its first call (memory run) is the warm-up; timed calls "
+                  "round robin over methods" + ("; GPU calls synchronised before and after"
+                                                if args.device == "cuda" else ""),
     }
+    stem = {"exact": "field", "projected": "field-projected", "grid": "field-grid"}[args.suite]
+    out = Path(args.out) if args.out else HERE / "results" / f"{stem}-{host_kind(args.device)}" \
+                                                             f"{'-quick' if args.quick else ''}.json"
+    print(f"# bench/field.py: suite={args.suite} device={args.device} ({device_name}) "
+          f"shapes={[shape_name(s) for s in args.shapes]} temperatures={list(temps)} repeats={args.repeats} "
+          f"methods={args.methods}", flush=True)
+
+    if args.suite == "grid":
+        data = {"benchmark": "bench/field.py", "argv": argv, "complete": False, "meta": meta, "shapes": []}
+        for shape in args.shapes:
+            data["shapes"].append(measure_shape(args, shape))
+            write_json_atomic(out, data)  # a run cut short keeps the shapes it finished
+        data.update(complete=True, machine=machine_info(args.device))
+        print()
+        print(render_grid(data))
+        print()
+        print(summarize(data))
+        write_json_atomic(out, data)
+        print(f"\nwrote {out}")
+        return 0
+
+    res = measure_shape(args, args.shapes[0])
+    rows, context = res.pop("rows"), res["context"]
+    meta.update(res, flops=res["flops_exact"], flops_formula="2*G*(G+P)*D * (1 + n_temps)")
+    projected = [r for r in rows if r["family"] == "projected"]
     if projected:
+        scale = next((r["feature_scale_cache"] for r in projected if r.get("feature_scale_cache")), None)
+        context["feature_scale_cache"] = scale
+        if context.get("row_vs_peer"):
+            context["feature_scale_peer"] = peer_scale(*make_data(args.G, args.P, args.D, seed=args.seed))
         meta["projected"] = {
-            "landmarks_default": m_default, "landmark_method": "uniform", "repulsion": "exact", "drift_norm": True,
-            "feature_scale": context.get("feature_scale_cache"),
+            "landmarks_default": args.landmarks, "landmark_method": "uniform", "repulsion": "exact",
+            "drift_norm": True, "feature_scale": scale,
             "flops_formula": "2*G*m*D + n_temps*2*G*m*(D+1) + 2*G*G*D + n_temps*2*G*G*D",
-            "flops": {r["label"]: r["flops"] for r in rows if is_projected(r["method"])},
-            "m": {r["label"]: r["m"] for r in rows if is_projected(r["method"])},
+            "flops": {r["label"]: r["flops"] for r in projected},
+            "m": {r["label"]: r["m"] for r in projected},
             "goal_speedup": PROJECTED_GOAL,
             "cache_mib_formula": "f32: 4*(m*D + n_temps*(m*(D+1) + m*m)); f64_host: 8*(m*D + n_temps*(m*m + m*D + m))",
-            "error_reference": "dxfield.drift_field(x, pos, normalization='row', temperatures, feature_scale=S_cache)",
+            "error_reference": "dxfield.drift_field(x, pos, normalization='row', temperatures, feature_scale=S_cache, "
+                               "engine='composed')",
         }
-        meta["context"] = context
     print()
     print(render_projected(rows, meta) if projected else render(rows, meta))
 
     if args.profile:
         print("\n## cProfile of one dxfield call (default budget, own process), by own time\n")
-        text = run_isolated(profile_dxfield, G, P, D, args.seed, args.memory_budget, 18, temps)
-        print(text if isinstance(text, str) else text)
+        print(run_isolated(profile_dxfield, args.G, args.P, args.D, args.seed, args.memory_budget, 18, temps))
 
-    suffix = "-quick" if args.quick else ""
-    stem = "field-projected" if args.suite == "projected" else "field"
-    out = Path(args.out) if args.out else HERE / "results" / f"{stem}-{host_kind()}{suffix}.json"
-    write_json_atomic(out, {"benchmark": "bench/field.py", "argv": sys.argv[1:], "meta": meta,
-                            "machine": machine_info(), "rows": rows})
+    write_json_atomic(out, {"benchmark": "bench/field.py", "argv": argv, "meta": meta,
+                            "machine": machine_info(args.device), "rows": rows})
     print(f"\nwrote {out}")
     return 0
 

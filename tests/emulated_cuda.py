@@ -52,10 +52,11 @@ def build(tmpdir, block: int = 32):
     return EmuOps(ctypes.CDLL(str(lib)), block)
 
 
-def _round_tf32(a):
-    """Round float32 to TF32 (nearest even on 10 mantissa bits), in NumPy."""
+def _round_mantissa(a, bits: int):
+    """Round float32 to ``bits`` mantissa bits, nearest even (TF32: 10, bfloat16: 7), in NumPy."""
+    drop = 23 - bits
     u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    u = (u + 0xFFF + ((u >> 13) & 1)) & 0xFFFFE000
+    u = (u + ((1 << (drop - 1)) - 1) + ((u >> drop) & 1)) & (0xFFFFFFFF ^ ((1 << drop) - 1))
     return u.astype(np.uint32).view(np.float32).reshape(a.shape)
 
 
@@ -93,13 +94,14 @@ class EmuOps:
         getattr(self.lib, f"emu_{name}")(grid[0], grid[1], block[0], block[1], *cast)
 
     def gemm(self, a, b, out, *, trans_b=False, beta=0.0, precision="float32"):
-        """NumPy GEMM; "tf32" rounds the inputs to TF32 (10 mantissa bits) like the tensor cores,
+        """NumPy GEMM; "tf32"/"bf16" round the inputs to 10/7 mantissa bits like the tensor cores,
         "tf32x3" goes through dxfield's split (emulated kernel) and two-part TF32 products."""
         if precision == "tf32x3":
             return _cuda.split_gemm(self, a, b, out, trans_b=trans_b, beta=beta)
         self.gemm_precisions.append(precision)
-        if precision == "tf32":
-            a, b = _round_tf32(a), _round_tf32(b)
+        if precision in ("tf32", "bf16"):
+            bits = 10 if precision == "tf32" else 7
+            a, b = _round_mantissa(a, bits), _round_mantissa(b, bits)
         prod = a @ (b.T if trans_b else b)  # float32 accumulation, as on the GPU
         if beta == 0.0:
             out[...] = prod

@@ -197,8 +197,10 @@ def test_precision_reaches_the_gemms(fused):
     assert set(fused.gemm_precisions) == {"tf32"}
     pf = dxfield.ProjectedField.build(pos, landmarks=10, temperatures=0.05)
     fused.gemm_precisions.clear()
-    pf.attraction(x, engine="fused", precision="bf16")
+    ab = pf.attraction(x, engine="fused", precision="bf16")
     assert set(fused.gemm_precisions) == {"bf16"}
+    err = rel_err(ab, pf.attraction(x, engine="composed"))
+    assert 1e-5 < err < 5e-2  # bfloat16 products: visibly lossy, still close
 
 
 # -- the GPU launcher's plumbing, checked on the CPU ---------------------------------------------
