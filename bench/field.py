@@ -44,8 +44,9 @@ Methods (``--methods``; a ``-tf32`` / ``-bf16`` suffix picks the precision, floa
   ``dxfield@16MiB``: at the exact suite's shape its tiles can no longer span
   all 1024 queries, so each target tile is swept twice).  A budget below what
   the per-query accumulators need makes it raise ValueError: an error row.
-* ``fused`` / ``fused-tf32`` -- ``drift_field(x, pos, engine="fused",
-  precision="float32"|"tf32")``: the CuPy RawKernel engine (GPU only; on NumPy
+* ``fused`` / ``fused-tf32x3`` / ``fused-tf32`` -- ``drift_field(x, pos, engine="fused",
+  precision="float32"|"tf32x3"|"tf32")`` (tf32x3: three TF32 tensor-core products per GEMM
+  from a two-part split of each operand, float32-level accuracy): the CuPy RawKernel engine (GPU only; on NumPy
   inputs it raises ValueError, reported as an error row).
 * ``projected`` / ``projected-tf32`` / ``projected-bf16`` (``@m=<m>`` for other
   than the shape's landmarks) -- ``dxfield.ProjectedField``: set-up (not timed;
@@ -207,7 +208,7 @@ GRIDS = {
 }
 GRID_METHODS = {
     "cpu": ["peer", "dxfield", "projected", "attraction"],
-    "cuda": ["peer", "dxfield", "fused", "fused-tf32", "projected", "projected-tf32", "projected-bf16",
+    "cuda": ["peer", "dxfield", "fused", "fused-tf32x3", "fused-tf32", "projected", "projected-tf32", "projected-bf16",
              "attraction", "attraction-tf32", "attraction-bf16"],
 }
 # presets: --suite NAME fills every option left unset on the command line; a value given per
@@ -225,7 +226,7 @@ SUITES = {
 # becomes an error row: on a GPU a hung kernel must not eat the whole run
 WORKER_TIMEOUT = {"cpu": 900.0, "cuda": 120.0}
 PROJECTED_GOAL = 40.0  # the projected issue's "Done when": projected >= 40x faster than the peer
-FUSED_GOAL = {"float32": 1e-5, "tf32": 1e-3}  # max rel difference, fused vs composed
+FUSED_GOAL = {"float32": 1e-5, "tf32x3": 1e-5, "tf32": 1e-3}  # max rel difference, fused vs composed
 CACHE_FAMILIES = ("projected", "attraction")  # methods that run on a ProjectedField cache
 
 
@@ -340,7 +341,7 @@ class Method:
         return f"attraction only (m={self.m}{e}{p})"
 
 
-_METHOD_RE = re.compile(r"(peer-f64|peer|dxfield|fused|projected|attraction)(?:-(tf32|bf16))?(?:@(.+))?")
+_METHOD_RE = re.compile(r"(peer-f64|peer|dxfield|fused|projected|attraction)(?:-(tf32x3|tf32|bf16))?(?:@(.+))?")
 
 
 def parse_method(name: str, default_budget=None, default_landmarks=DEFAULT_LANDMARKS,
@@ -1218,6 +1219,7 @@ def summarize(data) -> str:
          joined(get("dxfield", "time_best_ms"), get("fused", "time_best_ms"),
                 get("fused", "time_best_ms", "tf32"))),
         ("speed-up vs peer: fused", get("fused", "speedup_vs_peer")),
+        ("speed-up vs peer: fused-tf32x3 (float32-accurate)", get("fused", "speedup_vs_peer", "tf32x3")),
         ("speed-up vs peer: fused-tf32", get("fused", "speedup_vs_peer", "tf32")),
         ("speed-up vs peer: dxfield composed", get("dxfield", "speedup_vs_peer")),
         ("exact GFLOP/s: peer / composed / fused / fused-tf32",
@@ -1231,6 +1233,7 @@ def summarize(data) -> str:
          joined(get("peer", "peak_extra_mib", fmt=".0f"), get("dxfield", "peak_extra_mib", fmt=".0f"),
                 get("fused", "peak_extra_mib", fmt=".0f"), get("fused", "peak_extra_mib", "tf32", fmt=".0f"))),
         (f"fused vs composed, max rel (goal {FUSED_GOAL['float32']:.0e})", goal_cell("fused", "float32")),
+        (f"fused-tf32x3 vs composed, max rel (goal {FUSED_GOAL['tf32x3']:.0e})", goal_cell("fused", "tf32x3")),
         (f"fused-tf32 vs composed, max rel (goal {FUSED_GOAL['tf32']:.0e})", goal_cell("fused", "tf32")),
         ("max rel vs peer: composed / fused / fused-tf32",
          joined(get("dxfield", "max_rel_vs_peer", fmt=".1e"), get("fused", "max_rel_vs_peer", fmt=".1e"),
