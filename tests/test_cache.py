@@ -295,3 +295,15 @@ def test_a_corrupted_metadata_attribute_is_refused_with_value_error(tmp_path, ca
     path.write_bytes(bytes(raw))
     with pytest.raises(ValueError):
         dxfield.ProjectedField.load(path)
+
+
+def test_atomic_write_gives_a_normal_file_mode(tmp_path):
+    """The temporary file is 0600; the written file gets the mode any other new file would."""
+    import os
+
+    from dxfield._atomic import atomic_write
+
+    atomic_write(tmp_path / "f.bin", lambda fh: fh.write(b"x"))
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"x")
+    assert (os.stat(tmp_path / "f.bin").st_mode & 0o777) == (os.stat(plain).st_mode & 0o777)
