@@ -34,8 +34,9 @@ def _data_options(f):
     f = click.option("--labels-key", default=None, help="Key of the labels in a .npz/.h5 file (default: labels or y).")(f)
     f = click.option("--data-key", default=None, help="Key of the samples in a .npz/.h5 file (default: x, data or images).")(f)
     f = click.option("--data", default=_DEFAULTS.data, show_default=True,
-                     help="Embedded data set (digits, moons, swissroll, checkerboard, gaussians8) or a .npz/.npy/.h5 "
-                          "file of vectors (N x D) or images (N x H x W, N x C x H x W, N x H x W x C).")(f)
+                     help="Embedded data set (digits, moons, swissroll, checkerboard, gaussians8, or mixture: 64 "
+                          "Gaussian modes in 32-D with a known density, scored against it by eval) or a "
+                          ".npz/.npy/.h5 file of vectors (N x D) or images (N x H x W, N x C x H x W, N x H x W x C).")(f)
     return f
 
 

@@ -15,6 +15,12 @@ vectors ``(N, D)`` or images ``(N, C, H, W)``, with optional integer labels
     average (the shape's aspect is kept): ``"moons"`` (labels 0/1),
     ``"swissroll"`` and ``"checkerboard"`` (unlabelled), ``"gaussians8"``
     (8 Gaussians on a circle, labels 0..7);
+  - ``"mixture"`` -- a many-mode Gaussian mixture with a KNOWN density
+    (:func:`mixture_truth`): 64 isotropic modes in 32 dimensions with unequal
+    (Zipf) weights, 60000 points by default (``n``), drawn from ``seed``;
+    unlabelled.  The mixture itself is fixed (it never depends on ``seed``),
+    so generated samples can be scored against fresh samples of the truth
+    (:func:`dxtrain.evaluate.mixture_quality`); ``Dataset.truth`` carries it;
 
 * a path to a user's ``.npz``, ``.npy``, ``.h5`` or ``.hdf5`` file of vectors
   or images, with optional labels (see :func:`load_dataset` for the keys).
@@ -39,9 +45,9 @@ from importlib import resources
 
 import numpy as np
 
-__all__ = ["Dataset", "EMBEDDED", "load_dataset", "train_test_split"]
+__all__ = ["Dataset", "EMBEDDED", "GaussianMixture", "load_dataset", "mixture_truth", "train_test_split"]
 
-EMBEDDED = ("digits", "moons", "swissroll", "checkerboard", "gaussians8")
+EMBEDDED = ("digits", "moons", "swissroll", "checkerboard", "gaussians8", "mixture")
 """Names :func:`load_dataset` accepts without a file."""
 
 FILE_EXTENSIONS = (".npz", ".npy", ".h5", ".hdf5")
@@ -51,6 +57,7 @@ SAMPLE_KEYS = ("x", "data", "images", "arr_0")
 LABEL_KEYS = ("labels", "y")
 
 DEFAULT_TOY_POINTS = 20000
+DEFAULT_MIXTURE_POINTS = 60000  # about 51000 training points after the default 15 % test split
 
 
 @dataclass
@@ -76,6 +83,9 @@ class Dataset:
         remapped to ``k``), or None when unlabelled.
     preprocessing : str
         How the stored values became ``x``, e.g. ``"uint8 / 255 * 2 - 1"``.
+    truth : GaussianMixture or None
+        The known distribution the samples were drawn from (the embedded
+        ``"mixture"``), or None; evaluation scores against it when present.
     """
 
     name: str
@@ -85,6 +95,7 @@ class Dataset:
     num_classes: int
     label_names: np.ndarray | None = None
     preprocessing: str = "none"
+    truth: GaussianMixture | None = None
 
     def __post_init__(self):
         if self.kind not in ("vectors", "images"):
@@ -128,6 +139,7 @@ class Dataset:
             num_classes=self.num_classes,
             label_names=self.label_names,
             preprocessing=self.preprocessing,
+            truth=self.truth,
         )
 
 
@@ -141,7 +153,8 @@ def load_dataset(spec: str, *, n: int | None = None, seed: int = 0, key: str | N
         One of :data:`EMBEDDED`, or a path to a ``.npz``, ``.npy``, ``.h5`` or
         ``.hdf5`` file.
     n : int, optional
-        For the 2-D toys, the number of points to draw (default 20000). For
+        For the 2-D toys, the number of points to draw (default 20000); for
+        ``"mixture"`` likewise (default 60000). For
         ``"digits"`` and files, a random subset of ``n`` samples (drawn with
         ``seed``); all samples when None.
     seed : int
@@ -185,6 +198,8 @@ def load_dataset(spec: str, *, n: int | None = None, seed: int = 0, key: str | N
                 raise ValueError(f"{arg}={value!r} applies to files only, not to the embedded data set {name!r}")
         if name == "digits":
             return _subsample(_load_digits(), n, seed)
+        if name == "mixture":
+            return _mixture(DEFAULT_MIXTURE_POINTS if n is None else int(n), np.random.default_rng(seed))
         return _TOYS[name](DEFAULT_TOY_POINTS if n is None else int(n), np.random.default_rng(seed))
 
     ext = os.path.splitext(spec)[1].lower()
@@ -289,6 +304,116 @@ def _gaussians8(n, rng):
     angle = labels * (np.pi / 4.0)
     centres = 2.0 * np.stack([np.cos(angle), np.sin(angle)], axis=1)
     return _toy("gaussians8", centres + rng.normal(0.0, 0.2, (n, 2)), labels, 8, rng)
+
+
+# --------------------------------------------------------------------------- the known mixture
+
+MIXTURE_MODES = 64
+MIXTURE_DIM = 32
+MIXTURE_ZIPF = 1.0  # weight of the r-th heaviest mode ~ 1 / r: the heaviest is 64x the lightest
+MIXTURE_SIGMA = 0.35  # mode width relative to the spread of the (unit-variance) mode centres, before scaling
+_MIXTURE_STRUCTURE_SEED = 20260517  # fixes the mixture; ``seed`` only draws its points
+
+
+@dataclass(frozen=True, eq=False)
+class GaussianMixture:
+    """A mixture of isotropic Gaussians: mode ``k`` is ``N(means[k], sigmas[k]**2 I)`` with weight ``weights[k]``.
+
+    The truth behind the embedded ``"mixture"`` (see :func:`mixture_truth`); float64 parameters.
+    """
+
+    means: np.ndarray  # (K, D)
+    sigmas: np.ndarray  # (K,)
+    weights: np.ndarray  # (K,), sums to 1
+
+    def __post_init__(self):
+        k, d = self.means.shape
+        if self.sigmas.shape != (k,) or self.weights.shape != (k,):
+            raise ValueError(f"GaussianMixture: means {self.means.shape}, sigmas {self.sigmas.shape} and weights "
+                             f"{self.weights.shape} disagree on the number of modes")
+        if not (np.all(self.sigmas > 0) and np.all(self.weights >= 0) and abs(self.weights.sum() - 1) < 1e-9):
+            raise ValueError("GaussianMixture: sigmas must be > 0 and weights >= 0 summing to 1")
+
+    @property
+    def num_modes(self) -> int:
+        return int(self.means.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.means.shape[1])
+
+    def sample(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` float64 points and the mode each came from."""
+        modes = rng.choice(self.num_modes, size=int(n), p=self.weights)
+        x = self.means[modes] + self.sigmas[modes, None] * rng.standard_normal((int(n), self.dim))
+        return x, modes.astype(np.int64)
+
+    def nearest_mode(self, x, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """For each point, the mode ``k`` minimising ``||x - means[k]||^2 / sigmas[k]^2`` and that value.
+
+        The value is ``chi^2`` with ``dim`` degrees of freedom for a point drawn from mode ``k``.
+        """
+        x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+        if x.shape[1] != self.dim:
+            raise ValueError(f"points have {x.shape[1]} coordinates; the mixture has {self.dim}")
+        inv = 1.0 / self.sigmas ** 2
+        m2 = (self.means ** 2).sum(1)
+        modes = np.empty(len(x), np.int64)
+        dist = np.empty(len(x), np.float64)
+        for i in range(0, len(x), block):
+            xb = x[i:i + block]
+            d2 = np.maximum((xb * xb).sum(1)[:, None] + m2[None, :] - 2.0 * xb @ self.means.T, 0.0) * inv
+            modes[i:i + block] = d2.argmin(1)
+            dist[i:i + block] = d2[np.arange(len(xb)), modes[i:i + block]]
+        return modes, dist
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        for a in (self.means, self.sigmas, self.weights):
+            h.update(np.ascontiguousarray(a, np.float64).tobytes())
+        return h.hexdigest()
+
+
+_MIXTURE: GaussianMixture | None = None
+
+
+def mixture_truth() -> GaussianMixture:
+    """The fixed mixture behind the embedded ``"mixture"`` data set.
+
+    64 modes in 32 dimensions.  Centres ``N(0, I)``; mode widths
+    ``0.35 * U(0.7, 1.3)`` per coordinate (a point lies ~1.9 units from its
+    centre, centres are ~7.7 apart, the closest pair 4.6: every mode is
+    clearly separate); weights proportional to ``1 / rank`` (Zipf), in random order
+    over the modes, so the heaviest mode carries 21 % of the mass and the
+    lightest 0.33 %.  Then centred and scaled exactly (from the parameters,
+    not a sample) to zero mean and unit mean squared coordinate, like the
+    2-D toys.  Drawn once from a fixed seed: the same on every machine.
+    """
+    global _MIXTURE
+    if _MIXTURE is None:
+        rng = np.random.default_rng(_MIXTURE_STRUCTURE_SEED)
+        k, d = MIXTURE_MODES, MIXTURE_DIM
+        means = rng.standard_normal((k, d))
+        sigmas = MIXTURE_SIGMA * rng.uniform(0.7, 1.3, k)
+        weights = (1.0 / np.arange(1, k + 1) ** MIXTURE_ZIPF)[rng.permutation(k)]
+        weights /= weights.sum()
+        centre = weights @ means
+        second = float(weights @ (((means - centre) ** 2).sum(1) + d * sigmas ** 2)) / d
+        scale = np.sqrt(second)
+        _MIXTURE = GaussianMixture((means - centre) / scale, sigmas / scale, weights)
+        for a in (_MIXTURE.means, _MIXTURE.sigmas, _MIXTURE.weights):
+            a.setflags(write=False)
+    return _MIXTURE
+
+
+def _mixture(n, rng) -> Dataset:
+    truth = mixture_truth()
+    x, _ = truth.sample(n, rng)  # unlabelled: the generator must find every mode and its mass itself
+    return Dataset("mixture", x.astype(np.float32), None, "vectors", 0,
+                   preprocessing="drawn from dxtrain.data.mixture_truth() (zero mean, unit mean square)",
+                   truth=truth)
 
 
 _TOYS = {"moons": _moons, "swissroll": _swissroll, "checkerboard": _checkerboard, "gaussians8": _gaussians8}

@@ -2,10 +2,11 @@
 
 The trainer saves sample grids (images) and scatter plots (2-D toys) as PNG
 files without matplotlib or PIL: :func:`image_grid` and :func:`scatter_image`
-turn samples into uint8 pixel arrays, :func:`write_png` encodes them (zlib +
-struct, 8-bit grayscale or RGB, written atomically), and :func:`read_png`
-decodes such files again (enough PNG for our own files and other simple
-8-bit, non-interlaced ones).
+turn samples into uint8 pixel arrays, :func:`line_plot` draws labelled line
+charts (the benchmarks' curves; a built-in 3x5 pixel font for the text),
+:func:`write_png` encodes them (zlib + struct, 8-bit grayscale or RGB,
+written atomically), and :func:`read_png` decodes such files again (enough
+PNG for our own files and other simple 8-bit, non-interlaced ones).
 
 Example
 -------
@@ -24,7 +25,7 @@ import numpy as np
 
 from dxfield._atomic import atomic_write
 
-__all__ = ["write_png", "read_png", "image_grid", "scatter_image"]
+__all__ = ["write_png", "read_png", "image_grid", "scatter_image", "line_plot", "draw_text"]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COLOR_TYPES = {0: 1, 2: 3, 4: 2, 6: 4}  # PNG colour type -> channels: gray, RGB, gray+alpha, RGBA
@@ -247,3 +248,275 @@ def _points_2d(points, name):
     if points.ndim != 2 or points.shape[1] != 2:
         raise ValueError(f"{name} shape {points.shape}: expected (N, 2) points")
     return points
+
+
+# --------------------------------------------------------------------------- line plots
+
+# A 3x5 pixel font: digits, capitals (lower case is drawn as upper case) and the punctuation
+# tick labels and titles need; anything else is drawn as "?".
+_FONT_ROWS = {
+    "0": "### #.# #.# #.# ###", "1": ".#. ##. .#. .#. ###", "2": "### ..# ### #.. ###",
+    "3": "### ..# .## ..# ###", "4": "#.# #.# ### ..# ..#", "5": "### #.. ### ..# ###",
+    "6": "### #.. ### #.# ###", "7": "### ..# ..# .#. .#.", "8": "### #.# ### #.# ###",
+    "9": "### #.# ### ..# ###",
+    "A": ".#. #.# ### #.# #.#", "B": "##. #.# ##. #.# ##.", "C": ".## #.. #.. #.. .##",
+    "D": "##. #.# #.# #.# ##.", "E": "### #.. ##. #.. ###", "F": "### #.. ##. #.. #..",
+    "G": ".## #.. #.# #.# .##", "H": "#.# #.# ### #.# #.#", "I": "### .#. .#. .#. ###",
+    "J": "..# ..# ..# #.# .#.", "K": "#.# #.# ##. #.# #.#", "L": "#.. #.. #.. #.. ###",
+    "M": "#.# ### #.# #.# #.#", "N": "##. #.# #.# #.# #.#", "O": ".#. #.# #.# #.# .#.",
+    "P": "##. #.# ##. #.. #..", "Q": ".#. #.# #.# ##. .##", "R": "##. #.# ##. #.# #.#",
+    "S": ".## #.. .#. ..# ##.", "T": "### .#. .#. .#. .#.", "U": "#.# #.# #.# #.# ###",
+    "V": "#.# #.# #.# #.# .#.", "W": "#.# #.# #.# ### #.#", "X": "#.# #.# .#. #.# #.#",
+    "Y": "#.# #.# .#. .#. .#.", "Z": "### ..# .#. #.. ###",
+    " ": "... ... ... ... ...", ".": "... ... ... ... .#.", ",": "... ... ... .#. #..",
+    "-": "... ... ### ... ...", "+": "... .#. ### .#. ...", "_": "... ... ... ... ###",
+    "=": "... ### ... ### ...", ":": "... .#. ... .#. ...", ";": "... .#. ... .#. #..", "(": "..# .#. .#. .#. ..#",
+    ")": "#.. .#. .#. .#. #..", "[": "##. #.. #.. #.. ##.", "]": ".## ..# ..# ..# .##",
+    "/": "..# ..# .#. #.. #..", "%": "#.# ..# .#. #.. #.#", "<": "..# .#. #.. .#. ..#",
+    ">": "#.. .#. ..# .#. #..", "?": "### ..# .#. ... .#.", "'": ".#. .#. ... ... ...",
+    "*": "#.# .#. #.# ... ...", "|": ".#. .#. .#. .#. .#.", "~": "... .## ##. ... ...",
+}
+_FONT = {ch: np.array([[c == "#" for c in row] for row in rows.split()], bool) for ch, rows in _FONT_ROWS.items()}
+
+PLOT_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
+PLOT_TEXT = (40, 40, 40)
+PLOT_GRID = (225, 225, 225)
+PLOT_FRAME = (120, 120, 120)
+
+
+def text_size(text: str, scale: int = 2) -> tuple[int, int]:
+    """Width and height in pixels of ``text`` drawn by :func:`draw_text`."""
+    return max(0, 4 * len(text) - 1) * scale, 5 * scale
+
+
+def draw_text(picture: np.ndarray, x: int, y: int, text: str, colour=PLOT_TEXT, scale: int = 2) -> None:
+    """Draw ``text`` into an ``(H, W, 3)`` uint8 picture, top-left corner at column ``x``, row ``y``.
+
+    The built-in font is 3x5 pixels per character (one column of spacing), magnified ``scale``
+    times; lower case is drawn as upper case. Pixels outside the picture are skipped.
+    """
+    h, w = picture.shape[:2]
+    for i, ch in enumerate(str(text).upper()):
+        glyph = _FONT.get(ch, _FONT["?"])
+        rows, cols = np.nonzero(np.kron(glyph, np.ones((scale, scale), bool)))
+        rows, cols = rows + y, cols + x + 4 * scale * i
+        ok = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+        picture[rows[ok], cols[ok]] = colour
+
+
+def _nice_step(span: float, target: int = 6) -> float:
+    raw = span / max(target, 1)
+    mag = 10.0 ** np.floor(np.log10(raw))
+    for m in (1.0, 2.0, 2.5, 5.0, 10.0):
+        if raw <= m * mag:
+            return m * mag
+    return 10.0 * mag
+
+
+def _ticks(lo: float, hi: float, log: bool) -> list[float]:
+    if log:
+        lo_e, hi_e = int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi)))
+        mults = (1,) if hi_e - lo_e > 4 else ((1, 2, 5) if hi_e - lo_e > 1 else (1, 2, 3, 5))
+        ticks = [m * 10.0 ** e for e in range(lo_e, hi_e + 1) for m in mults]
+    else:
+        step = _nice_step(hi - lo)
+        ticks = list(np.arange(np.ceil(lo / step) * step, hi + step * 1e-9, step))
+    return [float(t) for t in ticks if lo - 1e-12 * abs(lo) <= t <= hi + 1e-12 * abs(hi)]
+
+
+def _tick_label(v: float) -> str:
+    if v == 0:
+        return "0"
+    text = f"{v:.3g}"
+    return text.replace("e-0", "e-").replace("e+0", "e").replace("e+", "e")
+
+
+def _stroke(picture, xs, ys, colour, width: int, dash: int, box) -> None:
+    """A polyline through pixel coordinates ``xs``, ``ys`` (floats), clipped to ``box`` = (x0, y0, x1, y1)."""
+    pts_x, pts_y, along = [], [], []
+    run = 0.0
+    for i in range(len(xs) - 1):
+        dx, dy = xs[i + 1] - xs[i], ys[i + 1] - ys[i]
+        length = float(np.hypot(dx, dy))
+        n = max(2, int(np.ceil(length * 2)) + 1)
+        t = np.linspace(0.0, 1.0, n)
+        pts_x.append(xs[i] + t * dx)
+        pts_y.append(ys[i] + t * dy)
+        along.append(run + t * length)
+        run += length
+    if not pts_x:
+        return
+    px, py, s = np.concatenate(pts_x), np.concatenate(pts_y), np.concatenate(along)
+    if dash:
+        keep = (s // dash) % 2 == 0
+        px, py = px[keep], py[keep]
+    _dots(picture, px, py, colour, width, box)
+
+
+def _dots(picture, px, py, colour, size: int, box) -> None:
+    x0, y0, x1, y1 = box
+    cx, cy = np.round(px).astype(np.int64), np.round(py).astype(np.int64)
+    lo = -(size // 2)
+    for dy in range(lo, lo + size):
+        for dx in range(lo, lo + size):
+            c, r = cx + dx, cy + dy
+            ok = (c >= x0) & (c <= x1) & (r >= y0) & (r <= y1)
+            picture[r[ok], c[ok]] = colour
+
+
+def line_plot(series, *, title: str = "", xlabel: str = "", ylabel: str = "", size=(900, 560),
+              logx: bool = False, logy: bool = False, hlines=(), xlim=None, ylim=None) -> np.ndarray:
+    """Draw a line chart; returns uint8 ``(H, W, 3)`` pixels for :func:`write_png`.
+
+    The legend (the labelled series and reference lines) goes in a corner of the plot area
+    where it hides nothing, or else in a band added below the chart (``H`` then exceeds
+    ``size[1]``).
+
+    Parameters
+    ----------
+    series : list of dict
+        Each ``{"x": [...], "y": [...]}`` with optional ``"label"`` (shown in the legend),
+        ``"colour"`` (RGB; default: a fixed palette in order), ``"dash"`` (pixels per dash,
+        0 for solid), ``"width"`` (line width in pixels, default 2) and ``"markers"``
+        (default True: a square at every point). Points with a non-finite coordinate (or
+        not positive on a log axis) are skipped; the line joins the remaining points.
+    title, xlabel, ylabel : str
+        Drawn in the built-in 3x5 pixel font (see :func:`draw_text`).
+    size : (width, height)
+    logx, logy : bool
+        Logarithmic axes (ticks at 1, 2, 5 times powers of ten, or powers of ten alone
+        for wide ranges).
+    hlines : list of dict
+        Horizontal reference lines ``{"y": value}`` with optional ``"label"``, ``"colour"``,
+        ``"dash"`` (default 6).
+    xlim, ylim : (low, high), optional
+        Axis ranges; by default the data's (and the reference lines') range plus a margin.
+    """
+    width, height = (int(v) for v in size)
+    if width < 200 or height < 150:
+        raise ValueError(f"size={size!r}: expected at least (200, 150) pixels")
+    series = list(series)
+    hlines = list(hlines)
+
+    def clean(x, y):
+        x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
+        if x.shape != y.shape:
+            raise ValueError(f"a series has {x.size} x values but {y.size} y values")
+        ok = np.isfinite(x) & np.isfinite(y)
+        if logx:
+            ok &= x > 0
+        if logy:
+            ok &= y > 0
+        return x[ok], y[ok]
+
+    data = [clean(s["x"], s["y"]) for s in series]
+    href = [float(h["y"]) for h in hlines if np.isfinite(h["y"]) and (not logy or h["y"] > 0)]
+    all_x = np.concatenate([d[0] for d in data] + [np.zeros(0)])
+    all_y = np.concatenate([d[1] for d in data] + [np.asarray(href, np.float64)])
+
+    def span(values, lim, log, name):
+        if lim is not None:
+            lo, hi = (float(v) for v in lim)
+            if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi and (not log or lo > 0)):
+                raise ValueError(f"{name}={lim!r}: expected (low, high) with low < high"
+                                 + (" and low > 0 on a log axis" if log else ""))
+            return lo, hi
+        if values.size == 0:
+            return (1.0, 10.0) if log else (0.0, 1.0)
+        lo, hi = float(values.min()), float(values.max())
+        if log:
+            lo, hi = np.log10(lo), np.log10(hi)
+        pad = 0.05 * (hi - lo) if hi > lo else (0.5 if log else max(abs(lo) * 0.1, 0.5))
+        lo, hi = lo - pad, hi + pad
+        return (10.0 ** lo, 10.0 ** hi) if log else (lo, hi)
+
+    (xlo, xhi), (ylo, yhi) = span(all_x, xlim, logx, "xlim"), span(all_y, ylim, logy, "ylim")
+    fx = np.log10 if logx else (lambda v: np.asarray(v, np.float64))
+    fy = np.log10 if logy else (lambda v: np.asarray(v, np.float64))
+
+    scale = 2
+    yticks = _ticks(ylo, yhi, logy)
+    label_w = max([text_size(_tick_label(t), scale)[0] for t in yticks] + [0])
+    left, right = label_w + 22, width - 16
+    top, bottom = (44 if title else 20) + (16 if ylabel else 0), height - (52 if xlabel else 32)
+    box = (left, top, right, bottom)
+
+    def to_px(x, y):
+        px = left + (fx(x) - fx(xlo)) / (fx(xhi) - fx(xlo)) * (right - left)
+        py = bottom - (fy(y) - fy(ylo)) / (fy(yhi) - fy(ylo)) * (bottom - top)
+        return px, py
+
+    picture = np.empty((height, width, 3), np.uint8)
+    picture[:] = SCATTER_BACKGROUND
+    for t in yticks:
+        _, py = to_px(xlo, t)
+        picture[int(round(py)), left:right + 1] = PLOT_GRID
+        tw, th = text_size(_tick_label(t), scale)
+        draw_text(picture, left - 8 - tw, int(round(py)) - th // 2, _tick_label(t), scale=scale)
+    xticks = _ticks(xlo, xhi, logx)
+    last_end = -10 ** 9
+    for t in xticks:
+        px, _ = to_px(t, ylo)
+        picture[top:bottom + 1, int(round(px))] = PLOT_GRID
+        tw, _ = text_size(_tick_label(t), scale)
+        start = int(round(px)) - tw // 2
+        if start > last_end + 6:  # skip labels that would overlap the previous one
+            draw_text(picture, start, bottom + 8, _tick_label(t), scale=scale)
+            last_end = start + tw
+    picture[top, left:right + 1] = PLOT_FRAME
+    picture[bottom, left:right + 1] = PLOT_FRAME
+    picture[top:bottom + 1, left] = PLOT_FRAME
+    picture[top:bottom + 1, right] = PLOT_FRAME
+
+    legend = []
+    for i, h in enumerate(hlines):
+        if not (np.isfinite(h["y"]) and (not logy or h["y"] > 0)):
+            continue
+        colour = tuple(h.get("colour", PLOT_FRAME))
+        _, py = to_px(xlo, h["y"])
+        _stroke(picture, np.array([left, right], float), np.array([py, py]), colour, 1, int(h.get("dash", 6)), box)
+        if h.get("label"):
+            legend.append((h["label"], colour, int(h.get("dash", 6)), 1))
+    for i, (s, (x, y)) in enumerate(zip(series, data)):
+        colour = tuple(s.get("colour", PLOT_COLOURS[i % len(PLOT_COLOURS)]))
+        w = int(s.get("width", 2))
+        if x.size:
+            px, py = to_px(x, y)
+            _stroke(picture, px, py, colour, w, int(s.get("dash", 0)), box)
+            if s.get("markers", True):
+                _dots(picture, px, py, colour, w + 3, box)
+        if s.get("label"):
+            legend.append((s["label"], colour, int(s.get("dash", 0)), w))
+
+    if legend:
+        lw = max(text_size(t, scale)[0] for t, *_ in legend) + 44
+        lh = 16 * len(legend) + 6
+        # inside, in a corner of the plot area that hides no drawn pixel; else in a band below the picture
+        drawn = np.any(picture != np.array(SCATTER_BACKGROUND, np.uint8), axis=2) \
+            & np.any(picture != np.array(PLOT_GRID, np.uint8), axis=2)
+        corners = [(right - lw - 8, top + 8), (right - lw - 8, bottom - lh - 4), (left + 14, bottom - lh - 4),
+                   (left + 14, top + 8)]
+        free = [c for c in corners if c[0] - 6 > left and c[1] - 4 > top
+                and not drawn[c[1] - 4:c[1] + lh - 4, c[0] - 6:c[0] + lw + 2].any()]
+        if free:
+            x0, y0 = free[0]
+            picture[y0 - 4:y0 + lh - 4, x0 - 6:x0 + lw + 2] = SCATTER_BACKGROUND
+        else:
+            band = np.empty((lh + 8, width, 3), np.uint8)
+            band[:] = SCATTER_BACKGROUND
+            picture = np.concatenate([picture, band])
+            x0, y0 = left, height + 6
+        for j, (text, colour, dash, w) in enumerate(legend):
+            yy = y0 + 16 * j + 5
+            _stroke(picture, np.array([x0, x0 + 28], float), np.array([yy, yy], float), colour, max(w, 2),
+                    min(dash, 6), (0, 0, picture.shape[1] - 1, picture.shape[0] - 1))
+            draw_text(picture, x0 + 36, yy - 5, text, scale=scale)
+    if title:
+        tw, _ = text_size(title, scale)
+        draw_text(picture, max(4, (width - tw) // 2), 10, title, scale=scale)
+    if ylabel:
+        draw_text(picture, 8, top - 20, ylabel, scale=scale)
+    if xlabel:
+        tw, _ = text_size(xlabel, scale)
+        draw_text(picture, left + (right - left - tw) // 2, height - 20, xlabel, scale=scale)
+    return picture

@@ -21,7 +21,9 @@ end, and on SIGINT/SIGTERM) and ``eval.json``.  ``resume=True`` continues
 exactly where the checkpoint stopped: weights, optimiser, EMA, every random
 stream, step and elapsed time.  ``time_budget`` stops at a wall-clock budget
 (training time only, not periodic sampling or checkpoint I/O), so methods can
-be compared at equal time.
+be compared at equal time.  ``train(cfg, callback=f)`` calls ``f(StepInfo)``
+after every step, outside the timed part (e.g. to evaluate the EMA generator
+at chosen points of training time, as ``bench/train.py`` does).
 
 Multi-process (DDP).  Launched by ``torchrun`` (``WORLD_SIZE > 1`` in the
 environment), e.g. ``torchrun --nproc-per-node 2 -m dxtrain train ...``, the
@@ -292,19 +294,43 @@ def class_labels(batch: int, num_classes: int, device) -> torch.Tensor:
     return torch.arange(num_classes, device=device).repeat_interleave(per)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, log=None) -> dict:
+@dataclass
+class StepInfo:
+    """What a :func:`train` callback sees after a step (read-only by convention)."""
+
+    step: int  # steps done so far
+    elapsed: float  # seconds of training so far (the clock ``time_budget`` and metrics.jsonl's ``wall`` use)
+    setup_s: float  # seconds from the call to the first step: data, models, summaries (projected field)
+    final: bool  # the loop stops after this step (steps or time budget reached, or interrupted)
+    ema_model: torch.nn.Module  # the EMA generator (what ``sample``/``eval`` and the final evaluation use)
+    model: torch.nn.Module  # the generator being trained
+    num_classes: int  # 0 when unconditional
+    device: torch.device
+    train_ds: Dataset
+    test_ds: Dataset
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, log=None, callback=None) -> dict:
     """Run (or resume) training as configured; returns the final metrics.
+
+    ``callback``, if given, is called as ``callback(info)`` with a :class:`StepInfo` after
+    every step (on rank 0 only under DDP), after that step's logging, samples and checkpoint.
+    Its time is not counted in the training wall-clock (``elapsed``, ``time_budget``),
+    since a step's clock stops before the logging; under DDP the other ranks wait for it
+    inside their next step.  Its return value is ignored.  The returned metrics include
+    ``setup_s`` (see :class:`StepInfo`).
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) this runs one DDP rank (see the module docstring).
     """
     ddp = _Dist()
     try:
-        return _train(cfg, resume, log, ddp)
+        return _train(cfg, resume, log, ddp, callback)
     finally:
         ddp.close()
 
 
-def _train(cfg: TrainConfig, resume: bool, log, ddp: _Dist) -> dict:
+def _train(cfg: TrainConfig, resume: bool, log, ddp: _Dist, callback=None) -> dict:
+    t_setup = time.perf_counter()
     cfg.validate()
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if not ddp.main:
@@ -399,6 +425,7 @@ def _train(cfg: TrainConfig, resume: bool, log, ddp: _Dist) -> dict:
     # stopping: decided at the end of each step and agreed over the ranks, so none waits in a collective
     budget_hit = cfg.time_budget is not None and elapsed >= cfg.time_budget  # elapsed is the same on all ranks here
     interrupted = False
+    setup_s = time.perf_counter() - t_setup
     with _Stop() as stop, (open(metrics_path, "a") if ddp.main else _NullFile()) as metrics:
         while step < cfg.steps and not interrupted and not (stop.requested and not ddp.enabled):
             if budget_hit:
@@ -454,6 +481,10 @@ def _train(cfg: TrainConfig, resume: bool, log, ddp: _Dist) -> dict:
                              step)
             if step % cfg.checkpoint_every == 0 and ddp.main:
                 _checkpoint(ckpt_path, cfg, model, ema, opt, step, elapsed, rng, noise_rng, train_ds)
+            if callback is not None and ddp.main:
+                callback(StepInfo(step=step, elapsed=elapsed, setup_s=setup_s, final=final, ema_model=ema.model,
+                                  model=model, num_classes=num_classes, device=device, train_ds=train_ds,
+                                  test_ds=test_ds))
     if not ddp.enabled:
         interrupted = stop.requested
     bar.close()
@@ -463,8 +494,9 @@ def _train(cfg: TrainConfig, resume: bool, log, ddp: _Dist) -> dict:
         save_samples(ema.model, fixed_noise, fixed_labels, train_ds, os.path.join(cfg.out, "samples"), step)
     if interrupted:
         log(f"interrupted: checkpoint saved at step {step}; continue with --resume")
-        return {**last, "step": step, "wall": elapsed, "interrupted": True}
-    result = {"step": step, "wall": elapsed, **{k: v for k, v in last.items() if k not in ("step", "wall")}}
+        return {**last, "step": step, "wall": elapsed, "setup_s": setup_s, "interrupted": True}
+    result = {"step": step, "wall": elapsed, "setup_s": setup_s,
+              **{k: v for k, v in last.items() if k not in ("step", "wall")}}
     if cfg.evaluate and ddp.main:
         from .evaluate import evaluate_samples
 

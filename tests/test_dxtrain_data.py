@@ -8,7 +8,12 @@
 * every malformed input fails with an error naming the file and the problem;
 * the stratified train/test split is disjoint, complete and proportional;
 * PNG files round-trip exactly, are valid PNG (signature, CRCs, IHDR), are
-  written atomically; grids and scatter plots put the right pixels in place.
+  written atomically; grids and scatter plots put the right pixels in place;
+* the known mixture (``"mixture"``): shape, exact normalisation, seed
+  determinism with a fixed truth, nearest-mode assignment; its metric
+  (``dxtrain.evaluate.mixture_quality``, needs torch to import) scores truth
+  samples at the floor and a collapsed generator far worse;
+* line plots draw every series and reference line; the pixel font.
 """
 
 import os
@@ -437,3 +442,147 @@ def test_scatter_image_colours():
     assert auto.shape == (512, 512, 3) and np.all(auto[0, 0] == 255)
     with pytest.raises(ValueError, match=r"\(N, 2\)"):
         scatter_image(np.zeros((3, 3)))
+
+
+# --------------------------------------------------------------------------- the known mixture
+
+
+def test_mixture_embedded_shape_and_truth():
+    from dxtrain.data import GaussianMixture, mixture_truth
+
+    ds = load_dataset("mixture", n=3000, seed=5)
+    assert (ds.name, ds.kind, ds.shape, ds.num_classes, len(ds)) == ("mixture", "vectors", (32,), 0, 3000)
+    assert ds.x.dtype == np.float32 and np.all(np.isfinite(ds.x)) and ds.labels is None
+    truth = ds.truth
+    assert isinstance(truth, GaussianMixture) and truth is mixture_truth()
+    assert (truth.num_modes, truth.dim) == (64, 32)
+    w = truth.weights
+    assert w.sum() == pytest.approx(1.0) and w.max() / w.min() == pytest.approx(64.0)  # Zipf, 1 / rank
+    # exactly centred and unit mean square, from the parameters
+    np.testing.assert_allclose(w @ truth.means, 0.0, atol=1e-12)
+    second = w @ ((truth.means ** 2).sum(1) + truth.dim * truth.sigmas ** 2) / truth.dim
+    assert second == pytest.approx(1.0, rel=1e-12)
+    assert np.mean(ds.x.astype(np.float64) ** 2) == pytest.approx(1.0, rel=0.05)
+    # every mode is clearly separate: the closest centres are several widths apart
+    d = np.sqrt(((truth.means[:, None] - truth.means[None]) ** 2).sum(-1))
+    d[np.diag_indices(64)] = np.inf
+    assert d.min() > 1.8 * truth.sigmas.max() * np.sqrt(32)  # > 1.8 radii of the widest mode
+    assert load_dataset("mixture").x.shape == (60000, 32)
+
+
+def test_mixture_deterministic_in_seed_truth_fixed():
+    a, b, c = (load_dataset("mixture", n=500, seed=s) for s in (1, 1, 2))
+    np.testing.assert_array_equal(a.x, b.x)
+    assert not np.array_equal(a.x, c.x)
+    assert a.truth is c.truth  # the mixture never depends on the seed
+    train, test = train_test_split(a, 0.2, seed=0)
+    assert train.truth is a.truth and test.truth is a.truth and a.subset([0, 1]).truth is a.truth
+
+
+def test_mixture_nearest_mode_recovers_the_source():
+    from dxtrain.data import mixture_truth
+
+    truth = mixture_truth()
+    x, modes = truth.sample(5000, np.random.default_rng(0))
+    got, d2 = truth.nearest_mode(x, block=777)
+    assert np.mean(got == modes) > 0.999
+    assert abs(np.mean(d2 <= 53.49) - 0.99) < 0.01  # chi2(32) 99 % quantile
+    counts = np.bincount(modes, minlength=64) / 5000
+    assert 0.5 * np.abs(counts - truth.weights).sum() < 0.08
+    with pytest.raises(ValueError, match="32"):
+        truth.nearest_mode(x[:, :5])
+
+
+def _mixture_quality():
+    pytest.importorskip("torch")  # dxtrain.evaluate imports torch (the metric itself is NumPy)
+    from dxtrain.evaluate import mixture_quality
+
+    return mixture_quality
+
+
+def test_mixture_quality_truth_near_floor_collapse_far():
+    from dxtrain.data import mixture_truth
+
+    quality = _mixture_quality()
+    truth = mixture_truth()
+    kw = dict(n_truth=3000, seed=0)
+    good = quality(truth.sample(1500, np.random.default_rng(1))[0], truth, **kw)
+    assert abs(good["truth_energy_distance"]) < 0.01 and abs(good["floor"]["truth_energy_distance"]) < 0.01
+    assert good["mode_tv"] < 0.12 and good["modes_covered"] >= 60 and good["modes_missed"] <= 1
+    assert good["in_mode_fraction"] > 0.97 and 0.7 < good["rare_mode_mass_ratio"] < 1.3
+    assert (good["n"], good["n_truth"], good["num_modes"]) == (1500, 3000, 64)
+    heavy = int(np.argmax(truth.weights))
+    collapsed = truth.means[heavy] + truth.sigmas[heavy] * np.random.default_rng(2).standard_normal((1500, 32))
+    bad = quality(collapsed, truth, **kw)
+    assert bad["truth_energy_distance"] > 100 * max(good["truth_energy_distance"], 0.01)
+    assert bad["modes_covered"] == 1 and bad["modes_missed"] == 63 and bad["rare_mode_mass_ratio"] == 0.0
+    assert bad["mode_tv"] == pytest.approx(1 - truth.weights[heavy], abs=1e-9)
+    assert bad["in_mode_fraction"] > 0.97  # precise but collapsed: the other scores say so
+    blurred = quality(collapsed * 0 + np.random.default_rng(3).standard_normal((1500, 32)), truth, **kw)
+    assert blurred["in_mode_fraction"] < 0.05 and blurred["truth_energy_distance"] > good["truth_energy_distance"]
+    # deterministic, and the reference is shared (cached) between calls
+    assert quality(collapsed, truth, **kw) == bad
+
+
+def test_mixture_quality_rejects_bad_input():
+    from dxtrain.data import mixture_truth
+
+    quality = _mixture_quality()
+    truth = mixture_truth()
+    with pytest.raises(ValueError, match="32"):
+        quality(np.zeros((10, 3)), truth)
+    with pytest.raises(ValueError, match="n_truth"):
+        quality(np.zeros((10, 32)), truth, n_truth=1)
+    with pytest.raises(ValueError, match="NaN"):
+        quality(np.full((10, 32), np.nan), truth)
+
+
+def test_evaluate_samples_scores_mixture_against_truth():
+    pytest.importorskip("torch")
+    from dxtrain.evaluate import evaluate_samples
+
+    train, test = train_test_split(load_dataset("mixture", n=3000), 0.2, seed=0)
+    report = evaluate_samples(test.x[:400], train, test, seed=0)
+    for key in ("truth_energy_distance", "mode_tv", "modes_covered", "modes_missed", "in_mode_fraction",
+                "rare_mode_mass_ratio"):
+        assert key in report and key in report["floor"]
+    assert abs(report["truth_energy_distance"]) < 0.05
+    moons_train, moons_test = train_test_split(load_dataset("moons", n=500), 0.2)
+    assert "truth_energy_distance" not in evaluate_samples(moons_test.x, moons_train, moons_test)
+
+
+def test_line_plot_draws_series_and_reference_lines(tmp_path):
+    from dxtrain.png import PLOT_COLOURS, draw_text, line_plot, text_size
+
+    red, blue = (200, 0, 0), (0, 0, 200)
+    pic = line_plot([{"x": [1, 10, 100], "y": [1.0, 0.1, 0.01], "label": "falling", "colour": red},
+                     {"x": [1, 100], "y": [0.5, float("nan")], "colour": blue}],
+                    hlines=[{"y": 0.05, "label": "target", "colour": (0, 150, 0)}],
+                    title="t", xlabel="seconds", ylabel="score", logx=True, logy=True, size=(400, 300))
+    assert pic.shape == (300, 400, 3) and pic.dtype == np.uint8
+    for colour in (red, blue, (0, 150, 0)):
+        assert np.all(pic == colour, axis=2).sum() > 0, colour
+    assert np.all(pic == red, axis=2).sum() > 200  # a line, not just markers
+    write_png(tmp_path / "plot.png", pic)
+    np.testing.assert_array_equal(read_png(tmp_path / "plot.png"), pic)
+    # default colours, linear axes, points that a log axis cannot show are skipped
+    pic = line_plot([{"x": [0, 1, 2], "y": [-1, 0, 1]}], size=(300, 200))
+    assert np.all(pic == PLOT_COLOURS[0], axis=2).sum() > 50
+    pic = line_plot([{"x": [0, 1, 2], "y": [-1, 0, 1]}], size=(300, 200), logy=True)
+    assert np.all(pic == PLOT_COLOURS[0], axis=2).sum() > 0  # only the point at y=1
+    # a legend with no free corner goes into a band below the chart
+    crowded = [{"x": np.linspace(0, 1, 50), "y": np.linspace(0, 1, 50) * s, "label": f"s{s}"} for s in (1, -1)]
+    crowded += [{"x": [0, 1], "y": [0.9, 0.9]}, {"x": [0, 1], "y": [-0.9, -0.9]}]
+    pic = line_plot(crowded, size=(300, 200))
+    assert pic.shape[0] > 200 and pic.shape[1] == 300
+    with pytest.raises(ValueError, match="ylim"):
+        line_plot([{"x": [1], "y": [1]}], ylim=(1, 0))
+    with pytest.raises(ValueError, match="values"):
+        line_plot([{"x": [1, 2], "y": [1]}])
+    with pytest.raises(ValueError, match="size"):
+        line_plot([], size=(10, 10))
+    # text: every glyph is 3x5 pixels, magnified
+    canvas = np.zeros((20, 40, 3), np.uint8)
+    draw_text(canvas, 1, 1, "1e-3", colour=(255, 255, 255), scale=2)
+    assert text_size("1e-3", 2) == (30, 10)
+    assert canvas[1:11, 1:31].any() and not canvas[12:].any() and not canvas[:, 32:].any()
