@@ -10,7 +10,8 @@ coordinates centred on the queries' mean (translation does not change a
 distance, and centring removes most of the cancellation).  Entries that are
 still small compared with the norms they came from (near-duplicate points,
 where the product form loses most of its digits) are recomputed directly as
-``sum((x - y)^2)``; the result is clamped at zero.
+``sum((x - y)^2)``; every negative product-form entry is among them, so the
+result is >= 0 without a clamp.
 
 :func:`kernel_matvec` computes ``K(x, y) @ w`` in tiles and never holds the
 n x m kernel matrix.
@@ -79,34 +80,71 @@ def refine_tolerance(dtype) -> float:
     return 16.0 * math.sqrt(float(np.finfo(dtype).eps))
 
 
-def sqdist_tile(xc, xx, yc, yy, out, scratch, hits, *, self_offset=None):
+def sqdist_tile(xc, xx, yc, yy, out, scratch, hits, *, self_offset=None, self_value=0.0, colmin=None,
+                formed=False, refine_entries=None, yc_scale=1.0):
     """Squared distances of a tile of centred queries ``xc`` and targets ``yc``.
 
     ``xx``/``yy`` are their squared norms; ``out`` (bq x bt) receives the
     result; ``scratch`` (same shape, same dtype) and ``hits`` (bool, same shape)
     are work space.  ``self_offset``: when the targets are queries too, the
-    query row index of target 0 (self pairs are left out of the refinement;
-    the caller masks them).
+    query row index of target 0; self pairs get ``self_value`` (default 0, a
+    point's distance to itself; ``inf`` masks them) and are left out of the
+    refinement.  ``colmin`` (bt,), optional, receives each column's minimum
+    over the other pairs (a by-product of the refinement test).  ``formed``:
+    ``out`` already holds the product form ``|x|^2 + |y|^2 - 2 x.y`` (from one
+    product of augmented matrices, :func:`augmented_queries` and
+    :func:`augmented_targets`); only the refinement is left.
+    ``refine_entries``: entries of work space the refinement may use (default
+    the tile's size).  ``yc_scale``: ``yc`` is given times this power of two
+    (with ``formed``, e.g. the ``-2 yc`` block of the augmented targets).
     """
     xp = _xp(out)
-    xp.matmul(xc, yc.T, out=out)
-    out *= -2.0
-    out += xx[:, None]
-    out += yy[None, :]
-    xp.maximum(out, 0.0, out=out)
+    if not formed:
+        xp.matmul(xc, yc.T, out=out)
+        out *= -2.0
+        out += xx[:, None]
+        out += yy[None, :]
     if self_offset is not None:
-        _set_diagonal(out, self_offset, 0.0)  # a point's distance to itself is exactly 0
+        _set_diagonal(out, self_offset, xp.inf)
+    # Entries with d2 < rtol * (|x|^2 + |y|^2) are unreliable, negative ones included (so
+    # no clamp is needed once they are redone).  Cheap test first: a column whose minimum
+    # clears rtol * (max_i |x_i|^2 + |y_j|^2) has none; only otherwise test entry by entry.
     rtol = refine_tolerance(out.dtype)
-    # hits: d2 < rtol * (|x|^2 + |y|^2), entries whose product form is unreliable.
-    xp.multiply(xx[:, None], -rtol, out=scratch)
-    scratch += out
-    scratch -= rtol * yy[None, :]
-    xp.less(scratch, 0.0, out=hits)
-    if self_offset is not None:
-        _set_diagonal(hits, self_offset, False)
-    if not bool(hits.any()):
-        return out
-    _recompute_hits(xp, out, xc, yc, hits, budget_entries=out.size)
+    cmin = out.min(axis=0, out=colmin)
+    if xx.size and not bool(xp.all(cmin >= rtol * (xx.max() + yy))):
+        xp.multiply(xx[:, None], -rtol, out=scratch)
+        scratch += out
+        scratch -= rtol * yy[None, :]
+        xp.less(scratch, 0.0, out=hits)
+        if bool(hits.any()):
+            _recompute_hits(xp, out, xc, yc, hits, budget_entries=refine_entries or out.size, yc_scale=yc_scale)
+            if colmin is not None:
+                out.min(axis=0, out=colmin)
+    if self_offset is not None and self_value != xp.inf:
+        _set_diagonal(out, self_offset, self_value)
+    return out
+
+
+def augmented_queries(xc, xx, out=None):
+    """``[xc | xx | 1]`` (n x (D + 2)): with :func:`augmented_targets` one product gives
+    the product form of the squared distances, ``|x|^2 + |y|^2 - 2 x.y``."""
+    xp = _xp(xc)
+    n, d = xc.shape
+    out = xp.empty((n, d + 2), dtype=xc.dtype) if out is None else out
+    out[:, :d] = xc
+    out[:, d] = xx
+    out[:, d + 1] = 1.0
+    return out
+
+
+def augmented_targets(yc, yy, out=None):
+    """``[-2 yc | 1 | yy]`` (m x (D + 2)), the partner of :func:`augmented_queries`."""
+    xp = _xp(yc)
+    m, d = yc.shape
+    out = xp.empty((m, d + 2), dtype=yc.dtype) if out is None else out
+    xp.multiply(yc, -2.0, out=out[:, :d])
+    out[:, d] = 1.0
+    out[:, d + 1] = yy
     return out
 
 
@@ -125,8 +163,9 @@ def _set_diagonal(a, offset: int, value) -> None:
         a[j + offset, j] = value
 
 
-def _recompute_hits(xp, d2, xc, yc, hits, budget_entries: int) -> None:
-    """``d2[i, j] = sum((xc[i] - yc[j])^2)`` where ``hits``; work bounded by ``budget_entries``."""
+def _recompute_hits(xp, d2, xc, yc, hits, budget_entries: int, yc_scale: float = 1.0) -> None:
+    """``d2[i, j] = sum((xc[i] - yc[j] / yc_scale)^2)`` where ``hits``; work bounded by
+    ``budget_entries``.  ``yc_scale`` is a power of two, so the division is exact."""
     bt = hits.shape[1]
     d = xc.shape[1]
     rows = xp.nonzero(hits.any(axis=1))[0]
@@ -140,7 +179,10 @@ def _recompute_hits(xp, d2, xc, yc, hits, budget_entries: int) -> None:
         for h0 in range(0, int(ii.shape[0]), hit_step):
             i, j = ii[h0:h0 + hit_step], jj[h0:h0 + hit_step]
             diff = xc[i]
-            diff -= yc[j]
+            yj = yc[j]
+            if yc_scale != 1.0:
+                yj /= yc_scale
+            diff -= yj
             xp.square(diff, out=diff)
             d2[i, j] = diff.sum(axis=1)
 
