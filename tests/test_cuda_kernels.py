@@ -238,7 +238,7 @@ def _fake_cublas():
 
 
 def test_cupy_gemm_mapping(monkeypatch):
-    import cupy_backends.cuda.libs as libs
+    libs = pytest.importorskip("cupy_backends.cuda.libs", reason="CuPy is not installed (the gpu extra)")
 
     fake = _fake_cublas()
     monkeypatch.setitem(vars(libs), "cublas", fake)  # no getattr: the real one needs libcublas
