@@ -947,6 +947,14 @@ def _err(e: str, n: int = 160) -> str:
     return e if len(e) <= n else e[:n - 3] + "..."
 
 
+def _md_row(lead, cells, error=None, width: int = 0) -> str:
+    """One markdown table row: the ``lead`` cells, then ``cells``; for a failed method its
+    ``error`` and empty cells up to ``width`` columns instead."""
+    if error:
+        cells = [f"error: {_err(error)}"] + [""] * (width - len(lead) - 1)
+    return "| " + " | ".join(list(lead) + list(cells)) + " |"
+
+
 def _gemm_text(gemm: dict) -> str:
     return "; ".join(f"{g['shape']}: " + (", ".join(f"{k} {v:.1f}" for k, v in g["gflops"].items() if v)
                                           or "n/a") for g in gemm.values())
@@ -978,15 +986,11 @@ def render(rows, meta) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        if r.get("error"):
-            lines.append(f"| {r['label']} | error: {_err(r['error'])} | | | | | | | | |")
-            continue
-        lines.append(
-            f"| {r['label']} | {_f(r.get('time_best_ms'), '.1f')} | {_f(r.get('time_median_ms'), '.1f')} "
-            f"| {_f(r.get('gflops_eff'), '.1f')} | {_pct(r.get('share_f32'))} | {_f(r.get('peak_extra_mib'), '.1f')} "
-            f"| {_f(r.get('time_ratio_vs_peer'), '.2f')} | {_f(r.get('mem_ratio_vs_peer'), '.3f')} "
-            f"| {_f(r.get('max_rel_vs_peer'), '.2e')} | {_f(r.get('max_rel_vs_f64'), '.2e')} |"
-        )
+        lines.append(_md_row([r["label"]], [] if r.get("error") else [
+            _f(r.get("time_best_ms"), ".1f"), _f(r.get("time_median_ms"), ".1f"), _f(r.get("gflops_eff"), ".1f"),
+            _pct(r.get("share_f32")), _f(r.get("peak_extra_mib"), ".1f"), _f(r.get("time_ratio_vs_peer"), ".2f"),
+            _f(r.get("mem_ratio_vs_peer"), ".3f"), _f(r.get("max_rel_vs_peer"), ".2e"),
+            _f(r.get("max_rel_vs_f64"), ".2e")], r.get("error"), 10))
     lines += ["", f"reference matrix products, GFLOP/s (best of 5, own process per library): {_gemm_text(meta['gemm'])}"]
     return "\n".join(lines + _spread_lines(rows) + _cpu_and_tracemalloc_lines(rows))
 
@@ -1031,14 +1035,10 @@ def render_projected(rows, meta) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        if r.get("error"):
-            lines.append(f"| {r['label']} | error: {_err(r['error'])} | | | | | | | |")
-            continue
-        lines.append(
-            f"| {r['label']} | {_f(r.get('time_best_ms'), '.1f')} | {_f(r.get('time_median_ms'), '.1f')} "
-            f"| {_gf(r['flops'])} | {_f(r.get('gflops_eff'), '.1f')} | {_pct(r.get('share_f32'))} "
-            f"| {_f(r.get('peak_extra_mib'), '.1f')} | {_f(r.get('speedup_vs_peer'), '.1f')} "
-            f"| {_f(r.get('mem_ratio_vs_peer'), '.3f')} |")
+        lines.append(_md_row([r["label"]], [] if r.get("error") else [
+            _f(r.get("time_best_ms"), ".1f"), _f(r.get("time_median_ms"), ".1f"), _gf(r["flops"]),
+            _f(r.get("gflops_eff"), ".1f"), _pct(r.get("share_f32")), _f(r.get("peak_extra_mib"), ".1f"),
+            _f(r.get("speedup_vs_peer"), ".1f"), _f(r.get("mem_ratio_vs_peer"), ".3f")], r.get("error"), 9))
     lines += ["", f"reference matrix products, GFLOP/s (best of 5, own process per library; measured after the "
                   f"timed calls: the machine's state during them): {_gemm_text(meta['gemm'])}"]
     peer_rate = next((r["gflops_eff"] for r in rows if r["family"] == "peer" and r.get("gflops_eff")), None)
@@ -1071,17 +1071,15 @@ def render_projected(rows, meta) -> str:
     for r in rows:
         if r["family"] not in CACHE_FAMILIES:
             continue
-        if r.get("error") or r.get("accuracy_error"):
-            lines.append(f"| {r['label']} | error: {_err(r.get('error') or r['accuracy_error'])} | | | | | | | | | |")
-            continue
+        error = r.get("error") or r.get("accuracy_error")
         fb = r.get("fallback_rows") or {}
-        lines.append(
-            f"| {r['label']} | {r.get('m', 'n/a')} | {_f(r.get('build_s'), '.2f')} | {_f(r.get('cache_mib_f32'), '.1f')} "
-            f"| {_f(r.get('cache_mib_f64_host'), '.1f')} | {_f(r.get('build_mem_mib'), '.1f')} "
-            f"| {_f(r.get('fro_rel_vs_row'), '.3e')} | {_f(r.get('max_rel_vs_row'), '.3e')} "
-            f"| {lst(r.get('attraction_relative_error'), '.3e')} | {lst(r.get('cancellation'), '.2f')} "
-            f"| attraction {lst(fb.get('attraction_fallback_rows'), 'd')}, "
-            f"repulsion {fb.get('repulsion_fallback_rows', 'n/a')} |")
+        lines.append(_md_row([r["label"]], [] if error else [
+            str(r.get("m", "n/a")), _f(r.get("build_s"), ".2f"), _f(r.get("cache_mib_f32"), ".1f"),
+            _f(r.get("cache_mib_f64_host"), ".1f"), _f(r.get("build_mem_mib"), ".1f"),
+            _f(r.get("fro_rel_vs_row"), ".3e"), _f(r.get("max_rel_vs_row"), ".3e"),
+            lst(r.get("attraction_relative_error"), ".3e"), lst(r.get("cancellation"), ".2f"),
+            f"attraction {lst(fb.get('attraction_fallback_rows'), 'd')}, "
+            f"repulsion {fb.get('repulsion_fallback_rows', 'n/a')}"], error, 11))
     ctx = meta.get("context") or {}
     lines += [""]
     if ctx.get("row_vs_peer"):
@@ -1134,17 +1132,14 @@ def render_grid(data) -> str:
     ]
     for s in shapes:
         for r in s["rows"]:
-            head = f"| {s['G']} | {s['P']} | {s['D']} | {r.get('m', '')} | {r['label']} "
-            if r.get("error"):
-                lines.append(head + f"| error: {_err(r['error'])} | | | | | | | | | | |")
-                continue
+            lead = [str(s["G"]), str(s["P"]), str(s["D"]), str(r.get("m", "")), r["label"]]
             row_err = r.get("fro_rel_vs_row")
-            lines.append(
-                head + f"| {_f(r.get('time_best_ms'), '.2f')} | {_f(r.get('time_median_ms'), '.2f')} "
-                f"| {_gf(r['flops'])} | {_f(r.get('gflops_eff'), '.1f')} | {_pct(r.get('share_f32'))} "
-                f"| {_pct(r.get('share_same'))} | {_f(r.get('peak_extra_mib'), '.1f')} "
-                f"| {_f(r.get('speedup_vs_peer'), '.2f')} | {_f(r.get('max_rel_vs_peer'), '.1e')} "
-                f"| {_vs_ref(r)} | {_f(row_err, '.2e') if row_err is not None else ''} |")
+            lines.append(_md_row(lead, [] if r.get("error") else [
+                _f(r.get("time_best_ms"), ".2f"), _f(r.get("time_median_ms"), ".2f"), _gf(r["flops"]),
+                _f(r.get("gflops_eff"), ".1f"), _pct(r.get("share_f32")), _pct(r.get("share_same")),
+                _f(r.get("peak_extra_mib"), ".1f"), _f(r.get("speedup_vs_peer"), ".2f"),
+                _f(r.get("max_rel_vs_peer"), ".1e"), _vs_ref(r), _f(row_err, ".2e") if row_err is not None else ""],
+                r.get("error"), 16))
     lines += ["", "reference matrix products, GFLOP/s (best of 5, own process per library, after the timed calls):"]
     for s in shapes:
         lines.append(f"- G={s['G']} P={s['P']} D={s['D']}: {_gemm_text(s['gemm'])}")

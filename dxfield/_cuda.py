@@ -33,6 +33,7 @@ SOURCE_PATH = Path(__file__).with_name("cuda") / "kernels.cu"
 BLOCK = 256  # DX_BLOCK in the source: threads per block of the row kernels
 COL_BLOCK = (32, 8)  # DX_COL_X, DX_COL_Y
 MAX_TEMPERATURES = 8  # DX_MAX_TEMPS
+MAX_GRID = 4096  # blocks of the grid-stride kernels
 NVRTC_OPTIONS = ("--std=c++14",)
 PRECISIONS = ("float32", "tf32x3", "tf32", "bf16")
 
@@ -180,10 +181,14 @@ def split_gemm(ops, a, b, out, *, trans_b: bool = False, beta: float = 0.0) -> N
     ops.gemm(a3, b3, out, trans_b=trans_b, beta=beta, precision="tf32")
 
 
+def grid_1d(total: int, block: int) -> int:
+    """Blocks of a grid-stride kernel over ``total`` entries (at most MAX_GRID)."""
+    return max(1, min(MAX_GRID, -(-total // block)))
+
+
 def _split(ops, src, dst, *, axis: int, which) -> None:
     rows, cols = src.shape
-    grid = max(1, min(4096, -(-rows * cols // ops.block)))
-    ops.launch("dx_split_tf32", (grid,), (ops.block,),
+    ops.launch("dx_split_tf32", (grid_1d(rows * cols, ops.block),), (ops.block,),
                [src, rows, cols, src.strides[0] // 4, dst, dst.strides[0] // 4, axis, *which])
 
 

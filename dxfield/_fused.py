@@ -41,14 +41,13 @@ import warnings
 import numpy as np
 
 from . import _checks
-from ._cuda import COL_BLOCK, MAX_TEMPERATURES
+from ._cuda import COL_BLOCK, MAX_TEMPERATURES, grid_1d as _grid
 
 ENGINES = ("auto", "composed", "fused")
 ENGINE_ENV = "DXFIELD_ENGINE"
 EXACT_PRECISIONS = ("float32", "tf32x3", "tf32")
 ROW_MARGIN = 20.0  # log-units a row maximum may exceed its reference before the row is rescaled
 ROWS_PER_CHUNK = 256  # query rows per block of the column kernel
-MAX_GRID = 4096  # blocks of the grid-stride kernels
 
 _OPS_OVERRIDE = None  # tests: an object with the CupyOps interface that runs the kernels elsewhere
 _warned: set = set()
@@ -112,10 +111,6 @@ def _rtol() -> float:
     from .kernels import refine_tolerance
 
     return refine_tolerance(np.float32)
-
-
-def _grid(total: int, block: int) -> int:
-    return max(1, min(MAX_GRID, -(-total // block)))
 
 
 class _Tiles:
