@@ -242,6 +242,7 @@ def to_host(a):
 # --------------------------------------------------------------------------------------
 def _worker_main(conn, setup, args, warmup_args, measure_memory, traced, device="cpu", return_output=False):
     """Body of a :class:`Worker` process.  ``setup(*args)`` returns the zero-argument call."""
+    exit_with_parent()
     sync = synchronizer(device)
     try:
         if warmup_args is not None:  # thread pools, lazily loaded code, first-call caches, kernel compiles
@@ -365,11 +366,33 @@ class Worker:
         self.conn.close()
 
 
+def exit_with_parent(poll_s: float = 1.0) -> None:
+    """In a spawned worker: end this process as soon as its parent is gone.
+
+    A benchmark killed by a signal (SIGTERM, a closed terminal) cannot clean
+    up, and its spawned workers would otherwise keep training or timing on the
+    cores the next run measures with."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def call_in_worker(func, *args):
+    """``func(*args)`` in a worker process that ends with its parent (:func:`exit_with_parent`)."""
+    exit_with_parent()
+    return func(*args)
+
+
 def run_isolated(func, *args):
     """``func(*args)`` in a fresh spawned process; its return value (or ``{"error": ...}``)."""
     try:
         with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
-            return ex.submit(func, *args).result(timeout=900)
+            return ex.submit(call_in_worker, func, *args).result(timeout=900)
     except Exception as e:
         return {"error": f"{type(e).__name__}: {e}"}
 

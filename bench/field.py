@@ -56,6 +56,10 @@ Methods (``--methods``; a ``-tf32`` / ``-bf16`` suffix picks the precision, floa
   call is ``pf.field(x, engine=..., precision=...)``: Nystrom attraction over ALL P
   positives from the cached folded summaries, exact row-normalised repulsion
   over the G queries (self pairs masked), ``drift_norm=True``.
+* ``bidirectional`` (``@m=<m>``) -- the same cache, timed call
+  ``pf.field(x, normalization="bidirectional")``: Algorithm 2 against ALL P
+  positives with their column sums taken at the landmarks (the peer's own
+  normalisation, so its error against the peer is the approximation's).
 * ``attraction`` / ``attraction-tf32`` / ``attraction-bf16`` -- the same cache,
   timed call ``pf.attraction(x, engine=..., precision=...)``: the barycentres b+ alone, the
   part whose cost is O(G m D) (the attraction goal).
@@ -217,7 +221,7 @@ SUITES = {
     "exact": dict(G=1024, P=16384, D=512, repeats=7, methods=list(DEFAULT_METHODS),
                   temperatures=list(TEMPERATURES), landmarks=DEFAULT_LANDMARKS),
     "projected": dict(G=1024, P=65536, D=512, repeats=5, landmarks=DEFAULT_LANDMARKS,
-                      methods=["peer", "dxfield", "projected", "projected@m=512"],
+                      methods=["peer", "dxfield", "projected", "projected@m=512", "bidirectional"],
                       temperatures=[0.05]),  # DriftXpress release setting: one temperature
     "grid": dict(grid=GRIDS, repeats={"cpu": 3, "cuda": 5}, methods=GRID_METHODS, temperatures=[0.05],
                  landmarks=DEFAULT_LANDMARKS),
@@ -227,7 +231,7 @@ SUITES = {
 WORKER_TIMEOUT = {"cpu": 900.0, "cuda": 120.0}
 PROJECTED_GOAL = 40.0  # the projected issue's "Done when": projected >= 40x faster than the peer
 FUSED_GOAL = {"float32": 1e-5, "tf32x3": 1e-5, "tf32": 1e-3}  # max rel difference, fused vs composed
-CACHE_FAMILIES = ("projected", "attraction")  # methods that run on a ProjectedField cache
+CACHE_FAMILIES = ("projected", "bidirectional", "attraction")  # methods that run on a ProjectedField cache
 
 
 # --------------------------------------------------------------------------------------
@@ -338,10 +342,12 @@ class Method:
         e = ", fused" if self.engine == "fused" else ""
         if self.family == "projected":
             return f"projected (m={self.m}, exact repulsion{e}{p})"
+        if self.family == "bidirectional":
+            return f"projected bidirectional (m={self.m}, exact negatives{e}{p})"
         return f"attraction only (m={self.m}{e}{p})"
 
 
-_METHOD_RE = re.compile(r"(peer-f64|peer|dxfield|fused|projected|attraction)(?:-(tf32x3|tf32|bf16))?(?:@(.+))?")
+_METHOD_RE = re.compile(r"(peer-f64|peer|dxfield|fused|projected|bidirectional|attraction)(?:-(tf32x3|tf32|bf16))?(?:@(.+))?")
 
 
 def parse_method(name: str, default_budget=None, default_landmarks=DEFAULT_LANDMARKS,
@@ -372,7 +378,7 @@ def parse_method(name: str, default_budget=None, default_landmarks=DEFAULT_LANDM
                 return Method(name, family, precision, m=int(spec),
                               engine="fused" if device == "cuda" else "composed")
     raise SystemExit(f"unknown method {name!r}: use peer, peer-f64, dxfield[@<budget>] (e.g. dxfield@16MiB), "
-                     "fused, fused-tf32, projected[-tf32|-bf16][@m=<m>] (e.g. projected@m=512), "
+                     "fused, fused-tf32, projected[-tf32|-bf16][@m=<m>] (e.g. projected@m=512), bidirectional[@m=<m>], "
                      "attraction[-tf32|-bf16][@m=<m>]")
 
 
@@ -456,7 +462,9 @@ def prepare(mt: Method, x, pos, temperatures=TEMPERATURES):
     if mt.family in ("dxfield", "fused"):
         return lambda: dxfield.drift_field(x, pos, temperatures=temperatures, memory_budget=mt.budget, **kw)
     pf, build_s = build_projected(pos, mt.m, temperatures)
-    call = pf.field if mt.family == "projected" else pf.attraction
+    call = pf.attraction if mt.family == "attraction" else pf.field
+    if mt.family == "bidirectional":
+        kw["normalization"] = "bidirectional"
     call(x[:4], **kw)  # working copies of landmarks and folded summaries (device, dtype)
     fn = lambda: call(x, **kw)  # noqa: E731  (projected: exact repulsion over the queries, drift_norm=True)
     fn.pf = pf
@@ -1289,7 +1297,7 @@ def build_parser():
                    help="timed calls per method after the warm-up (default 7; projected suite: 5; "
                         "grid: 3 on the CPU, 5 on a GPU)")
     p.add_argument("--methods", nargs="+", default=None,
-                   help="peer, peer-f64, dxfield, dxfield@<budget>, fused, fused-tf32, "
+                   help="peer, peer-f64, dxfield, dxfield@<budget>, fused, fused-tf32, bidirectional, "
                         "projected[-tf32|-bf16][@m=<m>], attraction[-tf32|-bf16][@m=<m>]; "
                         f"default: {' '.join(DEFAULT_METHODS)} (projected suite: "
                         f"{' '.join(SUITES['projected']['methods'])}; grid: {' '.join(GRID_METHODS['cpu'])} "

@@ -114,7 +114,7 @@ sys.path.insert(0, str(HERE.parent))
 import dxtrain  # noqa: E402,F401  (before torch and NumPy: sleep-waiting thread pools, see dxtrain/__init__.py)
 import numpy as np  # noqa: E402
 
-from _measure import write_json_atomic  # noqa: E402
+from _measure import call_in_worker, write_json_atomic  # noqa: E402
 
 METHODS = ("exact", "projected")
 METHOD_LABELS = {"exact": "exact (standard drifting)", "projected": "projected (DriftXpress)"}
@@ -249,7 +249,7 @@ def run_isolated(job: dict, timeout: float) -> dict:
     """:func:`run_one` in a fresh spawned process."""
     try:
         with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
-            return ex.submit(run_one, job).result(timeout=timeout)
+            return ex.submit(call_in_worker, run_one, job).result(timeout=timeout)
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
@@ -504,6 +504,28 @@ def _positive(kind, name):
     return parse
 
 
+def variant_suffix(args) -> str:
+    """File-name suffix of a run with non-default settings, so it never overwrites the default results:
+    ``-tau0.2``, ``-m2048``, ``-uniform``, ``-row``, ``-nystrom``, ``-p4096``, ``-b1024``, ``-quick``."""
+    parts = []
+    if args.temperatures:
+        parts.append("tau" + "_".join(f"{t:g}" for t in args.temperatures))
+    if args.landmarks:
+        parts.append(f"m{args.landmarks}")
+    for value in (args.landmark_method, args.normalization, args.repulsion):
+        if value:
+            parts.append(value)
+    if args.correction:
+        parts.append("corrected")
+    if args.positives:
+        parts.append(f"p{args.positives}")
+    if args.batch:
+        parts.append(f"b{args.batch}")
+    if args.quick:
+        parts.append("quick")
+    return "".join("-" + p for p in parts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog=__doc__[__doc__.index("Benchmarks\n"):],
@@ -523,13 +545,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="methods to run (the comparison needs both)")
     p.add_argument("--landmarks", type=_positive(int, "--landmarks"), default=None,
                    help="landmarks of the projected field (default: digits 128 per class, mixture 512)")
+    p.add_argument("--landmark-method", choices=("kmeans", "uniform", "kcenter", "rls"), default=None,
+                   help="landmark selection of the projected field (default: dxtrain's, kmeans)")
+    p.add_argument("--normalization", choices=("bidirectional", "row"), default=None,
+                   help="normalisation of both fields (default: dxtrain's, bidirectional)")
+    p.add_argument("--repulsion", choices=("exact", "nystrom"), default=None,
+                   help="repulsion of the projected field (default: dxtrain's, exact)")
+    p.add_argument("--correction", action="store_true",
+                   help="projected: correct the Nystrom sums with the step's real mini-batch (dxtrain --correction)")
     p.add_argument("--positives", type=_positive(int, "--positives"), default=None,
                    help="real samples per step of the exact field (default: dxtrain's, 512)")
     p.add_argument("--batch", type=_positive(int, "--batch"), default=None,
                    help="generated samples per step, both methods (default: dxtrain's, 256)")
     p.add_argument("--temperatures", type=_positive(float, "--temperatures"), nargs="+", default=None,
-                   help="kernel temperatures of BOTH methods (default: dxtrain's 0.02 0.05 0.2); results get a "
-                        "'-tau<...>' suffix")
+                   help="kernel temperatures of BOTH methods (default: dxtrain's 0.02 0.05 0.2); results of "
+                        "non-default settings get a suffix ('-tau0.2', '-m2048', '-nystrom', ...)")
     p.add_argument("--device", default="cpu", help="torch device of the runs (default cpu; e.g. cuda)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {QUICK['budget']:g} s per method, {QUICK['evals']} evaluations, small "
@@ -598,8 +628,7 @@ def main(argv=None) -> int:
     work = Path(args.keep_runs) if args.keep_runs else Path(tempfile.mkdtemp(prefix="dx-bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
     hk = host_kind(args.device)
-    suffix = ("-tau" + "_".join(f"{t:g}" for t in args.temperatures) if args.temperatures else "") \
-        + ("-quick" if args.quick else "")
+    suffix = variant_suffix(args)
     try:
         for bench in benches:
             spec = BENCHES[bench]
@@ -632,6 +661,14 @@ def main(argv=None) -> int:
                         landmarks = min(landmarks or QUICK["landmarks"], QUICK["landmarks"])
                     if landmarks and method == "projected":
                         config["landmarks"] = landmarks
+                    if args.landmark_method and method == "projected":
+                        config["landmark_method"] = args.landmark_method
+                    if args.normalization:
+                        config["normalization"] = args.normalization
+                    if args.repulsion and method == "projected":
+                        config["repulsion"] = args.repulsion
+                    if args.correction and method == "projected":
+                        config["correction"] = True
                     result["configs"][method] = {k: v for k, v in config.items() if k not in ("out", "seed")}
                     print(f"- {bench}/{method} seed {seed}: training for {budget:g} s ...", flush=True)
                     job = {"bench": bench, "method": method, "seed": seed, "config": config, "eval_times": times,

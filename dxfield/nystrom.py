@@ -147,52 +147,113 @@ def kernel_features(xp, x, uc, uu, mu, factor, tau: float, kernel: str, *, budge
                            tile_entries=tile_entries)[0][0]
 
 
-def kernel_products(xp, x, uc, uu, mu, mats, taus, kernel: str, *, budget: int, tile_entries: int,
-                    shift_rows: bool = False, ops=None, precision: str = "float32"):
-    """``exp(l_k(x, U) - s_k(x)) @ mats[k]`` for each temperature ``k``, in row blocks.
+def _rows_step(n: int, m: int, d: int, itemsize: int, budget: int, tile_entries: int) -> int:
+    """Rows per kernel block: the distance row, a kernel row, a scratch row and a hit mask per
+    landmark, plus the centred query row, within ``budget``."""
+    per_row = m * (3 * itemsize + 1) + itemsize * (d + 4)
+    rows_step = min(n, (budget - SLACK) // per_row, max(1, tile_entries // max(m, 1)))
+    if rows_step < 1:
+        raise ValueError(f"memory_budget={budget} bytes is too small for a kernel block with m={m}, D={d}: "
+                         f"one row needs {per_row} bytes beyond {SLACK}; raise memory_budget")
+    return int(rows_step)
 
-    ``l_k`` are the log-kernel values at length scale ``taus[k]``; ``s_k`` is 0,
+
+class _DistanceRows:
+    """Blocks of query-landmark distances (``||x - u||``, or squared for the Gaussian kernel).
+
+    ``blocks()`` yields ``(i0, dist, kbuf)`` per block of ``rows_step`` rows; ``dist``
+    and the scratch ``kbuf`` are reused between blocks.  With a single block the
+    distances are computed once and served again on every later call.
+    """
+
+    def __init__(self, xp, x, uc, uu, mu, kernel: str, rows_step: int):
+        self.xp, self.x, self.uc, self.uu, self.mu, self.kernel = xp, x, uc, uu, mu, kernel
+        self.rows_step = rows_step
+        m = uc.shape[0]
+        size = rows_step * m
+        self.buf, self.kbuf = xp.empty(size, dtype=x.dtype), xp.empty(size, dtype=x.dtype)
+        self.scratch, self.hits = xp.empty(size, dtype=x.dtype), xp.empty(size, dtype=bool)
+        self._done = False
+
+    def blocks(self):
+        xp, n, m = self.xp, self.x.shape[0], self.uc.shape[0]
+        single = self.rows_step >= n
+        for i0 in range(0, n, self.rows_step):
+            rows = min(self.rows_step, n - i0)
+            shape = (rows, m)
+            dist = self.buf[: rows * m].reshape(shape)
+            if not (single and self._done):
+                xc = self.x[i0:i0 + rows] - self.mu
+                sqdist_tile(xc, sq_norms(xc), self.uc, self.uu, dist, self.scratch[: dist.size].reshape(shape),
+                            self.hits[: dist.size].reshape(shape))
+                if self.kernel == "laplace":
+                    xp.sqrt(dist, out=dist)
+                self._done = single
+            yield i0, dist, self.kbuf[: dist.size].reshape(shape)
+
+
+def kernel_products(xp, x, uc, uu, mu, mats, taus, kernel: str, *, budget: int, tile_entries: int,
+                    shift_rows: bool = False, ops=None, precision: str = "float32", col_log_weights=None,
+                    distances: _DistanceRows | None = None):
+    """``exp(l_k(x, U) + c_k - s_k(x)) @ mats[k]`` for each temperature ``k``, in row blocks.
+
+    ``l_k`` are the log-kernel values at length scale ``taus[k]``; ``c_k`` is 0,
+    or ``col_log_weights[k]`` (m,), a log-weight per landmark; ``s_k`` is 0,
     or with ``shift_rows`` each row's maximum (so no row underflows; ratios of
     two products are unchanged).  One distance tile serves every temperature.
     Returns ``(outputs, shifts)``: lists over temperatures of (n x cols) arrays
     and of (n,) row shifts (None without ``shift_rows``).  ``ops``: the fused
-    engine's kernels (float32 inputs), with ``precision`` for its products.
+    engine's kernels (float32 inputs, no column weights), with ``precision`` for
+    its products.  ``distances``: the blocks to use (see :func:`column_log_sums`).
     """
-    if ops is not None and x.dtype == np.float32:  # the fused GPU engine (dxfield._fused)
+    if ops is not None and x.dtype == np.float32 and col_log_weights is None:  # the fused GPU engine
         from ._fused import kernel_products as fused_products
         return fused_products(ops, x, uc, uu, mu, mats, taus, kernel, budget=budget, tile_entries=tile_entries,
                               shift_rows=shift_rows, precision=precision)
     n, d = x.shape
-    m = uc.shape[0]
-    it = x.dtype.itemsize
-    # per row of x: the distance row, a kernel row, a scratch row and a hit mask, its centred copy
-    per_row = m * (3 * it + 1) + it * (d + 4)
-    rows_step = min(n, (budget - SLACK) // per_row, max(1, tile_entries // m))
-    if rows_step < 1:
-        raise ValueError(f"memory_budget={budget} bytes is too small for a kernel block with m={m}, D={d}: "
-                         f"one row needs {per_row} bytes beyond {SLACK}; raise memory_budget")
+    if distances is None:
+        distances = _DistanceRows(xp, x, uc, uu, mu, kernel,
+                                  _rows_step(n, uc.shape[0], d, x.dtype.itemsize, budget, tile_entries))
     outs = [xp.empty((n, mat.shape[1]), dtype=x.dtype) for mat in mats]
     shifts = [xp.empty(n, dtype=x.dtype) for _ in mats] if shift_rows else None
-    size = rows_step * m
-    buf, kbuf = xp.empty(size, dtype=x.dtype), xp.empty(size, dtype=x.dtype)
-    scratch, hits = xp.empty(size, dtype=x.dtype), xp.empty(size, dtype=bool)
-    for i0 in range(0, n, rows_step):
-        xc = x[i0:i0 + rows_step] - mu
-        shape = (xc.shape[0], m)
-        dist = buf[: shape[0] * m].reshape(shape)
-        sqdist_tile(xc, sq_norms(xc), uc, uu, dist, scratch[: dist.size].reshape(shape), hits[: dist.size].reshape(shape))
-        if kernel == "laplace":
-            xp.sqrt(dist, out=dist)
+    colw = None if col_log_weights is None else [xp.asarray(c).astype(x.dtype) for c in col_log_weights]
+    for i0, dist, tile in distances.blocks():
+        rows = dist.shape[0]
         for k, (mat, tau) in enumerate(zip(mats, taus)):
-            tile = kbuf[: dist.size].reshape(shape)
             xp.multiply(dist, -logit_coef(kernel, tau), out=tile)
+            if colw is not None:
+                tile += colw[k][None, :]
             if shift_rows:
                 top = tile.max(axis=1)
                 tile -= top[:, None]
-                shifts[k][i0:i0 + shape[0]] = top
+                shifts[k][i0:i0 + rows] = top
             xp.exp(tile, out=tile)
-            xp.matmul(tile, mat, out=outs[k][i0:i0 + shape[0]])
+            xp.matmul(tile, mat, out=outs[k][i0:i0 + rows])
     return outs, shifts
+
+
+def column_log_sums(xp, x, uc, uu, mu, taus, kernel: str, *, budget: int, tile_entries: int):
+    """``log sum_i k_k(x_i, u)`` per landmark ``u`` and temperature ``k`` (float64, (m,) each), in
+    row blocks; and the distance blocks, to hand to :func:`kernel_products` (a single block is
+    then not computed again)."""
+    n, d = x.shape
+    m = uc.shape[0]
+    distances = _DistanceRows(xp, x, uc, uu, mu, kernel,
+                              _rows_step(n, m, d, x.dtype.itemsize, budget, tile_entries))
+    run_m = [xp.full(m, -xp.inf) for _ in taus]  # running log-scale, float64
+    run_s = [xp.zeros(m) for _ in taus]
+    for _, dist, tile in distances.blocks():
+        for k, tau in enumerate(taus):
+            xp.multiply(dist, -logit_coef(kernel, tau), out=tile)
+            top = tile.max(axis=0)
+            tile -= top[None, :]
+            xp.exp(tile, out=tile)
+            part = tile.sum(axis=0, dtype=xp.float64)
+            top = top.astype(xp.float64)
+            new = xp.maximum(run_m[k], top)
+            run_s[k] = run_s[k] * xp.exp(run_m[k] - new) + part * xp.exp(top - new)
+            run_m[k] = new
+    return [mk + xp.log(sk) for mk, sk in zip(run_m, run_s)], distances
 
 
 def warn_if_ill_conditioned(condition_number: float, dtype, ridge: float, where: str, stacklevel: int = 2) -> None:

@@ -29,6 +29,25 @@ the kernel-weighted mean of the landmarks (the exact barycentre with the
 landmarks as positives).  The
 number of such rows is reported in :attr:`ProjectedField.last_stats`.
 
+Bidirectional normalisation (``field(..., normalization="bidirectional")``):
+Algorithm 2 (design.md 2.1) with the whole summarised data as positives.  Its
+column sums over the queries, ``c_j = sum_i k(x_i, y_j)``, are taken at the
+landmarks, ``c_u``, which stand for the data around them::
+
+    sum_j k(x, y_j) c_j^{-1/2} [y_j, 1]  ~  k(x, U) diag(c_U^{-1/2}) W^{-1} [G_raw | t_raw]
+                                          =  k(x, U) diag(c_U^{-1/2}) A [G | t]
+
+(the same folded matrix, columns reweighted per step; exact with every
+positive a landmark and ridge -> 0).  Data far from every query has small
+column sums and keeps its pull, so a generator does not settle on the
+heaviest modes as under the row-normalised mean shift, where a batch sitting
+on one mode feels almost nothing of the others.  The negatives' side is the
+exact sweep with its own column sums; the row sums add both sides.  Rows
+where a Nystrom sum is not positive or lost its digits use the landmarks as
+the data (each with mass ``n / m`` of its shard).  With ``repulsion="nystrom"``
+the negatives (the batch) are summarised on the same landmarks each call, so
+both sides go through one kernel (see :meth:`ProjectedField.field`).
+
 Repulsion is exact over the negatives by default (the blockwise exact code,
 row-normalised, self pairs masked), or ``"nystrom"``: the batch's own summaries
 on the same landmarks with each query's self-interaction ``||phi(x_i)||^2``
@@ -65,10 +84,11 @@ from ._cuda import PRECISIONS
 from ._fused import resolve as resolve_engine
 from ._memory import SLACK, parse_budget, tile_cap
 from ._progress import Progress
-from .field import DEFAULT_TEMPERATURES, ExactSums, Targets, _weights, normalize_drift, resolve_negatives
+from .field import (DEFAULT_TEMPERATURES, NORMALIZATIONS, ExactSums, LogSumExp, RowSums, Targets, _weights, combine,
+                    normalize_drift, resolve_negatives)
 from .kernels import check_kernel, kernel_tiles, log_kernel_from_sqdist, logit_coef, sq_norms, sqdist
 from .landmarks import METHODS, _mean_distance, nearest, select
-from .nystrom import _host, _non_negative, inverse_sqrt, kernel_products, warn_if_ill_conditioned
+from .nystrom import _host, _non_negative, column_log_sums, inverse_sqrt, kernel_products, warn_if_ill_conditioned
 
 REPULSIONS = ("exact", "nystrom")
 DEFAULT_DEN_FLOOR = 1e-8
@@ -358,9 +378,13 @@ class ProjectedField:
                     uu=[sq_norms(u) for u in uc],
                     folded=[[to(s.folded(k)) for k in range(len(self.temperatures))] for s in self.shards],
                     uc_all=xp.concatenate(uc),
+                    # data points each landmark stands for (n / m of its shard): the landmarks'
+                    # mass when they replace the data (bidirectional fallback)
+                    mass=[xp.full(s.m, s.n / max(s.m, 1), dtype=self.dtype) for s in self.shards],
                 )
                 dev = self._device_cache[key]
                 dev["uu_all"] = sq_norms(dev["uc_all"])
+                dev["mass_all"] = xp.concatenate(dev["mass"])
                 dev["folded_all"] = [xp.concatenate([f[k] for f in dev["folded"]]) for k in range(len(self.temperatures))]
         return self._device_cache[key]
 
@@ -435,6 +459,73 @@ class ProjectedField:
                     out[k][xp.asarray(rows)] = b
         return out, fallback
 
+    def _bidirectional_attraction(self, xp, xa, groups):
+        """The positives' side of Algorithm 2 against the whole summarised data, per temperature.
+
+        Column sums over the queries are taken at the landmarks,
+        ``c_u = sum_i k(x_i, u)``, and stand for those of the data points
+        around them: ``sum_j k(x, y_j) c_j^{-1/2} [y_j, 1] ~ k(x, U) diag(c^{-1/2})
+        W^{-1} [G_raw | t_raw]`` (exact with every point a landmark and ridge -> 0).
+        Returns a list over temperatures of ``(b, log_w, log_r)``: ``b`` (N x D,
+        centred on the cache's centre) the column-weighted barycentre, ``log_w =
+        log sum_j k_ij c_j^{-1/2}`` and ``log_r = log sum_j k_ij`` (float64), and
+        the fallback counts (rows where a Nystrom sum lost its sign or its digits
+        use the landmarks as the data, each with the mass ``n / m`` of its shard).
+        """
+        dev = self._on(self._placement_for(xp, xa))
+        n, d = xa.shape
+        nt = len(self.temperatures)
+        out = [(xp.empty((n, d), dtype=self.dtype), xp.empty(n), xp.empty(n)) for _ in range(nt)]
+        fallback = [0] * nt
+        kw = dict(budget=self.memory_budget, tile_entries=tile_cap(device_of(xa)))
+        for si, rows in [(None, None)] if groups is None else groups:
+            if si is None:
+                uc, uu, folded, mass = dev["uc_all"], dev["uu_all"], dev["folded_all"], dev["mass_all"]
+                xs = xa
+            else:
+                uc, uu, mass = dev["uc"][si], dev["uu"][si], dev["mass"][si]
+                folded = [dev["folded"][si][k] for k in range(nt)]
+                xs = xa[xp.asarray(rows)]
+            lcs, dists = column_log_sums(xp, xs, uc, uu, dev["centre"], self.taus, self.kernel, **kw)
+            colw, mats, tops, ws = [], [], [], []
+            for k, lc in enumerate(lcs):
+                top = float(lc.max())
+                w = xp.exp(0.5 * (lc - top)).astype(self.dtype)  # c_u^{1/2} / max: k_iu = e_iu c_u^{1/2}
+                # columns: [A G | A t | |A t| | (A t) w | |A t| w]
+                mats.append(xp.concatenate([folded[k], folded[k][:, d:d + 2] * w[:, None]], axis=1))
+                colw.append(-0.5 * lc)
+                tops.append(0.5 * top)
+                ws.append(w)
+            prods, shifts = kernel_products(xp, xs, uc, uu, dev["centre"], mats, self.taus, self.kernel,
+                                            shift_rows=True, col_log_weights=colw, distances=dists, **kw)
+            for k, pr in enumerate(prods):
+                shift = shifts[k]
+                num, den, rsum = pr[:, :d], pr[:, d], pr[:, d + 2]
+                bad = ~(den > self.den_floor * pr[:, d + 1]) | ~(rsum > self.den_floor * pr[:, d + 3])
+                nbad = int(bad.sum())
+                if nbad:
+                    fallback[k] += nbad
+                    bad_idx = xp.nonzero(bad)[0]
+                    ext = xp.concatenate([uc * mass[:, None], mass[:, None], mass[:, None],
+                                          (mass * ws[k])[:, None], (mass * ws[k])[:, None]], axis=1)
+                    fb, fs = kernel_products(xp, xs[bad_idx], uc, uu, dev["centre"], [ext], [self.taus[k]],
+                                             self.kernel, shift_rows=True, col_log_weights=[colw[k]], **kw)
+                    pr[bad_idx] = fb[0]
+                    shift[bad_idx] = fs[0]
+                has = den > 0  # only without any data (n = 0)
+                b = num / xp.where(has, den, 1.0)[:, None]
+                shift64 = shift.astype(xp.float64)
+                with np.errstate(divide="ignore"):
+                    log_w = xp.where(has, shift64 + xp.log(xp.where(has, den, 1.0).astype(xp.float64)), -xp.inf)
+                    log_r = xp.where(has, shift64 + tops[k] + xp.log(xp.where(has, rsum, 1.0).astype(xp.float64)),
+                                     -xp.inf)
+                if si is None:
+                    out[k] = (b, log_w, log_r)
+                else:
+                    idx = xp.asarray(rows)
+                    out[k][0][idx], out[k][1][idx], out[k][2][idx] = b, log_w, log_r
+        return out, fallback
+
     def _placement_for(self, xp, a) -> Placement:
         dev = device_of(a)
         return Placement(xp=xp, device=dev, origin=dev)
@@ -456,9 +547,10 @@ class ProjectedField:
             out = xp.stack(bs) + self._on(placement)["centre"]
             return placement.to_origin(out)
 
-    def field(self, x, neg=None, *, labels=None, repulsion: str = "exact", drift_norm: bool = True,
-              neg_weight=None, include_self: bool | None = None, backend=None, check_finite: bool = True,
-              engine=None, precision: str = "float32"):
+    def field(self, x, neg=None, *, labels=None, normalization: str = "row", repulsion: str = "exact",
+              drift_norm: bool = True, neg_weight=None, include_self: bool | None = None, backend=None,
+              check_finite: bool = True, engine=None, precision: str = "float32", pos_sample=None,
+              pos_sample_labels=None):
         """The projected drifting field ``V = b+ - b-`` at ``x`` (N x D), summed over temperatures.
 
         Parameters
@@ -470,7 +562,40 @@ class ProjectedField:
         labels : array (N,) of ints, optional
             Class of each query (class-conditional caches): attraction to its
             class's summaries, repulsion from the other queries of its class.
+        normalization : {"row", "bidirectional"}, default "row"
+            ``"row"``: ``V = b+ - b-`` (design.md 2.2), what the summaries give
+            directly.  ``"bidirectional"``: Algorithm 2 (design.md 2.1) with the
+            WHOLE summarised data as positives -- the positives' column sums
+            over the queries are taken at the landmarks (see
+            :meth:`_bidirectional_attraction`), the negatives' exactly.  Data
+            modes that no query is near keep their pull (their small column sums
+            boost them), so the generator does not settle on the heaviest modes;
+            exact with every positive a landmark and ``ridge -> 0``.  Costs a
+            second query-landmark distance block when the block does not fit the
+            memory budget.
+        pos_sample : array (B, D), optional (bidirectional only)
+            A uniform random sample of the summarised data (e.g. a fresh
+            mini-batch of real features each step).  The Nystrom sums are then
+            corrected by the sample's residual, ``sum_all k f ~ sum_all k^ f +
+            (n / B) sum_sample (k - k^) f`` (``k^`` the Nystrom kernel with the
+            landmark column weights): an unbiased estimate of Algorithm 2's sums
+            over ALL the data whose variance is the residual's, small where the
+            Nystrom kernel is good.  With the whole data as the sample it is
+            Algorithm 2 exactly, whatever the landmarks.  Costs an exact
+            N x B block and O(m^2 B + N m B) per call (dense, float64).
+            ``pos_sample_labels``: the sample's classes (class-conditional
+            caches; each class is corrected by its own rows, scaled by its own
+            count).
         repulsion : {"exact", "nystrom"}
+            ``"exact"``: the blockwise exact sweep over the negatives.
+            ``"nystrom"`` (negatives = the queries): row normalisation uses the
+            batch's own summaries with the self-interaction removed; the
+            bidirectional field summarises the batch on the same landmarks as
+            the data every call (dense N x m blocks in float64, O(N m (m + D))),
+            so attraction and repulsion go through one kernel and the field
+            vanishes where the generated and real samples agree, which exact
+            repulsion against a Nystrom attraction does not do.  Rows whose
+            Nystrom sums fail use the exact negatives.
         drift_norm : bool
             Per-temperature ``V / sqrt(mean ||V||^2 / D)`` before summing.
         neg_weight, include_self : as in :func:`dxfield.drift_field` (exact repulsion).
@@ -489,22 +614,39 @@ class ProjectedField:
         V : (N, D) in units of the stored feature scale, in ``x``'s namespace/device.
         Statistics of the call (fallback rows) are left in :attr:`last_stats`.
         """
+        normalization = _checks.choice(normalization, "normalization", NORMALIZATIONS)
         repulsion = _checks.choice(repulsion, "repulsion", REPULSIONS)
         include_self, neg_weight = resolve_negatives(neg, neg_weight, include_self)
         if repulsion == "nystrom" and (neg is not None or not include_self):
             raise ValueError("repulsion='nystrom' uses the queries themselves as negatives; "
                              "use repulsion='exact' for explicit negatives")
+        if pos_sample is not None and (normalization != "bidirectional" or repulsion != "exact"):
+            raise ValueError("pos_sample corrects the bidirectional field with exact repulsion: "
+                             "use normalization='bidirectional', repulsion='exact'")
         extra = {"neg": neg}
         if neg_weight is not None and not isinstance(neg_weight, float):
             extra["neg_weight"] = neg_weight
+        if pos_sample is not None:
+            extra["pos_sample"] = pos_sample
         placement, xp, xa, a = self._prepare(x, extra, backend, check_finite)
         ops = self._engine(placement, engine, precision)
         with device_context(placement):
             n, d = xa.shape
             groups, lab = self._class_rows(labels, n)
-            bplus, fallback = self._attraction(xp, xa, groups, ops, precision)
             rep = dict(ops=ops, precision="tf32" if precision == "bf16" else precision)
             centre = self._on(placement)["centre"]
+            if normalization == "bidirectional":
+                sample = None
+                if pos_sample is not None:
+                    ys = _checks.float_matrix(a["pos_sample"], "pos_sample", self.dtype, dim=d,
+                                              check_finite=check_finite)
+                    sample = (ys, self._sample_groups(pos_sample_labels, ys.shape[0], groups))
+                total, fallback, nys_fallback = self._bidirectional_field(
+                    xp, xa, a, groups, lab, include_self, neg_weight, centre, check_finite, drift_norm, rep,
+                    repulsion, sample)
+                self.last_stats = {"attraction_fallback_rows": fallback, "repulsion_fallback_rows": nys_fallback}
+                return placement.to_origin(total)
+            bplus, fallback = self._attraction(xp, xa, groups, ops, precision)
             def repel(q):
                 if repulsion == "exact":
                     return self._exact_repulsion(xp, q, a, include_self, neg_weight, centre, check_finite,
@@ -541,12 +683,265 @@ class ProjectedField:
             self.last_stats = {"attraction_fallback_rows": fallback, "repulsion_fallback_rows": nys_fallback}
             return placement.to_origin(total)
 
-    def _exact_repulsion(self, xp, xa, a, include_self, neg_weight, centre, check_finite, query_labels=None,
-                         ops=None, precision="float32"):
-        """Row-normalised barycentre of the negatives per temperature, centred on ``centre``.
+    def _sample_groups(self, labels, b: int, groups):
+        """Rows of ``pos_sample`` per query group (all rows without classes)."""
+        if groups is None:
+            if labels is not None and self.classes != [None]:
+                # unconditional queries on a class cache: every class's rows, one shard each
+                lab = _host_labels(labels, b, "one per row of pos_sample")
+                return {i: np.flatnonzero(lab == s.label) for i, s in enumerate(self.shards)}
+            if self.classes != [None]:
+                raise ValueError("pos_sample_labels are needed to correct a class-conditional cache")
+            return {None: np.arange(b)}
+        if labels is None:
+            raise ValueError("pos_sample_labels are needed with labels (one class per row of pos_sample)")
+        lab = _host_labels(labels, b, "one per row of pos_sample")
+        return {si: np.flatnonzero(lab == self.shards[si].label) for si, _ in groups}
 
-        With ``query_labels``, a query is repelled only by the queries of its own class
-        (explicit negatives, if any, by all)."""
+    def _bidirectional_field(self, xp, xa, a, groups, lab, include_self, neg_weight, centre, check_finite,
+                             drift_norm, rep, repulsion, sample=None):
+        """Algorithm 2 with the summarised data as positives; the negatives swept exactly, or
+        (``repulsion="nystrom"``) summarised on the same landmarks as the positives."""
+        n, d = xa.shape
+        qlab = None if groups is None else xp.asarray(lab)
+        nys_fallback = 0
+        if repulsion == "nystrom":
+            pos_side, neg_side, fallback, bad = self._bidirectional_nystrom(xp, xa, groups)
+            if any(b is not None for b in bad):  # negatives' Nystrom sums failed there: exact for those rows
+                sweeper = self._negatives_sweeper(xp, xa, {}, True, None, False, qlab, bidirectional=True, **rep)
+                sums, row_lse = sweeper.sweep()
+                shift = sweeper.mu - centre
+                for k, rows in enumerate(bad):
+                    if rows is None:
+                        continue
+                    nys_fallback += int(rows.shape[0])
+                    ex = sums[k][1]
+                    has = ex.s[rows] > 0
+                    b, log_w, log_r = neg_side[k]
+                    b[rows] = ex.acc[rows] / xp.where(has, ex.s[rows], 1.0)[:, None] + shift
+                    with np.errstate(divide="ignore"):
+                        log_w[rows] = xp.where(has, ex.m[rows] + xp.log(xp.where(has, ex.s[rows], 1.0)), -xp.inf)
+                    log_r[rows] = row_lse[k].value()[rows]
+            sums = [[self._row_sums(xp, *pos_side[k]), self._row_sums(xp, *neg_side[k])]
+                    for k in range(len(self.temperatures))]
+            row_lse = [self._log_sum(xp, xp.logaddexp(pos_side[k][2], neg_side[k][2]))
+                       for k in range(len(self.temperatures))]
+        else:
+            if sample is None:
+                pos_side, fallback = self._bidirectional_attraction(xp, xa, groups)
+            else:
+                pos_side, fallback = self._bidirectional_corrected(xp, xa, groups, *sample)
+            sweeper = self._negatives_sweeper(xp, xa, a, include_self, neg_weight, check_finite, qlab,
+                                              bidirectional=True, **rep)
+            sums, row_lse = sweeper.sweep()
+            shift = sweeper.mu - centre  # the sweep's sums are centred on the queries' mean
+            for k, (b, log_w, log_r) in enumerate(pos_side):
+                b -= shift
+                sums[k][0] = self._row_sums(xp, b, log_w, log_r)
+                row_lse[k] = self._log_sum(xp, xp.logaddexp(row_lse[k].value(), log_r))
+        v = combine(xp, sums, row_lse, drift_norm=drift_norm)
+        if self.feature_scale is not None and not drift_norm:
+            v /= self.feature_scale
+        return v, fallback, nys_fallback
+
+    def _row_sums(self, xp, b, log_w, log_r=None) -> RowSums:
+        """Settled :class:`RowSums` (``s = 1``) from a barycentre and its log weight."""
+        n, d = b.shape
+        rs = RowSums(xp, n, d, self.dtype)
+        rs.m = log_w
+        rs.s = xp.isfinite(log_w).astype(self.dtype)
+        rs.acc = b.astype(self.dtype, copy=False)
+        return rs
+
+    def _log_sum(self, xp, value) -> LogSumExp:
+        out = LogSumExp(xp, value.shape[0], self.dtype)
+        out.m = value
+        out.s = xp.ones(value.shape[0], dtype=self.dtype)
+        return out
+
+    def _bidirectional_nystrom(self, xp, xa, groups):
+        """Both sides of Algorithm 2 through the same Nystrom kernel, dense over N x m (float64).
+
+        Positives: the cached summaries.  Negatives: the queries (of the same
+        class), summarised on the same landmarks every call,
+        ``W^{-1} k(U, X) [X, 1]``, with each query's self term
+        ``k(x_i, U) diag(c^{-1/2}) W^{-1} k(U, x_i)`` removed.  Column sums are
+        taken at the landmarks for both sides.  Attraction and repulsion are
+        then one functional of the data and of the generated samples, so where
+        the two distributions agree the field vanishes (with exact repulsion
+        the Nystrom error of the attraction alone does not cancel).
+
+        Returns per temperature ``(b, log_w, log_r)`` for each side (cache-centred,
+        as in :meth:`_bidirectional_attraction`), the attraction fallback counts
+        and per temperature the rows (or None) whose negative sums failed.
+        """
+        dev = self._on(self._placement_for(xp, xa))
+        n, d = xa.shape
+        nt = len(self.temperatures)
+        f64 = xp.float64
+        new = lambda: (xp.empty((n, d), dtype=f64), xp.empty(n, dtype=f64), xp.empty(n, dtype=f64))  # noqa: E731
+        pos_out, neg_out = [new() for _ in range(nt)], [new() for _ in range(nt)]
+        fallback, bad_rows = [0] * nt, [[] for _ in range(nt)]
+        centre = dev["centre"].astype(f64)
+        for si, rows in [(None, None)] if groups is None else groups:
+            if si is None:
+                shards = list(range(len(self.shards)))
+                xs = xa
+            else:
+                shards = [si]
+                xs = xa[xp.asarray(rows)]
+            uc = xp.concatenate([dev["uc"][i] for i in shards]).astype(f64)
+            mass = xp.concatenate([dev["mass"][i] for i in shards]).astype(f64)
+            xc = xs.astype(f64) - centre
+            ones = xp.ones((xc.shape[0], 1), dtype=f64)
+            xc1 = xp.concatenate([xc, ones], axis=1)
+            dist = sqdist(xc, uc)
+            if self.kernel == "laplace":
+                dist = xp.sqrt(dist, out=dist)
+            for k in range(nt):
+                winv = self._winv(xp, dev, shards, k)
+                folded = xp.asarray(np.concatenate([self.shards[i].folded(k) for i in shards]))  # A [G | t | |At|]
+                L = dist * -logit_coef(self.kernel, self.taus[k])
+                top_row = L.max(axis=1)
+                K = xp.exp(L - top_row[:, None])  # k(x_i, U) / exp(top_row_i)
+                lc_top = L.max(axis=0)
+                lc = lc_top + xp.log(xp.exp(L - lc_top[None, :]).sum(axis=0))  # log c_u
+                e = L - 0.5 * lc[None, :]
+                shift = e.max(axis=1)
+                E = xp.exp(e - shift[:, None])  # k_iu c_u^{-1/2} / exp(shift_i)
+                # positives: E [A G | A t], and plain row sums K A t
+                num, den, den_abs = E @ folded[:, :d], E @ folded[:, d], E @ folded[:, d + 1]
+                rsum, rsum_abs = K @ folded[:, d], K @ folded[:, d + 1]
+                bad = ~(den > self.den_floor * den_abs) | ~(rsum > self.den_floor * rsum_abs)
+                if bool(bad.any()):  # the landmarks stand for the data, mass n / m each
+                    fallback[k] += int(bad.sum())
+                    num[bad] = E[bad] @ (uc * mass[:, None])
+                    den[bad] = E[bad] @ mass
+                    rsum[bad] = K[bad] @ mass
+                # negatives: W^{-1} k(U, X) [X, 1] (scaled by exp(-top)), self terms removed
+                top = float(top_row.max())
+                g = xp.exp(top_row - top)  # exp(top_row_k - top)
+                fneg = winv @ (K.T @ (xc1 * g[:, None]))  # m x (D + 1)
+                q = K @ winv  # row i: W^{-1} k(U, x_i) / exp(top_row_i)
+                self_w = g * (E * q).sum(axis=1)  # self term of the weighted sums, units exp(shift_i + top)
+                self_k = g * (K * q).sum(axis=1)  # k~(x_i, x_i), units exp(top_row_i + top)
+                nnum = E @ fneg[:, :d] - self_w[:, None] * xc
+                nden = E @ fneg[:, d] - self_w
+                nden_abs = xp.abs(E) @ xp.abs(fneg[:, d]) + xp.abs(self_w)
+                nr = K @ fneg[:, d] - self_k
+                nr_abs = K @ xp.abs(fneg[:, d]) + xp.abs(self_k)
+                nbad = ~(nden > self.den_floor * nden_abs) | ~(nr > self.den_floor * nr_abs)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    pos = (num / den[:, None], shift + xp.log(den), top_row + xp.log(rsum))
+                    neg = (nnum / xp.where(nbad, 1.0, nden)[:, None], shift + top + xp.log(xp.where(nbad, 1.0, nden)),
+                           top_row + top + xp.log(xp.where(nbad, 1.0, nr)))
+                idx = slice(None) if si is None else xp.asarray(rows)
+                for out, part in ((pos_out[k], pos), (neg_out[k], neg)):
+                    for o, p in zip(out, part):
+                        o[idx] = p
+                if bool(nbad.any()):
+                    bad_rows[k].append(xp.nonzero(nbad)[0] if si is None else xp.asarray(rows)[xp.nonzero(nbad)[0]])
+        bad = [xp.concatenate(r) if r else None for r in bad_rows]
+        return pos_out, neg_out, fallback, bad
+
+    def _bidirectional_corrected(self, xp, xa, groups, ys, sample_rows):
+        """The positives' side like :meth:`_bidirectional_attraction`, with the Nystrom sums corrected
+        by the residual of a uniform sample of the data (see ``pos_sample`` in :meth:`field`).
+
+        The residual's sums regroup into cheap pieces: the sample's own Nystrom
+        summaries, ``(n / B) W^{-1} k(U, Y_s) [Y_s, 1]`` (m x (D+1), float64), are
+        subtracted from the cached ones, and its exact terms
+        ``(n / B) k(x, y) c_y^{-1/2} [y, 1]`` (an N x B block, exact column sums
+        over the queries) are added: per call O(N (m + B) D + m B D + m^2 D).
+        Rows whose corrected sums are not positive keep the Nystrom values
+        (counted as fallback rows).
+        """
+        dev = self._on(self._placement_for(xp, xa))
+        n, d = xa.shape
+        nt = len(self.temperatures)
+        dt, f64 = self.dtype, xp.float64
+        out = [(xp.empty((n, d), dtype=dt), xp.empty(n, dtype=f64), xp.empty(n, dtype=f64)) for _ in range(nt)]
+        fallback = [0] * nt
+        centre = dev["centre"]
+        ysc = ys - centre
+        dist = (lambda a, b: xp.sqrt(sqdist(a, b))) if self.kernel == "laplace" else sqdist  # noqa: E731
+        for si, rows in [(None, None)] if groups is None else groups:
+            shards = list(range(len(self.shards))) if si is None else [si]
+            xs = xa if si is None else xa[xp.asarray(rows)]
+            xc = xs - centre
+            uc = xp.concatenate([dev["uc"][i] for i in shards])
+            offsets = np.concatenate([[0], np.cumsum([self.shards[i].m for i in shards])])
+            # the sample, split by shard: (landmark slice, sample rows, shard's data count)
+            parts = []
+            for j, i in enumerate(shards):
+                key = None if len(self.shards) == 1 else i
+                idx = sample_rows.get(key)
+                if idx is not None and len(idx):
+                    parts.append((slice(int(offsets[j]), int(offsets[j + 1])), xp.asarray(idx), self.shards[i].n))
+            du = dist(xc, uc)  # N x m
+            samples = [(sl, ysc[idx], count / int(idx.shape[0])) for sl, idx, count in parts]
+            dys = [dist(xc, yb) for _, yb, _ in samples]  # N x B_j
+            duys = [dist(uc[sl], yb) for sl, yb, _ in samples]  # m_j x B_j
+            for k in range(nt):
+                coef = logit_coef(self.kernel, self.taus[k])
+                winv = self._winv(xp, dev, shards, k)
+                folded = xp.concatenate([dev["folded"][i][k] for i in shards])[:, :d + 1]  # A [G | t]
+                # k_iu c_u^{-1/2} = exp(e_iu) and k_iu = exp(e_iu) c_u^{1/2}: column sums over the queries
+                Lu = du * -coef
+                half = 0.5 * _logsumexp(xp, Lu, 0)
+                e_u = Lu - half.astype(dt)[None, :]
+                shift = xp.maximum(e_u.max(axis=1), Lu.max(axis=1))  # every term below is <= 1 in its units
+                halves, e_y = [], []
+                for dy in dys:
+                    L = dy * -coef
+                    halves.append(0.5 * _logsumexp(xp, L, 0))  # the sample points' exact column sums
+                    e_y.append(L - halves[-1].astype(dt)[None, :])
+                    shift = xp.maximum(shift, xp.maximum(e_y[-1].max(axis=1), L.max(axis=1)))
+                # the sample's Nystrom summaries, subtracted from the cached ones (float64, m x (D+1))
+                corrected = folded.astype(f64)
+                for (sl, yb, scale), duy in zip(samples, duys):
+                    # the sums k(U, Y_s) [Y_s, 1] in the working dtype, like the cached ones (_accumulate)
+                    kuy = xp.exp(duy * -coef)
+                    yb1 = xp.concatenate([yb, xp.ones((yb.shape[0], 1), dtype=dt)], axis=1)
+                    corrected[sl] -= scale * (winv[sl, sl] @ (kuy @ yb1).astype(f64))
+                E = xp.exp(e_u - shift[:, None])  # units exp(shift_i)
+                mats = corrected.astype(dt)
+                pr = E @ mats  # [acc | s_w]
+                root_c = xp.exp(half).astype(dt)  # c_u^{1/2}
+                r = E @ (mats[:, d] * root_c)  # plain row sums k_i. W^{-1} t
+                for (sl, yb, scale), h, e in zip(samples, halves, e_y):
+                    ay = xp.exp(e - shift[:, None])
+                    pr[:, :d] += scale * (ay @ yb)
+                    pr[:, d] += scale * ay.sum(axis=1)
+                    r += scale * (ay @ xp.exp(h).astype(dt))
+                bad = ~(pr[:, d] > 0) | ~(r > 0)
+                if samples and bool(bad.any()):  # the sample's estimate went negative there: Nystrom alone
+                    fallback[k] += int(bad.sum())
+                    pr[bad] = E[bad] @ folded
+                    r[bad] = E[bad] @ (folded[:, d] * root_c)
+                s_w = pr[:, d]
+                has = (s_w > 0) & (r > 0)  # False only without any data
+                safe_s = xp.where(has, s_w, 1.0)
+                b = pr[:, :d] / safe_s[:, None]
+                shift64 = shift.astype(f64)
+                log_w = xp.where(has, shift64 + xp.log(safe_s.astype(f64)), -xp.inf)
+                log_r = xp.where(has, shift64 + xp.log(xp.where(has, r, 1.0).astype(f64)), -xp.inf)
+                idx = slice(None) if si is None else xp.asarray(rows)
+                for o, p in zip(out[k], (b, log_w, log_r)):
+                    o[idx] = p
+        return out, fallback
+
+    def _winv(self, xp, dev, shards, k):
+        """``W^{-1} = A A`` of the given shards (block diagonal), float64, made once per device."""
+        key = ("winv", tuple(shards), k)
+        if key not in dev:
+            blocks = [self.shards[i].factors[k] @ self.shards[i].factors[k] for i in shards]
+            dev[key] = _block_diag(xp, blocks)
+        return dev[key]
+
+    def _negatives_sweeper(self, xp, xa, a, include_self, neg_weight, check_finite, query_labels=None,
+                           bidirectional=False, ops=None, precision="float32") -> ExactSums:
+        """The exact sweep over the negatives (the other queries and/or explicit ones)."""
         n, d = xa.shape
         targets = []
         if include_self:
@@ -559,10 +954,20 @@ class ProjectedField:
                                 self.dtype, check_finite)
             targets.append(Targets(na, True, log_weight=logw))
         coefs = [logit_coef(self.kernel, t) for t in self.taus]
-        sweeper = ExactSums(xp, xa, targets, log_kernel_scales=coefs, kernel=self.kernel, bidirectional=False,
-                            budget=self.memory_budget, tile_cap=tile_cap(device_of(xa)),
-                            sides=(1,), query_labels=query_labels)
+        sweeper = ExactSums(xp, xa, targets, log_kernel_scales=coefs, kernel=self.kernel,
+                            bidirectional=bidirectional, budget=self.memory_budget,
+                            tile_cap=tile_cap(device_of(xa)), sides=(1,), query_labels=query_labels)
         sweeper.ops, sweeper.precision = ops, precision
+        return sweeper
+
+    def _exact_repulsion(self, xp, xa, a, include_self, neg_weight, centre, check_finite, query_labels=None,
+                         ops=None, precision="float32"):
+        """Row-normalised barycentre of the negatives per temperature, centred on ``centre``.
+
+        With ``query_labels``, a query is repelled only by the queries of its own class
+        (explicit negatives, if any, by all)."""
+        sweeper = self._negatives_sweeper(xp, xa, a, include_self, neg_weight, check_finite, query_labels,
+                                          ops=ops, precision=precision)
         sums, _ = sweeper.sweep()
         shift = sweeper.mu - centre  # sums are centred on the queries' mean
         out = []
@@ -741,6 +1146,11 @@ def _factor(u: np.ndarray, taus, kernel: str, ridge: float, eig_clamp: float, dt
                         "n_clamped": sp.n_clamped, "eigenvalue_min": float(sp.eigenvalues.min()),
                         "eigenvalue_max": float(sp.eigenvalues.max())})
     return factors, spectra
+
+
+def _logsumexp(xp, a, axis: int):
+    top = a.max(axis=axis, keepdims=True)
+    return (top + xp.log(xp.exp(a - top).sum(axis=axis, keepdims=True))).squeeze(axis)
 
 
 def _block_diag(xp, blocks):

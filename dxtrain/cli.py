@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from .train import FIELDS, TrainConfig
+from .train import FIELDS, NORMALIZATIONS, REPULSIONS, TrainConfig
 
 _DEFAULTS = TrainConfig()
 
@@ -67,9 +67,20 @@ def main():
 @click.option("--batch", type=click.IntRange(min=1), default=_DEFAULTS.batch, show_default=True,
               help="Generated samples per step (split evenly over classes when conditional).")
 @click.option("--positives", type=click.IntRange(min=1), default=_DEFAULTS.positives, show_default=True,
-              help="Real samples per step for --field exact.")
+              help="Real samples per step for --field exact (and for --correction).")
 @click.option("--temperatures", callback=_temps, default=None,
               help="Comma-separated kernel temperatures [default: 0.02,0.05,0.2].")
+@click.option("--normalization", type=click.Choice(NORMALIZATIONS), default=_DEFAULTS.normalization,
+              show_default=True,
+              help="Of either field: bidirectional (Algorithm 2; for --field projected against the whole data set, "
+                   "column sums taken at the landmarks) or row (mean shift b+ - b-).")
+@click.option("--repulsion", type=click.Choice(REPULSIONS), default=_DEFAULTS.repulsion, show_default=True,
+              help="Projected field's repulsion: exact over the batch, or nystrom (the batch summarised on the "
+                   "attraction's landmarks: both sides through one kernel, so the field vanishes where the "
+                   "generated and real distributions agree).")
+@click.option("--correction/--no-correction", default=_DEFAULTS.correction, show_default=True,
+              help="Projected field: correct the Nystrom sums with the residual of --positives fresh real samples "
+                   "per step (an unbiased estimate of Algorithm 2 over the whole data set).")
 @click.option("--landmarks", type=click.IntRange(min=1), default=_DEFAULTS.landmarks, show_default=True,
               help="Nystrom landmarks per class (projected field).")
 @click.option("--landmark-method", type=click.Choice(["kmeans", "uniform", "kcenter", "rls"]),

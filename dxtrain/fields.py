@@ -19,6 +19,9 @@ synchronisation and no cross-stream race.
 * :class:`ProjectedFieldSet` -- DriftXpress: one :class:`dxfield.ProjectedField`
   per feature group, summarising the whole training set once (the encoder is
   frozen, so real features never change); exact repulsion over the batch.
+
+Both use the same normalisation, bidirectional (Algorithm 2) by default: the
+projected field then is Algorithm 2 with the whole training set as positives.
 """
 
 from __future__ import annotations
@@ -94,9 +97,10 @@ class ExactField:
 
     name = "exact"
 
-    def __init__(self, temperatures, *, memory_budget=None):
+    def __init__(self, temperatures, *, memory_budget=None, normalization: str = "bidirectional"):
         self.temperatures = tuple(temperatures)
         self.memory_budget = memory_budget
+        self.normalization = normalization
 
     def __call__(self, features: dict[str, torch.Tensor], positives: dict[str, torch.Tensor],
                  labels: torch.Tensor | None = None, pos_labels: torch.Tensor | None = None) -> dict[str, GroupDrift]:
@@ -109,7 +113,8 @@ class ExactField:
             for name, f in features.items():
                 v, s = dxfield.drift_field(to_dxfield(f), to_dxfield(positives[name]),
                                            temperatures=self.temperatures, labels=lab, pos_labels=plab,
-                                           return_scale=True, memory_budget=self.memory_budget)
+                                           normalization=self.normalization, return_scale=True,
+                                           memory_budget=self.memory_budget)
                 out[name] = GroupDrift(to_torch(v, f), float(s))
         return out
 
@@ -119,9 +124,17 @@ class ProjectedFieldSet:
 
     name = "projected"
 
-    def __init__(self, fields: dict[str, dxfield.ProjectedField]):
+    def __init__(self, fields: dict[str, dxfield.ProjectedField], normalization: str = "bidirectional",
+                 repulsion: str = "exact", correction: bool = False):
         self.fields = fields
+        self.normalization = normalization  # of every group's field (see ProjectedField.field)
+        self.repulsion = repulsion
+        self.correction = correction  # correct with the step's real mini-batch (pos_sample)
         self.last_stats: dict = {}
+
+    def configure(self, cfg) -> None:
+        """Take the field options of a :class:`dxtrain.train.TrainConfig`."""
+        self.normalization, self.repulsion, self.correction = cfg.normalization, cfg.repulsion, cfg.correction
 
     @classmethod
     def build(cls, real_features: dict[str, np.ndarray], *, labels=None, temperatures, landmarks: int,
@@ -170,10 +183,19 @@ class ProjectedFieldSet:
         fallback = 0
         with torch_stream(next(iter(features.values()))):
             lab = None if labels is None else to_dxfield(labels)
+            sample = {}
+            if self.correction:
+                if positives is None:
+                    raise ValueError("correction needs the step's real mini-batch (positives)")
+                sample["pos_sample_labels"] = None if pos_labels is None else to_dxfield(pos_labels)
             for name, f in features.items():
                 pf = self.fields[name]
-                v = pf.field(to_dxfield(f), labels=lab)
+                if self.correction:
+                    sample["pos_sample"] = to_dxfield(positives[name])
+                v = pf.field(to_dxfield(f), labels=lab, normalization=self.normalization, repulsion=self.repulsion,
+                             **sample)
                 fallback += sum(pf.last_stats.get("attraction_fallback_rows", [0]))
+                fallback += int(pf.last_stats.get("repulsion_fallback_rows", 0))
                 out[name] = GroupDrift(to_torch(v, f), float(pf.feature_scale or 1.0))
         self.last_stats = {"fallback_rows": fallback}
         return out

@@ -55,6 +55,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
+import dxfield
 from dxfield._atomic import atomic_write
 
 from .data import Dataset, load_dataset, train_test_split
@@ -65,6 +66,8 @@ from .models import EMA, make_generator, sample_noise
 DEBUG_DIR_ENV = "DXTRAIN_DEBUG_DIR"  # tests: each rank writes a hash of its final weights there
 
 FIELDS = ("projected", "exact")
+NORMALIZATIONS = dxfield.NORMALIZATIONS
+REPULSIONS = ("exact", "nystrom")
 
 
 @dataclass
@@ -81,6 +84,9 @@ class TrainConfig:
     batch: int = 256  # generated samples per step (split evenly over classes when conditional)
     positives: int = 512  # real samples per step for the exact field
     temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)
+    normalization: str = "bidirectional"  # of both fields: "bidirectional" (Algorithm 2) or "row" (mean shift)
+    repulsion: str = "exact"  # projected field: "exact" over the batch, or "nystrom" (the attraction's kernel)
+    correction: bool = False  # projected field: correct the Nystrom sums with `positives` fresh real samples/step
     landmarks: int = 128  # per class (projected field)
     landmark_method: str = "kmeans"
     conditional: bool = True  # use class labels when the data has them
@@ -107,6 +113,14 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         if self.field not in FIELDS:
             raise ValueError(f"field={self.field!r} is not valid; choose one of {FIELDS}")
+        if self.correction and (self.field != "projected" or self.normalization != "bidirectional"
+                                or self.repulsion != "exact"):
+            raise ValueError("correction applies to field='projected' with normalization='bidirectional' and "
+                             "repulsion='exact'")
+        if self.repulsion not in REPULSIONS:
+            raise ValueError(f"repulsion={self.repulsion!r} is not valid; choose one of {REPULSIONS}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization={self.normalization!r} is not valid; choose one of {NORMALIZATIONS}")
         for name in ("steps", "batch", "positives", "landmarks", "log_every", "sample_every", "checkpoint_every",
                      "fidelity_every", "max_locations"):
             if int(getattr(self, name)) < 1:
@@ -394,7 +408,7 @@ def _train(cfg: TrainConfig, resume: bool, log, ddp: _Dist, callback=None) -> di
 
     # -- the field ------------------------------------------------------------------------------
     if cfg.field == "exact":
-        field_fn = ExactField(cfg.temperatures, memory_budget=cfg.memory_budget)
+        field_fn = ExactField(cfg.temperatures, memory_budget=cfg.memory_budget, normalization=cfg.normalization)
     else:
         cache = cfg.cache or os.path.join(cfg.out, "summaries")
         dims = groups.dims
@@ -403,11 +417,13 @@ def _train(cfg: TrainConfig, resume: bool, log, ddp: _Dist, callback=None) -> di
         missing, = ddp.agree(not os.path.exists(os.path.join(cache, "manifest.json")))
         if not missing:
             field_fn = ProjectedFieldSet.load(cache, expect=dims, temperatures=cfg.temperatures, data=feats)
+            field_fn.configure(cfg)
             log(f"loaded summaries from {cache}")
         else:
             field_fn = build_summaries(cfg, feats, None if real_labels is None else real_labels.numpy(), log,
                                        rank=ddp.rank, world_size=ddp.world_size,
                                        allreduce=ddp.allreduce_numpy if ddp.enabled else None)
+            field_fn.configure(cfg)
             if ddp.main:
                 field_fn.save(cache)
             log(f"built summaries of {len(train_ds)} samples in {time.perf_counter() - t0:.1f}s -> {cache}")
@@ -438,7 +454,7 @@ def _train(cfg: TrainConfig, resume: bool, log, ddp: _Dist, callback=None) -> di
             x = gen(noise, labels)
             feats = groups(x)
             pos_feats, pos_labels = None, None
-            if cfg.field == "exact":
+            if cfg.field == "exact" or cfg.correction:
                 idx, pos_labels = _draw_positives(rng, cfg.positives, real.shape[0], real_labels, num_classes)
                 with torch.no_grad():
                     pos_feats = groups(real[idx].to(device))

@@ -211,3 +211,23 @@ def test_quick_run_writes_results(bt, tmp_path, capsys, monkeypatch):
     assert "replotted" in after and "## mixture:" in capsys.readouterr().out
     (tmp_path / "junk.json").write_text("{}")
     assert bt.main(["--replot", str(tmp_path / "junk.json")]) == 2
+
+
+def test_non_default_settings_get_their_own_file_names(bt):
+    p = bt.build_parser()
+    assert bt.variant_suffix(p.parse_args([])) == ""
+    args = p.parse_args(["--temperatures", "0.2", "--landmarks", "2048", "--landmark-method", "uniform",
+                         "--normalization", "row", "--repulsion", "nystrom", "--positives", "4096", "--quick"])
+    assert bt.variant_suffix(args) == "-tau0.2-m2048-uniform-row-nystrom-p4096-quick"
+
+
+def test_settings_reach_the_run_configs(bt, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(bt, "run_one", lambda job: seen.append(job["config"]) or {"error": "skipped"})
+    assert bt.main(["--bench", "mixture", "--quick", "--in-process", "--out", str(tmp_path),
+                    "--repulsion", "nystrom", "--normalization", "row", "--landmark-method", "uniform"]) == 0
+    exact, projected = sorted(seen, key=lambda c: c["field"])
+    assert exact["normalization"] == projected["normalization"] == "row"
+    assert projected["repulsion"] == "nystrom" and projected["landmark_method"] == "uniform"
+    assert "repulsion" not in exact and "landmark_method" not in exact
+    assert (tmp_path / f"train-mixture-cpu{os.cpu_count()}-uniform-row-nystrom-quick.json").exists()

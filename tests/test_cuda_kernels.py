@@ -168,6 +168,11 @@ def test_fused_projected_matches_composed(fused, labels):
     assert fused.launches["dx_kernel_rows"] >= 1
     vf, vc = (pf.field(x, labels=qlab, engine=e) for e in ("fused", "composed"))
     assert rel_err(vf, vc) < TOL
+    # bidirectional: the negatives' bidirectional sweep on the fused kernels, the attraction composed
+    before = fused.launches.get("dx_col_partial", 0)
+    vf, vc = (pf.field(x, labels=qlab, engine=e, normalization="bidirectional") for e in ("fused", "composed"))
+    assert rel_err(vf, vc) < TOL
+    assert fused.launches["dx_col_partial"] > before
 
 
 def test_tf32x3_is_float32_accurate_and_tf32_is_not(fused):

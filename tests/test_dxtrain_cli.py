@@ -42,6 +42,7 @@ torch = pytest.importorskip("torch")
 
 from click.testing import CliRunner  # noqa: E402
 
+import dxfield  # noqa: E402
 import dxtrain.fields as dx_fields  # noqa: E402
 import dxtrain.train as dx_train  # noqa: E402
 from dxtrain.cli import main  # noqa: E402
@@ -789,3 +790,65 @@ def test_step_crosses_dlpack_without_copies(tmp_path, monkeypatch, data, field):
     train(tmp_path / "run", "--field", field, data=data, steps=2)
     assert seen["in"] and all(seen["in"]), seen
     assert seen["out"] and all(seen["out"]), seen
+
+
+def test_unknown_normalization_is_a_usage_error(tmp_path):
+    result = invoke("train", "--normalization", "column", "--out", tmp_path / "r", ok=False)
+    assert result.exit_code == 2 and "--normalization" in result.output
+
+
+@pytest.mark.parametrize("field", ["projected", "exact"])
+@pytest.mark.parametrize("normalization", ["bidirectional", "row", None])
+def test_normalization_reaches_the_field(tmp_path, monkeypatch, field, normalization):
+    """--normalization (default bidirectional) is what every dxfield call of the run uses."""
+    seen = []
+    real_field, real_drift = dxfield.ProjectedField.field, dxfield.drift_field
+
+    def spy_field(self, x, *args, **kw):
+        seen.append(kw.get("normalization", "row"))
+        return real_field(self, x, *args, **kw)
+
+    def spy_drift(*args, **kw):
+        seen.append(kw.get("normalization", "bidirectional"))
+        return real_drift(*args, **kw)
+
+    monkeypatch.setattr(dxfield.ProjectedField, "field", spy_field)
+    monkeypatch.setattr(dxfield, "drift_field", spy_drift)
+    extra = () if normalization is None else ("--normalization", normalization)
+    train(tmp_path / "run", "--field", field, *extra, data="moons", steps=2)
+    assert seen and set(seen) == {normalization or "bidirectional"}
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["normalization"] == (normalization or "bidirectional")
+
+
+def test_repulsion_reaches_the_projected_field(tmp_path, monkeypatch):
+    seen = []
+    real_field = dxfield.ProjectedField.field
+
+    def spy_field(self, x, *args, **kw):
+        seen.append((kw.get("normalization"), kw.get("repulsion")))
+        return real_field(self, x, *args, **kw)
+
+    monkeypatch.setattr(dxfield.ProjectedField, "field", spy_field)
+    train(tmp_path / "run", "--field", "projected", "--repulsion", "nystrom", data="moons", steps=2)
+    assert seen and set(seen) == {("bidirectional", "nystrom")}
+    result = invoke("train", "--repulsion", "both", "--out", tmp_path / "r2", ok=False)
+    assert result.exit_code == 2 and "--repulsion" in result.output
+
+
+@pytest.mark.parametrize("data", ["moons", "digits"])
+def test_correction_hands_the_step_positives_to_the_projected_field(tmp_path, monkeypatch, data):
+    seen = []
+    real_field = dxfield.ProjectedField.field
+
+    def spy_field(self, x, *args, **kw):
+        sample = kw.get("pos_sample")
+        seen.append(None if sample is None else (sample.shape, kw.get("pos_sample_labels") is not None))
+        return real_field(self, x, *args, **kw)
+
+    monkeypatch.setattr(dxfield.ProjectedField, "field", spy_field)
+    train(tmp_path / "run", "--field", "projected", "--correction", "--positives", "40", data=data, steps=2)
+    assert seen and all(s is not None and s[0][0] == 40 for s in seen), seen
+    assert all(s[1] for s in seen)  # both data sets are labelled: per-class samples
+    result = invoke("train", "--correction", "--normalization", "row", "--out", tmp_path / "r2", ok=False)
+    assert result.exit_code != 0 and "correction" in result.output
