@@ -9,7 +9,17 @@ the only difference is the field:
   ``positives`` real samples drawn afresh every step (dxtrain's default 512;
   per class when conditional);
 * ``projected`` -- DriftXpress: Nystrom summaries of the WHOLE training set,
-  built once before the first step, plus exact repulsion within the batch.
+  built once before the first step, plus exact repulsion within the batch;
+  bidirectional like ``exact`` (dxtrain's default ``--normalization``), so it
+  is Algorithm 2 against the whole data with the positives' column sums taken
+  at the landmarks.  ``--correction`` adds dxtrain's residual correction: the
+  same ``positives`` fresh real samples per step as ``exact`` draws, used as a
+  control variate (``ProjectedField.field(pos_sample=...)``), which makes the
+  attraction an unbiased estimate of the whole-data sums.
+
+Both methods' normalisation (``--normalization``) and the projected field's
+landmarks, selection, repulsion and correction can be set; results of
+non-default settings get their own file-name suffix.
 
 Quality is measured at about ``--evals`` points of training time (a
 geometric schedule from budget/64 to the budget, and always at the end) by a
@@ -85,6 +95,8 @@ Run::
     python bench/train.py --bench mixture --budget 240 --repeats 2
     python bench/train.py --bench digits --budget 180 --repeats 1
     python bench/train.py --bench mixture --temperatures 0.2    # both methods at one temperature
+    python bench/train.py --bench mixture --correction          # projected with the residual correction
+    python bench/train.py --bench mixture --normalization row   # both methods row-normalised
     python bench/train.py --quick                  # smoke run, ~20 s (its numbers mean nothing)
     python bench/train.py --replot bench/results/train-mixture-cpu2.json   # re-analyse saved runs
 """
@@ -436,7 +448,7 @@ def plot(bench: str, result: dict, path: Path) -> None:
             q = [x["quality"] if x["quality"] is not None else math.nan for x in r["records"]]
             values += [v for v in q if math.isfinite(v)]
             series.append({"x": t, "y": q, "colour": METHOD_COLOURS[method], "dash": 0 if seed == "0" else 8,
-                           "label": METHOD_LABELS[method] + (f" seed {seed}" if len(result["runs"]) > 1 else "")})
+                           "label": method_label(result, method) + (f" seed {seed}" if len(result["runs"]) > 1 else "")})
     hlines = []
     comps = result["comparisons"]
     for seed in sorted(comps, key=int):
@@ -504,9 +516,24 @@ def _positive(kind, name):
     return parse
 
 
+def method_label(result: dict, method: str) -> str:
+    """The legend label of a method, with its non-default field settings (from the saved configs)."""
+    cfg = result.get("configs", {}).get(method, {})
+    extra = [f"m={cfg['landmarks']}"] if method == "projected" and cfg.get("landmarks") else []
+    if cfg.get("correction"):
+        extra.append("corrected")
+    if cfg.get("repulsion", "exact") != "exact":
+        extra.append(f"{cfg['repulsion']} repulsion")
+    if cfg.get("normalization", "bidirectional") != "bidirectional":
+        extra.append(cfg["normalization"])
+    label = METHOD_LABELS[method]
+    return label[:-1] + ", " + ", ".join(extra) + ")" if extra else label
+
+
 def variant_suffix(args) -> str:
     """File-name suffix of a run with non-default settings, so it never overwrites the default results:
-    ``-tau0.2``, ``-m2048``, ``-uniform``, ``-row``, ``-nystrom``, ``-p4096``, ``-b1024``, ``-quick``."""
+    ``-tau0.2``, ``-m2048``, ``-uniform``, ``-row``, ``-nystrom``, ``-p4096``, ``-b1024``, ``-quick``
+    (a budget other than the bench's default adds ``-<seconds>s`` before them)."""
     parts = []
     if args.temperatures:
         parts.append("tau" + "_".join(f"{t:g}" for t in args.temperatures))
@@ -684,7 +711,8 @@ def main(argv=None) -> int:
                     result["comparisons"][str(seed)] = compare(runs["exact"], runs["projected"])
             result["summary"] = summarize(result["comparisons"])
             result["machine"] = machine_info()
-            finish(bench, result, out_dir / f"train-{bench}-{hk}{suffix}.json")
+            budget_tag = f"-{budget:g}s" if args.budget and not args.quick and budget != spec["budget"] else ""
+            finish(bench, result, out_dir / f"train-{bench}-{hk}{budget_tag}{suffix}.json")
     finally:
         if not args.keep_runs:
             shutil.rmtree(work, ignore_errors=True)

@@ -22,6 +22,9 @@ synchronisation and no cross-stream race.
 
 Both use the same normalisation, bidirectional (Algorithm 2) by default: the
 projected field then is Algorithm 2 with the whole training set as positives.
+With ``correction`` the projected field also takes the step's real mini-batch
+(the positives standard drifting would use) as a control variate for its
+Nystrom sums (``ProjectedField.field(pos_sample=...)``).
 """
 
 from __future__ import annotations

@@ -231,3 +231,19 @@ def test_settings_reach_the_run_configs(bt, tmp_path, monkeypatch):
     assert projected["repulsion"] == "nystrom" and projected["landmark_method"] == "uniform"
     assert "repulsion" not in exact and "landmark_method" not in exact
     assert (tmp_path / f"train-mixture-cpu{os.cpu_count()}-uniform-row-nystrom-quick.json").exists()
+
+
+def test_legend_labels_name_the_projected_settings(bt):
+    result = {"configs": {"exact": {"field": "exact"},
+                          "projected": {"field": "projected", "landmarks": 512, "correction": True}}}
+    assert bt.method_label(result, "exact") == "exact (standard drifting)"
+    assert bt.method_label(result, "projected") == "projected (DriftXpress, m=512, corrected)"
+    result["configs"]["projected"] = {"repulsion": "nystrom", "normalization": "row"}
+    assert bt.method_label(result, "projected") == "projected (DriftXpress, nystrom repulsion, row)"
+
+
+def test_a_non_default_budget_is_in_the_file_name(bt, tmp_path, monkeypatch):
+    monkeypatch.setattr(bt, "run_one", lambda job: {"error": "skipped"})
+    assert bt.main(["--bench", "mixture", "--budget", "3", "--evals", "2", "--in-process", "--out",
+                    str(tmp_path), "--correction"]) == 0
+    assert (tmp_path / f"train-mixture-cpu{os.cpu_count()}-3s-corrected.json").exists()

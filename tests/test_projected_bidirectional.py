@@ -66,11 +66,7 @@ def test_explicit_weighted_negatives(points, include_self):
 
 
 def test_class_shards_use_their_own_data_and_queries():
-    rng = np.random.default_rng(7)
-    pos = np.concatenate([rng.normal(size=(20, D)), rng.normal(size=(25, D)) + 2.0])
-    plab = np.repeat([3, 8], [20, 25])
-    x = rng.normal(size=(14, D)) + 1.0
-    qlab = np.array([3, 8] * 7)
+    pos, plab, x, qlab = two_classes(7, (20, 25), (3, 8), 14, d=D)
     # every point a landmark of every shard: each class's summaries are exact
     pf = dxfield.ProjectedField.build(pos, labels=plab, landmarks=pos, ridge=1e-12, feature_scale=0.7,
                                       temperatures=(0.05, 0.2))
@@ -86,13 +82,33 @@ def test_class_shards_use_their_own_data_and_queries():
     np.testing.assert_allclose(V, Vx, atol=1e-8, rtol=0)
 
 
+def dense_kernel(a, b, tau, kernel):
+    return np.exp(ref.log_kernel(ref.distances(a, b), tau, kernel))
+
+
+def dense_winv(u, tau, kernel, ridge, eig_clamp=1e-8):
+    """(K_UU + ridge I)^{-1} by eigh, eigenvalues clamped at eig_clamp * max."""
+    lam, q = np.linalg.eigh(dense_kernel(u, u, tau, kernel) + ridge * np.eye(len(u)))
+    lam = np.maximum(lam, eig_clamp * lam.max())
+    return (q / lam) @ q.T
+
+
+def few_landmarks(kernel):
+    """30 of 300 positives as landmarks, two temperatures: (x, pos, u, temps, ridge, cache)."""
+    rng = np.random.default_rng(8)
+    pos = rng.normal(size=(300, 3))
+    x = rng.normal(size=(25, 3)) * 0.8
+    u = pos[rng.choice(300, size=30, replace=False)]
+    temps, ridge = (0.7, 2.0), 1e-3
+    pf = dxfield.ProjectedField.build(pos, landmarks=u, ridge=ridge, feature_scale=None, temperatures=temps,
+                                      kernel=kernel)
+    return x, pos, u, temps, ridge, pf
+
+
 def dense_landmark_column_field(x, pos, u, tau, kernel, ridge, eig_clamp=1e-8):
     """Algorithm 2 with the positives' column sums taken at the landmarks, float64, dense."""
-    K = lambda a, b: np.exp(ref.log_kernel(ref.distances(a, b), tau, kernel))  # noqa: E731
-    w = K(u, u) + ridge * np.eye(len(u))
-    lam, q = np.linalg.eigh(w)
-    lam = np.maximum(lam, eig_clamp * lam.max())
-    winv = (q / lam) @ q.T
+    K = lambda a, b: dense_kernel(a, b, tau, kernel)  # noqa: E731
+    winv = dense_winv(u, tau, kernel, ridge, eig_clamp)
     kxu = K(x, u)
     beta = winv @ K(u, pos).sum(1)  # data mass seen through each landmark
     B = winv @ (K(u, pos) @ pos)
@@ -112,13 +128,7 @@ def dense_landmark_column_field(x, pos, u, tau, kernel, ridge, eig_clamp=1e-8):
 
 @pytest.mark.parametrize("kernel", ["laplace", "gaussian"])
 def test_few_landmarks_give_the_landmark_column_formula(kernel):
-    rng = np.random.default_rng(8)
-    pos = rng.normal(size=(300, 3))
-    x = rng.normal(size=(25, 3)) * 0.8
-    u = pos[rng.choice(300, size=30, replace=False)]
-    temps, ridge = (0.7, 2.0), 1e-3
-    pf = dxfield.ProjectedField.build(pos, landmarks=u, ridge=ridge, feature_scale=None, temperatures=temps,
-                                      kernel=kernel)
+    x, pos, u, temps, ridge, pf = few_landmarks(kernel)
     V = pf.field(x, normalization="bidirectional", drift_norm=False)
     Vref = sum(dense_landmark_column_field(x, pos, u, t, kernel, ridge) for t in temps)
     assert pf.last_stats["attraction_fallback_rows"] == [0, 0]
@@ -132,11 +142,8 @@ def test_few_landmarks_give_the_landmark_column_formula(kernel):
 def dense_nystrom_both_sides(x, pos, u, tau, kernel, ridge, eig_clamp=1e-8):
     """Both sides through the Nystrom kernel: the queries summarised on the landmarks like the data,
     column sums at the landmarks, each query's self term removed; float64, dense."""
-    K = lambda a, b: np.exp(ref.log_kernel(ref.distances(a, b), tau, kernel))  # noqa: E731
-    w = K(u, u) + ridge * np.eye(len(u))
-    lam, q = np.linalg.eigh(w)
-    lam = np.maximum(lam, eig_clamp * lam.max())
-    winv = (q / lam) @ q.T
+    K = lambda a, b: dense_kernel(a, b, tau, kernel)  # noqa: E731
+    winv = dense_winv(u, tau, kernel, ridge, eig_clamp)
     kxu = K(x, u)
     pw = kxu / np.sqrt(kxu.sum(0))[None, :]
     beta, B = winv @ K(u, pos).sum(1), winv @ (K(u, pos) @ pos)
@@ -152,13 +159,7 @@ def dense_nystrom_both_sides(x, pos, u, tau, kernel, ridge, eig_clamp=1e-8):
 
 @pytest.mark.parametrize("kernel", ["laplace", "gaussian"])
 def test_nystrom_repulsion_puts_both_sides_through_one_kernel(kernel):
-    rng = np.random.default_rng(8)
-    pos = rng.normal(size=(300, 3))
-    x = rng.normal(size=(25, 3)) * 0.8
-    u = pos[rng.choice(300, size=30, replace=False)]
-    temps, ridge = (0.7, 2.0), 1e-3
-    pf = dxfield.ProjectedField.build(pos, landmarks=u, ridge=ridge, feature_scale=None, temperatures=temps,
-                                      kernel=kernel)
+    x, pos, u, temps, ridge, pf = few_landmarks(kernel)
     V = pf.field(x, normalization="bidirectional", repulsion="nystrom", drift_norm=False)
     assert pf.last_stats["repulsion_fallback_rows"] == 0
     Vref = sum(dense_nystrom_both_sides(x, pos, u, t, kernel, ridge) for t in temps)
@@ -180,12 +181,16 @@ def test_nystrom_repulsion_vanishes_where_data_and_queries_agree():
     assert rms(nys) < 0.5 * rms(exact_rep)
 
 
+def two_classes(seed, sizes, classes, n_queries, d=3):
+    """Two classes of positives 2 apart, queries between them alternating classes."""
+    rng = np.random.default_rng(seed)
+    pos = np.concatenate([rng.normal(size=(sizes[0], d)), rng.normal(size=(sizes[1], d)) + 2.0])
+    x = rng.normal(size=(n_queries, d)) + 1.0
+    return pos, np.repeat(classes, sizes), x, np.array(list(classes) * (n_queries // 2))
+
+
 def test_nystrom_repulsion_class_shards():
-    rng = np.random.default_rng(17)
-    pos = np.concatenate([rng.normal(size=(150, 3)), rng.normal(size=(120, 3)) + 2.0])
-    plab = np.repeat([0, 1], [150, 120])
-    x = rng.normal(size=(20, 3)) + 1.0
-    qlab = np.array([0, 1] * 10)
+    pos, plab, x, qlab = two_classes(17, (150, 120), (0, 1), 20)
     pf = dxfield.ProjectedField.build(pos, labels=plab, landmarks=25, method="uniform", ridge=1e-3,
                                       feature_scale=None, temperatures=(0.8,))
     V = pf.field(x, labels=qlab, normalization="bidirectional", repulsion="nystrom", drift_norm=False)
@@ -279,10 +284,13 @@ def test_backends_agree(xp):
     x = rng.normal(size=(128, 8)).astype(np.float32)
     host = dxfield.ProjectedField.build(pos, landmarks=64, method="uniform")
     dev = dxfield.ProjectedField.build(xp.asarray(pos), landmarks=64, method="uniform")
-    V = dev.field(xp.asarray(x), normalization="bidirectional")
-    assert namespace_of(V) == xp.__name__
-    Vh = host.field(x, normalization="bidirectional")
-    np.testing.assert_allclose(to_numpy(V), Vh, atol=2e-5 * np.abs(Vh).max(), rtol=0)
+    sample = pos[::8]
+    for kw in ({}, {"repulsion": "nystrom"}, {"pos_sample": sample}):
+        dkw = {k: xp.asarray(v) if k == "pos_sample" else v for k, v in kw.items()}
+        V = dev.field(xp.asarray(x), normalization="bidirectional", **dkw)
+        assert namespace_of(V) == xp.__name__
+        Vh = host.field(x, normalization="bidirectional", **kw)
+        np.testing.assert_allclose(to_numpy(V), Vh, atol=2e-5 * np.abs(Vh).max(), rtol=0)
 
 
 def test_argument_errors(points):
@@ -315,11 +323,7 @@ def test_the_whole_data_as_sample_gives_algorithm_2_whatever_the_landmarks(kerne
 
 
 def test_the_whole_data_as_sample_with_class_shards():
-    rng = np.random.default_rng(21)
-    pos = np.concatenate([rng.normal(size=(60, 3)), rng.normal(size=(50, 3)) + 2.0])
-    plab = np.repeat([4, 7], [60, 50])
-    x = rng.normal(size=(16, 3)) + 1.0
-    qlab = np.array([4, 7] * 8)
+    pos, plab, x, qlab = two_classes(21, (60, 50), (4, 7), 16)
     pf = dxfield.ProjectedField.build(pos, labels=plab, landmarks=8, method="uniform", feature_scale=0.7,
                                       temperatures=(0.05, 0.2))
     V = pf.field(x, labels=qlab, normalization="bidirectional", drift_norm=False, pos_sample=pos,
