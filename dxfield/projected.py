@@ -874,7 +874,7 @@ class ProjectedField:
             # the sample, split by shard: (landmark slice, sample rows, shard's data count)
             parts = []
             for j, i in enumerate(shards):
-                key = None if len(self.shards) == 1 else i
+                key = None if self.classes == [None] else i
                 idx = sample_rows.get(key)
                 if idx is not None and len(idx):
                     parts.append((slice(int(offsets[j]), int(offsets[j + 1])), xp.asarray(idx), self.shards[i].n))

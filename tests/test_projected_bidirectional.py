@@ -381,3 +381,16 @@ def test_pos_sample_errors():
     pc = dxfield.ProjectedField.build(pos, labels=lab, landmarks=5, method="uniform")
     with pytest.raises(ValueError, match="pos_sample_labels"):
         pc.field(x, labels=np.zeros(8, int), normalization="bidirectional", pos_sample=pos[:10])
+
+
+def test_the_whole_data_as_sample_with_a_single_class_cache():
+    # one class shard: its sample rows are found by class, not taken as "all rows"
+    rng = np.random.default_rng(24)
+    pos, x, lab = rng.normal(size=(60, 3)), rng.normal(size=(10, 3)), np.full(60, 5)
+    pf = dxfield.ProjectedField.build(pos, labels=lab, landmarks=6, method="uniform", feature_scale=0.9,
+                                      temperatures=(0.2,))
+    V = pf.field(x, labels=np.full(10, 5), normalization="bidirectional", drift_norm=False, pos_sample=pos,
+                 pos_sample_labels=lab)
+    Vref, _ = ref.field(x, pos, normalization="bidirectional", feature_scale=0.9, drift_norm=False,
+                        temperatures=(0.2,))
+    np.testing.assert_allclose(V, Vref, atol=1e-9, rtol=0)
