@@ -285,12 +285,20 @@ class _Dist:
         dist.all_reduce(t)
         return [v / self.world_size for v in t.tolist()]
 
-    def close(self) -> None:
+    def close(self, sync: bool = True) -> None:
+        """Destroy the process group this object created.  ``sync`` (a finished run, every rank
+        at the same step): first wait until every rank is here, since a rank that tears down
+        while its peer still talks to it can abort inside gloo ("terminate called without an
+        active exception", seen once in CI at the end of a finished run)."""
         if self.owned:
             import torch.distributed as dist
 
             if dist.is_initialized():
-                dist.destroy_process_group()
+                try:
+                    if sync:
+                        dist.barrier()
+                finally:
+                    dist.destroy_process_group()
             self.owned = False
 
 
@@ -338,9 +346,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=None, callback=None) ->
     """
     ddp = _Dist()
     try:
-        return _train(cfg, resume, log, ddp, callback)
-    finally:
-        ddp.close()
+        result = _train(cfg, resume, log, ddp, callback)
+    except BaseException:
+        ddp.close(sync=False)  # a failed rank must not wait for peers that may never come
+        raise
+    ddp.close(sync=True)
+    return result
 
 
 def _train(cfg: TrainConfig, resume: bool, log, ddp: _Dist, callback=None) -> dict:
