@@ -127,6 +127,9 @@ import dxtrain  # noqa: E402,F401  (before torch and NumPy: sleep-waiting thread
 import numpy as np  # noqa: E402
 
 from _measure import call_in_worker, write_json_atomic  # noqa: E402
+from dxfield import NORMALIZATIONS  # noqa: E402
+from dxfield.landmarks import METHODS as LANDMARK_METHODS  # noqa: E402
+from dxfield.projected import REPULSIONS  # noqa: E402
 
 METHODS = ("exact", "projected")
 METHOD_LABELS = {"exact": "exact (standard drifting)", "projected": "projected (DriftXpress)"}
@@ -572,11 +575,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="methods to run (the comparison needs both)")
     p.add_argument("--landmarks", type=_positive(int, "--landmarks"), default=None,
                    help="landmarks of the projected field (default: digits 128 per class, mixture 512)")
-    p.add_argument("--landmark-method", choices=("kmeans", "uniform", "kcenter", "rls"), default=None,
+    p.add_argument("--landmark-method", choices=LANDMARK_METHODS, default=None,
                    help="landmark selection of the projected field (default: dxtrain's, kmeans)")
-    p.add_argument("--normalization", choices=("bidirectional", "row"), default=None,
+    p.add_argument("--normalization", choices=NORMALIZATIONS, default=None,
                    help="normalisation of both fields (default: dxtrain's, bidirectional)")
-    p.add_argument("--repulsion", choices=("exact", "nystrom"), default=None,
+    p.add_argument("--repulsion", choices=REPULSIONS, default=None,
                    help="repulsion of the projected field (default: dxtrain's, exact)")
     p.add_argument("--correction", action="store_true",
                    help="projected: correct the Nystrom sums with the step's real mini-batch (dxtrain --correction)")

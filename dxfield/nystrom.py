@@ -27,6 +27,7 @@ import numpy as np
 from . import _checks
 from ._backend import device_context, floating_dtype, place
 from ._memory import SLACK, parse_budget, tile_cap
+from .field import LogSumExp
 from .kernels import check_kernel, log_kernel_from_sqdist, logit_coef, sq_norms, sqdist, sqdist_tile
 
 
@@ -240,20 +241,12 @@ def column_log_sums(xp, x, uc, uu, mu, taus, kernel: str, *, budget: int, tile_e
     m = uc.shape[0]
     distances = _DistanceRows(xp, x, uc, uu, mu, kernel,
                               _rows_step(n, m, d, x.dtype.itemsize, budget, tile_entries))
-    run_m = [xp.full(m, -xp.inf) for _ in taus]  # running log-scale, float64
-    run_s = [xp.zeros(m) for _ in taus]
+    sums = [LogSumExp(xp, m, x.dtype) for _ in taus]
     for _, dist, tile in distances.blocks():
         for k, tau in enumerate(taus):
             xp.multiply(dist, -logit_coef(kernel, tau), out=tile)
-            top = tile.max(axis=0)
-            tile -= top[None, :]
-            xp.exp(tile, out=tile)
-            part = tile.sum(axis=0, dtype=xp.float64)
-            top = top.astype(xp.float64)
-            new = xp.maximum(run_m[k], top)
-            run_s[k] = run_s[k] * xp.exp(run_m[k] - new) + part * xp.exp(top - new)
-            run_m[k] = new
-    return [mk + xp.log(sk) for mk, sk in zip(run_m, run_s)], distances
+            sums[k].add(slice(None), tile, 0)
+    return [s.value() for s in sums], distances
 
 
 def warn_if_ill_conditioned(condition_number: float, dtype, ridge: float, where: str, stacklevel: int = 2) -> None:

@@ -722,7 +722,7 @@ class ProjectedField:
                     with np.errstate(divide="ignore"):
                         log_w[rows] = xp.where(has, ex.m[rows] + xp.log(xp.where(has, ex.s[rows], 1.0)), -xp.inf)
                     log_r[rows] = row_lse[k].value()[rows]
-            sums = [[self._row_sums(xp, *pos_side[k]), self._row_sums(xp, *neg_side[k])]
+            sums = [[self._row_sums(xp, *pos_side[k][:2]), self._row_sums(xp, *neg_side[k][:2])]
                     for k in range(len(self.temperatures))]
             row_lse = [self._log_sum(xp, xp.logaddexp(pos_side[k][2], neg_side[k][2]))
                        for k in range(len(self.temperatures))]
@@ -737,14 +737,14 @@ class ProjectedField:
             shift = sweeper.mu - centre  # the sweep's sums are centred on the queries' mean
             for k, (b, log_w, log_r) in enumerate(pos_side):
                 b -= shift
-                sums[k][0] = self._row_sums(xp, b, log_w, log_r)
+                sums[k][0] = self._row_sums(xp, b, log_w)
                 row_lse[k] = self._log_sum(xp, xp.logaddexp(row_lse[k].value(), log_r))
         v = combine(xp, sums, row_lse, drift_norm=drift_norm)
         if self.feature_scale is not None and not drift_norm:
             v /= self.feature_scale
         return v, fallback, nys_fallback
 
-    def _row_sums(self, xp, b, log_w, log_r=None) -> RowSums:
+    def _row_sums(self, xp, b, log_w) -> RowSums:
         """Settled :class:`RowSums` (``s = 1``) from a barycentre and its log weight."""
         n, d = b.shape
         rs = RowSums(xp, n, d, self.dtype)
@@ -784,12 +784,7 @@ class ProjectedField:
         fallback, bad_rows = [0] * nt, [[] for _ in range(nt)]
         centre = dev["centre"].astype(f64)
         for si, rows in [(None, None)] if groups is None else groups:
-            if si is None:
-                shards = list(range(len(self.shards)))
-                xs = xa
-            else:
-                shards = [si]
-                xs = xa[xp.asarray(rows)]
+            shards, xs, idx = self._group(xp, xa, si, rows)
             uc = xp.concatenate([dev["uc"][i] for i in shards]).astype(f64)
             mass = xp.concatenate([dev["mass"][i] for i in shards]).astype(f64)
             xc = xs.astype(f64) - centre
@@ -800,12 +795,12 @@ class ProjectedField:
                 dist = xp.sqrt(dist, out=dist)
             for k in range(nt):
                 winv = self._winv(xp, dev, shards, k)
-                folded = xp.asarray(np.concatenate([self.shards[i].folded(k) for i in shards]))  # A [G | t | |At|]
+                folded = self._per_device(dev, ("folded64", tuple(shards), k), lambda: xp.asarray(
+                    np.concatenate([self.shards[i].folded(k) for i in shards])))  # A [G | t | |At|], float64
                 L = dist * -logit_coef(self.kernel, self.taus[k])
                 top_row = L.max(axis=1)
                 K = xp.exp(L - top_row[:, None])  # k(x_i, U) / exp(top_row_i)
-                lc_top = L.max(axis=0)
-                lc = lc_top + xp.log(xp.exp(L - lc_top[None, :]).sum(axis=0))  # log c_u
+                lc = _logsumexp(xp, L, 0)  # log c_u
                 e = L - 0.5 * lc[None, :]
                 shift = e.max(axis=1)
                 E = xp.exp(e - shift[:, None])  # k_iu c_u^{-1/2} / exp(shift_i)
@@ -835,12 +830,11 @@ class ProjectedField:
                     pos = (num / den[:, None], shift + xp.log(den), top_row + xp.log(rsum))
                     neg = (nnum / xp.where(nbad, 1.0, nden)[:, None], shift + top + xp.log(xp.where(nbad, 1.0, nden)),
                            top_row + top + xp.log(xp.where(nbad, 1.0, nr)))
-                idx = slice(None) if si is None else xp.asarray(rows)
                 for out, part in ((pos_out[k], pos), (neg_out[k], neg)):
                     for o, p in zip(out, part):
                         o[idx] = p
                 if bool(nbad.any()):
-                    bad_rows[k].append(xp.nonzero(nbad)[0] if si is None else xp.asarray(rows)[xp.nonzero(nbad)[0]])
+                    bad_rows[k].append(xp.nonzero(nbad)[0] if si is None else idx[xp.nonzero(nbad)[0]])
         bad = [xp.concatenate(r) if r else None for r in bad_rows]
         return pos_out, neg_out, fallback, bad
 
@@ -866,8 +860,7 @@ class ProjectedField:
         ysc = ys - centre
         dist = (lambda a, b: xp.sqrt(sqdist(a, b))) if self.kernel == "laplace" else sqdist  # noqa: E731
         for si, rows in [(None, None)] if groups is None else groups:
-            shards = list(range(len(self.shards))) if si is None else [si]
-            xs = xa if si is None else xa[xp.asarray(rows)]
+            shards, xs, idx = self._group(xp, xa, si, rows)
             xc = xs - centre
             uc = xp.concatenate([dev["uc"][i] for i in shards])
             offsets = np.concatenate([[0], np.cumsum([self.shards[i].m for i in shards])])
@@ -875,11 +868,11 @@ class ProjectedField:
             parts = []
             for j, i in enumerate(shards):
                 key = None if self.classes == [None] else i
-                idx = sample_rows.get(key)
-                if idx is not None and len(idx):
-                    parts.append((slice(int(offsets[j]), int(offsets[j + 1])), xp.asarray(idx), self.shards[i].n))
+                mine = sample_rows.get(key)
+                if mine is not None and len(mine):
+                    parts.append((slice(int(offsets[j]), int(offsets[j + 1])), xp.asarray(mine), self.shards[i].n))
             du = dist(xc, uc)  # N x m
-            samples = [(sl, ysc[idx], count / int(idx.shape[0])) for sl, idx, count in parts]
+            samples = [(sl, ysc[mine], count / int(mine.shape[0])) for sl, mine, count in parts]
             dys = [dist(xc, yb) for _, yb, _ in samples]  # N x B_j
             duys = [dist(uc[sl], yb) for sl, yb, _ in samples]  # m_j x B_j
             for k in range(nt):
@@ -926,18 +919,29 @@ class ProjectedField:
                 shift64 = shift.astype(f64)
                 log_w = xp.where(has, shift64 + xp.log(safe_s.astype(f64)), -xp.inf)
                 log_r = xp.where(has, shift64 + xp.log(xp.where(has, r, 1.0).astype(f64)), -xp.inf)
-                idx = slice(None) if si is None else xp.asarray(rows)
                 for o, p in zip(out[k], (b, log_w, log_r)):
                     o[idx] = p
         return out, fallback
 
     def _winv(self, xp, dev, shards, k):
         """``W^{-1} = A A`` of the given shards (block diagonal), float64, made once per device."""
-        key = ("winv", tuple(shards), k)
+        return self._per_device(dev, ("winv", tuple(shards), k), lambda: _block_diag(
+            xp, [self.shards[i].factors[k] @ self.shards[i].factors[k] for i in shards]))
+
+    @staticmethod
+    def _per_device(dev: dict, key, make):
+        """``dev[key]``, made by ``make()`` on first use (the device cache is cleared when summaries change)."""
         if key not in dev:
-            blocks = [self.shards[i].factors[k] @ self.shards[i].factors[k] for i in shards]
-            dev[key] = _block_diag(xp, blocks)
+            dev[key] = make()
         return dev[key]
+
+    def _group(self, xp, xa, si, rows):
+        """One query group of a dense path: ``(shard indices, its queries, where its rows go)``; all
+        shards and all queries (``idx`` a full slice) for ``si`` None."""
+        if si is None:
+            return list(range(len(self.shards))), xa, slice(None)
+        idx = xp.asarray(rows)
+        return [si], xa[idx], idx
 
     def _negatives_sweeper(self, xp, xa, a, include_self, neg_weight, check_finite, query_labels=None,
                            bidirectional=False, ops=None, precision="float32") -> ExactSums:

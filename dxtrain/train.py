@@ -57,6 +57,7 @@ import torch
 
 import dxfield
 from dxfield._atomic import atomic_write
+from dxfield.projected import REPULSIONS
 
 from .data import Dataset, load_dataset, train_test_split
 from .features import FeatureGroups
@@ -67,7 +68,6 @@ DEBUG_DIR_ENV = "DXTRAIN_DEBUG_DIR"  # tests: each rank writes a hash of its fin
 
 FIELDS = ("projected", "exact")
 NORMALIZATIONS = dxfield.NORMALIZATIONS
-REPULSIONS = ("exact", "nystrom")
 
 
 @dataclass
