@@ -28,7 +28,7 @@ import os
 
 import numpy as np
 
-from ._atomic import atomic_path
+from .atomic import atomic_path
 
 FORMAT = "dxfield.ProjectedField"
 VERSION = 1

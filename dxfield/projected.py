@@ -1067,6 +1067,40 @@ class ProjectedField:
                 report["attraction_relative_error"] = errs if errs else None
             return report
 
+    # -- summaries as one vector (all-reduce) ---------------------------------------------
+    def summary_vector(self) -> np.ndarray:
+        """Every shard's ``t``, ``G`` and ``n`` as one float64 vector (host), e.g. to all-reduce.
+
+        Summaries are sums over the data, so the element-wise sum of the vectors
+        of caches built on the same landmarks from disjoint rows is the vector of
+        their union; :meth:`set_summary_vector` takes it back.
+        """
+        parts = []
+        for s in self.shards:
+            parts += [np.asarray(t, np.float64).ravel() for t in s.t]
+            parts += [np.asarray(g, np.float64).ravel() for g in s.G]
+            parts.append(np.array([s.n], np.float64))  # exact: counts are far below 2**53
+        return np.concatenate(parts)
+
+    def set_summary_vector(self, flat) -> "ProjectedField":
+        """Replace the summaries by a vector laid out as :meth:`summary_vector`'s; returns ``self``."""
+        flat = np.asarray(flat, np.float64).ravel()
+        size = sum(sum(t.size for t in s.t) + sum(g.size for g in s.G) + 1 for s in self.shards)
+        if flat.shape[0] != size:
+            raise ValueError(f"flat must hold {size} values (the layout of summary_vector()), got {flat.shape[0]}")
+        i = 0
+        for s in self.shards:
+            for k, t in enumerate(s.t):
+                s.t[k] = flat[i:i + t.size].reshape(t.shape).copy()
+                i += t.size
+            for k, g in enumerate(s.G):
+                s.G[k] = flat[i:i + g.size].reshape(g.shape).copy()
+                i += g.size
+            s.n = int(round(flat[i]))
+            i += 1
+        self._device_cache.clear()
+        return self
+
     # -- merge / save / load -------------------------------------------------------------
     def merge(self, *others: "ProjectedField") -> "ProjectedField":
         """Summaries of disjoint data shards built on the same landmarks, added: a new cache."""

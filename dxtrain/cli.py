@@ -190,7 +190,7 @@ def sample(run, n, out, label, seed):
     """Draw samples from a run's EMA generator."""
     import numpy as np
 
-    from dxfield._atomic import atomic_write
+    from dxfield.atomic import atomic_write
 
     from .png import image_grid, scatter_image, write_png
     from .train import generate
@@ -223,7 +223,8 @@ def sample(run, n, out, label, seed):
 def evaluate_cmd(run, n, inception_weights, seed):
     """Evaluate a run's EMA generator against held-out data; prints and writes eval.json."""
     from .evaluate import evaluate_samples
-    from .train import _classifier_cache, _write_json, generate
+    from .rundir import write_json
+    from .train import _classifier_cache, generate
 
     cfg, ckpt, model, train_ds, test_ds, k = _load_run(run)
     n = n or (2000 if train_ds.kind == "vectors" else 2 * len(test_ds))
@@ -231,7 +232,7 @@ def evaluate_cmd(run, n, inception_weights, seed):
     kwargs = {"inception_weights": inception_weights} if inception_weights else {}
     report = evaluate_samples(x, train_ds, test_ds, classifier_cache=_classifier_cache(), seed=seed, **kwargs)
     report.update({"step": int(ckpt["step"]), "wall": float(ckpt["elapsed"]), "field": cfg.field})
-    _write_json(os.path.join(run, "eval.json"), report)
+    write_json(os.path.join(run, "eval.json"), report)
     click.echo(json.dumps(report, indent=1, default=float))
 
 

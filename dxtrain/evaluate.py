@@ -40,11 +40,12 @@ import time
 
 import numpy as np
 
-from dxfield._atomic import atomic_write
+from dxfield.atomic import atomic_write
 import torch
 from torch import nn
 
 from dxtrain.data import Dataset, train_test_split
+from dxtrain.rundir import atomic_torch_save
 
 __all__ = [
     "energy_distance", "mmd_rbf", "sliced_wasserstein", "frechet_distance", "precision_recall",
@@ -467,14 +468,12 @@ def train_digits_classifier(train: Dataset, test: Dataset | None = None, *, seed
     accuracy = model.accuracy(held_out.x, held_out.labels)
 
     if cache is not None:
-        _atomic_torch_save({"fingerprint": fingerprint, "arch": DigitsClassifier.ARCH,
+        atomic_torch_save({"fingerprint": fingerprint, "arch": DigitsClassifier.ARCH,
                             "num_classes": model.num_classes, "test_accuracy": accuracy,
                             "state_dict": model.state_dict()}, cache)
     return model, accuracy
 
 
-def _atomic_torch_save(obj, path: str) -> None:
-    atomic_write(path, lambda fh: torch.save(obj, fh), "wb")
 
 
 # --------------------------------------------------------------------------- FID (optional)

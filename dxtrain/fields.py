@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 import dxfield
-from dxfield._atomic import atomic_write
+from dxfield.atomic import atomic_write
 from dxfield.projected import RowSource
 
 
@@ -258,23 +258,7 @@ class ProjectedFieldSet:
 
 def _allreduce_summaries(pf: dxfield.ProjectedField, allreduce) -> None:
     """Sum every shard's ``t``, ``G`` and ``n`` over the processes: one ``allreduce`` call per field."""
-    parts = []
-    for s in pf.shards:
-        parts += [np.asarray(t, np.float64).ravel() for t in s.t]
-        parts += [np.asarray(g, np.float64).ravel() for g in s.G]
-        parts.append(np.array([s.n], np.float64))  # exact: counts are far below 2**53
-    flat = np.asarray(allreduce(np.concatenate(parts)), np.float64)
-    i = 0
-    for s in pf.shards:
-        for k, t in enumerate(s.t):
-            s.t[k] = flat[i:i + t.size].reshape(t.shape).copy()
-            i += t.size
-        for k, g in enumerate(s.G):
-            s.G[k] = flat[i:i + g.size].reshape(g.shape).copy()
-            i += g.size
-        s.n = int(round(flat[i]))
-        i += 1
-    pf._device_cache.clear()
+    pf.set_summary_vector(allreduce(pf.summary_vector()))
 
 
 def _smallest_class(n: int, labels) -> int:

@@ -23,7 +23,7 @@ import zlib
 
 import numpy as np
 
-from dxfield._atomic import atomic_write
+from dxfield.atomic import atomic_write
 
 __all__ = ["write_png", "read_png", "image_grid", "scatter_image", "line_plot", "draw_text"]
 

@@ -56,13 +56,14 @@ import numpy as np
 import torch
 
 import dxfield
-from dxfield._atomic import atomic_write
+from dxfield.atomic import atomic_write
 from dxfield.projected import REPULSIONS
 
 from .data import Dataset, load_dataset, train_test_split
 from .features import FeatureGroups
 from .fields import ExactField, ProjectedFieldSet, drift_loss
 from .models import EMA, make_generator, sample_noise
+from .rundir import atomic_torch_save, write_json
 
 DEBUG_DIR_ENV = "DXTRAIN_DEBUG_DIR"  # tests: each rank writes a hash of its final weights there
 
@@ -158,15 +159,6 @@ def pick_device(spec: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={spec!r} but torch sees no CUDA GPU; use --device cpu")
     return dev
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
-    atomic_write(path, lambda fh: torch.save(obj, fh), "wb")
-
-
-def _write_json(path: str, obj) -> None:
-    atomic_write(path, lambda fh: json.dump(obj, fh, indent=1, default=float), "w")
 
 
 class _Stop:
@@ -380,7 +372,7 @@ def _train(cfg: TrainConfig, resume: bool, log, ddp: _Dist, callback=None) -> di
     rng = np.random.default_rng(rank_seed)
     noise_rng = torch.Generator(device="cpu").manual_seed(rank_seed + 1)
     if ddp.main:
-        _write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
+        write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
 
     # -- data, generator, features -----------------------------------------------------------
     train_ds, test_ds, conditional = setup(cfg)
@@ -531,7 +523,7 @@ def _train(cfg: TrainConfig, resume: bool, log, ddp: _Dist, callback=None) -> di
                            device, seed=cfg.seed + 7)
         report = evaluate_samples(samples, train_ds, test_ds, classifier_cache=_classifier_cache(), seed=cfg.seed)
         report.update({"step": step, "wall": elapsed, "field": cfg.field})
-        _write_json(os.path.join(cfg.out, "eval.json"), report)
+        write_json(os.path.join(cfg.out, "eval.json"), report)
         result["eval"] = report
         log("eval: " + json.dumps({k: v for k, v in report.items() if isinstance(v, (int, float))}))
     return result
@@ -565,7 +557,7 @@ def _debug_weights(model, rank: int, step: int) -> None:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     os.makedirs(folder, exist_ok=True)
-    _write_json(os.path.join(folder, f"rank{rank}.json"), {"rank": rank, "step": step, "sha256": h.hexdigest()})
+    write_json(os.path.join(folder, f"rank{rank}.json"), {"rank": rank, "step": step, "sha256": h.hexdigest()})
 
 
 def _truncate_metrics(path: str, step: int) -> None:

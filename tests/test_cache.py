@@ -301,7 +301,7 @@ def test_atomic_write_gives_a_normal_file_mode(tmp_path):
     """The temporary file is 0600; the written file gets the mode any other new file would."""
     import os
 
-    from dxfield._atomic import atomic_write
+    from dxfield.atomic import atomic_write
 
     atomic_write(tmp_path / "f.bin", lambda fh: fh.write(b"x"))
     plain = tmp_path / "plain.bin"

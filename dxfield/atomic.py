@@ -1,6 +1,7 @@
 """Atomic file writes: nothing the user wrote is lost or left half-written.
 
-Every file the project writes (summary caches, checkpoints, metrics rewrites,
+Public helpers, for dxfield's caches and for any caller (dxtrain uses them for
+checkpoints, metrics, pictures and JSON).  Every file the project writes (summary caches, checkpoints, metrics rewrites,
 PNGs, JSON) goes through :func:`atomic_path`: the content is written to a
 temporary file in the target's folder, flushed to disk, and renamed over the
 target in one step; on any failure the temporary file is removed and the
@@ -8,6 +9,8 @@ previous target, if any, is untouched.
 """
 
 from __future__ import annotations
+
+__all__ = ["atomic_path", "atomic_write"]
 
 import os
 import tempfile
@@ -41,7 +44,17 @@ def _umask() -> int:
 
 
 def atomic_write(path, write, mode: str = "wb") -> None:
-    """``write(fh)`` into ``path`` atomically (``mode`` "wb" or "w")."""
+    """``write(fh)`` into ``path`` atomically (``mode`` "wb" or "w").
+
+    Examples
+    --------
+    >>> import json, os, tempfile
+    >>> from dxfield.atomic import atomic_write
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.json")
+    >>> atomic_write(path, lambda fh: json.dump({"step": 1}, fh), "w")
+    >>> open(path).read()
+    '{"step": 1}'
+    """
     with atomic_path(path) as tmp:
         with open(tmp, mode) as fh:
             write(fh)
