@@ -19,10 +19,10 @@ Example
 (128, 8)
 """
 
-from ._backend import BACKEND_ENV, BACKENDS, cupy_available
-from ._backend import cupy_available as cuda_available
-from ._fused import ENGINE_ENV, ENGINES
-from ._memory import BUDGET_ENV, DEFAULT_BUDGET
+from .backend import BACKEND_ENV, BACKENDS, cupy_available
+from .backend import cupy_available as cuda_available
+from .engine import ENGINE_ENV, ENGINES
+from .memory import BUDGET_ENV, DEFAULT_BUDGET
 from .field import DEFAULT_TEMPERATURES, NORMALIZATIONS, drift_field
 from .kernels import KERNELS, kernel_matrix, kernel_matvec, pairwise_distances
 from .nystrom import Nystrom, NystromConditioningWarning

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import math
 
-from . import _checks
-from ._backend import device_context, floating_dtype, place
-from ._memory import parse_budget, plan_blocks, tile_cap
+from . import checks
+from .backend import device_context, floating_dtype, place
+from .memory import parse_budget, plan_blocks, tile_cap
 
 KERNELS = ("laplace", "gaussian")
 
 
 def check_kernel(kernel: str) -> str:
-    return _checks.choice(kernel, "kernel", KERNELS)
+    return checks.choice(kernel, "kernel", KERNELS)
 
 
 def logit_coef(kernel: str, tau: float) -> float:
@@ -63,7 +63,7 @@ def kernel_tiles(a, b, taus, kernel: str, *, aa=None, bb=None) -> list:
 
 
 def _xp(a):
-    from ._backend import array_namespace
+    from .backend import array_namespace
 
     return array_namespace(a)
 
@@ -105,7 +105,7 @@ def sqdist_tile(xc, xx, yc, yy, out, scratch, hits, *, self_offset=None, self_va
         out += xx[:, None]
         out += yy[None, :]
     if self_offset is not None:
-        _set_diagonal(out, self_offset, xp.inf)
+        set_diagonal(out, self_offset, xp.inf)
     # Entries with d2 < rtol * (|x|^2 + |y|^2) are unreliable, negative ones included (so
     # no clamp is needed once they are redone).  Cheap test first: a column whose minimum
     # clears rtol * (max_i |x_i|^2 + |y_j|^2) has none; only otherwise test entry by entry.
@@ -121,7 +121,7 @@ def sqdist_tile(xc, xx, yc, yy, out, scratch, hits, *, self_offset=None, self_va
             if colmin is not None:
                 out.min(axis=0, out=colmin)
     if self_offset is not None and self_value != xp.inf:
-        _set_diagonal(out, self_offset, self_value)
+        set_diagonal(out, self_offset, self_value)
     return out
 
 
@@ -153,7 +153,7 @@ def sq_norms(a):
     return _xp(a).einsum("ij,ij->i", a, a)
 
 
-def _set_diagonal(a, offset: int, value) -> None:
+def set_diagonal(a, offset: int, value) -> None:
     """Set ``a[i, j] = value`` where query row ``i`` is target ``j``: ``i == j + offset``."""
     xp = _xp(a)
     bq, bt = a.shape
@@ -221,8 +221,8 @@ def _dense_inputs(x, y, backend):
     placement, a = place({"x": x, "y": y if y is not None else x}, backend)
     with device_context(placement):
         dtype = floating_dtype(placement.xp, a["x"], a["y"])
-        xa = _checks.float_matrix(a["x"], "x", dtype)
-        ya = _checks.float_matrix(a["y"], "y", dtype, dim=xa.shape[1])
+        xa = checks.float_matrix(a["x"], "x", dtype)
+        ya = checks.float_matrix(a["y"], "y", dtype, dim=xa.shape[1])
     return placement, xa, ya
 
 
@@ -237,7 +237,7 @@ def kernel_matrix(x, y=None, *, kernel: str = "laplace", tau: float = 1.0, backe
     ((2, 2), 1.0)
     """
     kernel = check_kernel(kernel)
-    tau = _checks.positive_float(tau, "tau")
+    tau = checks.positive_float(tau, "tau")
     placement, xa, ya = _dense_inputs(x, y, backend)
     with device_context(placement):
         k = log_kernel_from_sqdist(sqdist(xa, ya), tau, kernel)
@@ -281,20 +281,20 @@ def kernel_matvec(x, y, w, *, kernel: str = "laplace", tau: float = 1.0, memory_
     True
     """
     kernel = check_kernel(kernel)
-    tau = _checks.positive_float(tau, "tau")
-    block = _checks.block_size(block_size)
+    tau = checks.positive_float(tau, "tau")
+    block = checks.block_size(block_size)
     budget = parse_budget(memory_budget)
     placement, a = place({"x": x, "y": y, "w": w}, backend)
     xp = placement.xp
     with device_context(placement):
         dtype = floating_dtype(xp, a["x"], a["y"], a["w"])
-        xa = _checks.float_matrix(a["x"], "x", dtype, check_finite=check_finite)
-        ya = _checks.float_matrix(a["y"], "y", dtype, dim=xa.shape[1], check_finite=check_finite)
+        xa = checks.float_matrix(a["x"], "x", dtype, check_finite=check_finite)
+        ya = checks.float_matrix(a["y"], "y", dtype, dim=xa.shape[1], check_finite=check_finite)
         wa = a["w"]
         if wa.ndim not in (1, 2) or wa.shape[0] != ya.shape[0]:
             raise ValueError(f"w must have shape ({ya.shape[0]},) or ({ya.shape[0]}, k) to match y, got {tuple(wa.shape)}")
         vector = wa.ndim == 1
-        wa = _checks.float_matrix(wa.reshape(ya.shape[0], -1), "w", dtype, check_finite=check_finite)
+        wa = checks.float_matrix(wa.reshape(ya.shape[0], -1), "w", dtype, check_finite=check_finite)
         n, d = xa.shape
         m, k = wa.shape
         it = dtype.itemsize

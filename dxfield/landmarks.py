@@ -24,11 +24,10 @@ import math
 
 import numpy as np
 
-from . import _checks
-from ._backend import device_context, floating_dtype, place
-from ._memory import SLACK, parse_budget
+from . import checks
+from .backend import device_context, floating_dtype, place, to_host
+from .memory import SLACK, parse_budget
 from .kernels import check_kernel, kernel_tiles, sq_norms, sqdist_tile
-from .nystrom import _host
 
 METHODS = ("uniform", "kmeans", "kcenter", "rls")
 
@@ -71,12 +70,12 @@ def select(y, m: int, method: str = "uniform", *, labels=None, seed: int = 0, ke
     >>> idx.shape, len(set(idx.tolist()))
     ((50,), 50)
     """
-    method = _checks.choice(method, "method", METHODS)
+    method = checks.choice(method, "method", METHODS)
     kernel = check_kernel(kernel)
     if tau is not None:
-        tau = _checks.positive_float(tau, "tau")
+        tau = checks.positive_float(tau, "tau")
     if ridge is not None:
-        ridge = _checks.positive_float(ridge, "ridge")
+        ridge = checks.positive_float(ridge, "ridge")
     if isinstance(m, bool) or not isinstance(m, (int, np.integer)):
         raise TypeError(f"m must be an int (landmarks to choose), got {m!r}")
     m = int(m)
@@ -88,12 +87,12 @@ def select(y, m: int, method: str = "uniform", *, labels=None, seed: int = 0, ke
     placement, a = place({"y": y, "labels": labels}, backend)
     xp = placement.xp
     with device_context(placement):
-        ya = _checks.float_matrix(a["y"], "y", floating_dtype(xp, a["y"]))
+        ya = checks.float_matrix(a["y"], "y", floating_dtype(xp, a["y"]))
         n = ya.shape[0]
         if labels is None:
             groups = [(None, None)]
         else:
-            lab = _checks.class_labels(_host(a["labels"]), n, "labels", "one per row of y")
+            lab = checks.class_labels(to_host(a["labels"]), n, "labels", "one per row of y")
             groups = [(c, np.flatnonzero(lab == c)) for c in np.unique(lab)]
         seeds = np.random.SeedSequence(int(seed)).spawn(len(groups))
         chosen = []
@@ -148,7 +147,7 @@ def _kmeans(xp, y, m, rng, *, max_iter, budget, **_):
     for _ in range(m - 1):
         c = yc[picked[-1]]
         xp.minimum(mind, xp.maximum(yy - 2.0 * (yc @ c) + float(yy[picked[-1]]), 0.0), out=mind)
-        p = _host(mind).astype(np.float64)
+        p = to_host(mind).astype(np.float64)
         p[picked] = 0.0
         total = p.sum()
         if total <= 0:  # fewer distinct points than m: fall back to unused indices
@@ -185,13 +184,13 @@ def _snap(xp, yc, yy, centres, budget):
     """Each centre's nearest sample; collisions move to the next nearest unused sample."""
     cc = sq_norms(centres)
     near, _ = nearest(xp, centres, cc, yc, budget=budget)
-    near = _host(near)
+    near = to_host(near)
     used: set[int] = set()
     out = np.empty_like(near)
     for i, j in enumerate(near):
         j = int(j)
         if j in used:
-            d2 = _host(yy - 2.0 * (yc @ centres[i]) + float(cc[i])).astype(np.float64)
+            d2 = to_host(yy - 2.0 * (yc @ centres[i]) + float(cc[i])).astype(np.float64)
             d2[list(used)] = np.inf
             j = int(np.argmin(d2))
         used.add(j)
@@ -235,7 +234,7 @@ def _rls(xp, y, m, rng, *, kernel, tau, ridge, budget, **_):
     if m == n:
         return np.arange(n)
     if tau is None:
-        tau = 0.2 * _mean_distance(xp, y, rng)
+        tau = 0.2 * sample_mean_distance(xp, y, rng)
     mu = y.mean(axis=0)
     yc = (y - mu).astype(xp.float64)
     perm = rng.permutation(n)
@@ -278,7 +277,7 @@ def _leverage(xp, x, s, weights, m, kernel, tau, ridge, budget):
     if ridge is None:
         # Musco & Musco: lambda = (trace - top-k eigenvalue mass) / k of the weighted sample Gram
         k = min(m, s.shape[0])
-        eig = _host(xp.linalg.eigvalsh(wkw))
+        eig = to_host(xp.linalg.eigvalsh(wkw))
         lam = max((float(eig.sum()) - float(np.sort(eig)[-k:].sum())) / k, 1e-6)
     else:
         lam = ridge
@@ -291,11 +290,11 @@ def _leverage(xp, x, s, weights, m, kernel, tau, ridge, budget):
     for i0 in range(0, n, step):
         kxs = kernel_tiles(x[i0:i0 + step], s, [tau], kernel, aa=xx[i0:i0 + step], bb=ss)[0]
         quad = ((kxs @ r) * kxs).sum(axis=1)
-        out[i0:i0 + step] = _host(xp.maximum(1.0 - quad, 0.0)) / lam
+        out[i0:i0 + step] = to_host(xp.maximum(1.0 - quad, 0.0)) / lam
     return out
 
 
-def _mean_distance(xp, y, rng, sample: int = 1000) -> float:
+def sample_mean_distance(xp, y, rng, sample: int = 1000) -> float:
     n = y.shape[0]
     idx = rng.choice(n, size=min(n, sample), replace=False)
     s = y[xp.asarray(idx)]

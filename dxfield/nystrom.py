@@ -24,10 +24,10 @@ import warnings
 
 import numpy as np
 
-from . import _checks
-from ._backend import device_context, floating_dtype, place
-from ._memory import SLACK, parse_budget, tile_cap
-from .field import LogSumExp
+from . import checks
+from .backend import device_context, floating_dtype, place, to_host
+from .memory import SLACK, parse_budget, tile_cap
+from .sums import LogSumExp
 from .kernels import check_kernel, log_kernel_from_sqdist, logit_coef, sq_norms, sqdist, sqdist_tile
 
 
@@ -80,9 +80,9 @@ class Nystrom:
     def __init__(self, kernel: str = "laplace", tau: float = 1.0, ridge: float = 1e-4,
                  eig_clamp: float = 1e-8, memory_budget=None, backend=None):
         self.kernel = check_kernel(kernel)
-        self.tau = _checks.positive_float(tau, "tau")
-        self.ridge = _non_negative(ridge, "ridge")
-        self.eig_clamp = _checks.positive_float(eig_clamp, "eig_clamp")
+        self.tau = checks.positive_float(tau, "tau")
+        self.ridge = checks.non_negative(ridge, "ridge")
+        self.eig_clamp = checks.positive_float(eig_clamp, "eig_clamp")
         self.memory_budget = parse_budget(memory_budget)
         self.backend = backend
 
@@ -93,7 +93,7 @@ class Nystrom:
         xp = placement.xp
         with device_context(placement):
             dtype = floating_dtype(xp, a["landmarks"])
-            u = _checks.float_matrix(a["landmarks"], "landmarks", dtype)
+            u = checks.float_matrix(a["landmarks"], "landmarks", dtype)
             gram = log_kernel_from_sqdist(sqdist(u.astype(xp.float64), u.astype(xp.float64)), self.tau, self.kernel)
             gram = xp.exp(gram, out=gram)
             factor, spectrum = inverse_sqrt(xp, gram, self.ridge, self.eig_clamp)
@@ -129,7 +129,7 @@ class Nystrom:
                              "move x (or refit) so both are on one device")
         xp = placement.xp
         with device_context(placement):
-            xa = _checks.float_matrix(a["x"], "x", self.factor_.dtype, dim=self.landmarks_.shape[1],
+            xa = checks.float_matrix(a["x"], "x", self.factor_.dtype, dim=self.landmarks_.shape[1],
                                       check_finite=check_finite)
             out = kernel_features(xp, xa, self._uc, self._uu, self._mu, self.factor_, self.tau, self.kernel,
                                   budget=self.memory_budget, tile_entries=tile_cap(placement.device))
@@ -208,7 +208,7 @@ def kernel_products(xp, x, uc, uu, mu, mats, taus, kernel: str, *, budget: int, 
     its products.  ``distances``: the blocks to use (see :func:`column_log_sums`).
     """
     if ops is not None and x.dtype == np.float32 and col_log_weights is None:  # the fused GPU engine
-        from ._fused import kernel_products as fused_products
+        from .fused import kernel_products as fused_products
         return fused_products(ops, x, uc, uu, mu, mats, taus, kernel, budget=budget, tile_entries=tile_entries,
                               shift_rows=shift_rows, precision=precision)
     n, d = x.shape
@@ -282,27 +282,13 @@ def inverse_sqrt(xp, gram, ridge: float, eig_clamp: float):
     gram[idx, idx] += ridge
     gram = 0.5 * (gram + gram.T)  # exact symmetry for eigh
     lam, q = xp.linalg.eigh(gram)
-    lam_host = _host(lam)
+    lam_host = to_host(lam)
     top = float(lam_host.max()) if m else 1.0
     floor = eig_clamp * max(top, np.finfo(np.float64).tiny)
     clamped = np.maximum(lam_host, floor)
     inv_sqrt = xp.asarray(1.0 / np.sqrt(clamped))
     factor = (q * inv_sqrt[None, :]) @ q.T
     return factor, Spectrum(lam_host, clamped, ridge)
-
-
-def _host(a):
-    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
-
-
-def _non_negative(value, name: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number >= 0, got {value!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return v
 
 
 __all__ = ["Nystrom", "NystromConditioningWarning", "kernel_features", "inverse_sqrt"]

@@ -2,9 +2,9 @@
 
 :func:`build` writes a C++ file that includes the emulation header and the
 kernel source, with one ``emu_<kernel>`` launcher per kernel generated from
-``dxfield._cuda`` (the same signature table the GPU launcher uses), compiles it
+``dxfield.cuda_ops`` (the same signature table the GPU launcher uses), compiles it
 with ``g++ -std=c++20`` into a shared library and returns :class:`EmuOps`, an
-object with the interface of ``dxfield._cuda.CupyOps`` on NumPy arrays (GEMMs
+object with the interface of ``dxfield.cuda_ops.CupyOps`` on NumPy arrays (GEMMs
 by NumPy).  Returns None when no suitable C++ compiler is found.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dxfield import _cuda
+from dxfield import cuda_ops
 
 HERE = Path(__file__).resolve().parent
 _CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int, "q": ctypes.c_longlong, "f": ctypes.c_float}
@@ -36,9 +36,9 @@ def build(tmpdir, block: int = 32):
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
     if cxx is None:
         return None
-    src = _cuda.source()
+    src = cuda_ops.source()
     code = ['#include "emulate.h"', f"#define DX_BLOCK {block}", src]
-    code += [_launcher(n, d) for n, d in _cuda.declarations(src).items()]
+    code += [_launcher(n, d) for n, d in cuda_ops.declarations(src).items()]
     cpp = Path(tmpdir) / "dx_emulated.cpp"
     lib = Path(tmpdir) / "libdx_emulated.so"
     cpp.write_text("\n".join(code))
@@ -70,13 +70,13 @@ class EmuOps:
         self.block = block
         self.launches: dict[str, int] = {}
         self.gemm_precisions: list[str] = []
-        for name, sig in _cuda.SIGNATURES.items():
+        for name, sig in cuda_ops.SIGNATURES.items():
             fn = getattr(lib, f"emu_{name}")
             fn.argtypes = [ctypes.c_uint] * 4 + [_CTYPES[c] for c in sig]
             fn.restype = None
 
     def launch(self, name, grid, block, args):
-        sig = _cuda.SIGNATURES[name]
+        sig = cuda_ops.SIGNATURES[name]
         assert len(args) == len(sig), (name, len(args), len(sig))
         cast = []
         for code, a in zip(sig, args):
@@ -97,7 +97,7 @@ class EmuOps:
         """NumPy GEMM; "tf32"/"bf16" round the inputs to 10/7 mantissa bits like the tensor cores,
         "tf32x3" goes through dxfield's split (emulated kernel) and two-part TF32 products."""
         if precision == "tf32x3":
-            return _cuda.split_gemm(self, a, b, out, trans_b=trans_b, beta=beta)
+            return cuda_ops.split_gemm(self, a, b, out, trans_b=trans_b, beta=beta)
         self.gemm_precisions.append(precision)
         if precision in ("tf32", "bf16"):
             bits = 10 if precision == "tf32" else 7

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import dxfield
-from dxfield import _backend
+from dxfield import backend
 from helpers import namespace_of, rel_err, to_numpy
 
 
@@ -42,7 +42,7 @@ def torch():
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_ingest_torch_cpu_tensor_is_zero_copy(torch, requires_grad, dtype):
     t = torch.arange(12, dtype=getattr(torch, dtype)).reshape(3, 4).requires_grad_(requires_grad)
-    a = _backend.ingest(t, "x")
+    a = backend.ingest(t, "x")
     assert isinstance(a, np.ndarray)
     assert a.ctypes.data == t.data_ptr()
     assert a.shape == (3, 4) and a.dtype == np.dtype(dtype)
@@ -53,9 +53,9 @@ def test_ingest_torch_cpu_tensor_is_zero_copy(torch, requires_grad, dtype):
 
 def test_ingest_passes_numpy_through_and_converts_lists():
     a = np.ones((2, 3))
-    assert _backend.ingest(a, "x") is a
-    assert _backend.ingest(None, "x") is None
-    b = _backend.ingest([[1.0, 2.0]], "x")
+    assert backend.ingest(a, "x") is a
+    assert backend.ingest(None, "x") is None
+    b = backend.ingest([[1.0, 2.0]], "x")
     assert isinstance(b, np.ndarray) and b.shape == (1, 2)
 
 
@@ -145,7 +145,7 @@ def test_cupy_backend_without_gpu_is_a_clear_runtime_error(pts, monkeypatch):
     with pytest.raises(RuntimeError, match="CuPy"):
         dxfield.drift_field(x, pos, backend="cupy")
     with pytest.raises(RuntimeError, match="CuPy"):
-        _backend.require_cupy()
+        backend.require_cupy()
     monkeypatch.setenv("DXFIELD_BACKEND", "cupy")
     with pytest.raises(RuntimeError, match="CuPy"):
         dxfield.kernel_matvec(x, pos, np.ones(len(pos)))
@@ -154,7 +154,7 @@ def test_cupy_backend_without_gpu_is_a_clear_runtime_error(pts, monkeypatch):
 def test_place_keeps_none_entries_and_ingests_the_rest(pts, monkeypatch):
     monkeypatch.delenv("DXFIELD_BACKEND", raising=False)
     x, pos, _ = pts
-    placement, arrays = _backend.place({"x": x, "pos": pos, "neg": None})
+    placement, arrays = backend.place({"x": x, "pos": pos, "neg": None})
     assert placement.xp is np
     assert arrays["neg"] is None
     assert arrays["x"] is x and arrays["pos"] is pos  # no copies on the CPU
@@ -221,7 +221,7 @@ def test_torch_cuda_tensor_is_taken_zero_copy_into_cupy(torch):
     import cupy
 
     t = torch.arange(12, dtype=torch.float32, device="cuda").reshape(3, 4)
-    a = _backend.ingest(t, "x")
+    a = backend.ingest(t, "x")
     assert isinstance(a, cupy.ndarray)
     assert a.data.ptr == t.data_ptr()
     v = dxfield.drift_field(t, t + 1.0)

@@ -1,4 +1,4 @@
-"""HDF5 summary caches of ``dxfield.ProjectedField`` (dxfield/_cache.py).
+"""HDF5 summary caches of ``dxfield.ProjectedField`` (dxfield/cache.py).
 
 * ``save``/``load`` round trips leave every stored quantity, the attraction and
   the field bit-for-bit unchanged (unconditional and class caches, both kernels,

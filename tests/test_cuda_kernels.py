@@ -3,7 +3,7 @@
 Without a GPU: ``dxfield/cuda/kernels.cu`` compiles with nvcc (build check), and
 it runs on the CPU through the emulation in ``tests/cuda_emu`` (each block's
 threads as real threads with a barrier), driven by the same Python code as on
-the GPU (``dxfield._fused``); its results must match the composed NumPy path and
+the GPU (``dxfield.fused``); its results must match the composed NumPy path and
 the dense float64 reference.  With a GPU (``tox -e gpu``), the same comparisons
 run on the real kernels in ``test_fused_gpu``.
 """
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import dxfield
-from dxfield import _cuda, _fused
+from dxfield import cuda_ops, engine, memory
 
 import reference
 from emulated_cuda import build
@@ -39,7 +39,7 @@ def emu(tmp_path_factory):
 @pytest.fixture
 def fused(emu, monkeypatch):
     """engine='fused' runs the emulated kernels on NumPy inputs."""
-    monkeypatch.setattr(_fused, "_OPS_OVERRIDE", emu)
+    monkeypatch.setattr(engine, "_OPS_OVERRIDE", emu)
     emu.launches.clear()
     emu.gemm_precisions.clear()
     return emu
@@ -56,7 +56,7 @@ def _pair(fn, **kw):
 
 # -- build checks --------------------------------------------------------------------------
 def test_signatures_parsed_from_the_source():
-    sig = _cuda.SIGNATURES
+    sig = cuda_ops.SIGNATURES
     assert set(sig) == {"dx_dist_sum", "dx_col_partial", "dx_col_merge", "dx_row_pass", "dx_scale_rows",
                         "dx_kernel_rows", "dx_split_tf32"}
     tile = "piiippppifqippi"
@@ -69,7 +69,7 @@ def test_signatures_parsed_from_the_source():
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_kernels_compile_with_nvcc(tmp_path, arch):
     try:
-        _cuda.nvcc_compile(str(tmp_path / "k.cubin"), arch=arch)
+        cuda_ops.nvcc_compile(str(tmp_path / "k.cubin"), arch=arch)
     except subprocess.CalledProcessError as exc:
         pytest.fail(f"nvcc failed:\n{exc.stderr}")
     assert (tmp_path / "k.cubin").stat().st_size > 0
@@ -78,7 +78,7 @@ def test_kernels_compile_with_nvcc(tmp_path, arch):
 @pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
 def test_kernels_compile_with_nvrtc(arch):
     """What CuPy does at run time (NVRTC, no host headers), checked without a GPU."""
-    if not _cuda.nvrtc_compile(arch):
+    if not cuda_ops.nvrtc_compile(arch):
         pytest.skip("NVRTC is not installed (pip install nvidia-cuda-nvrtc, or set DXFIELD_NVRTC)")
 
 
@@ -120,7 +120,7 @@ def test_fused_narrower_tiles_than_the_plan(fused, monkeypatch):
     kw = dict(neg=neg, include_self=True, labels=lab, pos_labels=plab, neg_labels=nlab,
               neg_weight=rng.uniform(0.5, 1.5, 20).astype(np.float32))
     vc = dxfield.drift_field(x, pos, engine="composed", **kw)
-    monkeypatch.setattr(_fused, "_tile_width", lambda es, nt: 7)
+    monkeypatch.setattr(memory, "fused_tile_width", lambda *args, **kwargs: 7)
     vf = dxfield.drift_field(x, pos, engine="fused", **kw)
     assert rel_err(vf, vc) < TOL
     assert fused.launches["dx_row_pass"] == -(-50 // 7) + -(-30 // 7) + -(-20 // 7)
@@ -247,7 +247,7 @@ def test_cupy_gemm_mapping(monkeypatch):
 
     fake = _fake_cublas()
     monkeypatch.setitem(vars(libs), "cublas", fake)  # no getattr: the real one needs libcublas
-    ops = _cuda.CupyOps.__new__(_cuda.CupyOps)
+    ops = cuda_ops.CupyOps.__new__(cuda_ops.CupyOps)
     ops.cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(device=types.SimpleNamespace(
         get_cublas_handle=lambda: 0)))
     rng = np.random.default_rng(0)
@@ -266,7 +266,7 @@ def test_cupy_gemm_mapping(monkeypatch):
         ops.gemm(a.view(_Dev), b.view(_Dev), out, trans_b=True)
 
 
-class _CastCheckOps(_cuda.CupyOps):
+class _CastCheckOps(cuda_ops.CupyOps):
     """CupyOps.launch with a recording module: checks every argument's width against the
     signature, then runs the kernel in the emulator."""
 
@@ -282,7 +282,7 @@ class _CastCheckOps(_cuda.CupyOps):
         class Mod:
             def get_function(self, name):
                 def call(grid, block, args):
-                    sig = _cuda.SIGNATURES[name]
+                    sig = cuda_ops.SIGNATURES[name]
                     want = {"i": np.int32, "q": np.int64, "f": np.float32}
                     fwd = []
                     for code, a in zip(sig, args):
@@ -303,7 +303,7 @@ class _CastCheckOps(_cuda.CupyOps):
 
 
 def test_cupy_launch_casts_arguments(emu, monkeypatch):
-    monkeypatch.setattr(_fused, "_OPS_OVERRIDE", _CastCheckOps(emu))
+    monkeypatch.setattr(engine, "_OPS_OVERRIDE", _CastCheckOps(emu))
     rng = np.random.default_rng(8)
     x, pos, neg = make_points(rng, 20, 30, 4, 10)
     lab, plab = rng.integers(0, 2, 20), rng.integers(0, 2, 30)
@@ -333,8 +333,8 @@ def test_engine_errors_on_the_cpu():
 def test_engine_env(monkeypatch):
     x = np.zeros((4, 2), np.float32)
     y = np.ones((5, 2), np.float32)
-    monkeypatch.setenv(_fused.ENGINE_ENV, "nonsense")
-    with pytest.raises(ValueError, match=_fused.ENGINE_ENV):
+    monkeypatch.setenv(engine.ENGINE_ENV, "nonsense")
+    with pytest.raises(ValueError, match=engine.ENGINE_ENV):
         dxfield.drift_field(x, y)
-    monkeypatch.setenv(_fused.ENGINE_ENV, "composed")
+    monkeypatch.setenv(engine.ENGINE_ENV, "composed")
     assert dxfield.drift_field(x, y).shape == (4, 2)

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import dxfield
+from dxfield.attraction import corrected_attraction
 import reference as ref
 from helpers import namespace_of, to_numpy
 
@@ -352,7 +353,7 @@ def test_the_corrected_sums_are_unbiased_and_vary_less_than_a_plain_sample():
     corrected, plain = [], []
     for _ in range(draws):
         idx = rng.choice(2000, size=B, replace=False)
-        (b, log_w, _), = pf._bidirectional_corrected(np, x, None, pos[idx], {None: np.arange(B)})[0]
+        (b, log_w, _), = corrected_attraction(pf, np, x, None, pos[idx], {None: np.arange(B)})[0]
         corrected.append(np.exp(log_w))
         plain.append(2000 / B * (K[:, idx] / np.sqrt(K[:, idx].sum(0))[None, :]).sum(1))
     corrected, plain = np.array(corrected), np.array(plain)

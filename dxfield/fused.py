@@ -28,95 +28,34 @@ that moves only when a tile's maximum exceeds it by more than ``ROW_MARGIN``
 every row is renormalised to ``s = 1`` (``m <- m + log s``, ``acc <- acc / s``),
 an exactly equivalent representation whose entries stay bounded.
 
-The engine is chosen by :func:`resolve`: ``"auto"`` means fused on a GPU for
-float32 inputs (composed on the CPU, for float64, or if the kernels cannot be
-compiled, with a warning), ``"fused"`` insists and raises where it cannot run.
+The engine is chosen by :func:`dxfield.engine.resolve`: ``"auto"`` means fused
+on a GPU for float32 inputs (composed on the CPU, for float64, or if the kernels
+cannot be compiled, with a warning), ``"fused"`` insists and raises where it
+cannot run.  Its tiles come from the same memory plan as the composed sweep's
+(:func:`dxfield.memory.exact_plan`).
 """
 
 from __future__ import annotations
 
-import os
-import warnings
-
 import numpy as np
 
-from . import _checks
-from ._cuda import COL_BLOCK, MAX_TEMPERATURES, grid_1d as _grid
+from .cuda_ops import COL_BLOCK, grid_1d
+from .kernels import logit_coef, refine_tolerance, sq_norms
+from .memory import SLACK
+from .sums import LogSumExp, RowSums
 
-ENGINES = ("auto", "composed", "fused")
-ENGINE_ENV = "DXFIELD_ENGINE"
-EXACT_PRECISIONS = ("float32", "tf32x3", "tf32")
 ROW_MARGIN = 20.0  # log-units a row maximum may exceed its reference before the row is rescaled
 ROWS_PER_CHUNK = 256  # query rows per block of the column kernel
 
-_OPS_OVERRIDE = None  # tests: an object with the CupyOps interface that runs the kernels elsewhere
-_warned: set = set()
-
-
-def resolve(engine, precision, placement, dtype, n_temps: int, *, precisions=EXACT_PRECISIONS):
-    """The ops object that runs the fused engine, or None for the composed path.
-
-    Checks ``engine`` (argument, else ``$DXFIELD_ENGINE``, else ``"auto"``) and
-    ``precision``; raises ValueError naming the argument when the combination
-    cannot run where the inputs are.
-    """
-    source = "engine"
-    if engine is None:
-        engine = os.environ.get(ENGINE_ENV, "auto") or "auto"
-        source = ENGINE_ENV
-    name = _checks.choice(str(engine).strip().lower(), source, ENGINES)
-    precision = _checks.choice(precision, "precision", precisions)
-    if name == "composed":
-        if precision != "float32":
-            raise ValueError(f"precision={precision!r} is implemented by the fused GPU engine; "
-                             "use engine='auto' or 'fused' with GPU inputs, or precision='float32'")
-        return None
-    emulated = _OPS_OVERRIDE is not None and name == "fused"
-    if placement.device.kind != "cuda" and not emulated:
-        if name == "fused":
-            raise ValueError("engine='fused' runs CUDA kernels: pass GPU inputs (CuPy arrays or CUDA "
-                             "tensors) or backend='cupy'; on the CPU use engine='composed' or 'auto'")
-        if precision != "float32":
-            raise ValueError(f"precision={precision!r} uses GPU tensor cores; on the CPU only 'float32' is available")
-        return None
-    why = None
-    if np.dtype(dtype) != np.float32:
-        why = f"it computes in float32 and the inputs are {np.dtype(dtype)}"
-    elif n_temps > MAX_TEMPERATURES:
-        why = f"it takes at most {MAX_TEMPERATURES} temperatures per call, got {n_temps}"
-    if why is not None:
-        if name == "fused" or precision != "float32":
-            raise ValueError(f"engine='fused' cannot run this call: {why}; use engine='composed'")
-        return None
-    if emulated:
-        return _OPS_OVERRIDE
-    from ._cuda import CupyOps
-
-    ops = CupyOps(placement.xp)
-    try:
-        ops.compile()
-    except Exception as exc:  # NVRTC missing or failing: the composed path still works
-        if name == "fused" or precision != "float32":
-            raise RuntimeError(f"engine='fused': the CUDA kernels failed to compile ({exc})") from exc
-        key = type(exc).__name__
-        if key not in _warned:
-            _warned.add(key)
-            warnings.warn(f"dxfield: the fused CUDA kernels failed to compile ({exc}); using the composed "
-                          "CuPy path", RuntimeWarning, stacklevel=3)
-        return None
-    return ops
-
 
 def _rtol() -> float:
-    from .kernels import refine_tolerance
-
     return refine_tolerance(np.float32)
 
 
 class _Tiles:
     """The per-call pieces every tile kernel takes (the DX_TILE_PARAMS of the source)."""
 
-    def __init__(self, es, ops, width: int):
+    def __init__(self, es, ops):
         xp = ops.xp
         self.es, self.ops, self.xp = es, ops, xp
         self.xc = xp.ascontiguousarray(es.xc, dtype=np.float32)
@@ -126,8 +65,8 @@ class _Tiles:
         self.laplace = int(es.kernel == "laplace")
         self.rtol = _rtol()
         self.d = es.d
-        self.width = width
-        self.S = xp.empty(es.plan.bq * width, dtype=np.float32)
+        self.width = es.plan.bt  # the plan narrows the tiles to the fused work space
+        self.S = xp.empty(es.plan.bq * self.width, dtype=np.float32)
 
     def row_tiles(self):
         n, bq = self.es.n, self.es.plan.bq
@@ -135,7 +74,7 @@ class _Tiles:
 
     def target_tiles(self):
         xp = self.xp
-        for t, j0, yc, yy, logw, tlab in _narrow(self.es._target_tiles(), self.width):
+        for t, j0, yc, yy, logw, tlab in self.es.target_tiles():
             yield (t, j0, xp.ascontiguousarray(yc, dtype=np.float32), xp.ascontiguousarray(yy, dtype=np.float32),
                    None if logw is None else xp.ascontiguousarray(logw, dtype=np.float32),
                    None if tlab is None else xp.ascontiguousarray(tlab, dtype=np.int64))
@@ -158,16 +97,16 @@ def mean_distance(es) -> float:
     """:meth:`ExactSums.mean_distance` on the fused kernels (sums in float64)."""
     ops = es.ops
     xp = ops.xp
-    tiles = _Tiles(es, ops, _tile_width(es, len(es.coefs)))
+    tiles = _Tiles(es, ops)
     total = xp.zeros((), dtype=np.float64)
     count = xp.zeros((), dtype=np.int64)
-    size = _grid(es.plan.bq * tiles.width, ops.block)
+    size = grid_1d(es.plan.bq * tiles.width, ops.block)
     bsum = xp.empty(size, dtype=np.float64)
     bcnt = xp.empty(size, dtype=np.int64)
     for t, j0, yc, yy, _, tlab in tiles.target_tiles():
         for rows in tiles.row_tiles():
             s = tiles.product(rows, yc, es.precision)
-            g = _grid(s.size, ops.block)
+            g = grid_1d(s.size, ops.block)
             ops.launch("dx_dist_sum", (g,), (ops.block,), tiles.args(s, rows, t, j0, yc, yy, tlab) + [bsum, bcnt])
             total += bsum[:g].sum()
             count += bcnt[:g].sum()
@@ -192,19 +131,17 @@ class _State:
         self.s[...] = xp.where(has, 1.0, 0.0)
 
 
-def exact_sweep(es):
+def exact_sweep(es, coefs):
     """:meth:`ExactSums.sweep` on the fused kernels: ``(sums, row_lse)`` in the same form."""
-    from .field import LogSumExp, RowSums
-
     ops = es.ops
     xp = ops.xp
     n, d = es.n, es.d
-    nt = len(es.coefs)
+    nt = len(coefs)
     bidi = es.bidirectional
-    width = _tile_width(es, nt)
-    tiles = _Tiles(es, ops, width)
+    tiles = _Tiles(es, ops)
+    width = tiles.width
     plan = es.plan
-    coefs = xp.asarray(np.asarray(es.coefs, dtype=np.float32))
+    coefs = xp.asarray(np.asarray(coefs, dtype=np.float32))
     states = {side: _State(xp, nt, n, d) for side in es.sides}
     scale = xp.empty((nt, n), dtype=np.float32)
     lse_m = xp.full((nt, n), -np.inf, dtype=np.float32) if bidi else None
@@ -244,7 +181,7 @@ def exact_sweep(es):
                        tiles.args(s, rows, t, j0, yc, yy, tlab)
                        + [coefs, nt, logw, col_rmin if bidi else None, col_s if bidi else None, weights, bq * bt,
                           rows.start, n, st.m, st.s, scale, lse_m, lse_s, ROW_MARGIN])
-            ops.launch("dx_scale_rows", (_grid(nt * bq * d, ops.block),), (ops.block,), [st.acc, scale, nt, n, rows.start, bq, d])
+            ops.launch("dx_scale_rows", (grid_1d(nt * bq * d, ops.block),), (ops.block,), [st.acc, scale, nt, n, rows.start, bq, d])
             for k in range(nt):
                 e = weights[k * bq * bt:(k + 1) * bq * bt].reshape(bq, bt)
                 ops.gemm(e, yc, st.acc[k, rows], beta=1.0, precision=es.precision)
@@ -258,58 +195,12 @@ def exact_sweep(es):
             if st is None:
                 pair.append(None)
                 continue
-            rs = RowSums.__new__(RowSums)
-            rs.xp, rs.m, rs.s, rs.acc = xp, st.m[k], st.s[k], st.acc[k]
-            pair.append(rs)
+            pair.append(RowSums.of(xp, st.m[k], st.s[k], st.acc[k]))
         sums.append(pair)
     row_lse = None
     if bidi:
-        row_lse = []
-        for k in range(nt):
-            lse = LogSumExp.__new__(LogSumExp)
-            lse.xp, lse.m, lse.s = xp, lse_m[k], lse_s[k]
-            row_lse.append(lse)
+        row_lse = [LogSumExp.of(xp, lse_m[k], lse_s[k]) for k in range(nt)]
     return sums, row_lse
-
-
-def _tile_width(es, nt: int) -> int:
-    """Targets per fused tile under the call's memory budget.
-
-    The composed engine's plan sizes its tiles for its own work space; the fused
-    sweep holds per tile entry the product ``S`` and one weight tile per
-    temperature (plus a three-part split of one weight tile with ``"tf32x3"``),
-    and beyond the tiles the row states of both sides and, with ``"tf32x3"``,
-    split copies of the queries and of a target tile.  With ``block_size`` given
-    the plan's tile shape is kept as it is.
-    """
-    from ._memory import SLACK
-
-    plan = es.plan
-    if es.block_size is not None:
-        return plan.bt
-    n, d, bq = es.n, es.d, plan.bq
-    split = es.precision == "tf32x3"
-    per_entry = 4 * (1 + nt + (3 if split else 0))
-    per_target = 4 * (d + 2) + (12 * d if split else 0)
-    fixed = 4 * (n * d + 2 + len(es.sides) * nt * n * (d + 2) + 4 * nt * n) + (12 * n * d if split else 0)
-    width = (es.budget - SLACK - fixed) // (bq * per_entry + per_target)
-    if width < 1:
-        raise ValueError(f"memory_budget={es.budget} bytes is too small for the fused engine with N={n}, D={d} "
-                         f"and {nt} temperature(s) at precision {es.precision!r}; raise memory_budget "
-                         "or use engine='composed'")
-    return int(min(plan.bt, width))
-
-
-def _narrow(tiles, width: int):
-    """Split the target tiles of the plan into tiles of at most ``width`` targets."""
-    for t, j0, yc, yy, logw, tlab in tiles:
-        if yc.shape[0] <= width:
-            yield t, j0, yc, yy, logw, tlab
-            continue
-        for c0 in range(0, yc.shape[0], width):
-            c = slice(c0, c0 + width)
-            yield (t, j0 + c0, yc[c], yy[c], None if logw is None else logw[c],
-                   None if tlab is None else tlab[c])
 
 
 def kernel_products(ops, x, uc, uu, mu, mats, taus, kernel: str, *, budget: int, tile_entries: int,
@@ -320,9 +211,6 @@ def kernel_products(ops, x, uc, uu, mu, mats, taus, kernel: str, *, budget: int,
     row-shifted kernel block of every temperature, and one cuBLAS product per
     temperature multiplies it by ``mats[k]`` (the folded m x (D + 2) summaries).
     """
-    from ._memory import SLACK
-    from .kernels import logit_coef, sq_norms
-
     xp = ops.xp
     n, d = x.shape
     m = uc.shape[0]

@@ -29,6 +29,7 @@ import os
 import numpy as np
 
 from .atomic import atomic_path
+from .summaries import Shard
 
 FORMAT = "dxfield.ProjectedField"
 VERSION = 1
@@ -85,7 +86,6 @@ def save(pf, path) -> None:
 
 
 def load(cls, path, *, kernel=None, temperatures=None, dim=None, feature_scale=None, memory_budget=None):
-    from .projected import Shard
 
     h5py = _h5py()
     path = os.fspath(path)

@@ -12,6 +12,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from .backend import array_namespace, to_host
+
 
 def _describe_dtype(a: Any) -> str:
     return str(getattr(a, "dtype", type(a).__name__))
@@ -51,23 +53,21 @@ def finite(a: Any, name: str) -> None:
         return
     if math.isfinite(float(a.min())) and math.isfinite(float(a.max())):
         return
-    bad = ~_xp_isfinite(a)
+    bad = ~array_namespace(a).isfinite(a)
     count = int(bad.sum())
-    first = tuple(int(i) for i in np.argwhere(_to_host(bad))[0])
+    first = tuple(int(i) for i in np.argwhere(to_host(bad))[0])
     raise ValueError(f"{name} contains {count} NaN/Inf value(s), first at index {first}; inputs must be finite")
 
 
-def _xp_isfinite(a):
-    mod = type(a).__module__.split(".")[0]
-    if mod == "cupy":
-        import cupy
-
-        return cupy.isfinite(a)
-    return np.isfinite(a)
-
-
-def _to_host(a):
-    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else a
+def non_negative(value: Any, name: str) -> float:
+    """A finite float >= 0."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number >= 0, got {value!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return v
 
 
 def positive_float(value: Any, name: str) -> float:

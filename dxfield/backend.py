@@ -117,6 +117,11 @@ def device_of(a: Any) -> Device:
     raise TypeError(f"not a NumPy or CuPy array: {type(a).__name__}")
 
 
+def to_host(a: Any) -> np.ndarray:
+    """A NumPy array with the contents of ``a`` (copied from the GPU for CuPy arrays)."""
+    return a.get() if _is_cupy_array(a) else np.asarray(a)
+
+
 def array_namespace(*arrays: Any):
     """``numpy`` or ``cupy``: the namespace of the given (already ingested) arrays."""
     for a in arrays:
@@ -185,7 +190,7 @@ class Placement:
         if a is None or self.device == self.origin:
             return a
         if self.origin.kind == "cpu":
-            return a.get() if _is_cupy_array(a) else a
+            return to_host(a)
         cupy = require_cupy()
         with cupy.cuda.Device(self.origin.index):
             return cupy.asarray(a)
@@ -195,7 +200,7 @@ class Placement:
         if a is None:
             return None
         if self.device.kind == "cpu":
-            return a.get() if _is_cupy_array(a) else a
+            return to_host(a)
         cupy = self.xp
         with cupy.cuda.Device(self.device.index):
             return cupy.asarray(a)
@@ -223,6 +228,12 @@ def place(arrays: dict[str, Any], backend: str | None = None) -> tuple[Placement
         device = origin if origin.kind == "cuda" else Device("cuda", int(xp.cuda.runtime.getDevice()))
     placement = Placement(xp=xp, device=device, origin=origin)
     return placement, {k: placement.asarray(v) for k, v in ingested.items()}
+
+
+def placement_of(xp, a: Any) -> Placement:
+    """The placement of a computation that stays where the (ingested) array ``a`` lives."""
+    dev = device_of(a)
+    return Placement(xp=xp, device=dev, origin=dev)
 
 
 def floating_dtype(xp, *arrays: Any):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 DEFAULT_BUDGET = 64 * 2**20
 # On a GPU the default is larger: tiles of a few thousand squared keep cuBLAS and the
@@ -130,3 +130,73 @@ def _round_up_mib(nbytes: int) -> str:
 def tile_cap(device) -> int:
     """Largest tile (entries) worth using: cache-sized on the CPU, large on a GPU."""
     return 1 << 18 if device.kind == "cpu" else 1 << 24
+
+
+def tile_view(buf, shape):
+    """The first ``shape[0] * shape[1]`` entries of a flat work buffer, as a matrix."""
+    return buf[: shape[0] * shape[1]].reshape(shape)
+
+
+def exact_plan(n: int, n_targets: int, d: int, *, itemsize: int, n_temps: int, n_sides: int, budget: int,
+               tile_cap: int, block_size=None, fused_precision: str | None = None) -> tuple[BlockPlan, bool]:
+    """The exact sweep's tiles under ``budget``: ``(plan, factored_copy)``, for either engine.
+
+    The composed engine's costs set the shape; ``factored_copy`` says whether
+    the column factors of the weighted sums go into a copy of the targets (bt x
+    D) or, for tiles of fewer than D rows, into the exponential tile itself (bq
+    x bt).  With ``fused_precision`` (the fused engine) the target tiles are
+    narrowed to what the fused work space fits (:func:`fused_tile_width`).
+    """
+    it, nt = itemsize, n_temps
+
+    def plan(factored_copy: bool):
+        return plan_blocks(
+            n, n_targets, budget=budget,
+            # centred queries and norms, the accumulators of each side and temperature
+            # (combined in place at the end), and their float64 log-scales
+            fixed=it * (n * d * (1 + n_sides * nt) + n * (2 + 8 * nt) + 2 * d) + 8 * n * 4 * nt
+            # row floors and the fixed scales of the sweep (Floors, Scales)
+            + n * (16 + it * (6 + 2 * nt)),
+            # distance tile (shifted in place), exponential tile, hit mask, near-duplicate
+            # refinement (a quarter of a tile)
+            per_tile_entry=3 * it + 1,
+            # row block of the weighted sums, float64 row vectors
+            per_query_row=it * (d + 10) + 8 * 20,
+            # augmented targets (and their factored copy), float64 column vectors
+            per_target_row=it * ((2 if factored_copy else 1) * d + 2 * nt + 14) + 8 * (4 * nt + 10),
+            max_tile_entries=tile_cap,
+            override=block_size,
+            what=f"the exact field with N={n}, D={d} and {nt} temperature(s)",
+        )
+
+    out = plan(True)
+    if out.bq < d:
+        short = plan(False)
+        if short.bq < d:
+            out = short
+    if fused_precision is not None and block_size is None:
+        out = replace(out, bt=fused_tile_width(out, n, d, n_temps=nt, n_sides=n_sides, budget=budget,
+                                               precision=fused_precision))
+    return out, out.bq >= d
+
+
+def fused_tile_width(plan: BlockPlan, n: int, d: int, *, n_temps: int, n_sides: int, budget: int,
+                     precision: str) -> int:
+    """Targets per fused tile: at most the plan's, within what the fused engine holds.
+
+    The fused sweep holds per tile entry the product ``S`` and one weight tile
+    per temperature (plus a three-part split of one weight tile with
+    ``"tf32x3"``), and beyond the tiles the row states of both sides and, with
+    ``"tf32x3"``, split copies of the queries and of a target tile.
+    """
+    nt, bq = n_temps, plan.bq
+    split = precision == "tf32x3"
+    per_entry = 4 * (1 + nt + (3 if split else 0))
+    per_target = 4 * (d + 2) + (12 * d if split else 0)
+    fixed = 4 * (n * d + 2 + n_sides * nt * n * (d + 2) + 4 * nt * n) + (12 * n * d if split else 0)
+    width = (budget - SLACK - fixed) // (bq * per_entry + per_target)
+    if width < 1:
+        raise ValueError(f"memory_budget={budget} bytes is too small for the fused engine with N={n}, D={d} "
+                         f"and {nt} temperature(s) at precision {precision!r}; raise memory_budget "
+                         "or use engine='composed'")
+    return int(min(plan.bt, width))

@@ -1,0 +1,134 @@
+"""The projected field's estimators: attraction and repulsion combined into ``V``, one per setting.
+
+:class:`dxfield.ProjectedField` picks an estimator from :data:`ESTIMATORS` by
+``(normalization, repulsion)``, with ``"corrected"`` in place of the
+repulsion when a real sample corrects the attraction.  Each takes the
+summaries and one :class:`FieldCall` (the call's arguments, resolved and on
+the call's device) and returns ``(V, attraction fallback rows, repulsion
+fallback rows)``, ``V`` summed over temperatures (docs/design.md sections
+2.4-2.8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .attraction import bidirectional_attraction, corrected_attraction, row_attraction
+from .repulsion import (QUERIES, Negatives, bidirectional_nystrom, exact_repulsion, nystrom_repulsion,
+                        sweep_negatives)
+from .sums import LogSumExp, RowSums, combine, normalize_drift
+
+
+@dataclass(frozen=True)
+class FieldCall:
+    """One call of the projected field, its arguments resolved and on the call's device."""
+
+    xp: Any
+    xa: Any  # the queries (N, D), working dtype
+    groups: Any  # [(shard index, host rows)] per class of the queries, or None
+    labels: Any  # host labels of the queries, or None
+    negatives: Negatives
+    centre: Any  # the cache's centre on the device
+    ops: Any  # the fused engine's ops, or None
+    precision: str
+    drift_norm: bool
+    sample: Any = None  # (ys, rows per shard) of pos_sample, or None
+
+    @property
+    def query_labels(self):
+        return None if self.groups is None else self.xp.asarray(self.labels)
+
+    @property
+    def sweep_options(self) -> dict:
+        """Engine and precision of the exact negatives' sweeps (bf16 runs them in TF32)."""
+        return dict(ops=self.ops, precision="tf32" if self.precision == "bf16" else self.precision)
+
+
+def _row_field(pf, c: FieldCall, nystrom: bool):
+    """Row normalisation: ``V = b+ - b-`` per temperature (docs/design.md section 2.2)."""
+    xp, xa = c.xp, c.xa
+    bplus, fallback = row_attraction(pf, xp, xa, c.groups, c.ops, c.precision)
+    rep_fallback = 0
+    if not nystrom:  # class-conditional: one sweep, pairs of different classes masked
+        bminus = exact_repulsion(pf, xp, xa, c.negatives, c.centre, c.query_labels, **c.sweep_options)
+    elif c.groups is None:
+        bminus, rep_fallback = nystrom_repulsion(pf, xp, xa, c.centre)
+    else:  # class-conditional: each query is repelled by the generated samples of its own class
+        bminus = [xp.empty_like(xa) for _ in pf.temperatures]
+        for _, rows in c.groups:
+            idx = xp.asarray(rows)
+            part, nf = nystrom_repulsion(pf, xp, xa[idx], c.centre)
+            rep_fallback += nf
+            for k, b in enumerate(part):
+                bminus[k][idx] = b
+    total = None
+    for k in range(len(pf.temperatures)):
+        v = bplus[k]
+        v -= bminus[k]
+        if c.drift_norm:
+            v = normalize_drift(xp, v)
+        total = v if total is None else total + v
+    return total, fallback, rep_fallback
+
+
+def _settled(pf, xp, side):
+    """:class:`RowSums` and row log-sum-exp value of one side's ``(b, log_w, log_r)``."""
+    b, log_w, log_r = side
+    return RowSums.settled(xp, b, log_w, pf.dtype), log_r
+
+
+def _bidirectional_field(pf, c: FieldCall, attraction):
+    """Algorithm 2 with the summarised data as positives (``attraction``) and the negatives swept exactly."""
+    xp = c.xp
+    pos_side, fallback = attraction(pf, c)
+    sweeper, sums, row_lse = sweep_negatives(pf, xp, c.xa, c.negatives, c.query_labels, bidirectional=True,
+                                             **c.sweep_options)
+    shift = sweeper.mu - c.centre  # the sweep's sums are centred on the queries' mean
+    for k, (b, log_w, log_r) in enumerate(pos_side):
+        b -= shift
+        sums[k][0] = RowSums.settled(xp, b, log_w, pf.dtype)
+        row_lse[k] = LogSumExp.settled(xp, xp.logaddexp(row_lse[k].value(), log_r), pf.dtype)
+    return combine(xp, sums, row_lse, drift_norm=c.drift_norm), fallback, 0
+
+
+def _bidirectional_nystrom_field(pf, c: FieldCall):
+    """Algorithm 2 with both sides through the landmarks (docs/design.md section 2.8); rows whose
+    negatives' Nystrom sums failed take the exact negatives."""
+    xp = c.xp
+    pos_side, neg_side, fallback, bad = bidirectional_nystrom(pf, xp, c.xa, c.groups)
+    rep_fallback = 0
+    if any(b is not None for b in bad):
+        sweeper, exact, row_lse = sweep_negatives(pf, xp, c.xa, QUERIES, c.query_labels, bidirectional=True,
+                                                  **c.sweep_options)
+        shift = sweeper.mu - c.centre
+        for k, rows in enumerate(bad):
+            if rows is None:
+                continue
+            rep_fallback += int(rows.shape[0])
+            ex = exact[k][1]
+            has = ex.s[rows] > 0
+            b, log_w, log_r = neg_side[k]
+            b[rows] = ex.acc[rows] / xp.where(has, ex.s[rows], 1.0)[:, None] + shift
+            with np.errstate(divide="ignore"):
+                log_w[rows] = xp.where(has, ex.m[rows] + xp.log(xp.where(has, ex.s[rows], 1.0)), -xp.inf)
+            log_r[rows] = row_lse[k].value()[rows]
+    sums, lse = [], []
+    for k in range(len(pf.temperatures)):
+        (pos, pos_r), (neg, neg_r) = _settled(pf, xp, pos_side[k]), _settled(pf, xp, neg_side[k])
+        sums.append([pos, neg])
+        lse.append(LogSumExp.settled(xp, xp.logaddexp(pos_r, neg_r), pf.dtype))
+    return combine(xp, sums, lse, drift_norm=c.drift_norm), fallback, rep_fallback
+
+
+ESTIMATORS = {
+    ("row", "exact"): lambda pf, c: _row_field(pf, c, nystrom=False),
+    ("row", "nystrom"): lambda pf, c: _row_field(pf, c, nystrom=True),
+    ("bidirectional", "exact"): lambda pf, c: _bidirectional_field(
+        pf, c, lambda pf, c: bidirectional_attraction(pf, c.xp, c.xa, c.groups)),
+    ("bidirectional", "corrected"): lambda pf, c: _bidirectional_field(
+        pf, c, lambda pf, c: corrected_attraction(pf, c.xp, c.xa, c.groups, *c.sample)),
+    ("bidirectional", "nystrom"): _bidirectional_nystrom_field,
+}
