@@ -115,7 +115,7 @@ What is measured
      <= 1e-3 in TF32; the ``-tf32``/``-bf16`` projected and attraction methods
      against their float32 version (the precision's own effect);
    - projected methods, in their worker (same device): the exact
-     row-normalised field they approximate (design.md 2.2),
+     row-normalised field they approximate (docs/design.md section 2.2),
      ``V_row = dxfield.drift_field(x, pos, normalization="row",
      temperatures=TEMPS, feature_scale=S, engine="composed")`` with ``S =
      pf.feature_scale`` (the cache's fixed scale).  The projected suite adds
@@ -604,7 +604,7 @@ def agreement(v, ref) -> dict:
 
 
 def projected_accuracy(fn, x, pos, temperatures, detailed: bool) -> dict:
-    """Errors of the projected call ``fn`` against the exact row-normalised field (design.md 2.2).
+    """Errors of the projected call ``fn`` against the exact row-normalised field (docs/design.md section 2.2).
 
     ``V_row = dxfield.drift_field(x, pos, normalization="row", feature_scale=S,
     engine="composed")`` with the cache's ``S``, on the inputs' device.
@@ -1067,7 +1067,7 @@ def render_projected(rows, meta) -> str:
         "",
         "error vs row field: ||V_proj - V_row||_F / ||V_row||_F and max|V_proj - V_row| / max|V_row|, "
         "V_row = dxfield.drift_field(x, pos, normalization='row', feature_scale=S), the exact field the "
-        "projected one approximates (design.md 2.2); attraction err = pf.diagnostics(x, pos) (|b+_proj - b+| / "
+        "projected one approximates (docs/design.md section 2.2); attraction err = pf.diagnostics(x, pos) (|b+_proj - b+| / "
         "|b+ - x|, per temperature); cancellation = |b+ - x| / |b+ - b-| (exact, per temperature): the exact "
         "repulsion is shared, so the field's error is about attraction err x cancellation",
         "",
@@ -1096,7 +1096,7 @@ def render_projected(rows, meta) -> str:
             f"context: exact row field (S={_f(ctx.get('feature_scale_cache'), '.4f')}) vs the peer's bidirectional "
             f"field (S={_f(ctx.get('feature_scale_peer'), '.4f')}, from all query-target pairs): Frobenius "
             f"{c['fro_rel']:.3e}, max rel {c['max_rel']:.3e} -- different fields by design (row-normalised mean "
-            "shift, design.md 2.2, vs Algorithm 2's row x column normalisation, 2.1), so this is not an error "
+            "shift, docs/design.md section 2.2, vs Algorithm 2's row x column normalisation, 2.1), so this is not an error "
             "of either; the projected field is measured against the row field above")
     for r in rows:
         if r.get("max_rel_vs_peer") is not None and r["family"] != "peer":

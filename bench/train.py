@@ -176,7 +176,7 @@ def eval_times(budget: float, n: int) -> list[float]:
 
 def _score(bench: str, info, seed: int, quick: bool) -> tuple[dict, dict]:
     """The benchmark's scores of the EMA generator now, and the floor (a perfect generator's scores)."""
-    from dxtrain.train import _classifier_cache, generate
+    from dxtrain.train import classifier_cache, generate
 
     spec = BENCHES[bench]
     if bench == "digits":
@@ -184,7 +184,7 @@ def _score(bench: str, info, seed: int, quick: bool) -> tuple[dict, dict]:
 
         # exactly dxtrain's final evaluation (train.py, `dxtrain eval`): 2 x n_test samples, seed + 7
         x = generate(info.ema_model, 2 * len(info.test_ds), info.num_classes, info.device, seed=seed + 7)
-        report = evaluate_samples(x, info.train_ds, info.test_ds, classifier_cache=_classifier_cache(), seed=seed)
+        report = evaluate_samples(x, info.train_ds, info.test_ds, classifier_cache=classifier_cache(), seed=seed)
         keys = (spec["metric"],) + spec["extras"]
         return ({k: report.get(k) for k in keys}, {k: report["floor"].get(k) for k in keys})
     from dxtrain.evaluate import mixture_quality
@@ -438,7 +438,7 @@ def render(bench: str, result: dict) -> str:
 
 
 def plot(bench: str, result: dict, path: Path) -> None:
-    from dxtrain.png import line_plot, write_png
+    from dxtrain.pictures import line_plot, write_png
 
     spec = BENCHES[bench]
     series, values = [], []

@@ -1,22 +1,15 @@
-"""HDF5 cache files for :class:`dxfield.ProjectedField`.
+"""HDF5 cache files for :class:`dxfield.ProjectedField`: save and verified load.
 
-Layout (format version 1)::
-
-    /                      attrs: format, version, kernel, temperatures, ridge, eig_clamp,
-                                  feature_scale (NaN = none), dim, dtype, den_floor, centre,
-                                  fingerprint (JSON), checksum (sha256 of everything below)
-    /shards/<i>/           attrs: label (or -1 with has_label = 0), n
-        landmarks          (m, D) float64
-        t_<k>, G_<k>       summaries per temperature k (float64)
-        factor_<k>         A = (K_UU + ridge I)^{-1/2} per temperature (float64)
-        spectrum_<k>       attrs: condition_number, effective_rank, n_clamped
-
-Writes go to a temporary file in the same folder, are flushed and fsynced,
-then renamed over the target, so an interrupted save never leaves a broken
-cache behind.  ``load`` refuses truncated files, files whose checksum does not
-match their contents, other format versions, and caches built for another
-kernel, temperature set, dimension or feature scale than the caller expects,
-saying what differs.
+A cache (format version 1) is one HDF5 file: a root attribute ``meta`` (a
+JSON object with the settings, the centre, the fingerprint and each shard's
+label, count and spectra), a root attribute ``checksum`` (SHA-256 of ``meta``
+and of every array), and per shard ``shards/<i>/landmarks`` and per
+temperature ``t_<k>``, ``G_<k>``, ``factor_<k>`` (float64); docs/design.md
+section 6 gives the layout, the checksum and the versioning rule.  Writes are
+atomic (:mod:`dxfield.atomic`).  ``load`` refuses truncated files, files whose
+checksum does not match their contents, other format versions, and caches
+built for another kernel, temperature set, dimension or feature scale than
+the caller expects, saying what differs.
 """
 
 from __future__ import annotations

@@ -1,86 +1,14 @@
-"""The exact drifting field, evaluated in tiles with bounded memory.
+"""The exact drifting field, :func:`drift_field`: Algorithm 2 or the mean shift, in bounded memory.
 
-Math (design.md 2.1-2.3).  Queries ``x`` (N x D), positives ``y+`` (P x D),
-negatives ``y-`` (M x D, by default the queries with self pairs masked), logits
-``l_ij = log k(x_i, y_j)`` over the concatenated targets.
-
-*Bidirectional* (Algorithm 2 of the drifting paper)::
-
-    A_ij = sqrt(softmax_j(l)_ij * softmax_i(l)_ij) = exp(l_ij - LR_i/2 - LC_j/2)
-    W+ = A+ * rowsum(A-),  W- = A- * rowsum(A+),  V = W+ y+ - W- y-
-
-with ``LR_i`` the log-sum-exp of row ``i`` and ``LC_j`` that of column ``j``.
-Because ``exp(-LR_i/2)`` is one factor per row it comes out of every row sum::
-
-    V_i = exp(-LR_i) * (S-_i N+_i - S+_i N-_i),
-    S±_i = sum_j exp(l_ij - LC_j/2),  N±_i = sum_j exp(l_ij - LC_j/2) y_j.
-
-So one sweep over target tiles suffices when a tile spans all queries (its
-column sums are then complete); otherwise each target tile is swept twice, once
-for its column sums and once for the row sums.  The final factor is applied in
-log space and drift normalisation removes a common scale first.
-
-Streaming without under- or overflow.  Logits are ``l_ij = -c r_ij`` with ``r``
-the distance (Laplace) or its square (Gaussian), ``c > 0`` per temperature, and
-``-inf`` for pairs that do not interact (self pairs, other classes, weight 0).
-Every weighted sum is factored around a per-row floor ``f_i <= min_j r_ij``::
-
-    sum_j exp(l_ij + b_j) [y_j, 1] = exp(-c f_i + B) * E_i. @ (exp(b - B) [y, 1]),
-    E_ij = exp(-c (r_ij - f_i)) <= 1,
-
-with the column log-factors ``b_j = log w_j - LC_j / 2`` (bidirectional; ``log
-w_j`` for the row field) capped by ``B >= max b``.  ``E`` takes one ``exp`` per
-entry and temperature, ``f`` is shared by all temperatures (one subtraction per
-entry), and one matrix product per temperature gives all the sums (the column
-factors go into the targets), with no per-entry shift.  This is exact as long
-as the terms that matter (within ``eps^2`` of a row's largest) stay normal
-numbers, which holds when the spread of ``b`` is at most :func:`_span_limit`
-(about 47 in float32, 630 in float64):
-
-* with ``feature_scale="auto"`` the mean-distance sweep also records each row's
-  nearest interacting target per side and the range of the column minima,
-  from which ``B`` (``-c cmin_j <= LC_j <= -c cmin_j + log N``) and fixed floors
-  follow for the whole sweep (:class:`_Floors`): the accumulators then need no
-  rescaling at all, and the same bound covers the spread;
-* otherwise (or when that bound is too wide, e.g. outliers at small
-  temperatures) each tile takes its own row minima and ``B = max b``, and folds
-  its sums into running ones with a log-scale per row (:class:`RowSums`), which
-  moves only when a tile outweighs it by ``exp(_LAG)``; a tile whose ``b``
-  spread is too wide forms its log-weights entry by entry instead.
-
-The column sums ``LC_j`` come from the same ``E``: ``sum_i exp(-c (r_ij -
-lo)) = (rho @ E)_j`` with ``rho_i = exp(-c (f_i - lo))``, ``lo = min f``, when
-the column minima and the floors lie within the same limit; otherwise from
-``exp(-c (r_ij - cmin_j))``.
-
-Distances come from one product of augmented matrices, ``[x | |x|^2 | 1] @
-[-2 y | 1 | |y|^2]^T`` (:func:`dxfield.kernels.augmented_queries`), then the
-near-duplicate refinement of :func:`dxfield.kernels.sqdist_tile`.
-
-*Row-normalised* (mean shift, what the projected field approximates)::
-
-    b±(x_i) = sum_j k(x_i, y±_j) y±_j / sum_j k(x_i, y±_j),   V = b+ - b-,
-
-with ``b- := x_i`` for a query without any negative (N = 1 with self negatives
-only, or all weights zero), so its field is the plain mean shift toward the
-positives.  Bidirectional gives V = 0 there (no negative mass to balance).
-
-Weighted negatives: a negative of weight ``w`` counts as ``w`` copies of that
-point (its kernel entries are multiplied by ``w`` in the row sums; its own
-column normalisation is unchanged).  Integer weights therefore give exactly the
-field of a duplicated negative.
-
-Feature scale: with ``feature_scale="auto"`` the features are divided by
-``S = mean distance / sqrt(D)`` (mean over every query-target pair except
-masked self pairs) and the kernel uses ``tau * sqrt(D)``, i.e. logits are
-``-(d / mean d) / tau``; the field is returned in these normalised units.  The
-mean needs one extra sweep over the distances; it keeps as many distance tiles
-as the unused part of the budget holds, so the field sweep skips their products.
-
-Memory: beyond its inputs the call holds O((N + tile) D) accumulators and a few
-tiles of ``bq x bt`` entries chosen from ``memory_budget`` (default 64 MiB),
-plus the distance tiles kept in what the plan leaves of the budget; never an
-N x (P + M) array.
+Checks the call's arguments, builds the targets (positives, the queries as
+negatives with self pairs masked, explicit weighted negatives), measures the
+feature scale, and runs one :class:`dxfield.sweep.ExactSums` whose streamed
+sums :func:`dxfield.sums.combine` turns into the field.  The math is in
+docs/design.md sections 2.1-2.3 (the one-sweep factorisation of Algorithm 2,
+the row-normalised field, feature scale and drift normalisation), the
+numerics in section 3 and the memory bound in section 4: beyond its inputs a
+call holds O((N + tile) D) accumulators and a few tiles chosen from
+``memory_budget``, never an N x (P + M) array.
 """
 
 from __future__ import annotations
@@ -202,17 +130,22 @@ def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normaliz
         targets of its own class (positives, other queries, and explicit
         negatives with ``neg_labels``; explicit negatives without labels
         interact with every query, e.g. guidance's unconditional negatives).
-        Equivalent to one call per class, except that ``feature_scale="auto"``
-        takes one mean over all same-class pairs.  Needs ``pos_labels``.
+        Not the same as one call per class: ``feature_scale="auto"`` takes one
+        mean over all same-class pairs, and ``drift_norm`` normalises each
+        temperature's field over the whole batch, not per class (with
+        ``drift_norm=False`` and a fixed ``feature_scale`` the rows equal the
+        per-class calls').  Needs ``pos_labels``.
     engine : {"auto", "composed", "fused"}, optional
         How the sweeps run (default ``$DXFIELD_ENGINE`` or ``"auto"``).
         ``"composed"``: array operations (NumPy or CuPy), the reference.
         ``"fused"``: CUDA RawKernels around cuBLAS products (GPU, float32;
         see :mod:`dxfield.fused`).  ``"auto"``: fused on a GPU for float32
         inputs, composed otherwise.
-    precision : {"float32", "tf32"}, default "float32"
-        Precision of the fused engine's matrix products.  ``"tf32"`` uses the
-        tensor cores (about 1e-3 relative error in the products); GPU only.
+    precision : {"float32", "tf32x3", "tf32"}, default "float32"
+        Precision of the fused engine's matrix products (GPU only).
+        ``"tf32x3"``: TF32 tensor cores with each operand split in two TF32
+        parts (float32-level accuracy); ``"tf32"``: plain TF32 (about 1e-3
+        relative error in the products).
 
     Returns
     -------

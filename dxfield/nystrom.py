@@ -1,6 +1,6 @@
 """Nystrom feature maps: ``k(x, y) ~ phi(x) . phi(y)`` from m landmarks.
 
-Math (design.md 2.4).  With landmarks ``U`` (m x D)::
+Math (docs/design.md section 2.4).  With landmarks ``U`` (m x D)::
 
     W = K_UU + ridge * I        (factored in float64 by eigh)
     A = W^{-1/2}                (eigenvalues clamped at eig_clamp * max)

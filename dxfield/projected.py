@@ -1,68 +1,14 @@
 """The projected drifting field (DriftXpress): attraction from cached Nystrom summaries.
 
-Math (design.md 2.4).  Landmarks ``U`` (real samples), per temperature a
-Nystrom map ``phi(x) = k(x, U) A`` with ``A = (K_UU + ridge I)^{-1/2}``, and
-summaries of the positives ``Y``::
-
-    t = sum_j phi(y_j)   (m),    G = sum_j phi(y_j) y_j^T   (m x D),    n = |Y|
-
-so the attraction (the row-normalised barycentre of the positives) is::
-
-    b+(x) = phi(x) G / phi(x) t = k(x, U) [A G] / k(x, U) [A t]
-
-The "folded" matrix ``F = A [G | t]`` (m x (D+1)) makes a step cost one
-``k(x, U)`` block times ``F``: O(N m D), whatever the number of positives.
-Summaries are sums over the data, so shards built on the same landmarks add.
-
-Class shards (``labels``) have their own landmarks, factors and summaries; the
-unconditional attraction combines them block-diagonally,
-``sum_s phi_s G_s / sum_s phi_s t_s``; ``field(x, labels=...)`` uses each
-query's own class.
-
-Numerics.  Kernel rows are shifted by their maximum before ``exp`` (the ratio
-is unchanged), so small temperatures do not underflow.  When the Nystrom
-denominator ``k(x, U) A t`` is not positive, or is below ``den_floor`` (default
-1e-8, the paper's clamp) times the sum of the magnitudes of its terms
-``k(x, U) |A t|`` (so that cancellation has eaten its digits), the
-approximation has broken down for that row, and its attraction falls back to
-the kernel-weighted mean of the landmarks (the exact barycentre with the
-landmarks as positives).  The
-number of such rows is reported in :attr:`ProjectedField.last_stats`.
-
-Bidirectional normalisation (``field(..., normalization="bidirectional")``):
-Algorithm 2 (design.md 2.1) with the whole summarised data as positives.  Its
-column sums over the queries, ``c_j = sum_i k(x_i, y_j)``, are taken at the
-landmarks, ``c_u``, which stand for the data around them::
-
-    sum_j k(x, y_j) c_j^{-1/2} [y_j, 1]  ~  k(x, U) diag(c_U^{-1/2}) W^{-1} [G_raw | t_raw]
-                                          =  k(x, U) diag(c_U^{-1/2}) A [G | t]
-
-(the same folded matrix, columns reweighted per step; exact with every
-positive a landmark and ridge -> 0).  Data far from every query has small
-column sums and keeps its pull, so a generator does not settle on the
-heaviest modes as under the row-normalised mean shift, where a batch sitting
-on one mode feels almost nothing of the others.  The negatives' side is the
-exact sweep with its own column sums; the row sums add both sides.  Rows
-where a Nystrom sum is not positive or lost its digits use the landmarks as
-the data (each with mass ``n / m`` of its shard).  With ``repulsion="nystrom"``
-the negatives (the batch) are summarised on the same landmarks each call, so
-both sides go through one kernel (see :meth:`ProjectedField.field`).
-
-Repulsion is exact over the negatives by default (the blockwise exact code,
-row-normalised, self pairs masked), or ``"nystrom"``: the batch's own summaries
-on the same landmarks with each query's self-interaction ``||phi(x_i)||^2``
-removed from numerator and denominator (computed in float64; rows whose
-denominator is not positive fall back to exact repulsion).
-
-Limits.  ``k(x, U) A t`` sums O(1) terms to a value as small as the true
-kernel sum over the positives.  With landmarks among the positives (as
-:func:`dxfield.landmarks.select` picks them) that sum is at least the nearest
-landmark's own term, so the ratio is accurate at any temperature.  With
-landmarks that are not positives, at temperatures so small that a query's
-whole kernel sum falls below float64 rounding of those terms (about
-``exp(-35)``), no floating-point evaluation of the Nystrom formula can be
-accurate, and the cancellation test cannot always see it; keep landmarks
-among the positives.
+:class:`ProjectedField` is the summaries of the whole data set on Nystrom
+landmarks (:class:`dxfield.summaries.Summaries`: build once, save, load,
+merge) plus the field evaluated from them every step.  ``field()`` picks one
+estimator by normalisation and repulsion from :data:`dxfield.estimators.ESTIMATORS`
+(row-normalised or bidirectional attraction, exact or Nystrom repulsion, the
+residual correction with a real sample); the estimators live in
+:mod:`dxfield.attraction` and :mod:`dxfield.repulsion`.  Math, cost and limits:
+docs/design.md sections 2.4-2.8 (projected field, cost model, bidirectional
+form, correction, Nystrom repulsion) and 3.5 (numerics of the Nystrom sums).
 
 The feature scale ``S`` is fixed when the cache is built and stored with it:
 kernels use ``tau * S * sqrt(D)`` in raw units and the field is returned in
@@ -281,8 +227,8 @@ class ProjectedField(Summaries):
             Class of each query (class-conditional caches): attraction to its
             class's summaries, repulsion from the other queries of its class.
         normalization : {"row", "bidirectional"}, default "row"
-            ``"row"``: ``V = b+ - b-`` (design.md 2.2), what the summaries give
-            directly.  ``"bidirectional"``: Algorithm 2 (design.md 2.1) with the
+            ``"row"``: ``V = b+ - b-`` (docs/design.md section 2.2), what the summaries give
+            directly.  ``"bidirectional"``: Algorithm 2 (docs/design.md section 2.1) with the
             WHOLE summarised data as positives -- the positives' column sums
             over the queries are taken at the landmarks (see
             :func:`dxfield.attraction.bidirectional_attraction`), the negatives' exactly.  Data

@@ -1,9 +1,12 @@
 """dxtrain: PyTorch training of one-step drifting generators on top of dxfield.
 
 Rooms: :mod:`dxtrain.data` (embedded and user data sets), :mod:`dxtrain.models`
-(generators, EMA), :mod:`dxtrain.features` (feature groups, frozen encoders),
-:mod:`dxtrain.fields` (exact and projected fields through DLPack),
-:mod:`dxtrain.train` (the loop), :mod:`dxtrain.evaluate` (metrics) and
+(generators, their samples, EMA), :mod:`dxtrain.features` (feature groups,
+frozen encoders), :mod:`dxtrain.fields` (exact and projected fields through
+DLPack), :mod:`dxtrain.train` (configuration, set-up and the loop),
+:mod:`dxtrain.rundir` (the run folder's files: config, metrics, checkpoint,
+sample pictures, eval), :mod:`dxtrain.ddp` (multi-process runs under torchrun),
+:mod:`dxtrain.evaluate` (metrics), :mod:`dxtrain.pictures` (PNG pictures) and
 :mod:`dxtrain.cli` (the ``dxtrain`` command).
 """
 

@@ -1,5 +1,9 @@
 """The ``dxtrain`` command line: train, summarize, sample, eval.
 
+This module owns the options, their defaults (:class:`dxtrain.train.TrainConfig`'s)
+and help texts, and turns errors into clean messages; the work is
+:mod:`dxtrain.train`'s and :mod:`dxtrain.rundir`'s.
+
 ``dxtrain train`` with no arguments trains a class-conditional generator on the
 embedded digits data with the projected (DriftXpress) field, on the GPU if
 torch sees one, else on the CPU, and writes a run folder (``runs/digits``).
@@ -31,12 +35,15 @@ def _temps(ctx, param, value):
 
 
 def _data_options(f):
-    f = click.option("--labels-key", default=None, help="Key of the labels in a .npz/.h5 file (default: labels or y).")(f)
-    f = click.option("--data-key", default=None, help="Key of the samples in a .npz/.h5 file (default: x, data or images).")(f)
+    f = click.option("--labels-key", default=None,
+                     help="Key of the labels in a .npz/.h5 file (default: labels or y).")(f)
+    f = click.option("--data-key", default=None,
+                     help="Key of the samples in a .npz/.h5 file (default: x, data or images).")(f)
     f = click.option("--data", default=_DEFAULTS.data, show_default=True,
                      help="Embedded data set (digits, moons, swissroll, checkerboard, gaussians8, or mixture: 64 "
                           "Gaussian modes in 32-D with a known density, scored against it by eval) or a "
-                          ".npz/.npy/.h5 file of vectors (N x D) or images (N x H x W, N x C x H x W, N x H x W x C).")(f)
+                          ".npz/.npy/.h5 file of vectors (N x D) or images (N x H x W, N x C x H x W, "
+                          "N x H x W x C).")(f)
     return f
 
 
@@ -106,7 +113,8 @@ def main():
               show_default=True)
 @click.option("--memory-budget", default=None, help="dxfield memory budget per call, e.g. 256MiB.")
 @click.option("--eval/--no-eval", "evaluate", default=True, show_default=True, help="Evaluate at the end.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="A progress bar on stderr (drawn only on a terminal).")
 def train(data, data_key, labels_key, out, resume, temperatures, **options):
     """Train a drifting generator and write checkpoints, metrics and sample PNGs to --out."""
     from .train import train as run_training
@@ -163,15 +171,14 @@ def summarize(data, data_key, labels_key, out, encoder, max_locations, temperatu
 
 
 def _load_run(run: str):
-    import torch
-
+    """A run folder's config, checkpoint, EMA generator (eval mode, CPU), data split and class count."""
     from .models import make_generator
-    from .train import TrainConfig, setup
+    from .rundir import CHECKPOINT, read_checkpoint
+    from .train import setup
 
-    path = os.path.join(run, "checkpoint.pt")
-    if not os.path.exists(path):
+    if not os.path.exists(os.path.join(run, CHECKPOINT)):
         raise click.ClickException(f"no checkpoint in {run}: train first (dxtrain train --out {run})")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(run)
     cfg = TrainConfig.from_dict(ckpt["config"])
     train_ds, test_ds, cond = setup(cfg)
     model = make_generator(cfg.generator, train_ds.shape, num_classes=train_ds.num_classes if cond else 0)
@@ -192,8 +199,8 @@ def sample(run, n, out, label, seed):
 
     from dxfield.atomic import atomic_write
 
-    from .png import image_grid, scatter_image, write_png
-    from .train import generate
+    from .models import generate
+    from .rundir import write_samples_png
 
     cfg, ckpt, model, train_ds, _, k = _load_run(run)
     if label is not None and not (0 <= label < max(k, 1)) or (label is not None and k == 0):
@@ -204,11 +211,7 @@ def sample(run, n, out, label, seed):
         labels = (np.full(n, label) if label is not None else np.arange(n) % k) if k else None
         atomic_write(out, lambda fh: np.savez(fh, x=x, **({"labels": labels} if labels is not None else {})))
     elif ext == ".png":
-        if train_ds.kind == "images":
-            write_png(out, image_grid(x, scale=4 if max(train_ds.shape[1:]) <= 16 else 2))
-        elif x.shape[1] == 2:
-            write_png(out, scatter_image(x, reference=train_ds.x[:5000]))
-        else:
+        if not write_samples_png(out, x, train_ds):
             raise click.ClickException("PNG output needs images or 2-D vectors; use an .npz file")
     else:
         raise click.ClickException(f"--out must end in .npz or .png, got {out!r}")
@@ -222,17 +225,12 @@ def sample(run, n, out, label, seed):
 @click.option("--seed", type=int, default=0, show_default=True)
 def evaluate_cmd(run, n, inception_weights, seed):
     """Evaluate a run's EMA generator against held-out data; prints and writes eval.json."""
-    from .evaluate import evaluate_samples
-    from .rundir import write_json
-    from .train import _classifier_cache, generate
+    from .train import evaluate_run
 
     cfg, ckpt, model, train_ds, test_ds, k = _load_run(run)
-    n = n or (2000 if train_ds.kind == "vectors" else 2 * len(test_ds))
-    x = generate(model, n, k, "cpu", seed=seed + 7)
     kwargs = {"inception_weights": inception_weights} if inception_weights else {}
-    report = evaluate_samples(x, train_ds, test_ds, classifier_cache=_classifier_cache(), seed=seed, **kwargs)
-    report.update({"step": int(ckpt["step"]), "wall": float(ckpt["elapsed"]), "field": cfg.field})
-    write_json(os.path.join(run, "eval.json"), report)
+    report = evaluate_run(model, train_ds, test_ds, k, "cpu", folder=run, step=int(ckpt["step"]),
+                          wall=float(ckpt["elapsed"]), field=cfg.field, seed=seed, n=n, **kwargs)
     click.echo(json.dumps(report, indent=1, default=float))
 
 

@@ -26,7 +26,7 @@ vectors ``(N, D)`` or images ``(N, C, H, W)``, with optional integer labels
   or images, with optional labels (see :func:`load_dataset` for the keys).
 
 Images end up in ``[-1, 1]`` (uint8 pixels are scaled ``/ 255``), the range
-the generator's output and :func:`dxtrain.png.image_grid` assume.
+the generator's output and :func:`dxtrain.pictures.image_grid` assume.
 :func:`train_test_split` holds out a stratified test split for evaluation.
 
 Example

@@ -15,9 +15,10 @@ float64 on the CPU and all returning plain Python floats:
   (the embedded ``"mixture"``): energy distance to fresh samples of the truth,
   per-mode mass error, mode coverage and the share of samples inside a mode.
 
-For the embedded 8x8 digits, :class:`DigitsClassifier` is a small CNN trained
-in seconds on the training split; its penultimate layer is the feature space
-of ``FD_digits``, our embedded analogue of FID. :func:`evaluate_samples`
+For the embedded 8x8 digits, :class:`dxtrain.classifier.DigitsClassifier`
+(importable from here too) is a small CNN trained in seconds on the training
+split; its penultimate layer is the feature space of ``FD_digits``, our
+embedded analogue of FID. :func:`evaluate_samples`
 puts it together and also reports a *floor*: the same metrics for real
 held-out data, i.e. what a perfect generator would score at the same sample
 size. Everything it returns is JSON-ready.
@@ -33,19 +34,16 @@ True
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 import time
 
 import numpy as np
-
-from dxfield.atomic import atomic_write
+import scipy.linalg
+import scipy.stats
 import torch
-from torch import nn
 
-from dxtrain.data import Dataset, train_test_split
-from dxtrain.rundir import atomic_torch_save
+from dxtrain.classifier import DigitsClassifier, train_digits_classifier
+from dxtrain.data import Dataset
 
 __all__ = [
     "energy_distance", "mmd_rbf", "sliced_wasserstein", "frechet_distance", "precision_recall",
@@ -171,26 +169,25 @@ def sliced_wasserstein(a, b, n_projections: int = 256, seed: int = 0) -> float:
     return float(np.sqrt(w2.mean()))
 
 
-def _sqrtm_psd(s: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh((s + s.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-
-
 def frechet_distance(feats_a, feats_b) -> float:
     """Frechet distance between Gaussians fitted to two feature sets.
 
     ``||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2})`` with sample
     covariances (``ddof=1``), in float64. The trace of the matrix square root
     is computed from the symmetric form ``S_a^{1/2} S_b S_a^{1/2}`` (same
-    eigenvalues as ``S_a S_b``) by eigendecomposition, negative round-off
-    eigenvalues clipped; the result is clipped at 0.
+    eigenvalues as ``S_a S_b``) with :func:`scipy.linalg.eigh`, which suits
+    these symmetric positive semi-definite (often singular) matrices; negative
+    round-off eigenvalues are clipped, and so is the result at 0.
     """
     a, b = _pair(feats_a, feats_b, names=("feats_a", "feats_b"))
     mu = a.mean(0) - b.mean(0)
     sa, sb = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    root_a = _sqrtm_psd(sa)
+    # driver "evd" (divide and conquer): on singular feature covariances the default "evr" moves the
+    # result by ~1e-6 relative between float32 and float64 copies of the same features
+    w, v = scipy.linalg.eigh(sa, driver="evd")
+    root_a = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T  # the PSD square root of S_a
     middle = root_a @ sb @ root_a
-    eig = np.linalg.eigvalsh((middle + middle.T) / 2)
+    eig = scipy.linalg.eigh((middle + middle.T) / 2, eigvals_only=True, driver="evd")
     tr_covmean = float(np.sqrt(np.clip(eig, 0.0, None)).sum())
     return max(0.0, float(mu @ mu + np.trace(sa) + np.trace(sb) - 2.0 * tr_covmean))
 
@@ -242,15 +239,6 @@ def _mean_distance(a: np.ndarray, b: np.ndarray | None = None, block: int = 1024
     return total / pairs
 
 
-def chi2_quantile(q: float, dof: int) -> float:
-    """The ``q`` quantile of chi-squared with ``dof`` degrees of freedom (Wilson-Hilferty; ~0.1 % at dof 32)."""
-    from statistics import NormalDist
-
-    z = NormalDist().inv_cdf(q)
-    c = 2.0 / (9.0 * dof)
-    return float(dof * (1.0 - c + z * np.sqrt(c)) ** 3)
-
-
 _TRUTH_CACHE: dict = {}
 
 
@@ -283,7 +271,7 @@ def _mixture_scores(x: np.ndarray, truth, y: np.ndarray, yy: float) -> dict:
         "mode_tv": float(0.5 * np.abs(mass - w).sum()),
         "modes_covered": int(np.count_nonzero(mass >= 0.5 * w)),
         "modes_missed": int(np.count_nonzero(mass == 0)),
-        "in_mode_fraction": float(np.mean(d2 <= chi2_quantile(0.99, truth.dim))),
+        "in_mode_fraction": float(np.mean(d2 <= scipy.stats.chi2.ppf(0.99, truth.dim))),
         "rare_mode_mass_ratio": float(mass[rare].sum() / w[rare].sum()),
     }
 
@@ -320,160 +308,6 @@ def mixture_quality(samples, truth, *, n_truth: int = 8000, seed: int = 0) -> di
     out = _mixture_scores(x, truth, ref["y"], ref["yy"])
     out.update(n=len(x), n_truth=int(n_truth), num_modes=truth.num_modes, floor=dict(ref["floor"]))
     return out
-
-
-# --------------------------------------------------------------------------- digits classifier
-
-
-class DigitsClassifier(nn.Module):
-    """Small CNN for 1x8x8 images in ``[-1, 1]``; its penultimate layer is the FD feature space.
-
-    conv 16 -> pool (4x4) -> conv 32 -> pool (2x2) -> linear 64 (features) -> linear classes.
-    """
-
-    ARCH = "digits-cnn-v2"  # change when the architecture changes: invalidates cached weights
-    FEATURES = 64
-
-    def __init__(self, num_classes: int = 10):
-        super().__init__()
-        self.num_classes = int(num_classes)
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * 2 * 2, self.FEATURES), nn.ReLU(),
-        )
-        self.head = nn.Linear(self.FEATURES, self.num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-    def _batches(self, images, fn, batch_size=1024):
-        x = _images_tensor(images)
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad(), _one_thread():
-                return torch.cat([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-        finally:
-            self.train(was_training)
-
-    def features(self, images) -> np.ndarray:
-        """Penultimate-layer features, float64 ``(N, 64)``, of images ``(N, 1, 8, 8)``."""
-        return self._batches(images, self.body).double().numpy()
-
-    def predict(self, images) -> np.ndarray:
-        """Predicted class index (int64) per image."""
-        return self._batches(images, lambda x: self(x).argmax(1)).numpy().astype(np.int64)
-
-    def accuracy(self, images, labels) -> float:
-        """Fraction of ``images`` whose predicted class equals ``labels``."""
-        return float(np.mean(self.predict(images) == np.asarray(labels)))
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Run torch on one CPU thread for the duration.
-
-    The classifier's ops are tiny: intra-op threads only add synchronisation,
-    and on a busy 2-core machine they made training ~30x slower than one
-    thread (75 s vs 2 s). The previous setting is restored afterwards.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _images_tensor(images) -> torch.Tensor:
-    if not isinstance(images, torch.Tensor):
-        images = torch.from_numpy(np.asarray(images, dtype=np.float32))
-    images = images.detach().to("cpu", torch.float32)
-    if images.ndim == 3:
-        images = images[:, None]
-    if images.ndim != 4 or tuple(images.shape[1:]) != (1, 8, 8):
-        raise ValueError(f"images shape {tuple(images.shape)}: the digits classifier expects (N, 1, 8, 8)")
-    return images
-
-
-def _fingerprint(train: Dataset, test: Dataset | None, seed: int, epochs: int) -> str:
-    h = hashlib.sha256(f"{DigitsClassifier.ARCH}|seed={seed}|epochs={epochs}".encode())
-    for ds in (train, test):
-        if ds is not None:
-            h.update(np.ascontiguousarray(ds.x).tobytes())
-            h.update(np.ascontiguousarray(ds.labels).tobytes())
-    return h.hexdigest()
-
-
-def train_digits_classifier(train: Dataset, test: Dataset | None = None, *, seed: int = 0, epochs: int = 20,
-                            cache: str | None = None) -> tuple[DigitsClassifier, float]:
-    """Train :class:`DigitsClassifier` on ``train`` (CPU, a few seconds).
-
-    Parameters
-    ----------
-    train : Dataset
-        Labelled images ``(N, 1, 8, 8)``, e.g. the digits training split.
-    test : Dataset, optional
-        Where the returned accuracy is measured. Without it, a stratified
-        20 % of ``train`` is held out for that and the rest trains.
-    seed, epochs
-        Training is deterministic given these (Adam, batch 64); torch's
-        global random state is left as it was.
-    cache : str, optional
-        A file for the trained weights. When it holds weights trained on the
-        same data with the same settings (a fingerprint is checked), they are
-        loaded instead of retraining; otherwise the classifier is trained and
-        saved there atomically.
-
-    Returns
-    -------
-    (model, test_accuracy)
-    """
-    if train.labels is None or train.kind != "images" or train.shape != (1, 8, 8):
-        raise ValueError(f"train: the digits classifier needs labelled (N, 1, 8, 8) images; got {train.kind} "
-                         f"of shape {train.shape}{' without labels' if train.labels is None else ''}")
-    if test is not None and (test.labels is None or test.shape != (1, 8, 8)):
-        raise ValueError(f"test: expected labelled (N, 1, 8, 8) images; got shape {test.shape}")
-    fingerprint = _fingerprint(train, test, seed, epochs)
-    with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's RNG
-        torch.manual_seed(seed)
-        model = DigitsClassifier(train.num_classes)
-    if cache is not None and os.path.exists(cache):
-        try:
-            saved = torch.load(cache, map_location="cpu", weights_only=True)
-            if saved.get("fingerprint") == fingerprint:
-                model.load_state_dict(saved["state_dict"])
-                model.eval()
-                return model, float(saved["test_accuracy"])
-        except Exception:  # unreadable or foreign file: retrain and overwrite it
-            pass
-
-    fit, held_out = (train, test) if test is not None else train_test_split(train, 0.2, seed=seed)
-    x = torch.from_numpy(np.ascontiguousarray(fit.x, dtype=np.float32))
-    y = torch.from_numpy(fit.labels)
-    generator = torch.Generator().manual_seed(seed)
-    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=epochs)
-    model.train()
-    with _one_thread():
-        for _ in range(epochs):
-            for idx in torch.randperm(len(x), generator=generator).split(64):
-                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-            schedule.step()
-    model.eval()
-    accuracy = model.accuracy(held_out.x, held_out.labels)
-
-    if cache is not None:
-        atomic_torch_save({"fingerprint": fingerprint, "arch": DigitsClassifier.ARCH,
-                            "num_classes": model.num_classes, "test_accuracy": accuracy,
-                            "state_dict": model.state_dict()}, cache)
-    return model, accuracy
-
-
 
 
 # --------------------------------------------------------------------------- FID (optional)
@@ -528,6 +362,28 @@ def _distances(a: np.ndarray, b: np.ndarray, max_points: int, seed: int) -> dict
         "mmd_rbf": mmd_rbf(a, b, max_points=max_points, seed=seed),
         "sliced_wasserstein": sliced_wasserstein(a, b, seed=seed),
     }
+
+
+def _digits_scores(samples, sample_labels, train: Dataset, test: Dataset, report: dict, floor: dict, *,
+                   rng: np.random.Generator, seed: int, max_points: int, classifier_cache: str | None) -> None:
+    """Add the digits classifier's scores (FD_digits, precision/recall, class counts) to ``report``, ``floor``."""
+    t0 = time.perf_counter()
+    model, accuracy = train_digits_classifier(train, test, seed=seed, cache=classifier_cache)
+    report["classifier_seconds"] = round(time.perf_counter() - t0, 3)
+    report["classifier_test_accuracy"] = accuracy
+    f_train, f_test, f_fake = model.features(train.x), model.features(test.x), model.features(samples)
+    fd_n = min(len(samples), len(test))
+    report["fd_n"] = fd_n
+    report["FD_digits"] = frechet_distance(_subsample(f_fake, fd_n, rng), f_train)
+    floor["FD_digits"] = frechet_distance(f_test, f_train)
+    pr = precision_recall(f_train, f_fake, k=3, max_points=max_points, seed=seed)
+    pr_floor = precision_recall(f_train, f_test, k=3, max_points=max_points, seed=seed)
+    report.update(precision=pr["precision"], recall=pr["recall"])
+    floor.update(precision=pr_floor["precision"], recall=pr_floor["recall"])
+    predicted = model.predict(samples.astype(np.float32))
+    report["sample_class_counts"] = [int(c) for c in np.bincount(predicted, minlength=train.num_classes)]
+    if sample_labels is not None:
+        report["sample_label_accuracy"] = float(np.mean(predicted == sample_labels))
 
 
 def evaluate_samples(samples, train: Dataset, test: Dataset, *, classifier_cache: str | None = None,
@@ -618,23 +474,8 @@ def evaluate_samples(samples, train: Dataset, test: Dataset, *, classifier_cache
     if digits_like and len(samples) < 4:
         report["notes"].append(f"FD_digits skipped: {len(samples)} finite samples, need at least 4")
     elif digits_like:
-        t0 = time.perf_counter()
-        model, accuracy = train_digits_classifier(train, test, seed=seed, cache=classifier_cache)
-        report["classifier_seconds"] = round(time.perf_counter() - t0, 3)
-        report["classifier_test_accuracy"] = accuracy
-        f_train, f_test, f_fake = model.features(train.x), model.features(test.x), model.features(samples)
-        fd_n = min(len(samples), len(test))
-        report["fd_n"] = fd_n
-        report["FD_digits"] = frechet_distance(_subsample(f_fake, fd_n, rng), f_train)
-        floor["FD_digits"] = frechet_distance(f_test, f_train)
-        pr = precision_recall(f_train, f_fake, k=3, max_points=max_points, seed=seed)
-        pr_floor = precision_recall(f_train, f_test, k=3, max_points=max_points, seed=seed)
-        report.update(precision=pr["precision"], recall=pr["recall"])
-        floor.update(precision=pr_floor["precision"], recall=pr_floor["recall"])
-        predicted = model.predict(samples.astype(np.float32))
-        report["sample_class_counts"] = [int(c) for c in np.bincount(predicted, minlength=train.num_classes)]
-        if sample_labels is not None:
-            report["sample_label_accuracy"] = float(np.mean(predicted == sample_labels))
+        _digits_scores(samples, sample_labels, train, test, report, floor, rng=rng, seed=seed,
+                       max_points=max_points, classifier_cache=classifier_cache)
     elif train.kind == "images":
         report["notes"].append("FD_digits skipped: needs labelled 1x8x8 images")
     if getattr(train, "truth", None) is not None:  # a known density (the embedded "mixture")

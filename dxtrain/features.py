@@ -1,6 +1,6 @@
 """Feature groups ``phi(x)`` for the drifting loss, from a frozen encoder.
 
-The drifting loss is computed per feature group (design.md 2.3): for each
+The drifting loss is computed per feature group (docs/design.md section 2.3): for each
 group ``g`` with features ``phi_g(x)`` of dimension ``D_g``, the field ``V_g``
 is computed in that group's space and the loss term is
 ``MSE(phi_g(x) / S_g, stopgrad(phi_g(x) / S_g + V_g))``; the terms are summed.

@@ -3,7 +3,7 @@
 Each step the trainer has, per feature group, the generated features ``f``
 (B x D_g, a torch tensor with grad).  A field object returns the drift ``V``
 and the feature scale ``S`` for that group; the loss is
-``MSE(f / S, stopgrad(f / S + V))`` (design.md 2.3), summed over groups.
+``MSE(f / S, stopgrad(f / S + V))`` (docs/design.md section 2.3), summed over groups.
 
 Tensors cross into dxfield through DLPack: ``f.detach()`` is read in place
 (same memory, same device) and the returned NumPy/CuPy array is wrapped back

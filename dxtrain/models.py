@@ -1,4 +1,4 @@
-"""One-step generators ``x = f(eps)`` for drifting training, and their EMA.
+"""One-step generators ``x = f(eps)`` for drifting training, their noise and samples, and their EMA.
 
 A drifting generator maps Gaussian noise straight to a sample in one forward
 pass; there is no sampling chain. Two plain :class:`torch.nn.Module` shapes
@@ -11,9 +11,9 @@ cover the data sets dxtrain trains on:
 
 Both take optional class labels (a learned class embedding is added to the
 first hidden layer) and expose ``noise_dim`` so that :func:`sample_noise` can
-draw their input. :func:`make_generator` picks one from a sample shape, and
-:class:`EMA` keeps the exponential moving average of the weights that the
-papers sample from.
+draw their input. :func:`make_generator` picks one from a sample shape,
+:func:`generate` draws samples as a NumPy array, and :class:`EMA` keeps the
+exponential moving average of the weights that the papers sample from.
 
 Example
 -------
@@ -30,6 +30,7 @@ import copy
 import math
 import numbers
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -287,6 +288,21 @@ def sample_noise(generator: nn.Module, n: int, generator_rng: torch.Generator | 
         return torch.randn(int(n), noise_dim, device=device)
     noise = torch.randn(int(n), noise_dim, generator=generator_rng, device=generator_rng.device)
     return noise.to(device)
+
+
+def generate(model, n: int, num_classes: int, device, seed: int = 0, label: int | None = None) -> np.ndarray:
+    """``n`` samples from ``model`` (classes cycled, or all ``label``), as a NumPy array."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        for i in range(0, n, 1024):
+            b = min(1024, n - i)
+            labels = None
+            if num_classes:
+                labels = (torch.full((b,), label) if label is not None else torch.arange(i, i + b) % num_classes)
+                labels = labels.to(device)
+            out.append(model(sample_noise(model, b, g, device=device), labels).float().cpu().numpy())
+    return np.concatenate(out)
 
 
 class EMA:

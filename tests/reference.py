@@ -1,4 +1,4 @@
-"""Dense float64 reference of design.md 2.1-2.3, written straight from the formulas.
+"""Dense float64 reference of docs/design.md section 2.1-2.3, written straight from the formulas.
 
 Deliberately naive: builds the full N x (P + M) matrices with NumPy in float64,
 with none of dxfield's tiling, centring or streaming tricks, so that the tests
@@ -20,7 +20,7 @@ def log_kernel(d, tau, kernel="laplace"):
 
 def field(x, pos, neg=None, *, temperatures=(0.02, 0.05, 0.2), normalization="bidirectional",
           kernel="laplace", feature_scale="auto", drift_norm=True, neg_weight=None, include_self=None):
-    """Return (V, S) following design.md; neg=None means the queries, self pairs masked."""
+    """Return (V, S) following docs/design.md; neg=None means the queries, self pairs masked."""
     x = np.asarray(x, np.float64)
     pos = np.asarray(pos, np.float64)
     if include_self is None:

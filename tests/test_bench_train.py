@@ -24,7 +24,7 @@ import pytest
 importlib.import_module("dxtrain")  # before torch: sleep-waiting thread pools (dxtrain/__init__.py)
 torch = pytest.importorskip("torch")
 
-from dxtrain.png import read_png  # noqa: E402
+from dxtrain.pictures import read_png  # noqa: E402
 from dxtrain.train import StepInfo, TrainConfig, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -46,7 +46,7 @@ import dxfield  # noqa: E402
 import dxtrain.fields as dx_fields  # noqa: E402
 import dxtrain.train as dx_train  # noqa: E402
 from dxtrain.cli import main  # noqa: E402
-from dxtrain.png import read_png  # noqa: E402
+from dxtrain.pictures import read_png  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 posix_signals = pytest.mark.skipif(sys.platform == "win32", reason="POSIX SIGINT delivery")

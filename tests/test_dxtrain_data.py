@@ -1,4 +1,4 @@
-"""dxtrain's data sets (dxtrain/data.py) and PNG output (dxtrain/png.py); no torch needed.
+"""dxtrain's data sets (dxtrain/data.py) and pictures (dxtrain/pictures.py); no torch needed.
 
 * every embedded set loads with the documented shape, dtype, range, labels
   and scale, deterministically in ``seed``;
@@ -7,24 +7,28 @@
   are scaled as documented; labels are remapped to 0..K-1;
 * every malformed input fails with an error naming the file and the problem;
 * the stratified train/test split is disjoint, complete and proportional;
-* PNG files round-trip exactly, are valid PNG (signature, CRCs, IHDR), are
-  written atomically; grids and scatter plots put the right pixels in place;
+* PNG files round-trip exactly through Pillow, are written atomically (a
+  failed write leaves the old file), corrupt or non-PNG files are refused;
+  grids put the right pixels in place, scatter plots the right colours in the
+  right quadrants, drawing nothing for NaN or out-of-window points;
 * the known mixture (``"mixture"``): shape, exact normalisation, seed
   determinism with a fixed truth, nearest-mode assignment; its metric
   (``dxtrain.evaluate.mixture_quality``, needs torch to import) scores truth
   samples at the floor and a collapsed generator far worse;
-* line plots draw every series and reference line; the pixel font.
+* line charts draw every series and reference line in its colour, with a
+  title, axis labels and a legend, at the requested size.
 """
 
 import os
-import struct
-import zlib
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from dxtrain.data import EMBEDDED, Dataset, load_dataset, train_test_split
-from dxtrain.png import image_grid, read_png, scatter_image, write_png
+from dxtrain.pictures import (
+    PLOT_COLOURS, SCATTER_POINTS, SCATTER_REFERENCE, image_grid, line_plot, read_png, scatter_image, write_png,
+)
 
 # --------------------------------------------------------------------------- embedded
 
@@ -341,63 +345,48 @@ def test_unlabelled_split_and_subset():
 # --------------------------------------------------------------------------- PNG
 
 
-def _chunks(data):
-    pos, out = 8, []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, payload = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
-        out.append((kind, payload, crc == zlib.crc32(kind + payload)))
-        pos += 12 + length
-    return out
-
-
 @pytest.mark.parametrize("shape", [(5, 7), (6, 4, 3)])
 def test_png_round_trip(tmp_path, shape):
     pixels = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
     path = tmp_path / "a.png"
     write_png(path, pixels)
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    chunks = _chunks(data)
-    assert [c[0] for c in chunks] == [b"IHDR", b"IDAT", b"IEND"] and all(c[2] for c in chunks)
-    width, height, depth, colour = struct.unpack(">IIBB", chunks[0][1][:10])
-    assert (height, width, depth, colour) == (shape[0], shape[1], 8, 0 if len(shape) == 2 else 2)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        assert (image.format, image.mode, image.size) == ("PNG", "L" if len(shape) == 2 else "RGB",
+                                                          (shape[1], shape[0]))
     np.testing.assert_array_equal(read_png(path), pixels)
     assert os.listdir(tmp_path) == ["a.png"]  # no temporary file left behind
 
 
-def test_read_png_all_filters(tmp_path):
-    # Hand-encode each row with a different PNG filter; read_png must undo all five.
-    pixels = np.random.default_rng(1).integers(0, 256, size=(5, 6, 3), dtype=np.int64)
-    rows, prev = [], np.zeros(18, np.int64)
-    for ftype, row in enumerate(pixels.reshape(5, 18)):
-        left = np.concatenate([[0, 0, 0], row[:-3]])
-        up_left = np.concatenate([[0, 0, 0], prev[:-3]])
-        if ftype == 0:
-            enc = row
-        elif ftype == 1:
-            enc = row - left
-        elif ftype == 2:
-            enc = row - prev
-        elif ftype == 3:
-            enc = row - (left + prev) // 2
-        else:
-            p = left + prev - up_left
-            pa, pb, pc = abs(p - left), abs(p - prev), abs(p - up_left)
-            enc = row - np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, prev, up_left))
-        rows.append(bytes([ftype]) + (enc % 256).astype(np.uint8).tobytes())
-        prev = row
+def test_write_png_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "a.png"
+    write_png(path, np.zeros((3, 3), np.uint8))
+    before = path.read_bytes()
 
-    def chunk(kind, payload):
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 6, 5, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
-    (tmp_path / "f.png").write_bytes(data)
-    np.testing.assert_array_equal(read_png(tmp_path / "f.png"), pixels)
+    def broken_save(self, fh, *args, **kwargs):
+        fh.write(b"\x89PNG half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        write_png(path, np.full((3, 3), 255, np.uint8))
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["a.png"]  # old file intact, no temp file
+
+
+def test_read_png_other_modes_and_bad_files(tmp_path):
+    rgba = np.random.default_rng(1).integers(0, 256, size=(5, 6, 4), dtype=np.uint8)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(read_png(tmp_path / "rgba.png"), rgba)
+    palette = Image.fromarray(rgba[:, :, :3]).convert("P")  # a palette PNG reads back as RGB
+    palette.save(tmp_path / "p.png")
+    np.testing.assert_array_equal(read_png(tmp_path / "p.png"), np.array(palette.convert("RGB")))
+    data = (tmp_path / "rgba.png").read_bytes()
     (tmp_path / "bad.png").write_bytes(data[:40] + bytes([data[40] ^ 1]) + data[41:])
-    with pytest.raises(ValueError, match="CRC"):
+    with pytest.raises(ValueError, match="not a readable PNG"):
         read_png(tmp_path / "bad.png")
+    Image.fromarray(rgba[:, :, :3]).save(tmp_path / "a.jpg")
+    with pytest.raises(ValueError, match="not a PNG"):
+        read_png(tmp_path / "a.jpg")
 
 
 def test_write_png_rejects_bad_input(tmp_path):
@@ -408,7 +397,7 @@ def test_write_png_rejects_bad_input(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_image_grid_layout_and_scaling():
+def test_image_grid_layout_and_scaling(tmp_path):
     images = np.full((5, 1, 2, 3), -1.0)
     images[1] = 1.0
     images[2, 0, 0, 0] = 0.0
@@ -416,30 +405,48 @@ def test_image_grid_layout_and_scaling():
     grid = image_grid(images, nrow=3, pad=1, scale=2)
     # 2 rows x 3 cols of 4 x 6 tiles with 1-pixel borders
     assert grid.shape == (2 * (4 + 1) + 1, 3 * (6 + 1) + 1) and grid.dtype == np.uint8
+    write_png(tmp_path / "grid.png", grid)
+    grid = read_png(tmp_path / "grid.png")  # what the file holds
     tile = lambda i: grid[1 + (i // 3) * 5:1 + (i // 3) * 5 + 4, 1 + (i % 3) * 7:1 + (i % 3) * 7 + 6]  # noqa: E731
     assert np.all(tile(0) == 0) and np.all(tile(1) == 255)
     assert np.all(tile(2)[:2, :2] == 128) and tile(2)[2, 2] == 0  # nearest-neighbour 2x2 block
     assert np.all(tile(3) == 128)  # NaN shows as mid grey
-    assert grid[0, 0] == 128  # padding
-    rgb = image_grid(np.zeros((4, 3, 2, 2)))
+    assert grid[0, 0] == 128 and np.all(tile(5) == 128)  # padding, and the empty last tile
+    rgb = np.zeros((4, 3, 2, 2))
+    rgb[1, 0] = 1.0  # red
+    rgb = image_grid(rgb)
     assert rgb.shape == (2 * 3 + 1, 2 * 3 + 1, 3)
+    assert tuple(rgb[1, 1]) == (128, 128, 128) and tuple(rgb[1, 4]) == (255, 128, 128)
     with pytest.raises(ValueError, match="C = 1 or 3"):
         image_grid(np.zeros((4, 2, 2, 2)))
 
 
-def test_scatter_image_colours():
-    reference = np.array([[-1.0, -1.0]])
-    points = np.array([[1.0, 1.0], [np.nan, 0.0], [50.0, 0.0]])
-    picture = scatter_image(points, reference, size=101, lim=2.0)
-    assert picture.shape == (101, 101, 3) and picture.dtype == np.uint8
-    # x = 1 -> column 75; y = 1 -> row 25 (y points up)
-    assert tuple(picture[25, 75]) == (214, 39, 40)
-    assert tuple(picture[75, 25]) == (190, 190, 190)
-    assert tuple(picture[5, 5]) == (255, 255, 255)
-    red = np.all(picture == (214, 39, 40), axis=2)
-    assert red.sum() == 9  # one 3x3 dot: NaN and out-of-window points are not drawn
+def _solid(picture, colour):
+    """Pixels of exactly ``colour`` whose four neighbours are too."""
+    m = np.pad(np.all(picture == colour, axis=2), 1)
+    return m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+
+
+def test_scatter_image_colours(tmp_path):
+    reference = np.array([[-1.0, -1.0]])  # lower left
+    points = np.array([[1.0, -1.0]])  # lower right (the legend, with its own dots, sits upper right)
+    picture = scatter_image(points, reference, size=256, lim=2.0, title="t")
+    assert picture.shape == (256, 256, 3) and picture.dtype == np.uint8
+    # solid dots (blocks of one colour; anti-aliased text has stray pixels of any grey) below the legend
+    red, grey = (_solid(picture, colour)[128:] for colour in (SCATTER_POINTS, SCATTER_REFERENCE))
+    (red_rows, red_cols), (grey_rows, grey_cols) = np.nonzero(red), np.nonzero(grey)
+    assert 0 < red.sum() < 20 and 0 < grey.sum() < 20  # one small dot each
+    assert np.mean(red_rows) == np.mean(grey_rows)  # at the same height, y = -1
+    assert np.min(red_cols) > np.max(grey_cols) + 50 and np.min(red_cols) > 128 > np.max(grey_cols)
+    # NaN and out-of-window points are not drawn: the same picture
+    more = np.concatenate([points, [[np.nan, 0.0], [50.0, 0.0]]])
+    np.testing.assert_array_equal(scatter_image(more, reference, size=256, lim=2.0, title="t"), picture)
     auto = scatter_image(np.random.default_rng(0).normal(size=(500, 2)))
     assert auto.shape == (512, 512, 3) and np.all(auto[0, 0] == 255)
+    assert np.all(auto == SCATTER_POINTS, axis=2).sum() > 500  # the samples, and no reference
+    assert not _solid(auto, SCATTER_REFERENCE).any()
+    write_png(tmp_path / "s.png", auto)
+    np.testing.assert_array_equal(read_png(tmp_path / "s.png"), auto)
     with pytest.raises(ValueError, match=r"\(N, 2\)"):
         scatter_image(np.zeros((3, 3)))
 
@@ -552,37 +559,36 @@ def test_evaluate_samples_scores_mixture_against_truth():
 
 
 def test_line_plot_draws_series_and_reference_lines(tmp_path):
-    from dxtrain.png import PLOT_COLOURS, draw_text, line_plot, text_size
-
-    red, blue = (200, 0, 0), (0, 0, 200)
-    pic = line_plot([{"x": [1, 10, 100], "y": [1.0, 0.1, 0.01], "label": "falling", "colour": red},
-                     {"x": [1, 100], "y": [0.5, float("nan")], "colour": blue}],
-                    hlines=[{"y": 0.05, "label": "target", "colour": (0, 150, 0)}],
-                    title="t", xlabel="seconds", ylabel="score", logx=True, logy=True, size=(400, 300))
+    red, blue, green = (200, 0, 0), (0, 0, 200), (0, 150, 0)
+    falling = {"x": [1, 10, 100], "y": [1.0, 0.1, 0.01], "label": "falling", "colour": red}
+    kw = {"xlabel": "seconds", "ylabel": "score", "logx": True, "logy": True, "size": (400, 300)}
+    pic = line_plot([falling, {"x": [1, 100], "y": [0.5, float("nan")], "colour": blue}],
+                    hlines=[{"y": 0.05, "label": "target", "colour": green}], title="t", **kw)
     assert pic.shape == (300, 400, 3) and pic.dtype == np.uint8
-    for colour in (red, blue, (0, 150, 0)):
+    for colour in (red, blue, green):
         assert np.all(pic == colour, axis=2).sum() > 0, colour
     assert np.all(pic == red, axis=2).sum() > 200  # a line, not just markers
+    assert np.mean(np.any(pic != 255, axis=2)) > 0.05  # not blank: frame, ticks, text
     write_png(tmp_path / "plot.png", pic)
     np.testing.assert_array_equal(read_png(tmp_path / "plot.png"), pic)
+    # the title, the axis labels and the legend are drawn (as text)
+    for changed in ({"title": ""}, {"xlabel": ""}, {"ylabel": ""}):
+        other = line_plot([falling], **{**kw, "title": "t", **changed})
+        assert not np.array_equal(other, line_plot([falling], **kw, title="t")), changed
+    assert not np.array_equal(line_plot([falling], **kw), line_plot([{**falling, "label": ""}], **kw))
     # default colours, linear axes, points that a log axis cannot show are skipped
     pic = line_plot([{"x": [0, 1, 2], "y": [-1, 0, 1]}], size=(300, 200))
-    assert np.all(pic == PLOT_COLOURS[0], axis=2).sum() > 50
+    assert pic.shape == (200, 300, 3)
+    linear = np.all(pic == PLOT_COLOURS[0], axis=2).sum()
     pic = line_plot([{"x": [0, 1, 2], "y": [-1, 0, 1]}], size=(300, 200), logy=True)
-    assert np.all(pic == PLOT_COLOURS[0], axis=2).sum() > 0  # only the point at y=1
-    # a legend with no free corner goes into a band below the chart
+    assert 0 < np.all(pic == PLOT_COLOURS[0], axis=2).sum() < linear / 3  # only the marker at y=1
+    # many labels: the legend is drawn inside, the picture keeps its size
     crowded = [{"x": np.linspace(0, 1, 50), "y": np.linspace(0, 1, 50) * s, "label": f"s{s}"} for s in (1, -1)]
     crowded += [{"x": [0, 1], "y": [0.9, 0.9]}, {"x": [0, 1], "y": [-0.9, -0.9]}]
-    pic = line_plot(crowded, size=(300, 200))
-    assert pic.shape[0] > 200 and pic.shape[1] == 300
+    assert line_plot(crowded, size=(300, 200)).shape == (200, 300, 3)
     with pytest.raises(ValueError, match="ylim"):
         line_plot([{"x": [1], "y": [1]}], ylim=(1, 0))
     with pytest.raises(ValueError, match="values"):
         line_plot([{"x": [1, 2], "y": [1]}])
     with pytest.raises(ValueError, match="size"):
         line_plot([], size=(10, 10))
-    # text: every glyph is 3x5 pixels, magnified
-    canvas = np.zeros((20, 40, 3), np.uint8)
-    draw_text(canvas, 1, 1, "1e-3", colour=(255, 255, 255), scale=2)
-    assert text_size("1e-3", 2) == (30, 10)
-    assert canvas[1:11, 1:31].any() and not canvas[12:].any() and not canvas[:, 32:].any()

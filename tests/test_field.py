@@ -1,6 +1,6 @@
 """``dxfield.drift_field`` against the dense float64 reference (tests/reference.py).
 
-Checks design.md 2.1-2.3 value by value: both normalisations (bidirectional,
+Checks docs/design.md section 2.1-2.3 value by value: both normalisations (bidirectional,
 row), the paper's normalisations on and off (feature scale auto / None / a
 number, drift normalisation on / off), one and several temperatures, Laplace
 and Gaussian kernels, explicit, weighted (scalar and per-negative) negatives
@@ -422,3 +422,18 @@ def test_label_arguments_are_checked():
         dxfield.drift_field(x, pos, labels=np.zeros(4), pos_labels=np.zeros(6, int))
     with pytest.raises(ValueError, match="neg_labels"):
         dxfield.drift_field(x, pos, labels=np.zeros(4, int), pos_labels=np.zeros(6, int), neg_labels=np.zeros(2, int))
+
+
+def test_labels_equal_per_class_calls_only_without_drift_norm():
+    # the docstring's claim: one labelled call is the per-class calls when nothing is shared across
+    # classes (fixed scale, no drift normalisation); drift_norm normalises over the whole batch
+    rng = np.random.default_rng(40)
+    x, y = rng.normal(size=(40, 3)), rng.normal(size=(90, 3)) + 0.5
+    lab, plab = rng.integers(0, 3, 40), rng.integers(0, 3, 90)
+    for drift_norm in (False, True):
+        v = dxfield.drift_field(x, y, labels=lab, pos_labels=plab, drift_norm=drift_norm, feature_scale=1.0)
+        w = np.zeros_like(v)
+        for c in range(3):
+            w[lab == c] = dxfield.drift_field(x[lab == c], y[plab == c], drift_norm=drift_norm, feature_scale=1.0)
+        gap = np.abs(v - w).max() / np.abs(w).max()
+        assert (gap < 1e-10) if not drift_norm else (gap > 1e-3)

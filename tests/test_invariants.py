@@ -139,7 +139,7 @@ def test_swapping_positives_and_negatives_flips_the_sign(xp, data, norm, kernel,
        include_self=st.booleans(), which=st.integers(0, 100))
 def test_integer_weight_equals_duplicated_negative(data, norm, kernel, temperatures, include_self, which):
     # A fixed feature scale: "auto" averages distances over listed pairs, so a listed
-    # duplicate (but not a weight) would move S (design.md 2.3; same in the reference).
+    # duplicate (but not a weight) would move S (docs/design.md section 2.3; same in the reference).
     x, pos, neg = data
     j = which % len(neg)
     kw = dict(normalization=norm, kernel=kernel, temperatures=temperatures, include_self=include_self,

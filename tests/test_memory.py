@@ -1,4 +1,4 @@
-"""Memory: the exact field never needs O(N (N + P)) memory (design.md 2.5).
+"""Memory: the exact field never needs O(N (N + P)) memory (docs/design.md section 2.5).
 
 Runs ``drift_field`` and ``kernel_matvec`` on NumPy under a small
 ``memory_budget`` with ``tracemalloc`` started after the inputs exist, and

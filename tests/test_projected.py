@@ -1,4 +1,4 @@
-"""``dxfield.ProjectedField`` (design.md 2.4) against dense float64 formulas written here.
+"""``dxfield.ProjectedField`` (docs/design.md section 2.4) against dense float64 formulas written here.
 
 What is checked, each against an independent dense computation:
 
@@ -808,7 +808,7 @@ def test_progress_bar_goes_to_stderr(capsys):
 
 
 def test_all_points_as_landmarks_give_the_exact_attraction_with_query_landmarks():
-    """Landmarks = positives + queries (design 2.4's exactness check with every point a landmark).
+    """Landmarks = positives + queries (docs/design.md section 2.4's exactness check with every point a landmark).
 
     Where a query is a landmark but not a positive, its true kernel sum over the positives
     (e^-50 at tau = 0.02 here) lies below float64 rounding of the O(1) terms the Nystrom

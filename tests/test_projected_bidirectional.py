@@ -3,7 +3,7 @@
 Checked against dense float64 formulas written here or in tests/reference.py:
 
 * exactness: with every positive a landmark and ridge -> 0 it is Algorithm 2
-  (design.md 2.1) with all the data as positives -- both kernels, tiny
+  (docs/design.md section 2.1) with all the data as positives -- both kernels, tiny
   temperatures, feature scale None or fixed, drift norm on or off, explicit
   weighted negatives, class shards;
 * with m << P it is the landmark-column formula
