@@ -1,14 +1,24 @@
 """dxfield: drifting fields on NumPy (CPU) and CuPy (GPU), no torch required.
 
-Rooms of the library:
+Rooms of the library (the design, math and formats: ``docs/design.md``):
 
 * :mod:`dxfield.kernels` -- Laplace and Gaussian kernels, pairwise distances,
   blockwise exact kernel sums (:func:`kernel_matvec`);
 * :mod:`dxfield.field` -- the exact drifting field (:func:`drift_field`),
-  bidirectional (Algorithm 2 of the drifting paper) or row-normalised, in tiles
-  under a memory budget;
+  bidirectional (Algorithm 2 of the drifting paper) or row-normalised, run by
+  :mod:`dxfield.sweep` in tiles under a memory budget (:mod:`dxfield.memory`),
+  its streamed sums in :mod:`dxfield.sums`;
+* :mod:`dxfield.nystrom`, :mod:`dxfield.landmarks` -- Nystrom feature maps and
+  landmark selection;
+* :mod:`dxfield.projected` -- the projected field (:class:`ProjectedField`):
+  :mod:`dxfield.summaries` of the whole data set (cached by
+  :mod:`dxfield.cache`), estimators in :mod:`dxfield.attraction`,
+  :mod:`dxfield.repulsion` and :mod:`dxfield.estimators`;
+* :mod:`dxfield.engine` -- composed array operations or fused CUDA kernels
+  (:mod:`dxfield.fused`);
 * backends -- every function takes NumPy, CuPy or DLPack arrays (torch tensors
-  zero-copy) and answers in the input's namespace and device.
+  zero-copy) and answers in the input's namespace and device
+  (:mod:`dxfield.backend`).
 
 Example
 -------

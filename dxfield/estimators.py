@@ -80,10 +80,13 @@ def _settled(pf, xp, side):
     return RowSums.settled(xp, b, log_w, pf.dtype), log_r
 
 
-def _bidirectional_field(pf, c: FieldCall, attraction):
-    """Algorithm 2 with the summarised data as positives (``attraction``) and the negatives swept exactly."""
+def _bidirectional_field(pf, c: FieldCall, positives):
+    """Algorithm 2 with the summarised data as positives and the negatives swept exactly.
+
+    ``positives``: the attraction estimator's ``(per temperature (b, log_w, log_r), fallback)``.
+    """
     xp = c.xp
-    pos_side, fallback = attraction(pf, c)
+    pos_side, fallback = positives
     sweeper, sums, row_lse = sweep_negatives(pf, xp, c.xa, c.negatives, c.query_labels, bidirectional=True,
                                              **c.sweep_options)
     shift = sweeper.mu - c.centre  # the sweep's sums are centred on the queries' mean
@@ -123,12 +126,26 @@ def _bidirectional_nystrom_field(pf, c: FieldCall):
     return combine(xp, sums, lse, drift_norm=c.drift_norm), fallback, rep_fallback
 
 
+def _row_exact(pf, c: FieldCall):
+    return _row_field(pf, c, nystrom=False)
+
+
+def _row_nystrom(pf, c: FieldCall):
+    return _row_field(pf, c, nystrom=True)
+
+
+def _bidirectional_exact(pf, c: FieldCall):
+    return _bidirectional_field(pf, c, bidirectional_attraction(pf, c.xp, c.xa, c.groups))
+
+
+def _bidirectional_corrected(pf, c: FieldCall):
+    return _bidirectional_field(pf, c, corrected_attraction(pf, c.xp, c.xa, c.groups, *c.sample))
+
+
 ESTIMATORS = {
-    ("row", "exact"): lambda pf, c: _row_field(pf, c, nystrom=False),
-    ("row", "nystrom"): lambda pf, c: _row_field(pf, c, nystrom=True),
-    ("bidirectional", "exact"): lambda pf, c: _bidirectional_field(
-        pf, c, lambda pf, c: bidirectional_attraction(pf, c.xp, c.xa, c.groups)),
-    ("bidirectional", "corrected"): lambda pf, c: _bidirectional_field(
-        pf, c, lambda pf, c: corrected_attraction(pf, c.xp, c.xa, c.groups, *c.sample)),
+    ("row", "exact"): _row_exact,
+    ("row", "nystrom"): _row_nystrom,
+    ("bidirectional", "exact"): _bidirectional_exact,
+    ("bidirectional", "corrected"): _bidirectional_corrected,
     ("bidirectional", "nystrom"): _bidirectional_nystrom_field,
 }

@@ -27,12 +27,13 @@ from .attraction import row_attraction
 from .backend import device_context, place, to_host
 from .cuda_ops import PRECISIONS
 from .engine import resolve as resolve_engine
+from .diagnostics import fidelity
 from .estimators import ESTIMATORS, FieldCall
 from .field import DEFAULT_TEMPERATURES, NORMALIZATIONS, resolve_negatives
-from .kernels import check_kernel, logit_coef, sq_norms
+from .kernels import check_kernel
 from .memory import parse_budget
-from .landmarks import METHODS, nearest, sample_mean_distance, select
-from .repulsion import Negatives, exact_barycentres
+from .landmarks import METHODS, sample_mean_distance, select
+from .repulsion import Negatives
 from .summaries import (DEFAULT_DEN_FLOOR, RowSource, Shard, Summaries, distinct_rows, factor_landmarks, merge,
                         host_labels)
 
@@ -163,30 +164,14 @@ class ProjectedField(Summaries):
         return pf
 
     # -- evaluation ------------------------------------------------------------------
-    def _prepare(self, x, extra: dict, backend, check_finite: bool):
+    def place_queries(self, x, extra: dict, backend, check_finite: bool):
+        """The queries ``x`` (and the ``extra`` arrays) placed for a call: ``(placement, xp, x, arrays)``."""
         placement, a = place({"x": x, **extra}, backend)
         xp = placement.xp
         xa = checks.float_matrix(a["x"], "x", self.dtype, check_finite=check_finite)
         if xa.shape[1] != self.dim:
             raise ValueError(f"x has {xa.shape[1]} features per row but this cache was built for D={self.dim}")
         return placement, xp, xa, a
-
-    def _class_rows(self, labels, n: int):
-        """Map query labels to shard indices: ``(groups, host labels)``, groups a list of
-        (shard index, host row indices); ``(None, None)`` without labels."""
-        if labels is None:
-            return None, None
-        lab = host_labels(labels, n, "one per query")
-        if self.classes == [None]:
-            raise ValueError("labels were given but this cache is unconditional (built without labels)")
-        known = {s.label: i for i, s in enumerate(self.shards)}
-        out = []
-        for c in np.unique(lab):
-            if int(c) not in known:
-                raise ValueError(f"labels contains class {int(c)}, which this cache has no summaries for; "
-                                 f"known classes: {sorted(known)}")
-            out.append((known[int(c)], np.flatnonzero(lab == c)))
-        return out, lab
 
     def _engine(self, placement, engine, precision):
         """The fused engine's ops for this call, or None (composed); see :func:`dxfield.engine.resolve`."""
@@ -201,10 +186,10 @@ class ProjectedField(Summaries):
         shards combine block-diagonally.  ``engine`` and ``precision`` as in
         :meth:`field`.
         """
-        placement, xp, xa, _ = self._prepare(x, {}, backend, check_finite)
+        placement, xp, xa, _ = self.place_queries(x, {}, backend, check_finite)
         ops = self._engine(placement, engine, precision)
         with device_context(placement):
-            groups, _ = self._class_rows(labels, xa.shape[0])
+            groups, _ = self.class_groups(labels, xa.shape[0])
             bs, fallback = row_attraction(self, xp, xa, groups, ops, precision)
             self.last_stats = {"attraction_fallback_rows": fallback}
             out = xp.stack(bs) + self.on_device(placement)["centre"]
@@ -292,15 +277,15 @@ class ProjectedField(Summaries):
             extra["neg_weight"] = neg_weight
         if pos_sample is not None:
             extra["pos_sample"] = pos_sample
-        placement, xp, xa, a = self._prepare(x, extra, backend, check_finite)
+        placement, xp, xa, a = self.place_queries(x, extra, backend, check_finite)
         ops = self._engine(placement, engine, precision)
         with device_context(placement):
-            groups, lab = self._class_rows(labels, xa.shape[0])
+            groups, lab = self.class_groups(labels, xa.shape[0])
             sample = None
             if pos_sample is not None:
                 ys = checks.float_matrix(a["pos_sample"], "pos_sample", self.dtype, dim=self.dim,
                                          check_finite=check_finite)
-                sample = (ys, self._sample_groups(pos_sample_labels, ys.shape[0], groups))
+                sample = (ys, self.sample_groups(pos_sample_labels, ys.shape[0], groups))
             negatives = Negatives(include_self, a.get("neg"), a.get("neg_weight", neg_weight), check_finite)
             call = FieldCall(xp=xp, xa=xa, groups=groups, labels=lab, negatives=negatives,
                              centre=self.on_device(placement)["centre"], ops=ops, precision=precision,
@@ -312,71 +297,10 @@ class ProjectedField(Summaries):
             self.last_stats = {"attraction_fallback_rows": fallback, "repulsion_fallback_rows": rep_fallback}
             return placement.to_origin(total)
 
-    def _sample_groups(self, labels, b: int, groups):
-        """Rows of ``pos_sample`` per query group (all rows without classes)."""
-        if groups is None:
-            if labels is not None and self.classes != [None]:
-                # unconditional queries on a class cache: every class's rows, one shard each
-                lab = host_labels(labels, b, "one per row of pos_sample")
-                return {i: np.flatnonzero(lab == s.label) for i, s in enumerate(self.shards)}
-            if self.classes != [None]:
-                raise ValueError("pos_sample_labels are needed to correct a class-conditional cache")
-            return {None: np.arange(b)}
-        if labels is None:
-            raise ValueError("pos_sample_labels are needed with labels (one class per row of pos_sample)")
-        lab = host_labels(labels, b, "one per row of pos_sample")
-        return {si: np.flatnonzero(lab == self.shards[si].label) for si, _ in groups}
-
-
     # -- diagnostics -------------------------------------------------------------------
     def diagnostics(self, x, pos=None, *, labels=None, backend=None) -> dict:
-        """Fidelity of the cache at probe points ``x`` (e.g. the current generated batch).
-
-        Returns a JSON-ready dict: per temperature the relative error of the
-        projected attraction against the exact row-normalised barycentre over
-        ``pos`` (when given), rows that took the fallback, the distance from
-        each probe to its nearest landmark (p50/p95/max, in units of
-        ``S * sqrt(D)`` when scaled), and each shard's condition numbers and
-        effective ranks.
-        """
-        placement, xp, xa, a = self._prepare(x, {"pos": pos}, backend, True)
-        with device_context(placement):
-            groups, _ = self._class_rows(labels, xa.shape[0])
-            bs, fallback = row_attraction(self, xp, xa, groups)
-            dev = self.on_device(placement)
-            xc = xa - dev["centre"]
-            _, d2 = nearest(xp, xc, sq_norms(xc), dev["uc_all"], budget=self.memory_budget, tt=dev["uu_all"])
-            unit = 1.0 if self.feature_scale is None else self.feature_scale * math.sqrt(self.dim)
-            dist = np.sqrt(np.maximum(to_host(d2).astype(np.float64), 0.0)) / unit
-            report = {
-                "temperatures": list(self.temperatures),
-                "n_landmarks": self.n_landmarks,
-                "n_samples": self.n_samples,
-                "attraction_fallback_rows": fallback,
-                "nearest_landmark_distance": {"p50": float(np.percentile(dist, 50)),
-                                              "p95": float(np.percentile(dist, 95)), "max": float(dist.max())},
-                "shards": [{"label": s.label, "m": s.m, "n": s.n,
-                            "condition_number": [sp["condition_number"] for sp in s.spectra],
-                            "effective_rank": [sp["effective_rank"] for sp in s.spectra],
-                            "n_clamped": [sp["n_clamped"] for sp in s.spectra],
-                            "eigenvalue_range": [[sp.get("eigenvalue_min"), sp.get("eigenvalue_max")]
-                                                 for sp in s.spectra]} for s in self.shards],
-            }
-            if a.get("pos") is not None:
-                pa = checks.float_matrix(a["pos"], "pos", self.dtype, dim=self.dim)
-                coefs = [logit_coef(self.kernel, t) for t in self.taus]
-                errs = []
-                if groups is None:
-                    # relative error of the attraction displacement b+(x) - x (translation invariant)
-                    exact = exact_barycentres(xp, xa, pa, coefs, self.kernel, self.memory_budget)
-                    mu = xa.mean(axis=0)
-                    for k in range(len(self.temperatures)):
-                        ex = exact[k] + mu
-                        errs.append(float(xp.linalg.norm(bs[k] + dev["centre"] - ex))
-                                    / max(float(xp.linalg.norm(ex - xa)), 1e-300))
-                report["attraction_relative_error"] = errs if errs else None
-            return report
-
+        """Fidelity of the cache at probe points ``x``: see :func:`dxfield.diagnostics.fidelity`."""
+        return fidelity(self, x, pos, labels=labels, backend=backend)
 
     # -- save / load ----------------------------------------------------------------------
     def save(self, path) -> None:

@@ -226,6 +226,40 @@ class Summaries:
         return self.per_device(dev, ("winv", tuple(shards), k), lambda: _block_diag(
             xp, [self.shards[i].factors[k] @ self.shards[i].factors[k] for i in shards]))
 
+    # -- which shards serve which rows ------------------------------------------------
+    def class_groups(self, labels, n: int):
+        """Map query labels to shard indices: ``(groups, host labels)``, groups a list of
+        (shard index, host row indices); ``(None, None)`` without labels."""
+        if labels is None:
+            return None, None
+        lab = host_labels(labels, n, "one per query")
+        if self.classes == [None]:
+            raise ValueError("labels were given but this cache is unconditional (built without labels)")
+        known = {s.label: i for i, s in enumerate(self.shards)}
+        out = []
+        for c in np.unique(lab):
+            if int(c) not in known:
+                raise ValueError(f"labels contains class {int(c)}, which this cache has no summaries for; "
+                                 f"known classes: {sorted(known)}")
+            out.append((known[int(c)], np.flatnonzero(lab == c)))
+        return out, lab
+
+    def sample_groups(self, labels, b: int, groups):
+        """Rows of ``pos_sample`` per query group (all rows without classes)."""
+        if groups is None:
+            if labels is not None and self.classes != [None]:
+                # unconditional queries on a class cache: every class's rows, one shard each
+                lab = host_labels(labels, b, "one per row of pos_sample")
+                return {i: np.flatnonzero(lab == s.label) for i, s in enumerate(self.shards)}
+            if self.classes != [None]:
+                raise ValueError("pos_sample_labels are needed to correct a class-conditional cache")
+            return {None: np.arange(b)}
+        if labels is None:
+            raise ValueError("pos_sample_labels are needed with labels (one class per row of pos_sample)")
+        lab = host_labels(labels, b, "one per row of pos_sample")
+        return {si: np.flatnonzero(lab == self.shards[si].label) for si, _ in groups}
+
+
     # -- summaries as one vector (all-reduce) ---------------------------------------------
     def summary_vector(self) -> np.ndarray:
         """Every shard's ``t``, ``G`` and ``n`` as one float64 vector (host), e.g. to all-reduce.
