@@ -386,8 +386,6 @@ class RowSource:
             self.data = data
             self.in_memory = False
             self.placement = place({}, backend)[0]
-            if self.placement.device.kind == "cpu" and backend not in (None, "auto", "numpy"):
-                pass
         else:
             self.placement, a = place({name: data}, backend)
             self.data = a[name]
