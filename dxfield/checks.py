@@ -70,6 +70,15 @@ def non_negative(value: Any, name: str) -> float:
     return v
 
 
+def feature_scale(value: Any):
+    """``"auto"``, None, or a float > 0."""
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return value
+    if isinstance(value, str):
+        raise ValueError(f"feature_scale={value!r} is not valid; use 'auto', a number > 0, or None")
+    return positive_float(value, "feature_scale")
+
+
 def positive_float(value: Any, name: str) -> float:
     """A finite float > 0."""
     try:

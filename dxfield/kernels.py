@@ -24,6 +24,7 @@ import math
 from . import checks
 from .backend import device_context, floating_dtype, place
 from .memory import parse_budget, plan_blocks, tile_cap
+from .options import documented
 
 KERNELS = ("laplace", "gaussian")
 
@@ -244,9 +245,13 @@ def kernel_matrix(x, y=None, *, kernel: str = "laplace", tau: float = 1.0, backe
         return placement.to_origin(placement.xp.exp(k, out=k))
 
 
+@documented("kernel", "memory_budget", "block_size", "backend", "check_finite")
 def kernel_matvec(x, y, w, *, kernel: str = "laplace", tau: float = 1.0, memory_budget=None,
                   block_size=None, backend=None, check_finite: bool = True):
     """Exact kernel sums ``K(x, y) @ w`` computed in tiles, never holding the n x m matrix.
+
+    O(n m (D + k)) flops and O(budget) memory: kernel ridge regression, MMD,
+    kernel density or kernel k-means at sizes where ``K`` does not fit.
 
     Parameters
     ----------
@@ -256,20 +261,13 @@ def kernel_matvec(x, y, w, *, kernel: str = "laplace", tau: float = 1.0, memory_
         Source points.
     w : array (m,) or (m, k)
         Weights (one or several columns).
-    kernel : {"laplace", "gaussian"}
     tau : float > 0
         Kernel length scale.
-    memory_budget : int or str, optional
-        Extra bytes the call may use (default 64 MiB, or ``$DXFIELD_MEMORY_BUDGET``).
+    {options}
 
     Returns
     -------
     array (n,) or (n, k), in the namespace and device of the inputs.
-
-    Notes
-    -----
-    Cost O(n m (D + k)) flops, memory O(budget).  For kernel ridge regression,
-    MMD, kernel density or kernel k-means at sizes where ``K`` does not fit.
 
     Examples
     --------

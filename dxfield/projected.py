@@ -32,6 +32,7 @@ from .estimators import ESTIMATORS, FieldCall
 from .field import DEFAULT_TEMPERATURES, NORMALIZATIONS, resolve_negatives
 from .kernels import check_kernel
 from .memory import parse_budget
+from .options import documented
 from .landmarks import METHODS, sample_mean_distance, select
 from .repulsion import Negatives
 from .summaries import (DEFAULT_DEN_FLOOR, RowSource, Shard, Summaries, distinct_rows, factor_landmarks, merge,
@@ -61,6 +62,7 @@ class ProjectedField(Summaries):
 
     # -- building ------------------------------------------------------------------
     @classmethod
+    @documented("temperatures", "kernel", "nystrom.regularisation", "memory_budget", "backend")
     def build(cls, pos, *, temperatures=DEFAULT_TEMPERATURES, landmarks=1024, method: str = "kmeans",
               labels=None, ridge: float = 1e-4, eig_clamp: float = 1e-8, kernel: str = "laplace",
               feature_scale="auto", seed: int = 0, chunk_size: int | None = None, progress: bool = False,
@@ -74,8 +76,6 @@ class ProjectedField(Summaries):
             Real samples (features).  NumPy/CuPy/DLPack arrays, a memory-mapped
             ``.npy`` (``np.load(..., mmap_mode="r")``) or an HDF5 dataset
             (``h5py``); read in chunks, so it may be larger than memory.
-        temperatures : float or sequence
-            As in :func:`dxfield.drift_field` (in units of the feature scale).
         landmarks : int or array (m, D)
             Landmarks per class (or in all) to select with ``method``, or the
             landmark points themselves (shared by every class shard).
@@ -84,20 +84,17 @@ class ProjectedField(Summaries):
             not in memory it runs on a uniform pool of ``selection_pool`` rows.
         labels : array (P,) of ints, optional
             Build one shard per class (class-conditional fields).
-        ridge, eig_clamp : Nystrom regularisation (see :class:`dxfield.Nystrom`).
         feature_scale : "auto", float or None
             "auto": ``S = mean pairwise distance / sqrt(D)`` over up to 2048
             sampled positives, fixed here and stored with the cache.
-        chunk_size : int, optional
-            Rows per streamed chunk (default: from ``memory_budget``).
-        progress : bool
-            Show a progress bar on stderr while streaming.
+        chunk_size, progress : rows per streamed chunk (default: from the
+            budget); a progress bar on stderr while streaming.
         summarize : bool
-            False: choose the landmarks, feature scale and factors from ``pos``
-            (deterministic given ``seed``) but leave the summaries empty
-            (``n == 0``); add them with :meth:`add_summaries`, e.g. one subset of
-            the rows per process, then sum ``t``, ``G`` and ``n`` over the
-            processes (summaries are sums over the data).
+            False: choose the landmarks, feature scale and factors (deterministic
+            given ``seed``) but leave the summaries empty; add them with
+            :meth:`add_summaries`, e.g. a subset of the rows per process, then
+            sum :meth:`summary_vector` over the processes.
+        {options}
         """
         temps = checks.temperatures(temperatures)
         kernel = check_kernel(kernel)
@@ -107,58 +104,25 @@ class ProjectedField(Summaries):
         den_floor = checks.positive_float(den_floor, "den_floor")
         budget = parse_budget(memory_budget)
         rows = RowSource(pos, "pos", backend)
-        placement, xp = rows.placement, rows.placement.xp
         wdtype = np.dtype(dtype) if dtype is not None else (np.dtype(np.float64) if rows.dtype == np.float64 else np.dtype(np.float32))
-        n, d = rows.n, rows.d
-        lab = None if labels is None else host_labels(labels, n, "one per row of pos")
+        lab = None if labels is None else host_labels(labels, rows.n, "one per row of pos")
         rng = np.random.default_rng(seed)
-        with device_context(placement):
-            # feature scale, fixed now
-            if isinstance(feature_scale, str):
-                if feature_scale != "auto":
-                    raise ValueError(f"feature_scale={feature_scale!r} is not valid; use 'auto', a number > 0, or None")
-                sample = rows.take(np.sort(rng.choice(n, size=min(n, 2048), replace=False)), wdtype)
-                scale = sample_mean_distance(xp, sample, rng, sample=sample.shape[0]) / math.sqrt(d) if n > 1 else 1.0
-            elif feature_scale is None:
-                scale = None
-            else:
-                scale = checks.positive_float(feature_scale, "feature_scale")
-            unit = 1.0 if scale is None else scale * math.sqrt(d)
+        with device_context(rows.placement):
+            scale = _measured_scale(rows, checks.feature_scale(feature_scale), rng, wdtype)
+            unit = 1.0 if scale is None else scale * math.sqrt(rows.d)
             taus = [t * unit for t in temps]
-            # landmarks per shard
-            groups = [(None, None)] if lab is None else [(int(c), np.flatnonzero(lab == c)) for c in np.unique(lab)]
+            groups = [None] if lab is None else [int(c) for c in np.unique(lab)]
             if isinstance(landmarks, (int, np.integer)) and not isinstance(landmarks, bool):
-                m = int(landmarks)
-                pool = np.arange(n) if rows.in_memory or n <= selection_pool else np.sort(
-                    rng.choice(n, size=selection_pool, replace=False))
-                pool_y = rows.take(pool, wdtype) if not rows.in_memory else rows.array(wdtype)
-                pool_lab = None if lab is None else lab[pool]
-                idx = to_host(select(pool_y, m, method=method, labels=pool_lab, seed=seed, kernel=kernel,
-                                   tau=max(taus), memory_budget=budget))
-                points = to_host(pool_y[xp.asarray(idx)]).astype(np.float64)
-                # identical points (e.g. blank corners of images) repeat a landmark: keep one of each
-                per_shard = [distinct_rows(points[i * m:(i + 1) * m]) for i in range(len(groups))]
+                per_shard = _selected_landmarks(rows, int(landmarks), len(groups), lab, rng, wdtype, method=method,
+                                                seed=seed, kernel=kernel, tau=max(taus), budget=budget,
+                                                selection_pool=selection_pool)
             else:
-                u = to_host(place({"landmarks": landmarks}, "numpy")[1]["landmarks"])
-                u = checks.float_matrix(u, "landmarks", np.float64, dim=d)
-                distinct = distinct_rows(u)
-                if distinct.shape[0] < u.shape[0]:
-                    warnings.warn(f"landmarks: {u.shape[0] - distinct.shape[0]} duplicate row(s) dropped "
-                                  f"({distinct.shape[0]} distinct landmarks kept)", stacklevel=2)
-                per_shard = [distinct for _ in groups]
-            centre = np.mean(np.concatenate(per_shard), axis=0)
-            shards = []
-            shared = {}
-            for (label, _), u in zip(groups, per_shard):
-                key = id(u)
-                if key not in shared:
-                    shared[key] = factor_landmarks(u, taus, kernel, ridge, eig_clamp, wdtype)
-                factors, spectra = shared[key]
-                shards.append(Shard(label, u, factors, [np.zeros(u.shape[0]) for _ in temps],
-                                    [np.zeros((u.shape[0], d)) for _ in temps], 0, spectra))
+                per_shard = [_given_landmarks(landmarks, rows.d)] * len(groups)
+            shards = _empty_shards(groups, per_shard, taus, kernel, ridge, eig_clamp, wdtype, rows.d)
             pf = cls(kernel=kernel, temperatures=temps, ridge=ridge, eig_clamp=eig_clamp, feature_scale=scale,
-                     dim=d, centre=centre, shards=shards, fingerprint=rows.fingerprint(), dtype=wdtype,
-                     den_floor=den_floor, placement=placement, memory_budget=budget)
+                     dim=rows.d, centre=np.mean(np.concatenate(per_shard), axis=0), shards=shards,
+                     fingerprint=rows.fingerprint(), dtype=wdtype, den_floor=den_floor,
+                     placement=rows.placement, memory_budget=budget)
             if summarize:
                 pf.accumulate(rows, lab, chunk_size=chunk_size, progress=progress)
         return pf
@@ -196,6 +160,8 @@ class ProjectedField(Summaries):
             return placement.to_origin(out)
 
 
+    @documented("projected.normalization", "projected.repulsion", "projected.pos_sample", "drift_norm", "neg_weight",
+                "include_self", "backend", "check_finite", "engine", "projected.precision")
     def field(self, x, neg=None, *, labels=None, normalization: str = "row", repulsion: str = "exact",
               drift_norm: bool = True, neg_weight=None, include_self: bool | None = None, backend=None,
               check_finite: bool = True, engine=None, precision: str = "float32", pos_sample=None,
@@ -211,52 +177,7 @@ class ProjectedField(Summaries):
         labels : array (N,) of ints, optional
             Class of each query (class-conditional caches): attraction to its
             class's summaries, repulsion from the other queries of its class.
-        normalization : {"row", "bidirectional"}, default "row"
-            ``"row"``: ``V = b+ - b-`` (docs/design.md section 2.2), what the summaries give
-            directly.  ``"bidirectional"``: Algorithm 2 (docs/design.md section 2.1) with the
-            WHOLE summarised data as positives -- the positives' column sums
-            over the queries are taken at the landmarks (see
-            :func:`dxfield.attraction.bidirectional_attraction`), the negatives' exactly.  Data
-            modes that no query is near keep their pull (their small column sums
-            boost them), so the generator does not settle on the heaviest modes;
-            exact with every positive a landmark and ``ridge -> 0``.  Costs a
-            second query-landmark distance block when the block does not fit the
-            memory budget.
-        pos_sample : array (B, D), optional (bidirectional only)
-            A uniform random sample of the summarised data (e.g. a fresh
-            mini-batch of real features each step).  The Nystrom sums are then
-            corrected by the sample's residual, ``sum_all k f ~ sum_all k^ f +
-            (n / B) sum_sample (k - k^) f`` (``k^`` the Nystrom kernel with the
-            landmark column weights): an unbiased estimate of Algorithm 2's sums
-            over ALL the data whose variance is the residual's, small where the
-            Nystrom kernel is good.  With the whole data as the sample it is
-            Algorithm 2 exactly, whatever the landmarks.  Costs an exact
-            N x B block and O(m^2 B + N m B) per call (dense, float64).
-            ``pos_sample_labels``: the sample's classes (class-conditional
-            caches; each class is corrected by its own rows, scaled by its own
-            count).
-        repulsion : {"exact", "nystrom"}
-            ``"exact"``: the blockwise exact sweep over the negatives.
-            ``"nystrom"`` (negatives = the queries): row normalisation uses the
-            batch's own summaries with the self-interaction removed; the
-            bidirectional field summarises the batch on the same landmarks as
-            the data every call (dense N x m blocks in float64, O(N m (m + D))),
-            so attraction and repulsion go through one kernel and the field
-            vanishes where the generated and real samples agree, which exact
-            repulsion against a Nystrom attraction does not do.  Rows whose
-            Nystrom sums fail use the exact negatives.
-        drift_norm : bool
-            Per-temperature ``V / sqrt(mean ||V||^2 / D)`` before summing.
-        neg_weight, include_self : as in :func:`dxfield.drift_field` (exact repulsion).
-        engine : {"auto", "composed", "fused"}, optional
-            As in :func:`dxfield.drift_field`: ``"fused"`` computes the
-            query-landmark kernel block with a CUDA kernel fused with the
-            distances, the folded products with cuBLAS, and the exact repulsion
-            with the fused exact-field kernels (GPU, float32 caches).
-        precision : {"float32", "tf32", "bf16"}, default "float32"
-            Precision of the fused engine's matrix products (GPU only):
-            ``"tf32"`` and ``"bf16"`` use the tensor cores with float32
-            accumulation.  The exact repulsion uses TF32 when ``"bf16"`` is asked.
+        {options}
 
         Returns
         -------
@@ -319,6 +240,54 @@ class ProjectedField(Summaries):
                     memory_budget=memory_budget)
 
 
+
+
+def _measured_scale(rows: RowSource, feature_scale, rng, dtype):
+    """The cache's feature scale: ``mean distance / sqrt(D)`` over up to 2048 sampled rows for "auto"."""
+    if feature_scale != "auto":
+        return feature_scale
+    n = rows.n
+    sample = rows.take(np.sort(rng.choice(n, size=min(n, 2048), replace=False)), dtype)
+    xp = rows.placement.xp
+    return sample_mean_distance(xp, sample, rng, sample=sample.shape[0]) / math.sqrt(rows.d) if n > 1 else 1.0
+
+
+def _selected_landmarks(rows: RowSource, m: int, n_shards: int, lab, rng, dtype, *, method, seed, kernel, tau,
+                        budget, selection_pool):
+    """``m`` landmarks per shard chosen by ``method`` (on a uniform pool of rows for data not in memory)."""
+    xp, n = rows.placement.xp, rows.n
+    pool = np.arange(n) if rows.in_memory or n <= selection_pool else np.sort(
+        rng.choice(n, size=selection_pool, replace=False))
+    pool_y = rows.take(pool, dtype) if not rows.in_memory else rows.array(dtype)
+    pool_lab = None if lab is None else lab[pool]
+    idx = to_host(select(pool_y, m, method=method, labels=pool_lab, seed=seed, kernel=kernel, tau=tau,
+                         memory_budget=budget))
+    points = to_host(pool_y[xp.asarray(idx)]).astype(np.float64)
+    # identical points (e.g. blank corners of images) repeat a landmark: keep one of each
+    return [distinct_rows(points[i * m:(i + 1) * m]) for i in range(n_shards)]
+
+
+def _given_landmarks(landmarks, d: int) -> np.ndarray:
+    """The caller's landmark points (float64, host), repeated rows dropped with a warning."""
+    u = to_host(place({"landmarks": landmarks}, "numpy")[1]["landmarks"])
+    u = checks.float_matrix(u, "landmarks", np.float64, dim=d)
+    distinct = distinct_rows(u)
+    if distinct.shape[0] < u.shape[0]:
+        warnings.warn(f"landmarks: {u.shape[0] - distinct.shape[0]} duplicate row(s) dropped "
+                      f"({distinct.shape[0]} distinct landmarks kept)", stacklevel=3)
+    return distinct
+
+
+def _empty_shards(labels, per_shard, taus, kernel, ridge, eig_clamp, dtype, d: int) -> list:
+    """One shard per label on its landmarks, factored (once per distinct landmark set), summaries empty."""
+    shards, factored = [], {}
+    for label, u in zip(labels, per_shard):
+        if id(u) not in factored:
+            factored[id(u)] = factor_landmarks(u, taus, kernel, ridge, eig_clamp, dtype)
+        factors, spectra = factored[id(u)]
+        shards.append(Shard(label, u, factors, [np.zeros(u.shape[0]) for _ in taus],
+                            [np.zeros((u.shape[0], d)) for _ in taus], 0, spectra))
+    return shards
 
 # Names callers import from here: the summaries' building blocks live in dxfield.summaries.
 __all__ = ["ProjectedField", "REPULSIONS", "DEFAULT_DEN_FLOOR", "RowSource", "Shard", "merge"]

@@ -17,16 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from . import checks
 from .attraction import query_groups
 from .backend import device_of, placement_of
-from .field import log_weights
 from .kernels import logit_coef, sq_norms, sqdist
 from .memory import tile_cap
 from .nystrom import kernel_products
 from .sums import logsumexp
 from .sweep import ExactSums
-from .targets import Targets
+from .targets import Targets, negative_runs
 
 
 @dataclass(frozen=True)
@@ -45,16 +43,8 @@ QUERIES = Negatives(include_self=True, check_finite=False)  # the batch itself, 
 def sweep_negatives(pf, xp, xa, negs: Negatives, query_labels=None, bidirectional=False, ops=None,
                     precision="float32"):
     """The exact sweep over the negatives: ``(sweeper, sums, row_lse)`` at the cache's temperatures."""
-    d = xa.shape[1]
-    targets = []
-    if negs.include_self:
-        targets.append(Targets(xa, True, is_queries=True, labels=query_labels))
-    if negs.neg is not None:
-        na = checks.float_matrix(negs.neg, "neg", pf.dtype, dim=d, check_finite=negs.check_finite)
-        logw = None
-        if negs.neg_weight is not None:
-            logw = log_weights(xp, negs.neg_weight, na.shape[0], pf.dtype, negs.check_finite)
-        targets.append(Targets(na, True, log_weight=logw))
+    targets = negative_runs(xp, xa, negs.neg, negs.neg_weight, include_self=negs.include_self, dtype=pf.dtype,
+                            check_finite=negs.check_finite, query_labels=query_labels)
     sweeper = ExactSums(xp, xa, targets, n_temperatures=len(pf.taus), kernel=pf.kernel,
                         bidirectional=bidirectional, budget=pf.memory_budget,
                         tile_cap=tile_cap(device_of(xa)), sides=(1,), query_labels=query_labels,

@@ -357,7 +357,7 @@ def factor_landmarks(u: np.ndarray, taus, kernel: str, ridge: float, eig_clamp: 
     for tau in taus:
         gram = np.exp(log_kernel_from_sqdist(d2.copy(), tau, kernel))
         a, sp = inverse_sqrt(np, gram, ridge, eig_clamp)
-        warn_if_ill_conditioned(sp.condition_number, dtype, ridge, f"ProjectedField (tau={tau:.4g})", stacklevel=4)
+        warn_if_ill_conditioned(sp.condition_number, dtype, ridge, f"ProjectedField (tau={tau:.4g})", stacklevel=5)
         factors.append(a)
         spectra.append({"condition_number": sp.condition_number, "effective_rank": sp.effective_rank,
                         "n_clamped": sp.n_clamped, "eigenvalue_min": float(sp.eigenvalues.min()),

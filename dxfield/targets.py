@@ -11,6 +11,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from . import checks
+from .backend import to_host
+from .sums import quiet
+
 @dataclass
 class Targets:
     """A run of targets: positives, the queries as negatives, or explicit negatives."""
@@ -24,7 +28,6 @@ class Targets:
     @property
     def n(self) -> int:
         return int(self.y.shape[0])
-
 
 
 @dataclass
@@ -56,7 +59,6 @@ class TargetTile:
         return -0.5 * self.y_unit
 
 
-
 def part(a, cols):
     """``a[cols]``, or None for an absent per-target array."""
     return None if a is None else a[cols]
@@ -71,3 +73,37 @@ def y_unit(top: float) -> float:
     """A power of two >= ``top`` (at most 1): small targets are scaled up to it in the products."""
     return 2.0 ** min(0, math.ceil(math.log2(top))) if 0.0 < top < math.inf else 1.0
 
+
+def log_weights(xp, neg_weight, m: int, dtype, check_finite: bool):
+    """Log of per-negative weights: scalar or (M,), each finite and >= 0."""
+    if isinstance(neg_weight, float):
+        w = xp.full(m, neg_weight, dtype=dtype)
+    else:
+        w = neg_weight
+        if w.ndim != 1 or w.shape[0] != m:
+            raise ValueError(f"neg_weight must be a number or an array of shape ({m},) (one per negative), got shape {tuple(w.shape)}")
+        if w.dtype.kind not in "fiub":
+            raise TypeError(f"neg_weight must hold real numbers, got dtype {w.dtype}")
+        w = w.astype(dtype, copy=False)
+    # Checked even with check_finite=False: a negative weight would break the row sums.
+    bad = ~xp.isfinite(w) | (w < 0)
+    if bool(bad.any()):
+        first = int(to_host(bad).argmax())
+        raise ValueError(f"neg_weight must be finite and >= 0; neg_weight[{first}] = {float(w[first])!r}")
+    with quiet(xp):
+        return xp.log(w)
+
+
+def negative_runs(xp, xa, neg, neg_weight, *, include_self: bool, dtype, check_finite: bool, query_labels=None,
+                  neg_labels=None) -> list:
+    """The negatives' runs: the queries themselves (self pairs masked) and/or explicit negatives ``neg``
+    (checked, in ``dtype``) with their weights (a float, an array or None) and labels."""
+    runs = []
+    if include_self:
+        runs.append(Targets(xa, True, is_queries=True, labels=query_labels))
+    if neg is not None:
+        na = checks.float_matrix(neg, "neg", dtype, dim=xa.shape[1], check_finite=check_finite)
+        logw = None if neg_weight is None else log_weights(xp, neg_weight, na.shape[0], dtype, check_finite)
+        runs.append(Targets(na, True, log_weight=logw,
+                            labels=checks.class_labels(neg_labels, na.shape[0], "neg_labels")))
+    return runs

@@ -23,6 +23,22 @@ puts it together and also reports a *floor*: the same metrics for real
 held-out data, i.e. what a perfect generator would score at the same sample
 size. Everything it returns is JSON-ready.
 
+The report of :func:`evaluate_samples` always holds ``dataset``, ``kind``,
+``n_samples``, ``n_nonfinite``, ``n_train``, ``n_test``, ``notes`` and, on
+flattened samples vs ``test``, ``energy_distance``, ``mmd_rbf``,
+``sliced_wasserstein``.  Data with a known density (``train.truth``, the
+embedded ``"mixture"``) add the scores of :func:`mixture_quality`
+(``truth_energy_distance``, ``mode_tv``, ``modes_covered``, ``modes_missed``,
+``in_mode_fraction``, ``rare_mode_mass_ratio``).  Labelled 1x8x8 images (the
+digits) add ``FD_digits`` (classifier features, samples vs ``train``),
+``precision``/``recall`` (k=3, vs ``train``), ``classifier_test_accuracy``,
+``sample_class_counts``.  ``floor`` holds the same metrics for real data in
+the samples' place (a ``train`` subsample vs ``test`` for the distances;
+``test`` vs ``train`` for the FD and precision/recall) at the same sample
+size, since every metric here is biased by sample size: compare a run's
+numbers with its floor, not with 0.  FD_digits uses ``fd_n = min(n_samples,
+n_test)`` points on both sides of the comparison for that reason.
+
 Example
 -------
 >>> from dxtrain.data import load_dataset, train_test_split
@@ -419,37 +435,9 @@ def evaluate_samples(samples, train: Dataset, test: Dataset, *, classifier_cache
     Returns
     -------
     dict
-        Always: ``dataset``, ``kind``, ``n_samples``, ``n_nonfinite``,
-        ``n_train``, ``n_test``, ``notes`` and, on flattened samples vs
-        ``test``, ``energy_distance``, ``mmd_rbf``, ``sliced_wasserstein``.
-        Data with a known density (``train.truth``, the embedded
-        ``"mixture"``) add the scores of :func:`mixture_quality`
-        (``truth_energy_distance``, ``mode_tv``, ``modes_covered``,
-        ``modes_missed``, ``in_mode_fraction``, ``rare_mode_mass_ratio``).
-        Labelled 1x8x8 images (the digits) add ``FD_digits`` (classifier
-        features, samples vs ``train``), ``precision``/``recall`` (k=3, vs
-        ``train``), ``classifier_test_accuracy``, ``sample_class_counts``.
-        ``floor`` holds the same metrics for real data in the samples' place
-        (a ``train`` subsample vs ``test`` for the distances; ``test`` vs
-        ``train`` for the FD and precision/recall) at the same sample size,
-        since every metric here is biased by sample size: compare a run's
-        numbers with its floor, not with 0. FD_digits uses
-        ``fd_n = min(n_samples, n_test)`` points on both sides of the
-        comparison for that reason.
+        The report described in this module's docstring ("The report").
     """
-    if hasattr(samples, "detach"):
-        samples = samples.detach().cpu().numpy()
-    samples = np.asarray(samples, dtype=np.float64)
-    if samples.ndim < 2 or (samples.shape[1:] != train.shape and samples.shape[1:] != (train.dim,)):
-        raise ValueError(f"samples shape {samples.shape}: expected (N, {', '.join(map(str, train.shape))}) "
-                         f"like the training data {train.name!r}")
-    if train.shape != test.shape:
-        raise ValueError(f"train samples have shape {train.shape} but test samples {test.shape}")
-    samples = samples.reshape((len(samples),) + train.shape)
-    if sample_labels is not None:
-        sample_labels = np.asarray(sample_labels).reshape(-1)
-        if len(sample_labels) != len(samples):
-            raise ValueError(f"sample_labels has {len(sample_labels)} entries for {len(samples)} samples")
+    samples, sample_labels = _checked_samples(samples, sample_labels, train, test)
     finite = np.all(np.isfinite(samples.reshape(len(samples), -1)), axis=1)
     report: dict = {
         "dataset": train.name, "kind": train.kind, "n_samples": int(len(samples)),
@@ -485,6 +473,34 @@ def evaluate_samples(samples, train: Dataset, test: Dataset, *, classifier_cache
         floor.update(scores.pop("floor"))
         report.update(scores)
 
+    _fid_scores(fake, train, test, report, floor, rng=rng, max_points=max_points,
+                inception_weights=inception_weights, device=device)
+    report["floor"] = floor
+    return report
+
+
+def _checked_samples(samples, sample_labels, train: Dataset, test: Dataset):
+    """``samples`` as float64 NumPy of the data's shape, and their labels, checked against the data."""
+    if hasattr(samples, "detach"):
+        samples = samples.detach().cpu().numpy()
+    samples = np.asarray(samples, dtype=np.float64)
+    if samples.ndim < 2 or (samples.shape[1:] != train.shape and samples.shape[1:] != (train.dim,)):
+        raise ValueError(f"samples shape {samples.shape}: expected (N, {', '.join(map(str, train.shape))}) "
+                         f"like the training data {train.name!r}")
+    if train.shape != test.shape:
+        raise ValueError(f"train samples have shape {train.shape} but test samples {test.shape}")
+    samples = samples.reshape((len(samples),) + train.shape)
+    if sample_labels is not None:
+        sample_labels = np.asarray(sample_labels).reshape(-1)
+        if len(sample_labels) != len(samples):
+            raise ValueError(f"sample_labels has {len(sample_labels)} entries for {len(samples)} samples")
+    return samples, sample_labels
+
+
+def _fid_scores(fake, train: Dataset, test: Dataset, report: dict, floor: dict, *, rng, max_points: int,
+                inception_weights, device) -> None:
+    """FID (samples vs ``train``) and its floor (``test`` vs ``train``) where torch-fidelity can run;
+    otherwise a note saying why not."""
     why_not = _fid_unavailable(inception_weights, train.kind, train.shape[0] if train.kind == "images" else 0)
     if why_not is None:
         inception = _inception_features(inception_weights, device)
@@ -496,5 +512,3 @@ def evaluate_samples(samples, train: Dataset, test: Dataset, *, classifier_cache
         report["fid_n"] = len(fake)
     elif inception_weights is not None or train.kind == "images":
         report["notes"].append(why_not)
-    report["floor"] = floor
-    return report
