@@ -1,9 +1,7 @@
 """The fused engine: the exact field's sweeps and the Nystrom kernel block on CUDA kernels.
 
-``engine="composed"`` evaluates the field with array operations (NumPy or CuPy),
-one operation per step; it is the reference.  ``engine="fused"`` runs the same
-math on the GPU with two cuBLAS products per target tile and RawKernels
-(``dxfield/cuda/kernels.cu``) for everything between them:
+The same math as the composed path, on the GPU: cuBLAS products per target
+tile and RawKernels (``dxfield/cuda/kernels.cu``) for everything between them:
 
 * the distance tile ``S = Xc @ Yc^T`` (cuBLAS; TF32 or bf16 only when asked);
 * the bidirectional column sums (``dx_col_partial`` + ``dx_col_merge``): per
@@ -16,8 +14,9 @@ math on the GPU with two cuBLAS products per target tile and RawKernels
   whose reference maximum moved are rescaled by ``dx_scale_rows``).
 
 When one query tile spans all queries (the usual case on a GPU) the product
-``S`` of a target tile serves both passes, so each target tile costs exactly
-two GEMMs of ``2 N bt D`` flops and three light kernels.  Memory: the tiles
+``S`` of a target tile serves both passes, so each target tile costs one
+distance GEMM and one weighted GEMM per temperature (``2 N bt D`` flops each)
+and a few light kernels.  Memory: the tiles
 ``S`` (bq x bt) and ``E`` (T x bq x bt) under the call's memory budget, plus
 the O(N D) accumulators; never an N x (P + M) array.
 

@@ -82,7 +82,7 @@ def nystrom_repulsion(pf, xp, xa, centre):
     uu64 = sq_norms(uc64)
     out, bad_total = [], 0
     shards = list(range(len(pf.shards)))
-    factors = [pf.block_factors(xp, shards, k) for k in range(len(pf.temperatures))]
+    factors = [pf.block_factors(dev, xp, shards, k) for k in range(len(pf.temperatures))]
     phis, _ = kernel_products(xp, x64, uc64, uu64, centre.astype(xp.float64), factors, pf.taus, pf.kernel,
                               budget=pf.memory_budget, tile_entries=tile_cap(device_of(xa)))
     need_exact = []

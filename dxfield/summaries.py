@@ -112,7 +112,6 @@ class Summaries:
         return (f"{type(self).__name__}({self.kernel}, temperatures={self.temperatures}, D={self.dim}, "
                 f"{self.n_landmarks} landmarks, {self.n_samples} samples, {cls}, S={self.feature_scale})")
 
-
     # -- adding data ----------------------------------------------------------------
     def add_summaries(self, pos, labels=None, *, chunk_size: int | None = None, progress: bool = False,
                       backend=None) -> "Summaries":
@@ -217,9 +216,11 @@ class Summaries:
             dev[key] = make()
         return dev[key]
 
-    def block_factors(self, xp, shards, k: int):
-        """The factors ``A`` of the given shards at temperature ``k``, block diagonal (float64)."""
-        return _block_diag(xp, [self.shards[i].factors[k] for i in shards])
+    def block_factors(self, dev: dict, xp, shards, k: int):
+        """The factors ``A`` of the given shards at temperature ``k``, block diagonal, float64, made once per
+        device."""
+        return self.per_device(dev, ("factors", tuple(shards), k), lambda: _block_diag(
+            xp, [self.shards[i].factors[k] for i in shards]))
 
     def inverse_gram(self, dev: dict, xp, shards, k: int):
         """``W^{-1} = A A`` of the given shards (block diagonal), float64, made once per device."""
