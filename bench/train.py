@@ -1,104 +1,51 @@
-"""Benchmark: wall-clock to quality -- standard drifting vs DriftXpress, trained with dxtrain.
+"""Benchmark: wall-clock to quality over a suite of benches -- standard drifting vs DriftXpress at dxtrain's defaults.
 
-Each method trains the same generator with the same batch, optimiser, EMA,
-temperatures and seed for the same budget of *training* wall-clock, through
-the dxtrain API (:func:`dxtrain.train.train` with a :class:`TrainConfig`);
-the only difference is the field:
+Every bench of :mod:`suite` (mixtures from 8 to 200 modes in 2 to 128
+dimensions, equal and skewed weights, conditional and not, two manifolds, the
+digits, synthetic images through the builtin encoder) is trained by dxtrain
+with its defaults -- one set for every bench, no per-bench flag -- by:
 
-* ``exact`` -- standard drifting: Algorithm 2 (bidirectional) against
-  ``positives`` real samples drawn afresh every step (dxtrain's default 512;
-  per class when conditional);
-* ``projected`` -- DriftXpress: Nystrom summaries of the WHOLE training set,
-  built once before the first step, plus exact repulsion within the batch;
-  bidirectional like ``exact`` (dxtrain's default ``--normalization``), so it
-  is Algorithm 2 against the whole data with the positives' column sums taken
-  at the landmarks.  ``--correction`` adds dxtrain's residual correction: the
-  same ``positives`` fresh real samples per step as ``exact`` draws, used as a
-  control variate (``ProjectedField.field(pos_sample=...)``), which makes the
-  attraction an unbiased estimate of the whole-data sums.
+* ``exact@P`` -- standard drifting (``--field exact``): Algorithm 2 against
+  ``P`` fresh real samples per step, for every ``P`` of ``--positives``
+  (256, 512, 1024, 2048).  The baseline of a bench is the ``P`` with the
+  lowest final quality at seed 0 (``--tune all``: the lowest median over the
+  seeds, every ``P`` run at every seed), so DriftXpress is compared with a
+  fairly tuned standard drifting;
+* ``projected`` -- DriftXpress, ``dxtrain train``'s defaults;
+* any ``--variant NAME=key=value,...`` -- DriftXpress with other
+  :class:`dxtrain.train.TrainConfig` settings (for studying the defaults).
 
-Both methods' normalisation (``--normalization``) and the projected field's
-landmarks, selection, repulsion and correction can be set; results of
-non-default settings get their own file-name suffix.
+Interleaved in time: the runs of one (bench, seed) live in their own spawned
+processes side by side, and take turns -- each trains for a slice of
+``--slice`` seconds of training time, then hands the machine to the next
+(blocking inside :func:`dxtrain.train.train`'s callback, outside the
+training clock).  A slow spell of the machine (this one drifts up to 3x
+within minutes) then hits every method alike, and only one run uses the cores
+at a time.
 
-Quality is measured at about ``--evals`` points of training time (a
-geometric schedule from budget/64 to the budget, and always at the end) by a
-:func:`train` callback on the EMA generator, as dxtrain's own final
-evaluation does.  The training clock (``StepInfo.elapsed``, the one
-``time_budget`` and ``metrics.jsonl`` use) covers the steps only: evaluation,
-sampling, checkpoints and the set-up before the first step (data, models, and
-for ``projected`` the summaries) are not in it.  The set-up is reported
-separately, and the time-to-target ratio is also given with it included.
+Quality is measured by the callback on the EMA generator at ``--evals`` points
+of training time (geometric from budget/64, and at the end); the training
+clock is dxtrain's (``StepInfo.elapsed``: steps only; evaluation, waiting for
+the turn and the set-up are not in it; the set-up is reported).
 
-Benchmarks
-----------
-``digits``
-    The embedded 8x8 digits, dxtrain's defaults (class-conditional conv
-    generator, the builtin frozen conv encoder's feature groups, batch 256,
-    512 positives per step for ``exact``, 128 k-means landmarks per class for
-    ``projected``, temperatures 0.02, 0.05, 0.2).  Quality: ``FD_digits``
-    exactly as ``dxtrain eval`` computes it (Frechet distance in the features
-    of the digits classifier, ``2 x n_test`` samples, classes cycled; lower is
-    better); extras precision, recall.
-``mixture``
-    The embedded ``mixture`` (:func:`dxtrain.data.mixture_truth`): 64
-    isotropic Gaussian modes in 32 dimensions with Zipf weights (heaviest
-    21 %, lightest 0.33 %), about 51000 training points; unconditional (the
-    mode is not given to the generator, so it has to find every mode and its
-    mass itself).  MLP generator, no encoder (the field acts on the 32
-    coordinates), batch 256, 512 positives per step for ``exact`` (dxtrain's
-    default: the rarest mode shows up ~1.7 times per mini-batch), 512 k-means
-    landmarks for ``projected`` (dxtrain's default is 128 per class; the one
-    tuning given to the projected method, since one unlabelled shard must
-    cover 64 modes), the same temperatures for both.  Quality:
-    ``truth_energy_distance`` of 4000 generated samples against 8000 fresh
-    samples of the known mixture (:func:`dxtrain.evaluate.mixture_quality`;
-    lower is better, ~0 for the truth); extras ``mode_tv`` (total variation
-    between the generated and true mode masses, nearest-mode assignment),
-    ``modes_covered`` (of 64, at least half the true mass),
-    ``in_mode_fraction`` (inside the 99 % radius of a mode; 0.99 for the
-    truth), ``rare_mode_mass_ratio`` (mass on the lightest 16 modes over its
-    true value).
-
-What is reported
-----------------
-* the curves (quality vs training seconds) as a PNG per benchmark and in the
-  JSON;
-* time to target: target = the ``exact`` run's final quality (same seed);
-  the time at which ``projected`` first reaches it, linearly interpolated
-  between the two evaluations that bracket the crossing (or "<= t" when it is
-  already there at its first evaluation, making the ratio a lower bound; "not
-  reached" when it never is); ratio = the exact run's total training time /
-  that time; also with each method's set-up time added to both sides, and
-  in optimiser steps ("in steps": exact steps / projected steps to the
-  target) next to the step-time ratio (exact s/step / projected s/step), so
-  how much of a ratio comes from better steps and how much from cheaper
-  ones (or from a machine slowed by other jobs during one run) is visible;
-  over seeds, the lower median ("not reached" counts as 0);
-* final quality at equal budget, and the extras at the end;
-* ``cpu_util``: process CPU seconds per wall second during training
-  segments, and the load average before and after each run: a machine shared
-  with other jobs shows up there (runs of the two methods alternate order
-  between repeats so a slow spell does not always hit the same one).
-
-Every run is a fresh spawned process (no thread pool or allocator state
-carries over between methods; ``--in-process`` for tests and debugging).  Output: a markdown table on stdout, JSON at
-``bench/results/train-<bench>-<host-kind>.json`` and the plot at
-``bench/results/train-<bench>-<host-kind>.png`` (``-quick`` for smoke runs),
-written atomically.  Benchmarks print and save figures; they never assert.
-
-Measured results and what they mean: ``bench/README.md``.
+What is reported, per bench and seed: the target = the baseline's final
+quality; the time DriftXpress first reaches it (interpolated between
+evaluations); the time-to-target ratio = budget / that time (with set-up
+added to both sides too, and in optimiser steps next to the step-time ratio);
+the equal-budget finals.  Over seeds the median ratio ("not reached" counts
+as 0); over benches, the median bench.  Curves as PNG per bench, the table in
+markdown (stdout and ``train-suite-<host>.md``), everything in JSON.
 
 Run::
 
-    python bench/train.py                          # both benches, 2 seeds, digits 180 s, mixture 240 s (~30 min)
-    python bench/train.py --bench mixture --budget 240 --repeats 2
-    python bench/train.py --bench digits --budget 180 --repeats 1
-    python bench/train.py --bench mixture --temperatures 0.2    # both methods at one temperature
-    python bench/train.py --bench mixture --correction          # projected with the residual correction
-    python bench/train.py --bench mixture --normalization row   # both methods row-normalised
-    python bench/train.py --quick                  # smoke run, ~20 s (its numbers mean nothing)
-    python bench/train.py --replot bench/results/train-mixture-cpu2.json   # re-analyse saved runs
+    python bench/train.py                               # the whole suite, 3 seeds (~70 min on 2 cores)
+    python bench/train.py --bench mix64-32d rings-2d --seeds 1 --budget 40
+    python bench/train.py --bench mix64-32d --positives 512 --variant corr=correction=true
+    python bench/train.py --quick                       # smoke run, seconds per bench (numbers mean nothing)
+    python bench/train.py --replot bench/results/train-suite-cpu2.json   # table and PNGs again from saved runs
+    python bench/train.py --list                        # the benches
+
+Measured results and what they mean: ``bench/README.md``.
 """
 
 from __future__ import annotations
@@ -116,7 +63,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -126,45 +72,19 @@ sys.path.insert(0, str(HERE.parent))
 import dxtrain  # noqa: E402,F401  (before torch and NumPy: sleep-waiting thread pools, see dxtrain/__init__.py)
 import numpy as np  # noqa: E402
 
-from _measure import call_in_worker, write_json_atomic  # noqa: E402
-from dxfield import NORMALIZATIONS  # noqa: E402
-from dxfield.landmarks import METHODS as LANDMARK_METHODS  # noqa: E402
-from dxfield.projected import REPULSIONS  # noqa: E402
+from _measure import exit_with_parent, write_json_atomic  # noqa: E402
+from suite import BENCHES, score, write_data  # noqa: E402
 
-METHODS = ("exact", "projected")
-METHOD_LABELS = {"exact": "exact (standard drifting)", "projected": "projected (DriftXpress)"}
-METHOD_COLOURS = {"exact": (31, 119, 180), "projected": (255, 127, 14)}
-
-# Settings shared by both methods of a benchmark (the rest are dxtrain's TrainConfig defaults);
-# "projected" adds `landmarks`.  The field is the only other difference.
-BENCHES = {
-    "digits": {
-        "data": "digits",
-        "metric": "FD_digits",
-        "metric_label": "FD_digits",
-        "extras": ("precision", "recall"),
-        "budget": 180.0,
-        "config": {},
-        "landmarks": None,  # dxtrain's default (128 per class)
-    },
-    "mixture": {
-        "data": "mixture",
-        "metric": "truth_energy_distance",
-        "metric_label": "energy distance to the truth",
-        "extras": ("mode_tv", "modes_covered", "in_mode_fraction", "rare_mode_mass_ratio"),
-        "budget": 240.0,
-        "config": {},
-        "landmarks": 512,
-    },
-}
-DEFAULT_EVALS = 16
-MIXTURE_EVAL_SAMPLES = 4000
-MIXTURE_TRUTH_SAMPLES = 8000
-QUICK = {"budget": 2.0, "evals": 3, "landmarks": 32}  # --quick: a smoke run; its numbers mean nothing
+POSITIVES = (256, 512, 1024, 2048)
+DEFAULT_SEEDS = 3
+DEFAULT_EVALS = 12
+SLICES = 15  # turns per run: the default slice is budget / SLICES
+QUICK = {"budget": 3.0, "evals": 3, "landmarks": 16}  # --quick: a smoke run; its numbers mean nothing
+MAIN = "projected"  # DriftXpress at dxtrain's defaults: the method the goals are about
 
 
 # --------------------------------------------------------------------------------------
-# one run (in its own process)
+# one run (in its own process), taking turns with the others
 # --------------------------------------------------------------------------------------
 def eval_times(budget: float, n: int) -> list[float]:
     """Training times (s) at which to evaluate: ``n - 1`` geometric points from budget/64 to the budget
@@ -174,66 +94,68 @@ def eval_times(budget: float, n: int) -> list[float]:
     return [float(t) for t in np.geomspace(budget / 64.0, budget, n - 1)]
 
 
-def _score(bench: str, info, seed: int, quick: bool) -> tuple[dict, dict]:
-    """The benchmark's scores of the EMA generator now, and the floor (a perfect generator's scores)."""
-    from dxtrain.train import classifier_cache, generate
+class Turn:
+    """Takes turns with the other runs: after each ``slice_s`` seconds of training, hand over and wait."""
 
-    spec = BENCHES[bench]
-    if bench == "digits":
-        from dxtrain.evaluate import evaluate_samples
+    def __init__(self, conn, slice_s: float):
+        self.conn, self.slice_s = conn, float(slice_s)
+        self.until = self.slice_s
 
-        # exactly dxtrain's final evaluation (train.py, `dxtrain eval`): 2 x n_test samples, seed + 7
-        x = generate(info.ema_model, 2 * len(info.test_ds), info.num_classes, info.device, seed=seed + 7)
-        report = evaluate_samples(x, info.train_ds, info.test_ds, classifier_cache=classifier_cache(), seed=seed)
-        keys = (spec["metric"],) + spec["extras"]
-        return ({k: report.get(k) for k in keys}, {k: report["floor"].get(k) for k in keys})
-    from dxtrain.evaluate import mixture_quality
-
-    n = 1000 if quick else MIXTURE_EVAL_SAMPLES
-    x = generate(info.ema_model, n, info.num_classes, info.device, seed=seed + 7)
-    # the reference (truth samples) is the same for every run and seed: seed 0
-    q = mixture_quality(x, info.train_ds.truth, n_truth=2000 if quick else MIXTURE_TRUTH_SAMPLES, seed=0)
-    keys = (spec["metric"],) + spec["extras"]
-    return {k: q[k] for k in keys}, {k: q["floor"][k] for k in keys}
+    def after_step(self, elapsed: float, final: bool) -> bool:
+        """True when it handed over (and got the machine back)."""
+        if final or elapsed < self.until:
+            return False
+        while self.until <= elapsed:
+            self.until += self.slice_s
+        self.conn.send(("yield", elapsed))
+        self.conn.recv()  # "go"
+        return True
 
 
-class _Evaluator:
-    """The :func:`dxtrain.train.train` callback: evaluates at the scheduled training times and at the end."""
+class Evaluator:
+    """The :func:`dxtrain.train.train` callback: scores at the scheduled training times and at the end,
+    and takes turns with the other runs (``turn``)."""
 
-    def __init__(self, bench: str, times, seed: int, quick: bool, tag: str):
-        self.bench, self.times, self.seed, self.quick, self.tag = bench, list(times), seed, quick, tag
+    def __init__(self, bench, times, seed: int, quick: bool, tag: str, turn: Turn | None = None):
+        self.bench, self.times, self.seed, self.quick, self.tag, self.turn = bench, list(times), seed, quick, tag, turn
         self.next = 0
         self.records: list[dict] = []
         self.floor: dict = {}
         self.eval_s = 0.0
+        self.turns = 0
         self._cpu = self._wall = None  # CPU and wall marks of the current training segment
 
     def __call__(self, info) -> None:
-        due = self.next < len(self.times) and info.elapsed >= self.times[self.next]
         if self._cpu is None:  # segments start after the first step, so the set-up is not in them
-            self._cpu, self._wall = time.process_time(), time.perf_counter()
-            if not (due or info.final):
-                return
-        if not (due or info.final):
-            return
+            self._mark()
+        due = self.next < len(self.times) and info.elapsed >= self.times[self.next]
+        if due or info.final:
+            self._evaluate(info)
+        if self.turn is not None and self.turn.after_step(info.elapsed, info.final):
+            self.turns += 1
+            self._mark()
+
+    def _mark(self) -> None:
+        self._cpu, self._wall = time.process_time(), time.perf_counter()
+
+    def _evaluate(self, info) -> None:
         while self.next < len(self.times) and info.elapsed >= self.times[self.next]:
             self.next += 1
         cpu, wall = time.process_time() - self._cpu, time.perf_counter() - self._wall
         t0 = time.perf_counter()
-        scores, floor = _score(self.bench, info, self.seed, self.quick)
+        scores, self.floor = score(self.bench, info, self.seed, quick=self.quick)
         eval_s = time.perf_counter() - t0
         self.eval_s += eval_s
-        self.floor = floor
-        metric = BENCHES[self.bench]["metric"]
         util = cpu / wall if wall > 1e-3 else None
-        self.records.append({"step": info.step, "time": info.elapsed, "quality": scores[metric], "scores": scores,
+        value = scores[self.bench.metric]
+        self.records.append({"step": info.step, "time": info.elapsed, "quality": value, "scores": scores,
                              "eval_s": eval_s, "cpu_util": util})
-        print(f"  [{self.tag}] t={info.elapsed:7.1f}s step {info.step:6d}  {metric} {_fmt(scores[metric], '.5g')}"
-              f"  (eval {eval_s:.1f}s, cpu/wall {_fmt(util, '.2f')})", flush=True)
-        self._cpu, self._wall = time.process_time(), time.perf_counter()
+        print(f"  [{self.tag}] t={info.elapsed:7.1f}s step {info.step:6d}  {self.bench.metric} {_fmt(value, '.5g')}"
+              f"  (eval {eval_s:.1f}s)", flush=True)
+        self._mark()
 
 
-def run_one(job: dict) -> dict:
+def run_one(job: dict, turn: Turn | None = None) -> dict:
     """Train one (bench, method, seed) with the evaluation callback; JSON-ready results or ``{"error"}``."""
     try:
         import torch
@@ -242,17 +164,15 @@ def run_one(job: dict) -> dict:
 
         tag = f"{job['bench']}/{job['method']} seed {job['seed']}"
         cfg = TrainConfig(**job["config"])
-        ev = _Evaluator(job["bench"], job["eval_times"], job["seed"], job["quick"], tag)
+        ev = Evaluator(BENCHES[job["bench"]], job["eval_times"], job["seed"], job["quick"], tag, turn)
         load_before = os.getloadavg()
         t0 = time.perf_counter()
         result = train(cfg, callback=ev, log=lambda msg: print(f"  [{tag}] {msg}", flush=True))
-        total = time.perf_counter() - t0
         return {"records": ev.records, "floor": ev.floor, "setup_s": result["setup_s"], "steps": result["step"],
                 "train_s": result["wall"], "steps_per_s": result["step"] / max(result["wall"], 1e-9),
-                "eval_s": ev.eval_s, "process_wall_s": total, "loadavg_before": load_before,
-                "loadavg_after": os.getloadavg(), "torch_threads": torch.get_num_threads(),
-                "device": str(torch.device("cuda" if torch.cuda.is_available() else "cpu")
-                              if cfg.device == "auto" else cfg.device)}
+                "field_s": result.get("field_s"), "eval_s": ev.eval_s, "turns": ev.turns,
+                "process_wall_s": time.perf_counter() - t0, "loadavg_before": load_before,
+                "loadavg_after": os.getloadavg(), "torch_threads": torch.get_num_threads()}
     except Exception as exc:  # a benchmark reports, it does not raise
         import traceback
 
@@ -260,13 +180,48 @@ def run_one(job: dict) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
-def run_isolated(job: dict, timeout: float) -> dict:
-    """:func:`run_one` in a fresh spawned process."""
+def _worker(job: dict, conn) -> None:
+    exit_with_parent()
+    conn.recv()  # the first turn: the set-up runs in it, so set-ups never overlap either
+    result = run_one(job, Turn(conn, job["slice"]))
+    conn.send(("done", result))
+
+
+def run_interleaved(jobs: list[dict], timeout: float) -> list[dict]:
+    """Every job in its own spawned process, taking turns (round robin, one at a time) until all end."""
+    ctx = mp.get_context("spawn")
+    procs, conns = [], []
+    for job in jobs:
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=_worker, args=(job, child), name=f"{job['bench']}-{job['method']}")
+        p.start()
+        procs.append(p)
+        conns.append(parent)
+    results: list[dict | None] = [None] * len(jobs)
+    live = list(range(len(jobs)))
     try:
-        with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
-            return ex.submit(call_in_worker, run_one, job).result(timeout=timeout)
-    except Exception as exc:
-        return {"error": f"{type(exc).__name__}: {exc}"}
+        while live:
+            for i in list(live):
+                conns[i].send("go")
+                try:
+                    if not conns[i].poll(timeout):
+                        raise TimeoutError(f"no answer within {timeout:.0f} s")
+                    kind, payload = conns[i].recv()
+                except (EOFError, OSError, TimeoutError) as exc:
+                    procs[i].kill()
+                    results[i] = {"error": f"worker ended without a result ({type(exc).__name__}: {exc}; "
+                                           f"exit code {procs[i].exitcode})"}
+                    live.remove(i)
+                    continue
+                if kind == "done":
+                    results[i] = payload
+                    live.remove(i)
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    return results
 
 
 # --------------------------------------------------------------------------------------
@@ -301,32 +256,89 @@ def time_to_target(times, values, target: float) -> dict:
     return {"time": None, "bound": "not_reached", "between": None}
 
 
-def compare(exact: dict, projected: dict) -> dict:
-    """Time-to-target and equal-budget figures of one seed's pair of runs."""
-    ex, pr = exact["records"], projected["records"]
-    target = ex[-1]["quality"] if ex and ex[-1]["quality"] is not None else math.nan
-    t_exact = exact["train_s"]
+def final_quality(run: dict | None) -> float:
+    if not run or "error" in run or not run.get("records") or run["records"][-1]["quality"] is None:
+        return math.nan
+    return float(run["records"][-1]["quality"])
+
+
+def compare(base: dict, run: dict) -> dict:
+    """Time-to-target and equal-budget figures of one run against the baseline run of the same seed."""
+    pr = run["records"]
+    target = final_quality(base)
+    t_base = base["train_s"]
     hit = time_to_target([r["time"] for r in pr], [r["quality"] for r in pr], target)
-    out = {"target": target, "exact_train_s": t_exact, "projected_time_to_target": hit["time"],
-           "bound": hit["bound"], "between": hit["between"], "ratio": None, "ratio_with_setup": None,
-           "exact_final": target, "projected_final": pr[-1]["quality"] if pr else None,
-           "exact_setup_s": exact["setup_s"], "projected_setup_s": projected["setup_s"]}
+    out = {"target": target, "base_train_s": t_base, "time_to_target": hit["time"], "bound": hit["bound"],
+           "between": hit["between"], "ratio": None, "ratio_with_setup": None, "base_final": target,
+           "final": final_quality(run), "base_setup_s": base["setup_s"], "setup_s": run["setup_s"]}
     if hit["time"] is not None and hit["time"] > 0:
-        out["ratio"] = t_exact / hit["time"]
-        out["ratio_with_setup"] = (t_exact + exact["setup_s"]) / (hit["time"] + projected["setup_s"])
-    # the same in steps: how much better each projected step is, whatever the machine's speed at the time
+        out["ratio"] = t_base / hit["time"]
+        out["ratio_with_setup"] = (t_base + base["setup_s"]) / (hit["time"] + run["setup_s"])
+    # the same in steps: how much better each step is, whatever the machine's speed at the time
     hit_steps = time_to_target([r["step"] for r in pr], [r["quality"] for r in pr], target)
-    out["projected_steps_to_target"] = hit_steps["time"]
-    out["exact_steps"] = exact["steps"]
-    out["steps_ratio"] = (exact["steps"] / hit_steps["time"]) if hit_steps["time"] else None
-    out["step_time_ratio"] = ((t_exact / exact["steps"]) / (projected["train_s"] / projected["steps"])
-                              if exact["steps"] and projected["steps"] else None)
-    out["projected_final_lower"] = out["final_ratio"] = None
-    if out["projected_final"] is not None and math.isfinite(target):
-        out["projected_final_lower"] = out["projected_final"] < target
-        if out["projected_final"] > 0 and target > 0:  # ratios of scores at (or below) 0 mean nothing
-            out["final_ratio"] = target / out["projected_final"]
+    out["steps_to_target"], out["base_steps"] = hit_steps["time"], base["steps"]
+    out["steps_ratio"] = (base["steps"] / hit_steps["time"]) if hit_steps["time"] else None
+    out["step_time_ratio"] = ((t_base / base["steps"]) / (run["train_s"] / run["steps"])
+                              if base["steps"] and run["steps"] else None)
+    out["final_ratio"] = None  # baseline final / this final: > 1 means lower (better) at equal budget
+    if math.isfinite(out["final"]) and math.isfinite(target) and out["final"] > 0 and target > 0:
+        out["final_ratio"] = target / out["final"]
+    out["better_at_budget"] = (out["final"] <= target) if math.isfinite(out["final"]) and math.isfinite(
+        target) else None
     return out
+
+
+def choose_baseline(runs: dict, tune: str) -> str | None:
+    """The ``exact@P`` with the lowest final quality: at seed 0, or (``tune="all"``) the lowest median."""
+    finals: dict[str, list[float]] = {}
+    seeds = sorted(runs, key=int)
+    for seed in (seeds if tune == "all" else seeds[:1]):
+        for method, run in runs[seed].items():
+            if method.startswith("exact@"):
+                finals.setdefault(method, []).append(final_quality(run))
+    scored = {m: float(np.median(v)) for m, v in finals.items() if all(math.isfinite(x) for x in v)}
+    return min(scored, key=scored.get) if scored else None
+
+
+def analyse(result: dict) -> None:
+    """Fill ``result["baseline"]``, ``["comparisons"]`` (method -> seed -> figures) and ``["summary"]``."""
+    runs = result["runs"]
+    base = result.get("baseline_fixed") or choose_baseline(runs, result.get("tune", "seed0"))
+    result["baseline"] = base
+    result["comparisons"], result["summary"] = {}, {}
+    if base is None:
+        return
+    for method in result["methods"]:
+        if method.startswith("exact@"):
+            continue
+        comps = {}
+        for seed in sorted(runs, key=int):
+            b, r = runs[seed].get(base), runs[seed].get(method)
+            if b and r and "error" not in b and "error" not in r and b.get("records") and r.get("records"):
+                comps[seed] = compare(b, r)
+        result["comparisons"][method] = comps
+        result["summary"][method] = summarize(comps)
+
+
+def summarize(comps: dict) -> dict:
+    """Over seeds: the median time-to-target ratio ("not reached" counts as 0) and median finals."""
+    cs = [comps[k] for k in sorted(comps, key=int)]
+    if not cs:
+        return {}
+    ratios = [c["ratio"] if c["ratio"] is not None else 0.0 for c in cs]
+    med = float(np.median(ratios))
+
+    def median(key):
+        vals = [c[key] for c in cs if c[key] is not None and math.isfinite(c[key])]
+        return float(np.median(vals)) if vals else None
+
+    return {"ratio_median": med if med > 0 else None, "ratios": [c["ratio"] for c in cs],
+            "bounds": [c["bound"] for c in cs], "ratio_text": ("not reached" if med == 0 else f"{med:.2f}x")
+            + " (" + ", ".join(_ratio_text(c) for c in cs) + ")",
+            "base_final_median": median("base_final"), "final_median": median("final"),
+            "final_ratio_median": median("final_ratio"), "steps_ratio_median": median("steps_ratio"),
+            "step_time_ratio_median": median("step_time_ratio"),
+            "never_worse": all(c["better_at_budget"] for c in cs)}
 
 
 def jsonable(obj):
@@ -354,119 +366,109 @@ def _fmt(v, spec=".4g", none="n/a"):
 def _ratio_text(c: dict, key: str = "ratio") -> str:
     if c["bound"] == "not_reached":
         return "not reached"
-    prefix = ">= " if c["bound"] == "at_first_eval" else ""
-    return prefix + _fmt(c[key], ".2f") + "x"
+    return (">= " if c["bound"] == "at_first_eval" else "") + _fmt(c[key], ".2f") + "x"
 
 
-def _steps_text(c: dict) -> str:
-    if c.get("steps_ratio") is None:
-        return "not reached" if c["bound"] == "not_reached" else "n/a"
-    return (">= " if c["bound"] == "at_first_eval" else "") + f"{c['steps_ratio']:.2f}x"
-
-
-def summarize(comparisons: dict) -> dict:
-    """Across seeds: the LOWER median of the time-to-target ratios ("not reached" counts as 0, so with
-    two seeds this is the worse one) and the median final qualities."""
-    comps = [comparisons[k] for k in sorted(comparisons, key=int)]
-    if not comps:
-        return {}
-    ratios = sorted(c["ratio"] if c["ratio"] is not None else 0.0 for c in comps)
-    low = ratios[(len(ratios) - 1) // 2]
-    finals = [c["exact_final"] for c in comps], [c["projected_final"] for c in comps]
-    med = [float(np.median([v for v in f if v is not None and math.isfinite(v)])) if any(
-        v is not None and math.isfinite(v) for v in f) else None for f in finals]
-    return {"ratio_lower_median": low if low > 0 else None,
-            "ratio_text": ("not reached" if low == 0 else f"{low:.2f}x")
-            + f" (per seed: {', '.join(_ratio_text(c) for c in comps)})",
-            "exact_final_median": med[0], "projected_final_median": med[1]}
-
-
-def render(bench: str, result: dict) -> str:
-    spec = BENCHES[bench]
-    m = spec["metric"]
-    lines = [f"## {bench}: {spec['metric_label']} ({m}, lower is better) vs training wall-clock, "
-             f"budget {result['budget']:g} s per method, host {result['host_kind']}", ""]
-    lines += ["| seed | method | steps | steps/s | set-up (s) | final " + m + " | floor | "
-              + " | ".join(spec["extras"]) + " | cpu/wall |",
-              "|---:|---|---:|---:|---:|---:|---:|" + "---:|" * len(spec["extras"]) + "---:|"]
-    for seed, runs in sorted(result["runs"].items(), key=lambda kv: int(kv[0])):
-        for method in METHODS:
-            r = runs.get(method)
+def render_bench(result: dict) -> str:
+    bench = BENCHES[result["bench"]]
+    m, base = bench.metric, result.get("baseline")
+    lines = [f"## {bench.name}: {bench.about}", "",
+             f"{bench.metric_label} ({m}, lower is better) vs training wall-clock, budget {result['budget']:g} s "
+             f"per run, host {result['host_kind']}; baseline (best --positives): {base or 'n/a'}", "",
+             "| seed | method | steps | steps/s | set-up (s) | final | floor |" + "".join(
+                 f" {k} |" for k in bench.extras),
+             "|---:|---|---:|---:|---:|---:|---:|" + "---:|" * len(bench.extras)]
+    for seed in sorted(result["runs"], key=int):
+        for method in result["methods"]:
+            r = result["runs"][seed].get(method)
             if r is None:
                 continue
             if "error" in r:
                 lines.append(f"| {seed} | {method} | error: {r['error']} |")
                 continue
-            last = r["records"][-1] if r["records"] else {"quality": None, "scores": {}}
-            utils = [x["cpu_util"] for x in r["records"] if x.get("cpu_util")]
-            lines.append(f"| {seed} | {method} | {r['steps']} | {r['steps_per_s']:.2f} | {r['setup_s']:.1f} | "
-                         f"{_fmt(last['quality'])} | {_fmt(r['floor'].get(m))} | "
-                         + " | ".join(_fmt(last["scores"].get(k)) for k in spec["extras"])
-                         + f" | {_fmt(float(np.median(utils)) if utils else None, '.2f')} |")
-    lines += ["", "| seed | target = exact final | projected reaches it at (s) | exact total (s) "
-              "| time-to-target ratio | with set-up | in steps | step-time ratio | projected final | equal budget |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for seed, c in sorted(result["comparisons"].items(), key=lambda kv: int(kv[0])):
-        when = {"not_reached": "not reached", "at_first_eval": f"<= {_fmt(c['projected_time_to_target'], '.1f')}"}
-        verdict = "n/a"
-        if c["projected_final_lower"] is not None:
-            ratio = c["final_ratio"] if c["projected_final_lower"] else (
-                1 / c["final_ratio"] if c["final_ratio"] else None)
-            verdict = ("projected" if c["projected_final_lower"] else "exact") + " better" + (
-                f" ({ratio:.2f}x lower)" if ratio else "")
-        lines.append(f"| {seed} | {_fmt(c['target'])} | "
-                     f"{when.get(c['bound'], _fmt(c['projected_time_to_target'], '.1f'))} | "
-                     f"{c['exact_train_s']:.1f} | {_ratio_text(c)} | {_ratio_text(c, 'ratio_with_setup')} | "
-                     f"{_steps_text(c)} | {_fmt(c.get('step_time_ratio'), '.2f')} | "
-                     f"{_fmt(c['projected_final'])} | {verdict} |")
-    lines += ["", "time-to-target ratio = exact total training time / time projected first reaches the exact "
-                  "final quality (interpolated between evaluations); 'with set-up' adds each run's set-up "
-                  "(data, models, summaries) to both; 'in steps' = exact steps / projected steps to the target; "
-                  "step-time ratio = exact s/step / projected s/step (> 1: projected steps are faster)."]
-    s = result.get("summary", {})
-    if s:
-        lines += ["", f"over seeds: time-to-target ratio {s['ratio_text']} (lower median); median final {m}: "
-                      f"exact {_fmt(s['exact_final_median'])}, projected {_fmt(s['projected_final_median'])}"]
-    lines += ["", "curves (training seconds: quality), seed " + str(min(int(k) for k in result["runs"])) + ":"]
-    first = result["runs"][min(result["runs"], key=int)]
-    for method in METHODS:
-        r = first.get(method)
-        if r and "records" in r:
-            lines.append(f"- {method}: " + ", ".join(f"{x['time']:.1f}: {_fmt(x['quality'], '.4g')}"
-                                                     for x in r["records"]))
+            last = r["records"][-1] if r["records"] else {"scores": {}}
+            lines.append(f"| {seed} | {method}{' (baseline)' if method == base else ''} | {r['steps']} | "
+                         f"{r['steps_per_s']:.2f} | {r['setup_s']:.1f} | {_fmt(final_quality(r))} | "
+                         f"{_fmt(r['floor'].get(m))} |" + "".join(f" {_fmt(last['scores'].get(k))} |"
+                                                                  for k in bench.extras))
+    for method, comps in result.get("comparisons", {}).items():
+        lines += ["", f"{method} against {base}:", "",
+                  "| seed | target = baseline final | reached at (s) | baseline total (s) | time-to-target ratio "
+                  "| with set-up | in steps | step-time ratio | final | equal budget |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for seed, c in sorted(comps.items(), key=lambda kv: int(kv[0])):
+            when = {"not_reached": "not reached", "at_first_eval": f"<= {_fmt(c['time_to_target'], '.1f')}"}
+            verdict = "n/a"
+            if c["better_at_budget"] is not None and c["final_ratio"]:
+                verdict = (f"{method} {c['final_ratio']:.2f}x lower" if c["better_at_budget"]
+                           else f"baseline {1 / c['final_ratio']:.2f}x lower")
+            lines.append(f"| {seed} | {_fmt(c['target'])} | {when.get(c['bound'], _fmt(c['time_to_target'], '.1f'))} "
+                         f"| {c['base_train_s']:.1f} | {_ratio_text(c)} | {_ratio_text(c, 'ratio_with_setup')} | "
+                         f"{_fmt(c['steps_ratio'], '.2f')} | {_fmt(c['step_time_ratio'], '.2f')} | "
+                         f"{_fmt(c['final'])} | {verdict} |")
     return "\n".join(lines)
 
 
-def plot(bench: str, result: dict, path: Path) -> None:
+def render_suite(results: list[dict], host: str) -> str:
+    methods = sorted({m for r in results for m in r.get("summary", {})}, key=lambda m: (m != MAIN, m))
+    lines = [f"# bench/train.py suite, host {host}", "",
+             "time-to-target ratio = baseline's training time / the time the method first reaches the baseline's "
+             "final quality (median over seeds, per seed in brackets; 'not reached' counts as 0); equal budget = "
+             "baseline final / method final (> 1: the method ends lower, better).", ""]
+    for method in methods:
+        lines += [f"## {method}", "",
+                  "| bench | budget (s) | seeds | baseline | time-to-target ratio | in steps | step-time ratio "
+                  "| baseline final | final | equal budget | never worse |",
+                  "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|"]
+        medians = []
+        for r in results:
+            s = r.get("summary", {}).get(method)
+            if not s:
+                continue
+            medians.append(s["ratio_median"] or 0.0)
+            lines.append(f"| {r['bench']} | {r['budget']:g} | {len(r['comparisons'][method])} | {r['baseline']} | "
+                         f"{s['ratio_text']} | {_fmt(s['steps_ratio_median'], '.2f')} | "
+                         f"{_fmt(s['step_time_ratio_median'], '.2f')} | {_fmt(s['base_final_median'])} | "
+                         f"{_fmt(s['final_median'])} | {_fmt(s['final_ratio_median'], '.2f')} | "
+                         f"{'yes' if s['never_worse'] else 'no'} |")
+        if medians:
+            lines += ["", f"median bench: {float(np.median(medians)):.2f}x; worst bench: {min(medians):.2f}x", ""]
+    return "\n".join(lines)
+
+
+METHOD_COLOURS = [(31, 119, 180), (44, 160, 44), (148, 103, 189), (140, 86, 75), (255, 127, 14), (214, 39, 40),
+                  (227, 119, 194), (23, 190, 207)]
+
+
+def plot(result: dict, path: Path) -> None:
     from dxtrain.pictures import line_plot, write_png
 
-    spec = BENCHES[bench]
+    bench = BENCHES[result["bench"]]
     series, values = [], []
-    for seed, runs in sorted(result["runs"].items(), key=lambda kv: int(kv[0])):
-        for method in METHODS:
-            r = runs.get(method)
-            if not r or "records" not in r:
+    colours = {m: METHOD_COLOURS[i % len(METHOD_COLOURS)] for i, m in enumerate(result["methods"])}
+    if MAIN in colours:
+        colours[MAIN] = (255, 127, 14)
+    seeds = sorted(result["runs"], key=int)
+    for seed in seeds:
+        for method in result["methods"]:
+            r = result["runs"][seed].get(method)
+            if not r or not r.get("records"):
                 continue
-            t = [x["time"] for x in r["records"]]
             q = [x["quality"] if x["quality"] is not None else math.nan for x in r["records"]]
             values += [v for v in q if math.isfinite(v)]
-            series.append({"x": t, "y": q, "colour": METHOD_COLOURS[method], "dash": 0 if seed == "0" else 8,
-                           "label": method_label(result, method) + (f" seed {seed}" if len(result["runs"]) > 1 else "")})
-    hlines = []
-    comps = result["comparisons"]
-    for seed in sorted(comps, key=int):
-        if comps[seed]["target"] is not None:
-            hlines.append({"y": comps[seed]["target"], "colour": (90, 90, 90), "dash": 8 if seed == "0" else 3,
-                           "label": "target = exact final" + (f" seed {seed}" if len(comps) > 1 else "")})
-    floor = next((r["floor"].get(spec["metric"]) for runs in result["runs"].values() for r in runs.values()
+            label = method + (" (baseline)" if method == result.get("baseline") else "")
+            series.append({"x": [x["time"] for x in r["records"]], "y": q, "colour": colours[method],
+                           "dash": 0 if seed == seeds[0] else 8, "width": 3 if method == MAIN else 2,
+                           "label": label + (f", seed {seed}" if len(seeds) > 1 else "")})
+    floor = next((r["floor"].get(bench.metric) for runs in result["runs"].values() for r in runs.values()
                   if r.get("floor")), None)
-    if floor is not None:
-        hlines.append({"y": floor, "label": "floor (real vs real)", "colour": (160, 160, 160), "dash": 3})
+    hlines = [{"y": floor, "label": "floor (held-out real data)", "colour": (160, 160, 160), "dash": 3}] if (
+        floor is not None and floor > 0) else []
     logy = bool(values) and min(values) > 0
-    picture = line_plot(series, hlines=hlines, logx=True, logy=logy,
-                        title=f"{bench}: {spec['metric_label']} vs training time ({result['host_kind']})",
-                        xlabel="training wall-clock (s, log scale; evaluation and set-up not counted)",
-                        ylabel=f"{spec['metric']} (lower is better{', log scale' if logy else ''})")
+    picture = line_plot(series, hlines=hlines, logx=True, logy=logy, size=(1000, 640),
+                        title=f"{bench.name}: {bench.metric_label} ({result['host_kind']}; solid: seed {seeds[0]})",
+                        xlabel="training wall-clock (s, log scale; evaluation, turns and set-up not counted)",
+                        ylabel=f"{bench.metric} (lower is better{', log scale' if logy else ''})")
     write_png(path, picture)
 
 
@@ -492,11 +494,6 @@ def machine_info() -> dict:
             "torch_threads": torch.get_num_threads(), "dxtrain": dxtrain.__version__,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
-    except OSError:
-        pass
-    try:
         root = HERE.parent
         info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                             timeout=10).stdout.strip() or None
@@ -519,203 +516,196 @@ def _positive(kind, name):
     return parse
 
 
-def method_label(result: dict, method: str) -> str:
-    """The legend label of a method, with its non-default field settings (from the saved configs)."""
-    cfg = result.get("configs", {}).get(method, {})
-    extra = [f"m={cfg['landmarks']}"] if method == "projected" and cfg.get("landmarks") else []
-    if cfg.get("correction"):
-        extra.append("corrected")
-    if cfg.get("repulsion", "exact") != "exact":
-        extra.append(f"{cfg['repulsion']} repulsion")
-    if cfg.get("normalization", "bidirectional") != "bidirectional":
-        extra.append(cfg["normalization"])
-    label = METHOD_LABELS[method]
-    return label[:-1] + ", " + ", ".join(extra) + ")" if extra else label
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``NAME=key=value,key=value`` -> (NAME, {key: value}) with values parsed as JSON where they can be
+    (``true``, ``512``, ``[0.05, 0.2]``), else kept as text; keys must be TrainConfig fields."""
+    from dataclasses import fields
 
+    from dxtrain.train import TrainConfig
 
-def variant_suffix(args) -> str:
-    """File-name suffix of a run with non-default settings, so it never overwrites the default results:
-    ``-tau0.2``, ``-m2048``, ``-uniform``, ``-row``, ``-nystrom``, ``-p4096``, ``-b1024``, ``-quick``
-    (a budget other than the bench's default adds ``-<seconds>s`` before them)."""
-    parts = []
-    if args.temperatures:
-        parts.append("tau" + "_".join(f"{t:g}" for t in args.temperatures))
-    if args.landmarks:
-        parts.append(f"m{args.landmarks}")
-    for value in (args.landmark_method, args.normalization, args.repulsion):
-        if value:
-            parts.append(value)
-    if args.correction:
-        parts.append("corrected")
-    if args.positives:
-        parts.append(f"p{args.positives}")
-    if args.batch:
-        parts.append(f"b{args.batch}")
-    if args.quick:
-        parts.append("quick")
-    return "".join("-" + p for p in parts)
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest or name == MAIN or name.startswith("exact@"):
+        raise argparse.ArgumentTypeError(f"--variant expects NAME=key=value[,key=value...] with a new NAME, "
+                                         f"got {text!r}")
+    known = {f.name for f in fields(TrainConfig)}
+    settings = {}
+    for item in re.split(r",(?=[A-Za-z_]\w*=)", rest):  # commas inside a value ([0.05,0.2]) stay
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise argparse.ArgumentTypeError(f"--variant {name}: {item!r} is not key=value with a TrainConfig "
+                                             f"field as key (e.g. correction=true, landmarks=512)")
+        try:
+            settings[key] = json.loads(value)
+        except ValueError:
+            settings[key] = value
+    return name, settings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog=__doc__[__doc__.index("Benchmarks\n"):],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Run::"):],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bench", choices=(*BENCHES, "all"), default="all", help="which benchmark (default: all)")
+    p.add_argument("--bench", nargs="+", choices=(*BENCHES, "all"), default=["all"], help="benches (default all)")
+    p.add_argument("--list", action="store_true", help="list the benches and exit")
     p.add_argument("--budget", type=_positive(float, "--budget"), default=None,
-                   help="seconds of training per method and seed (default: digits "
-                        f"{BENCHES['digits']['budget']:g}, mixture {BENCHES['mixture']['budget']:g}; --quick: "
-                        f"{QUICK['budget']:g})")
-    p.add_argument("--repeats", type=_positive(int, "--repeats"), default=None,
-                   help="seeds per method (0, 1, ...); the two methods alternate order between seeds "
-                        "(default 2; --quick: 1)")
+                   help="seconds of training per run (default: each bench's own, 20-45 s for vectors, 60 s for images; --list)")
+    p.add_argument("--seeds", type=_positive(int, "--seeds"), default=None,
+                   help=f"training seeds 0, 1, ... (default {DEFAULT_SEEDS}; --quick 1)")
     p.add_argument("--evals", type=_positive(int, "--evals"), default=None,
-                   help=f"evaluations per run: geometric in training time from budget/64, plus the end (default "
-                        f"{DEFAULT_EVALS}; --quick: {QUICK['evals']})")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                   help="methods to run (the comparison needs both)")
-    p.add_argument("--landmarks", type=_positive(int, "--landmarks"), default=None,
-                   help="landmarks of the projected field (default: digits 128 per class, mixture 512)")
-    p.add_argument("--landmark-method", choices=LANDMARK_METHODS, default=None,
-                   help="landmark selection of the projected field (default: dxtrain's, kmeans)")
-    p.add_argument("--normalization", choices=NORMALIZATIONS, default=None,
-                   help="normalisation of both fields (default: dxtrain's, bidirectional)")
-    p.add_argument("--repulsion", choices=REPULSIONS, default=None,
-                   help="repulsion of the projected field (default: dxtrain's, exact)")
-    p.add_argument("--correction", action="store_true",
-                   help="projected: correct the Nystrom sums with the step's real mini-batch (dxtrain --correction)")
-    p.add_argument("--positives", type=_positive(int, "--positives"), default=None,
-                   help="real samples per step of the exact field (default: dxtrain's, 512)")
-    p.add_argument("--batch", type=_positive(int, "--batch"), default=None,
-                   help="generated samples per step, both methods (default: dxtrain's, 256)")
-    p.add_argument("--temperatures", type=_positive(float, "--temperatures"), nargs="+", default=None,
-                   help="kernel temperatures of BOTH methods (default: dxtrain's 0.02 0.05 0.2); results of "
-                        "non-default settings get a suffix ('-tau0.2', '-m2048', '-nystrom', ...)")
+                   help=f"evaluations per run (default {DEFAULT_EVALS}; --quick {QUICK['evals']})")
+    p.add_argument("--positives", type=_positive(int, "--positives"), nargs="+", default=list(POSITIVES),
+                   help="the baseline's --positives tried (default %(default)s); the best is the baseline")
+    p.add_argument("--tune", choices=("seed0", "all"), default="seed0",
+                   help="seed0: every --positives at seed 0 only, the best one at the other seeds (default); "
+                        "all: every --positives at every seed, the best median")
+    p.add_argument("--variant", type=parse_variant, action="append", default=[], metavar="NAME=key=value,...",
+                   help="also run DriftXpress with these TrainConfig settings (repeatable)")
+    p.add_argument("--no-default", action="store_true", help="leave out DriftXpress at the defaults (variants only)")
+    p.add_argument("--slice", type=_positive(float, "--slice"), default=None,
+                   help=f"seconds of training per turn (default budget / {SLICES})")
     p.add_argument("--device", default="cpu", help="torch device of the runs (default cpu; e.g. cuda)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"smoke run: {QUICK['budget']:g} s per method, {QUICK['evals']} evaluations, small "
-                        "evaluation samples; for tests, its numbers mean nothing")
-    p.add_argument("--out", default=None,
-                   help="folder for the JSON and PNG results (default bench/results)")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny budget, 1 seed; its numbers mean nothing")
+    p.add_argument("--out", default=None, help="folder for the JSON, PNG and markdown results (default bench/results)")
+    p.add_argument("--tag", default="", help="suffix of the result files (e.g. 'corr' -> train-suite-cpu2-corr.json)")
     p.add_argument("--in-process", action="store_true",
-                   help="run every training in this process instead of a fresh spawned one (tests and debugging; "
-                        "thread pools and allocator state then carry over between methods)")
+                   help="run every training in this process, one after another, not interleaved (tests)")
     p.add_argument("--replot", nargs="+", metavar="JSON", default=None,
-                   help="recompute the comparisons, table and plot of saved result files (rewritten in place) "
-                        "instead of running anything")
-    p.add_argument("--keep-runs", default=None,
-                   help="keep the dxtrain run folders under this folder (default: a temporary folder, removed)")
+                   help="recompute the analysis, tables and plots of saved bench or suite results")
+    p.add_argument("--keep-runs", default=None, help="keep the dxtrain run folders under this folder")
     return p
 
 
-def finish(bench: str, result: dict, json_path: Path) -> None:
-    """Print the report, draw the plot next to the JSON and write the JSON (atomically)."""
-    print()
-    print(render(bench, result), flush=True)
-    png_path = json_path.with_suffix(".png")
+def jobs_for(bench, seed: int, methods: dict, budget: float, args, work: Path, data: str) -> list[dict]:
+    times = eval_times(budget, args.evals)
+    jobs = []
+    for method, settings in methods.items():
+        run_dir = work / f"{bench.name}-{method.replace('@', '')}-seed{seed}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        config = {"data": data, "out": str(run_dir), "steps": 10 ** 9, "time_budget": budget, "seed": seed,
+                  "device": args.device, "evaluate": False, "progress": False, "log_every": 50,
+                  "sample_every": 10 ** 9, "checkpoint_every": 10 ** 9, "fidelity_every": 10 ** 9, **settings}
+        if args.quick and config["field"] == "projected" and "landmarks" not in settings:
+            config["landmarks"] = QUICK["landmarks"]
+        jobs.append({"bench": bench.name, "method": method, "seed": seed, "config": config, "eval_times": times,
+                     "quick": args.quick, "slice": args.slice or budget / SLICES})
+    return jobs
+
+
+def run_bench(bench, args, work: Path, host: str) -> dict:
+    budget = args.budget or (QUICK["budget"] if args.quick else bench.budget)
+    data = write_data(bench, work / f"{bench.name}.npz")
+    baselines = {f"exact@{p}": {"field": "exact", "positives": int(p)} for p in args.positives}
+    own = {} if args.no_default else {MAIN: {"field": "projected"}}
+    own.update({name: {"field": "projected", **s} for name, s in args.variant})
+    result = {"benchmark": "bench/train.py", "bench": bench.name, "budget": budget, "host_kind": host,
+              "metric": bench.metric, "quick": args.quick, "tune": args.tune, "methods": [*baselines, *own],
+              "configs": {**baselines, **own}, "runs": {}, "argv": args.argv}
+    print(f"# {bench.name}: {bench.about}; {budget:g} s per run, {args.seeds} seed(s)", flush=True)
+    for seed in range(args.seeds):
+        methods = dict(own)
+        if seed == 0 or args.tune == "all" or len(baselines) == 1:
+            methods = {**baselines, **methods}
+        else:
+            best = choose_baseline(result["runs"], "seed0")
+            if best is None:
+                print(f"  no baseline finished at seed 0: seed {seed} skipped", flush=True)
+                continue
+            methods = {best: baselines[best], **methods}
+        names = list(methods)
+        if seed % 2:  # who goes first alternates between seeds
+            names.reverse()
+        jobs = jobs_for(bench, seed, {m: methods[m] for m in names}, budget, args, work, data)
+        print(f"- seed {seed}: {', '.join(names)} taking turns", flush=True)
+        t0 = time.perf_counter()
+        out = ([run_one(j) for j in jobs] if args.in_process
+               else run_interleaved(jobs, timeout=max(600.0, 4 * budget)))
+        result["runs"][str(seed)] = dict(zip(names, out))
+        for name, r in zip(names, out):
+            if "error" in r:
+                print(f"  {name}: ERROR {r['error']}", flush=True)
+        print(f"  seed {seed} done in {time.perf_counter() - t0:.0f} s", flush=True)
+        if not args.keep_runs:
+            for j in jobs:
+                shutil.rmtree(j["config"]["out"], ignore_errors=True)
+    analyse(result)
+    result["machine"] = machine_info()
+    return result
+
+
+def finish_bench(result: dict, out_dir: Path, tag: str) -> Path:
+    print("\n" + render_bench(result) + "\n", flush=True)
+    path = out_dir / f"train-{result['bench']}-{result['host_kind']}{tag}.json"
     result.pop("png", None)
-    if any("records" in r for runs in result["runs"].values() for r in runs.values()):
+    if any(r.get("records") for runs in result["runs"].values() for r in runs.values()):
         try:
-            plot(bench, result, png_path)
-            result["png"] = png_path.name
+            plot(result, path.with_suffix(".png"))
+            result["png"] = path.with_suffix(".png").name
         except Exception as exc:  # the figures matter more than the picture
             print(f"plot failed: {type(exc).__name__}: {exc}", flush=True)
-    write_json_atomic(json_path, jsonable(result))
-    print(f"\nwrote {json_path}" + (f" and {png_path}" if "png" in result else ""), flush=True)
+    write_json_atomic(path, jsonable(result))
+    return path
+
+
+def finish_suite(paths: list[Path], out_dir: Path, host: str, tag: str) -> None:
+    results = []
+    for p in paths:
+        with open(p) as fh:
+            results.append(json.load(fh))
+    text = render_suite(results, host)
+    print(text, flush=True)
+    (out_dir / f"train-suite-{host}{tag}.md").write_text(text + "\n")
+    write_json_atomic(out_dir / f"train-suite-{host}{tag}.json",
+                      {"benches": [str(Path(p).name) for p in paths], "host_kind": host,
+                       "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
 
 
 def replot(paths) -> int:
-    """``--replot``: recompute the comparisons, table and plot of saved results (the runs are not repeated)."""
-    for path in paths:
-        path = Path(path)
+    """``--replot``: recompute the analysis, tables and plots of saved results (runs are not repeated)."""
+    for path in map(Path, paths):
         try:
             with open(path) as fh:
-                result = json.load(fh)
-            bench = result["bench"]
-            if bench not in BENCHES:
-                raise ValueError(f"unknown bench {bench!r}")
-            runs = result["runs"]
+                saved = json.load(fh)
+            if "benches" in saved:  # a suite file: its benches, then the suite table again
+                bench_paths = [path.parent / name for name in saved["benches"]]
+                for bp in bench_paths:
+                    replot([bp])
+                tag = path.stem[len(f"train-suite-{saved['host_kind']}"):]
+                finish_suite(bench_paths, path.parent, saved["host_kind"], tag)
+                continue
+            if saved.get("bench") not in BENCHES or "runs" not in saved:
+                raise ValueError("not a bench/train.py result")
         except (OSError, ValueError, KeyError) as exc:
             print(f"--replot {path}: not a bench/train.py result ({type(exc).__name__}: {exc})", file=sys.stderr)
             return 2
-        result["comparisons"] = {seed: compare(r["exact"], r["projected"]) for seed, r in runs.items()
-                                 if all(m in r and "error" not in r[m] for m in METHODS)}
-        result["summary"] = summarize(result["comparisons"])
-        result["replotted"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        finish(bench, result, path)
+        analyse(saved)
+        saved["replotted"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        tag = path.stem[len(f"train-{saved['bench']}-{saved['host_kind']}"):]
+        finish_bench(saved, path.parent, tag)
     return 0
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    if args.list:
+        for b in BENCHES.values():
+            print(f"{b.name:14s} {b.about} (budget {b.budget:g} s; {b.metric})")
+        return 0
     if args.replot:
         return replot(args.replot)
-    if set(args.methods) != set(METHODS):
-        print("note: only " + ", ".join(args.methods) + " selected: no time-to-target comparison", flush=True)
-    benches = list(BENCHES) if args.bench == "all" else [args.bench]
-    evals = args.evals or (QUICK["evals"] if args.quick else DEFAULT_EVALS)
-    args.repeats = args.repeats or (1 if args.quick else 2)
+    benches = list(BENCHES) if "all" in args.bench else list(dict.fromkeys(args.bench))
+    args.evals = args.evals or (QUICK["evals"] if args.quick else DEFAULT_EVALS)
+    args.seeds = args.seeds or (1 if args.quick else DEFAULT_SEEDS)
     out_dir = Path(args.out) if args.out else HERE / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(args.keep_runs) if args.keep_runs else Path(tempfile.mkdtemp(prefix="dx-bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
-    hk = host_kind(args.device)
-    suffix = variant_suffix(args)
+    host = host_kind(args.device)
+    tag = ("-" + args.tag if args.tag else "") + ("-quick" if args.quick else "")
+    paths = []
     try:
-        for bench in benches:
-            spec = BENCHES[bench]
-            budget = args.budget or (QUICK["budget"] if args.quick else spec["budget"])
-            times = eval_times(budget, evals)
-            result = {"benchmark": "bench/train.py", "bench": bench, "argv": sys.argv[1:] if argv is None else argv,
-                      "budget": budget, "eval_times": times, "host_kind": hk, "metric": spec["metric"],
-                      "quick": args.quick, "runs": {}, "comparisons": {}, "configs": {}}
-            print(f"# {bench}: {len(args.methods)} method(s) x {args.repeats} seed(s), {budget:g} s of training each, "
-                  f"{evals} evaluations per run", flush=True)
-            for seed in range(args.repeats):
-                order = list(args.methods) if seed % 2 == 0 else list(reversed(args.methods))
-                runs = result["runs"].setdefault(str(seed), {})
-                for method in order:
-                    run_dir = work / f"{bench}-{method}-seed{seed}"
-                    if run_dir.exists():
-                        shutil.rmtree(run_dir)
-                    config = {"data": spec["data"], "out": str(run_dir), "field": method, "steps": 10 ** 9,
-                              "time_budget": budget, "seed": seed, "device": args.device, "evaluate": False,
-                              "progress": False, "log_every": 50, "sample_every": 10 ** 9,
-                              "checkpoint_every": 10 ** 9, "fidelity_every": 10 ** 9, **spec["config"]}
-                    if args.batch:
-                        config["batch"] = args.batch
-                    if args.positives:
-                        config["positives"] = args.positives
-                    if args.temperatures:
-                        config["temperatures"] = tuple(args.temperatures)
-                    landmarks = args.landmarks or spec["landmarks"]
-                    if args.quick and not args.landmarks:
-                        landmarks = min(landmarks or QUICK["landmarks"], QUICK["landmarks"])
-                    if landmarks and method == "projected":
-                        config["landmarks"] = landmarks
-                    if args.landmark_method and method == "projected":
-                        config["landmark_method"] = args.landmark_method
-                    if args.normalization:
-                        config["normalization"] = args.normalization
-                    if args.repulsion and method == "projected":
-                        config["repulsion"] = args.repulsion
-                    if args.correction and method == "projected":
-                        config["correction"] = True
-                    result["configs"][method] = {k: v for k, v in config.items() if k not in ("out", "seed")}
-                    print(f"- {bench}/{method} seed {seed}: training for {budget:g} s ...", flush=True)
-                    job = {"bench": bench, "method": method, "seed": seed, "config": config, "eval_times": times,
-                           "quick": args.quick}
-                    t0 = time.perf_counter()
-                    r = run_one(job) if args.in_process else run_isolated(job, timeout=3 * budget + 900)
-                    runs[method] = r
-                    print(f"  done in {time.perf_counter() - t0:.0f} s" + (f": ERROR {r['error']}" if "error" in r
-                                                                          else ""), flush=True)
-                    if not args.keep_runs:
-                        shutil.rmtree(run_dir, ignore_errors=True)
-                if all(m in runs and "error" not in runs[m] for m in METHODS):
-                    result["comparisons"][str(seed)] = compare(runs["exact"], runs["projected"])
-            result["summary"] = summarize(result["comparisons"])
-            result["machine"] = machine_info()
-            budget_tag = f"-{budget:g}s" if args.budget and not args.quick and budget != spec["budget"] else ""
-            finish(bench, result, out_dir / f"train-{bench}-{hk}{budget_tag}{suffix}.json")
+        for name in benches:
+            paths.append(finish_bench(run_bench(BENCHES[name], args, work, host), out_dir, tag))
+            finish_suite(paths, out_dir, host, tag)  # after every bench: nothing lost if stopped
     finally:
         if not args.keep_runs:
             shutil.rmtree(work, ignore_errors=True)

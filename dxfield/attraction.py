@@ -26,7 +26,7 @@ from .backend import device_of, placement_of
 from .kernels import logit_coef, sqdist
 from .memory import tile_cap
 from .nystrom import column_log_sums, kernel_products
-from .sums import logsumexp
+from .sums import quiet
 
 
 @dataclass
@@ -185,72 +185,155 @@ def corrected_attraction(pf, xp, xa, groups, ys, sample_rows):
     Rows whose corrected sums are not positive keep the Nystrom values
     (counted as fallback rows).  ``sample_rows``: the rows of ``ys`` per shard
     index (``None`` for an unconditional cache).
+
+    The class groups are batched (:class:`_Batches`): every temperature is a
+    few operations on (groups x queries x landmarks) arrays, not a loop over
+    the classes (docs/design.md section 2.7).
     """
     n, d = xa.shape
     nt = len(pf.temperatures)
     dt, f64 = pf.dtype, xp.float64
-    out = [(xp.empty((n, d), dtype=dt), xp.empty(n, dtype=f64), xp.empty(n, dtype=f64)) for _ in range(nt)]
-    fallback = [0] * nt
     centre = pf.on_device(placement_of(xp, xa))["centre"]
-    ysc = ys - centre
-    dist = (lambda a, b: xp.sqrt(sqdist(a, b))) if pf.kernel == "laplace" else sqdist  # noqa: E731
-    for g in query_groups(pf, xp, xa, groups):
-        xc = g.xs - centre
-        samples = _sample_parts(pf, xp, g, ysc, sample_rows)
-        du = dist(xc, g.uc)  # N x m
-        dys = [dist(xc, yb) for _, yb, _ in samples]  # N x B_j
-        duys = [dist(g.uc[sl], yb) for sl, yb, _ in samples]  # m_j x B_j
-        for k in range(nt):
-            b, log_w, log_r, nbad = _corrected_sums(pf, xp, g, k, du, samples, dys, duys)
-            fallback[k] += nbad
-            for o, p in zip(out[k], (b, log_w, log_r)):
-                o[g.idx] = p
+    bt = _Batches(pf, xp, xa, groups, ys - centre, sample_rows)
+    out, fallback = [], []
+    for k in range(nt):
+        b, log_w, log_r, nbad = _corrected_sums(pf, xp, bt, k)
+        outs = (xp.empty((n, d), dtype=dt), xp.empty(n, dtype=f64), xp.empty(n, dtype=f64))
+        for o, p in zip(outs, (b, log_w, log_r)):
+            o[bt.rows] = p[bt.valid]
+        out.append(outs)
+        fallback.append(nbad)
     return out, fallback
 
 
-def _corrected_sums(pf, xp, g: QueryGroup, k: int, du, samples, dys, duys):
-    """One temperature of :func:`corrected_attraction` for group ``g``: ``(b, log_w, log_r, fallback rows)``."""
-    d = g.xs.shape[1]
+class _Batches:
+    """The query groups of :func:`corrected_attraction`, padded and stacked: (groups x rows x ...) arrays.
+
+    Per group ``g``: its queries (``nq`` rows at most), its landmarks (``nm``),
+    the sample rows that correct it (``ns``, each with its scale ``n_s / B_s``
+    and the landmarks of its own shard), and the distances between them.
+    Padding is masked: padded queries, landmarks and sample rows get logit
+    -inf, so they add nothing to any sum.
+    """
+
+    def __init__(self, pf, xp, xa, groups, ysc, sample_rows):
+        dev = pf.on_device(placement_of(xp, xa))
+        dist = (lambda a, b: xp.sqrt(sqdist(a, b))) if pf.kernel == "laplace" else sqdist  # noqa: E731
+        gs = list(query_groups(pf, xp, xa, groups))
+        nb, d, dt = len(gs), xa.shape[1], pf.dtype
+        parts = [_sample_parts(pf, xp, g, ysc, sample_rows) for g in gs]
+        nq = max(int(g.xs.shape[0]) for g in gs)
+        nm = max(int(g.uc.shape[0]) for g in gs)
+        ns = max([sum(int(yb.shape[0]) for _, yb, _ in p) for p in parts] + [1])
+        self.groups, self.nq, self.nm, self.ns, self.dev = gs, nq, nm, ns, dev
+        self.key = (tuple(tuple(g.shards) for g in gs), nm)  # the padded summaries depend on this only
+        inf = float("inf")
+        self.du = xp.full((nb, nq, nm), inf, dtype=dt)  # query-landmark distances (inf: padding)
+        self.dy = xp.full((nb, nq, ns), inf, dtype=dt)  # query-sample
+        self.duy = xp.full((nb, nm, ns), inf, dtype=dt)  # landmark-sample (inf: other shard)
+        self.y1 = xp.zeros((nb, ns, d + 1), dtype=dt)  # [y - c, 1] of the sample rows
+        self.scale = xp.zeros((nb, ns), dtype=dt)  # n_s / B_s of each sample row's shard
+        self.valid = xp.zeros((nb, nq), dtype=bool)
+        self.mass = xp.zeros((nb, nm), dtype=dt)
+        self.has_sample = any(parts)
+        for j, (g, p) in enumerate(zip(gs, parts)):
+            xc = g.xs - dev["centre"]
+            q, m = int(g.xs.shape[0]), int(g.uc.shape[0])
+            self.valid[j, :q] = True
+            self.mass[j, :m] = g.mass
+            self.du[j, :q, :m] = dist(xc, g.uc)
+            at = 0
+            for sl, yb, scale in p:
+                cols = slice(at, at + int(yb.shape[0]))
+                self.dy[j, :q, cols] = dist(xc, yb)
+                self.duy[j, sl, cols] = dist(g.uc[sl], yb)
+                self.y1[j, cols, :d] = yb
+                self.y1[j, cols, d] = 1
+                self.scale[j, cols] = scale
+                at = cols.stop
+        self.rows = xp.concatenate([xp.asarray(g.idx) if not isinstance(g.idx, slice)
+                                    else xp.arange(xa.shape[0]) for g in gs])
+
+    def folded(self, pf, xp, k: int, d: int):
+        """``A [G | t]`` of every group at temperature ``k``, padded: (groups x nm x (D+1)), float64 (made
+        once per device and set of groups)."""
+        def make():
+            out = xp.zeros((len(self.groups), self.nm, d + 1), dtype=xp.float64)
+            for j, g in enumerate(self.groups):
+                out[j, :g.uc.shape[0]] = g.folded[k][:, :d + 1]
+            return out
+        return self._kept(("folded", k), make)
+
+    def inverse_grams(self, pf, xp, k: int):
+        """``W^{-1}`` of every group's shards (block diagonal), padded: (groups x nm x nm), float64 (made
+        once per device and set of groups)."""
+        def make():
+            out = xp.zeros((len(self.groups), self.nm, self.nm), dtype=xp.float64)
+            for j, g in enumerate(self.groups):
+                m = g.uc.shape[0]
+                out[j, :m, :m] = pf.inverse_gram(self.dev, xp, g.shards, k)
+            return out
+        return self._kept(("winv", k), make)
+
+    def _kept(self, what, make):
+        """``make()``, kept on the device for the next call with the same groups (only the last set of
+        groups is kept: with many classes the set changes from call to call)."""
+        kept = self.dev.get("batched")
+        if kept is None or kept["key"] != self.key:
+            kept = self.dev["batched"] = {"key": self.key}
+        if what not in kept:
+            kept[what] = make()
+        return kept[what]
+
+
+def _corrected_sums(pf, xp, bt: _Batches, k: int):
+    """One temperature of :func:`corrected_attraction`, all groups at once: ``(b, log_w, log_r,
+    fallback rows)`` as (groups x rows) arrays (padded rows hold garbage; ``bt.valid`` marks the rest)."""
+    d = bt.y1.shape[2] - 1
     dt, f64 = pf.dtype, xp.float64
     coef = logit_coef(pf.kernel, pf.taus[k])
-    winv = pf.inverse_gram(pf.on_device(placement_of(xp, g.xs)), xp, g.shards, k)
-    folded = g.folded[k][:, :d + 1]  # A [G | t]
-    # k_iu c_u^{-1/2} = exp(e_iu) and k_iu = exp(e_iu) c_u^{1/2}: column sums over the queries
-    Lu = du * -coef
-    half = 0.5 * logsumexp(xp, Lu, 0)
-    e_u = Lu - half.astype(dt)[None, :]
-    shift = xp.maximum(e_u.max(axis=1), Lu.max(axis=1))  # every term below is <= 1 in its units
-    halves, e_y = [], []
-    for dy in dys:
-        L = dy * -coef
-        halves.append(0.5 * logsumexp(xp, L, 0))  # the sample points' exact column sums
-        e_y.append(L - halves[-1].astype(dt)[None, :])
-        shift = xp.maximum(shift, xp.maximum(e_y[-1].max(axis=1), L.max(axis=1)))
-    # the sample's Nystrom summaries, subtracted from the cached ones (float64, m x (D+1))
-    corrected = folded.astype(f64)
-    for (sl, yb, scale), duy in zip(samples, duys):
-        # the sums k(U, Y_s) [Y_s, 1] in the working dtype, like the cached ones (Summaries.accumulate)
-        kuy = xp.exp(duy * -coef)
-        yb1 = xp.concatenate([yb, xp.ones((yb.shape[0], 1), dtype=dt)], axis=1)
-        corrected[sl] -= scale * (winv[sl, sl] @ (kuy @ yb1).astype(f64))
-    E = xp.exp(e_u - shift[:, None])  # units exp(shift_i)
-    mats = corrected.astype(dt)
-    pr = E @ mats  # [acc | s_w]
-    root_c = xp.exp(half).astype(dt)  # c_u^{1/2}
-    r = E @ (mats[:, d] * root_c)  # plain row sums k_i. W^{-1} t
-    for (sl, yb, scale), h, e in zip(samples, halves, e_y):
-        ay = xp.exp(e - shift[:, None])
-        pr[:, :d] += scale * (ay @ yb)
-        pr[:, d] += scale * ay.sum(axis=1)
-        r += scale * (ay @ xp.exp(h).astype(dt))
-    bad = ~(pr[:, d] > 0) | ~(r > 0)
-    nbad = 0
-    if samples and bool(bad.any()):  # the sample's estimate went negative there: Nystrom alone
-        nbad = int(bad.sum())
-        pr[bad] = E[bad] @ folded
-        r[bad] = E[bad] @ (folded[:, d] * root_c)
-    s_w = pr[:, d]
-    has = (s_w > 0) & (r > 0)  # False only without any data
+    folded = bt.folded(pf, xp, k, d)  # A [G | t]
+    with quiet(xp):
+        # k_iu c_u^{-1/2} = exp(e_iu) and k_iu = exp(e_iu) c_u^{1/2}: column sums over each group's queries
+        Lu = bt.du * -coef  # -inf on padding
+        half = _half_column_sums(xp, Lu)
+        e_u = Lu - half[:, None, :]
+        Ly = bt.dy * -coef
+        half_y = _half_column_sums(xp, Ly)  # the sample points' exact column sums
+        e_y = Ly - half_y[:, None, :]
+        shift = xp.maximum(xp.maximum(e_u.max(axis=2), Lu.max(axis=2)),
+                           xp.maximum(e_y.max(axis=2), Ly.max(axis=2)))  # every term below is <= 1 in its units
+        shift = xp.where(xp.isfinite(shift), shift, 0).astype(dt)
+        E = xp.exp(e_u - shift[:, :, None])  # units exp(shift_i)
+        root_c = xp.exp(half)  # c_u^{1/2}
+        corrected = folded
+        if bt.has_sample:
+            # the sample's Nystrom summaries, subtracted from the cached ones (float64, m x (D+1))
+            kuy = xp.exp(bt.duy * -coef) * bt.scale[:, None, :]  # in the working dtype, like the cached sums
+            corrected = folded - bt.inverse_grams(pf, xp, k) @ (kuy @ bt.y1).astype(f64)
+        mats = corrected.astype(dt)
+        pr = E @ mats  # [acc | s_w]
+        r = (E @ (mats[:, :, d] * root_c)[:, :, None])[:, :, 0]  # plain row sums k_i. W^{-1} t
+        ay = xp.exp(e_y - shift[:, :, None]) * bt.scale[:, None, :]
+        pr += ay @ bt.y1
+        r += (ay @ xp.exp(half_y)[:, :, None])[:, :, 0]
+    bad = (~(pr[:, :, d] > 0) | ~(r > 0)) & bt.valid
+    nbad = int(bad.sum()) if bt.has_sample else 0
+    if nbad:  # the sample's estimate went negative there: Nystrom alone
+        nys = E @ folded.astype(dt)
+        pr = xp.where(bad[:, :, None], nys, pr)
+        r = xp.where(bad, (E @ (folded[:, :, d].astype(dt) * root_c)[:, :, None])[:, :, 0], r)
+    s_w = pr[:, :, d]
+    has = (s_w > 0) & (r > 0)  # False only without any data (and on padding)
     safe_s = xp.where(has, s_w, 1.0)
-    b = pr[:, :d] / safe_s[:, None]
+    b = pr[:, :, :d] / safe_s[:, :, None]
     return b, _log_sums(xp, shift, safe_s, has), _log_sums(xp, shift, r, has), nbad
+
+
+def _half_column_sums(xp, logits):
+    """``0.5 log sum_i exp(logits_gij)`` over each group's queries (axis 1), in the logits' dtype; 0 for an
+    empty column (padding, or a landmark no query of its group sees), whose terms are all 0 anyway."""
+    top = logits.max(axis=1, keepdims=True)
+    top = xp.where(xp.isfinite(top), top, 0)
+    lse = (top + xp.log(xp.exp(logits - top).sum(axis=1, keepdims=True)))[:, 0, :]
+    return xp.where(xp.isfinite(lse), 0.5 * lse, 0.0)

@@ -85,9 +85,11 @@ def main():
               help="Projected field's repulsion: exact over the batch, or nystrom (the batch summarised on the "
                    "attraction's landmarks: both sides through one kernel, so the field vanishes where the "
                    "generated and real distributions agree).")
-@click.option("--correction/--no-correction", default=_DEFAULTS.correction, show_default=True,
+@click.option("--correction/--no-correction", default=None,
               help="Projected field: correct the Nystrom sums with the residual of --positives fresh real samples "
-                   "per step (an unbiased estimate of Algorithm 2 over the whole data set).")
+                   "per step (an unbiased estimate of Algorithm 2 over the whole data set) [default: on when the "
+                   "summaries hold at least 4 data points per landmark, with the bidirectional field and exact "
+                   "repulsion; off otherwise].")
 @click.option("--landmarks", type=click.IntRange(min=1), default=_DEFAULTS.landmarks, show_default=True,
               help="Nystrom landmarks per class (projected field).")
 @click.option("--landmark-method", type=click.Choice(["kmeans", "uniform", "kcenter", "rls"]),

@@ -136,8 +136,15 @@ class ProjectedFieldSet:
         self.last_stats: dict = {}
 
     def configure(self, cfg) -> None:
-        """Take the field options of a :class:`dxtrain.train.TrainConfig`."""
-        self.normalization, self.repulsion, self.correction = cfg.normalization, cfg.repulsion, cfg.correction
+        """Take the field options of a :class:`dxtrain.train.TrainConfig` (``correction=None``: automatic,
+        see :func:`correction_applies`)."""
+        self.normalization, self.repulsion = cfg.normalization, cfg.repulsion
+        auto = correction_applies(self.fields.values(), cfg.normalization, cfg.repulsion)
+        self.correction = auto if cfg.correction is None else bool(cfg.correction)
+
+    def points_per_landmark(self) -> float:
+        """Summarised data points per landmark, over every group and shard (the fewest of the groups)."""
+        return points_per_landmark(self.fields.values())
 
     @classmethod
     def build(cls, real_features: dict[str, np.ndarray], *, labels=None, temperatures, landmarks: int,
@@ -254,6 +261,30 @@ class ProjectedFieldSet:
                                      "or different samples); rebuild them with `dxtrain summarize` for this data")
             fields[name] = pf
         return cls(fields)
+
+
+CORRECTION_MIN_POINTS_PER_LANDMARK = 4.0
+
+
+def points_per_landmark(fields) -> float:
+    """Data points per landmark of the summaries: ``sum n / sum m`` over the shards, the fewest of the fields."""
+    ratios = [sum(s.n for s in pf.shards) / max(1, sum(s.m for s in pf.shards)) for pf in fields]
+    return min(ratios) if ratios else 0.0
+
+
+def correction_applies(fields, normalization: str, repulsion: str) -> bool:
+    """Whether the automatic default turns the residual correction on (docs/design.md section 8.2).
+
+    It needs the bidirectional field with exact repulsion, and pays where the
+    Nystrom sums are approximate: when the summaries hold at least
+    :data:`CORRECTION_MIN_POINTS_PER_LANDMARK` data points per landmark.  With
+    about one point per landmark (every point a landmark, as on the digits:
+    ~150 points for 128 landmarks per class) the Nystrom kernel is nearly exact
+    on the data, so the correction only adds a sample's noise and its cost.
+    """
+    if normalization != "bidirectional" or repulsion != "exact":
+        return False
+    return points_per_landmark(fields) >= CORRECTION_MIN_POINTS_PER_LANDMARK
 
 
 def _allreduce_summaries(pf: dxfield.ProjectedField, allreduce) -> None:

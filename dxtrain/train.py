@@ -50,7 +50,7 @@ from . import rundir
 from .data import Dataset, load_dataset, train_test_split
 from .ddp import DEBUG_DIR_ENV, Dist, process_group, rank_seed, stop_signals, write_weights_hash
 from .features import FeatureGroups
-from .fields import ExactField, ProjectedFieldSet, drift_loss
+from .fields import CORRECTION_MIN_POINTS_PER_LANDMARK, ExactField, ProjectedFieldSet, drift_loss
 from .models import EMA, generate, make_generator, sample_noise
 from .rundir import save_samples
 
@@ -78,7 +78,8 @@ class TrainConfig:
     temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)
     normalization: str = "bidirectional"  # of both fields: "bidirectional" (Algorithm 2) or "row" (mean shift)
     repulsion: str = "exact"  # projected field: "exact" over the batch, or "nystrom" (the attraction's kernel)
-    correction: bool = False  # projected field: correct the Nystrom sums with `positives` fresh real samples/step
+    correction: bool | None = None  # projected field: correct the Nystrom sums with `positives` fresh real
+    #                                  samples per step; None = auto (fields.correction_applies)
     landmarks: int = 128  # per class (projected field)
     landmark_method: str = "kmeans"
     conditional: bool = True  # use class labels when the data has them
@@ -105,7 +106,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         if self.field not in FIELDS:
             raise ValueError(f"field={self.field!r} is not valid; choose one of {FIELDS}")
-        if self.correction and (self.field != "projected" or self.normalization != "bidirectional"
+        if self.correction is True and (self.field != "projected" or self.normalization != "bidirectional"
                                 or self.repulsion != "exact"):
             raise ValueError("correction applies to field='projected' with normalization='bidirectional' and "
                              "repulsion='exact'")
@@ -323,7 +324,7 @@ class _Run:
 
     def positives(self):
         """The step's real mini-batch ``(features, labels)`` for the exact field or the correction, else Nones."""
-        if self.cfg.field != "exact" and not self.cfg.correction:
+        if self.cfg.field != "exact" and not self.field.correction:
             return None, None
         idx, labels = _draw_positives(self.rng, self.cfg.positives, self.real.shape[0],
                                       self.train_ds.labels if self.num_classes else None, self.num_classes)
@@ -401,6 +402,7 @@ def _make_field(cfg: TrainConfig, groups: FeatureGroups, real: torch.Tensor, lab
         field = ProjectedFieldSet.load(cache, expect=groups.dims, temperatures=cfg.temperatures, data=feats)
         field.configure(cfg)
         log(f"loaded summaries from {cache}")
+        _log_correction(cfg, field, log)
         return field
     field = build_summaries(cfg, feats, labels, log, rank=dist.rank, world_size=dist.world_size,
                             allreduce=dist.allreduce_numpy if dist.enabled else None)
@@ -408,7 +410,16 @@ def _make_field(cfg: TrainConfig, groups: FeatureGroups, real: torch.Tensor, lab
     if dist.main:
         field.save(cache)
     log(f"built summaries of {real.shape[0]} samples in {time.perf_counter() - t0:.1f}s -> {cache}")
+    _log_correction(cfg, field, log)
     return field
+
+
+def _log_correction(cfg: TrainConfig, field: ProjectedFieldSet, log) -> None:
+    ratio = field.points_per_landmark()
+    how = "set" if cfg.correction is not None else (
+        f"auto: {ratio:.1f} data points per landmark, on from {CORRECTION_MIN_POINTS_PER_LANDMARK:g}")
+    log(f"residual correction {'on' if field.correction else 'off'} ({how}"
+        + (f"; {cfg.positives} real samples per step" if field.correction else "") + ")")
 
 
 def _draw_positives(rng, n: int, n_real: int, labels: np.ndarray | None, num_classes: int):

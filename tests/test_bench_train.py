@@ -1,12 +1,15 @@
-"""bench/train.py (wall-clock to quality) and the dxtrain.train callback it relies on.
+"""bench/train.py (the wall-clock-to-quality suite), bench/suite.py, and the dxtrain.train callback.
 
 * ``train(cfg, callback=...)``: called once per step with the step, the training clock and the EMA
-  generator; the callback's own time is not in the training clock;
+  generator; the callback's own time (evaluation, waiting for a turn) is not in the training clock;
+* the benches' data: shapes, labels, determinism; the class-conditional energy distance against a
+  direct computation;
 * the time-to-target analysis: interpolation between the bracketing evaluations, a crossing at the
-  first evaluation (a bound), never reached, missing values; the per-seed comparison;
-* the evaluation schedule, the report and the plot on synthetic results;
-* the command line: ``--help``, bad arguments named, and a ``--quick --in-process`` smoke run of both
-  benchmarks writing JSON (strict: no NaN) and PNG files.
+  first evaluation (a bound), never reached, missing values; the per-seed comparison, the choice of
+  the baseline's --positives, the summary over seeds;
+* interleaving: runs in their own processes take turns, one at a time, each for its slice;
+* the command line: ``--help``, bad arguments named, ``--variant`` parsing, and a ``--quick`` run
+  writing JSON (strict: no NaN), PNG and the suite table; ``--replot``.
 """
 
 import importlib.util
@@ -76,6 +79,61 @@ def test_callback_final_at_time_budget(tmp_path):
     assert seen[-1] is True and not any(seen[:-1])
 
 
+# --------------------------------------------------------------------------- the benches
+
+
+@pytest.fixture(scope="module")
+def suite():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import suite as module
+
+    return module
+
+
+def test_every_bench_writes_its_data_deterministically(suite, tmp_path):
+    for name, bench in suite.BENCHES.items():
+        if bench.data is not None:
+            assert suite.write_data(bench, tmp_path / "x.npz") == bench.data
+            continue
+        a, b = tmp_path / f"{name}-a.npz", tmp_path / f"{name}-b.npz"
+        suite.write_data(bench, a), suite.write_data(bench, b)
+        da, db = np.load(a), np.load(b)
+        assert np.array_equal(da["x"], db["x"]) and da["x"].dtype == np.float32 and np.isfinite(da["x"]).all()
+        assert ("labels" in da) == bench.conditional, name
+        if bench.conditional:
+            counts = np.bincount(da["labels"])
+            assert counts.min() > 100 and len(counts) >= 5, name
+        assert len(da["x"]) >= 12000
+    x = np.load(tmp_path / "shapes-12px-a.npz")["x"]
+    assert x.shape[1:] == (3, 12, 12) and x.min() >= -1 and x.max() <= 1
+    # another seed draws other points of the same structure
+    other = tmp_path / "other.npz"
+    suite.write_data(suite.BENCHES["mix64-32d"], other, seed=1)
+    assert not np.array_equal(np.load(other)["x"], np.load(tmp_path / "mix64-32d-a.npz")["x"])
+
+
+def _energy_reference(a, b):
+    """The U-statistic energy distance, written out in float64 pair by pair."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    ab = np.mean([np.linalg.norm(x - y) for x in a for y in b])
+    aa = np.mean([np.linalg.norm(a[i] - a[j]) for i in range(len(a)) for j in range(len(a)) if i != j])
+    bb = np.mean([np.linalg.norm(b[i] - b[j]) for i in range(len(b)) for j in range(len(b)) if i != j])
+    return 2 * ab - aa - bb
+
+
+def test_class_energy_against_a_direct_computation(suite):
+    rng = np.random.default_rng(0)
+    x, ref = rng.standard_normal((30, 3)), rng.standard_normal((40, 3)) + 0.5
+    assert suite.class_energy(x, None, ref, None, 0) == pytest.approx(_energy_reference(x, ref), rel=1e-10)
+    xl, rl = np.arange(30) % 2, np.arange(40) % 2
+    want = (20 * _energy_reference(x[xl == 0], ref[rl == 0]) + 20 * _energy_reference(x[xl == 1], ref[rl == 1])) / 40
+    assert suite.class_energy(x, xl, ref, rl, 0) == pytest.approx(want, rel=1e-10)
+    # mixing classes up costs: the right classes score lower than swapped ones
+    y = np.concatenate([rng.standard_normal((200, 2)), rng.standard_normal((200, 2)) + 4])
+    lab = np.repeat([0, 1], 200)
+    assert suite.class_energy(y, lab, y[::-1].copy(), lab, 0) > 1 > abs(suite.class_energy(y, lab, y, lab, 0))
+
+
 # --------------------------------------------------------------------------- analysis
 
 
@@ -83,8 +141,7 @@ def test_time_to_target_interpolates(bt):
     hit = bt.time_to_target([1, 2, 4, 8], [1.0, 0.5, 0.3, 0.1], 0.4)
     assert hit["bound"] == "interpolated" and hit["time"] == pytest.approx(3.0)
     assert hit["between"] == [[2.0, 0.5], [4.0, 0.3]]
-    exact_hit = bt.time_to_target([1, 2, 4], [1.0, 0.5, 0.3], 0.5)
-    assert exact_hit["time"] == pytest.approx(2.0)
+    assert bt.time_to_target([1, 2, 4], [1.0, 0.5, 0.3], 0.5)["time"] == pytest.approx(2.0)
 
 
 def test_time_to_target_bounds_and_gaps(bt):
@@ -100,38 +157,53 @@ def test_time_to_target_bounds_and_gaps(bt):
         bt.time_to_target([1, 2], [1.0], 0.5)
 
 
-def _run(times, values, setup=1.0):
-    return {"records": [{"time": t, "quality": v, "scores": {}, "step": i} for i, (t, v) in enumerate(zip(times, values))],
-            "train_s": times[-1], "setup_s": setup, "steps": len(times), "steps_per_s": 1.0, "floor": {"q": 0.01}}
+def _run(times, values, setup=1.0, steps=None):
+    steps = steps or list(range(len(times)))
+    return {"records": [{"time": t, "quality": v, "scores": {"energy_distance": v}, "step": s}
+                        for t, v, s in zip(times, values, steps)],
+            "train_s": times[-1], "setup_s": setup, "steps": steps[-1], "steps_per_s": 1.0,
+            "floor": {"energy_distance": 0.01}}
 
 
-def test_compare_ratio_and_equal_budget(bt):
-    exact = _run([10, 20, 40, 80], [1.0, 0.5, 0.3, 0.2], setup=2.0)
-    projected = _run([10, 20, 40, 80], [0.6, 0.15, 0.1, 0.05], setup=6.0)
-    c = bt.compare(exact, projected)
-    # 0.2 is crossed between (10, 0.6) and (20, 0.15): at 10 + 10 * 0.4 / 0.45
-    t = 10 + 10 * 0.4 / 0.45
-    assert c["target"] == 0.2 and c["projected_time_to_target"] == pytest.approx(t)
+def test_compare_ratio_steps_and_equal_budget(bt):
+    base = _run([10, 20, 40, 80], [1.0, 0.5, 0.3, 0.2], setup=2.0, steps=[10, 20, 40, 80])
+    run = _run([10, 20, 40, 80], [0.6, 0.15, 0.1, 0.05], setup=6.0, steps=[5, 10, 20, 40])
+    c = bt.compare(base, run)
+    t = 10 + 10 * 0.4 / 0.45  # 0.2 is crossed between (10, 0.6) and (20, 0.15)
+    assert c["target"] == 0.2 and c["time_to_target"] == pytest.approx(t)
     assert c["ratio"] == pytest.approx(80 / t) and c["ratio_with_setup"] == pytest.approx(82 / (t + 6))
-    assert c["projected_final_lower"] is True and c["final_ratio"] == pytest.approx(4.0)
-    worse = bt.compare(exact, _run([10, 20, 40, 80], [4.0, 4.5, 4.6, 4.7]))
-    assert worse["bound"] == "not_reached" and worse["ratio"] is None
-    assert worse["projected_final_lower"] is False
+    assert c["steps_to_target"] == pytest.approx(5 + 5 * 0.4 / 0.45)
+    assert c["steps_ratio"] == pytest.approx(80 / (5 + 5 * 0.4 / 0.45))
+    assert c["step_time_ratio"] == pytest.approx(0.5)  # the baseline 1 s/step, this run 2 s/step
+    assert c["better_at_budget"] is True and c["final_ratio"] == pytest.approx(4.0)
+    worse = bt.compare(base, _run([10, 20, 40, 80], [4.0, 4.5, 4.6, 4.7]))
+    assert worse["bound"] == "not_reached" and worse["ratio"] is None and worse["better_at_budget"] is False
 
 
-def test_compare_in_steps_and_summary_over_seeds(bt):
-    exact = _run([10, 20, 40, 80], [1.0, 0.5, 0.3, 0.2])  # steps 0..3, 80 s: 20 s/step
-    projected = _run([5, 10, 20, 40], [0.6, 0.15, 0.1, 0.05])  # 10 s/step
-    c = bt.compare(exact, projected)
-    # in steps, 0.2 is crossed between step 0 (0.6) and step 1 (0.15)
-    assert c["projected_steps_to_target"] == pytest.approx(0.4 / 0.45)
-    assert c["steps_ratio"] == pytest.approx(4 / (0.4 / 0.45)) and c["step_time_ratio"] == pytest.approx(2.0)
-    bad = bt.compare(exact, _run([10, 20], [4.0, 4.5]))
-    s = bt.summarize({"0": c, "1": bad})
-    assert s["ratio_lower_median"] is None and s["ratio_text"].startswith("not reached")
-    assert s["exact_final_median"] == 0.2 and s["projected_final_median"] == pytest.approx((0.05 + 4.5) / 2)
-    s = bt.summarize({"0": c, "1": c, "2": bad})
-    assert s["ratio_lower_median"] == pytest.approx(c["ratio"])
+def test_the_baseline_is_the_best_positives(bt):
+    runs = {"0": {"exact@256": _run([1, 2], [1.0, 0.5]), "exact@512": _run([1, 2], [1.0, 0.3]),
+                  "exact@1024": {"error": "x"}, "projected": _run([1, 2], [0.1, 0.01])},
+            "1": {"exact@256": _run([1, 2], [1.0, 0.1]), "exact@512": _run([1, 2], [1.0, 0.4])},
+            "2": {"exact@256": _run([1, 2], [1.0, 0.1]), "exact@512": _run([1, 2], [1.0, 0.35])}}
+    assert bt.choose_baseline(runs, "seed0") == "exact@512"  # projected and failed runs never count
+    assert bt.choose_baseline(runs, "all") == "exact@256"  # medians 0.1 against 0.35
+    assert bt.choose_baseline({"0": {"projected": _run([1], [0.1])}}, "seed0") is None
+
+
+def test_analysis_and_summary_over_seeds(bt):
+    good = _run([10, 20, 40], [0.5, 0.1, 0.05])
+    base = _run([10, 20, 40], [1.0, 0.5, 0.2])
+    result = {"methods": ["exact@512", "projected"], "tune": "seed0",
+              "runs": {"0": {"exact@512": base, "projected": good},
+                       "1": {"exact@512": base, "projected": _run([10, 20, 40], [1.0, 0.9, 0.8])},
+                       "2": {"exact@512": base, "projected": good}}}
+    bt.analyse(result)
+    assert result["baseline"] == "exact@512" and set(result["comparisons"]["projected"]) == {"0", "1", "2"}
+    s = result["summary"]["projected"]
+    t = 10 + 10 * 0.3 / 0.4  # 0.2 between (10, 0.5) and (20, 0.1)
+    assert s["ratio_median"] == pytest.approx(40 / t)  # median of (r, 0, r): "not reached" counts as 0
+    assert s["ratios"][1] is None and s["never_worse"] is False and "not reached" in s["ratio_text"]
+    assert s["final_median"] == pytest.approx(0.05) and s["base_final_median"] == pytest.approx(0.2)
     assert bt.summarize({}) == {}
 
 
@@ -142,23 +214,43 @@ def test_eval_times_geometric(bt):
     assert bt.eval_times(10.0, 1) == [10.0]
 
 
+class _Conn:
+    def __init__(self):
+        self.sent, self.received = [], 0
+
+    def send(self, msg):
+        self.sent.append(msg)
+
+    def recv(self):
+        self.received += 1
+        return "go"
+
+
+def test_a_turn_ends_after_each_slice_of_training_time(bt):
+    conn = _Conn()
+    turn = bt.Turn(conn, 1.0)
+    handed = [turn.after_step(t, False) for t in (0.3, 0.9, 1.0, 1.5, 3.7, 3.8)]
+    assert handed == [False, False, True, False, True, False]
+    assert conn.sent == [("yield", 1.0), ("yield", 3.7)] and conn.received == 2
+    assert turn.after_step(9.0, True) is False  # the last step ends the run, it does not hand over
+
+
 def test_report_and_plot_from_synthetic_results(bt, tmp_path):
-    exact = _run([5, 10, 20, 40], [1.0, 0.5, 0.3, 0.2])
-    projected = _run([5, 10, 20, 40], [0.9, 0.25, 0.1, 0.05])
-    for r in (exact, projected):
-        for rec in r["records"]:
-            rec["scores"] = {"truth_energy_distance": rec["quality"], "mode_tv": 0.1}
-        r["floor"] = {"truth_energy_distance": 0.001}
-    result = {"budget": 40.0, "host_kind": "cpu2", "runs": {"0": {"exact": exact, "projected": projected}},
-              "comparisons": {"0": bt.compare(exact, projected)}}
-    text = bt.render("mixture", result)
-    assert "| 0 | exact |" in text and "| 0 | projected |" in text
+    base, other = _run([5, 10, 20, 40], [1.0, 0.5, 0.3, 0.2]), _run([5, 10, 20, 40], [1.2, 0.6, 0.35, 0.3])
+    good = _run([5, 10, 20, 40], [0.9, 0.25, 0.1, 0.05])
+    result = {"bench": "mix64-32d", "budget": 40.0, "host_kind": "cpu2", "tune": "seed0",
+              "methods": ["exact@256", "exact@512", "projected"],
+              "runs": {"0": {"exact@256": other, "exact@512": base, "projected": good}}}
+    bt.analyse(result)
+    text = bt.render_bench(result)
+    assert "| 0 | exact@512 (baseline) |" in text and "| 0 | projected |" in text
     ratio = 40 / (10 + 10 * 0.05 / 0.15)  # 0.2 is crossed between (10, 0.25) and (20, 0.1)
-    assert f"{ratio:.2f}x" in text and "projected better (4.00x lower)" in text
-    bt.plot("mixture", result, tmp_path / "p.png")
+    assert f"{ratio:.2f}x" in text and "projected 4.00x lower" in text
+    suite_text = bt.render_suite([result], "cpu2")
+    assert f"| mix64-32d | 40 | 1 | exact@512 | {ratio:.2f}x" in suite_text and "median bench" in suite_text
+    bt.plot(result, tmp_path / "p.png")
     pic = read_png(tmp_path / "p.png")
-    for colour in bt.METHOD_COLOURS.values():
-        assert np.all(pic == colour, axis=2).sum() > 100
+    assert np.all(pic == (255, 127, 14), axis=2).sum() > 100  # DriftXpress's curve
     assert json.dumps(bt.jsonable({"a": math.nan, "b": (1, np.float32(2.5)), "c": np.int64(3)}),
                       allow_nan=False) == '{"a": null, "b": [1, 2.5], "c": 3}'
 
@@ -167,83 +259,71 @@ def test_report_and_plot_from_synthetic_results(bt, tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60,
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120,
                           cwd=ROOT)
 
 
-def test_help_and_bad_arguments():
+def test_help_list_and_bad_arguments():
     r = _cli("--help")
-    assert r.returncode == 0 and "--budget" in r.stdout and "--quick" in r.stdout and "mixture" in r.stdout
+    assert r.returncode == 0 and "--budget" in r.stdout and "--variant" in r.stdout and "mix64-32d" in r.stdout
+    r = _cli("--list")
+    assert r.returncode == 0 and "shapes-12px" in r.stdout and "digits" in r.stdout
     for args, needle in ((["--budget", "-1"], "--budget"), (["--budget", "inf"], "--budget"),
-                         (["--repeats", "0"], "--repeats"), (["--bench", "cifar"], "--bench"),
-                         (["--repeats", "two"], "--repeats")):
+                         (["--seeds", "0"], "--seeds"), (["--bench", "cifar"], "--bench"),
+                         (["--variant", "corr"], "--variant"), (["--variant", "x=nosuchfield=1"], "nosuchfield"),
+                         (["--variant", "projected=correction=true"], "--variant")):
         r = _cli(*args)
         assert r.returncode == 2 and needle in r.stderr, (args, r.stderr)
 
 
-def test_quick_run_writes_results(bt, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("DXTRAIN_CACHE", str(tmp_path / "cache"))
-    assert bt.main(["--quick", "--in-process", "--out", str(tmp_path / "res")]) == 0
-    out = capsys.readouterr().out
-    kind = f"cpu{os.cpu_count()}"
-    for bench, metric in (("digits", "FD_digits"), ("mixture", "truth_energy_distance")):
-        assert f"## {bench}:" in out
-        path = tmp_path / "res" / f"train-{bench}-{kind}-quick.json"
-        with open(path) as fh:
-            data = json.load(fh, parse_constant=lambda c: pytest.fail(f"{path} holds {c}"))
-        assert data["quick"] is True and data["metric"] == metric and data["budget"] == 2.0
-        runs = data["runs"]["0"]
-        for method in ("exact", "projected"):
-            records = runs[method]["records"]
-            assert records and records[-1]["time"] >= 2.0 and all(r["quality"] is not None for r in records)
-            assert runs[method]["setup_s"] > 0 and runs[method]["steps"] > 0
-        assert data["configs"]["projected"]["landmarks"] == 32 and data["configs"]["exact"]["field"] == "exact"
-        assert "0" in data["comparisons"] and data["png"] == path.with_suffix(".png").name
-        height, width, _ = read_png(path.with_suffix(".png")).shape
-        assert width == 900 and height >= 560  # the legend may add a band below
-    assert not list(tmp_path.glob("res/*.tmp"))
-    # --replot recomputes the analysis of saved results without training
-    path = tmp_path / "res" / f"train-mixture-{kind}-quick.json"
-    before = json.loads(path.read_text())
-    assert bt.main(["--replot", str(path)]) == 0
-    after = json.loads(path.read_text())
-    assert after["runs"] == before["runs"] and after["comparisons"] == before["comparisons"]
-    assert "replotted" in after and "## mixture:" in capsys.readouterr().out
-    (tmp_path / "junk.json").write_text("{}")
-    assert bt.main(["--replot", str(tmp_path / "junk.json")]) == 2
-
-
-def test_non_default_settings_get_their_own_file_names(bt):
-    p = bt.build_parser()
-    assert bt.variant_suffix(p.parse_args([])) == ""
-    args = p.parse_args(["--temperatures", "0.2", "--landmarks", "2048", "--landmark-method", "uniform",
-                         "--normalization", "row", "--repulsion", "nystrom", "--positives", "4096", "--quick"])
-    assert bt.variant_suffix(args) == "-tau0.2-m2048-uniform-row-nystrom-p4096-quick"
+def test_variants_parse_to_train_settings(bt):
+    assert bt.parse_variant("c=correction=false,landmarks=512,landmark_method=uniform") == (
+        "c", {"correction": False, "landmarks": 512, "landmark_method": "uniform"})
+    assert bt.parse_variant("t=temperatures=[0.05,0.2]") == ("t", {"temperatures": [0.05, 0.2]})
 
 
 def test_settings_reach_the_run_configs(bt, tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(bt, "run_one", lambda job: seen.append(job["config"]) or {"error": "skipped"})
-    assert bt.main(["--bench", "mixture", "--quick", "--in-process", "--out", str(tmp_path),
-                    "--repulsion", "nystrom", "--normalization", "row", "--landmark-method", "uniform"]) == 0
-    exact, projected = sorted(seen, key=lambda c: c["field"])
-    assert exact["normalization"] == projected["normalization"] == "row"
-    assert projected["repulsion"] == "nystrom" and projected["landmark_method"] == "uniform"
-    assert "repulsion" not in exact and "landmark_method" not in exact
-    assert (tmp_path / f"train-mixture-cpu{os.cpu_count()}-uniform-row-nystrom-quick.json").exists()
+    monkeypatch.setattr(bt, "run_one", lambda job: seen.append(job) or {"error": "skipped"})
+    assert bt.main(["--bench", "mix8-2d", "--quick", "--in-process", "--out", str(tmp_path),
+                    "--positives", "256", "1024", "--variant", "big=landmarks=64,correction=false"]) == 0
+    configs = {j["method"]: j["config"] for j in seen}
+    assert set(configs) == {"exact@256", "exact@1024", "projected", "big"}
+    assert configs["exact@1024"]["field"] == "exact" and configs["exact@1024"]["positives"] == 1024
+    assert configs["projected"]["field"] == "projected" and "correction" not in configs["projected"]
+    assert configs["big"]["landmarks"] == 64 and configs["big"]["correction"] is False
+    assert all(j["config"]["data"].endswith("mix8-2d.npz") for j in seen)
+    assert (tmp_path / f"train-mix8-2d-cpu{os.cpu_count()}-quick.json").exists()
 
 
-def test_legend_labels_name_the_projected_settings(bt):
-    result = {"configs": {"exact": {"field": "exact"},
-                          "projected": {"field": "projected", "landmarks": 512, "correction": True}}}
-    assert bt.method_label(result, "exact") == "exact (standard drifting)"
-    assert bt.method_label(result, "projected") == "projected (DriftXpress, m=512, corrected)"
-    result["configs"]["projected"] = {"repulsion": "nystrom", "normalization": "row"}
-    assert bt.method_label(result, "projected") == "projected (DriftXpress, nystrom repulsion, row)"
-
-
-def test_a_non_default_budget_is_in_the_file_name(bt, tmp_path, monkeypatch):
-    monkeypatch.setattr(bt, "run_one", lambda job: {"error": "skipped"})
-    assert bt.main(["--bench", "mixture", "--budget", "3", "--evals", "2", "--in-process", "--out",
-                    str(tmp_path), "--correction"]) == 0
-    assert (tmp_path / f"train-mixture-cpu{os.cpu_count()}-3s-corrected.json").exists()
+def test_quick_interleaved_run_writes_results(bt, tmp_path, capsys):
+    out = tmp_path / "res"
+    # as a user runs it (the spawned workers import the script as a module by its path)
+    r = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--bench", "mix8-2d", "--positives", "256",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "## mix8-2d:" in r.stdout and "median bench" in r.stdout
+    kind = f"cpu{os.cpu_count()}"
+    path = out / f"train-mix8-2d-{kind}-quick.json"
+    with open(path) as fh:
+        data = json.load(fh, parse_constant=lambda c: pytest.fail(f"{path} holds {c}"))
+    assert data["baseline"] == "exact@256" and data["budget"] == 3.0
+    for method in ("exact@256", "projected"):
+        run = data["runs"]["0"][method]
+        assert "error" not in run, run
+        assert run["records"][-1]["time"] >= 3.0 and all(r["quality"] is not None for r in run["records"])
+        assert run["turns"] >= 5  # each took turns (slices of 0.2 s), interleaved with the other
+    assert "0" in data["comparisons"]["projected"] and data["png"] == path.with_suffix(".png").name
+    assert read_png(path.with_suffix(".png")).shape[1] == 1000
+    suite_md = (out / f"train-suite-{kind}-quick.md").read_text()
+    assert "| mix8-2d | 3 | 1 | exact@256 |" in suite_md
+    assert not list(out.glob("*.tmp"))
+    # --replot recomputes the analysis of saved results without training
+    before = json.loads(path.read_text())
+    capsys.readouterr()
+    assert bt.main(["--replot", str(out / f"train-suite-{kind}-quick.json")]) == 0
+    after = json.loads(path.read_text())
+    assert after["runs"] == before["runs"] and after["comparisons"] == before["comparisons"]
+    assert "replotted" in after and "## mix8-2d:" in capsys.readouterr().out
+    (tmp_path / "junk.json").write_text("{}")
+    assert bt.main(["--replot", str(tmp_path / "junk.json")]) == 2
