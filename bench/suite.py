@@ -150,6 +150,20 @@ BENCHES = {b.name: b for b in (
           lambda rng, structure: shapes(rng, 12000), conditional=True, budget=60.0),
 )}
 
+# The crossover study (`bench/train.py --bench crossover`): one axis at a time, where does DriftXpress start
+# to win?  Unconditional: the number of equal modes in 32-D, against the positives a step can afford (a
+# mode holds P / modes of them).  Conditional: the number of classes (4 modes each, 32-D), which splits
+# the positives (P / classes per class) and the batch alike.
+CROSSOVER = {b.name: b for b in [
+    Bench(f"modes{k}-32d", f"{k} equal modes, 32-D, unconditional (crossover: modes)",
+          _mix(n=40000, modes=k, dim=32, weights="equal", sigma=0.3), budget=30.0)
+    for k in (4, 16, 64, 256)] + [
+    Bench(f"classes{k}-32d", f"{k} classes x 4 modes, 32-D, class-conditional (crossover: classes)",
+          _mix(n=40000, modes=4 * k, dim=32, weights="equal", sigma=0.3, classes=k), conditional=True,
+          budget=30.0)
+    for k in (2, 8, 32)]}
+ALL = {**BENCHES, **CROSSOVER}
+
 STRUCTURE_SEED = 7919  # fixes every bench's structure (centres, weights, embedding); the seed draws the points
 
 

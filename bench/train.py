@@ -73,7 +73,7 @@ import dxtrain  # noqa: E402,F401  (before torch and NumPy: sleep-waiting thread
 import numpy as np  # noqa: E402
 
 from _measure import exit_with_parent, write_json_atomic  # noqa: E402
-from suite import BENCHES, score, write_data  # noqa: E402
+from suite import ALL, BENCHES, CROSSOVER, score, write_data  # noqa: E402
 
 POSITIVES = (256, 512, 1024, 2048)
 DEFAULT_SEEDS = 3
@@ -164,7 +164,7 @@ def run_one(job: dict, turn: Turn | None = None) -> dict:
 
         tag = f"{job['bench']}/{job['method']} seed {job['seed']}"
         cfg = TrainConfig(**job["config"])
-        ev = Evaluator(BENCHES[job["bench"]], job["eval_times"], job["seed"], job["quick"], tag, turn)
+        ev = Evaluator(ALL[job["bench"]], job["eval_times"], job["seed"], job["quick"], tag, turn)
         load_before = os.getloadavg()
         t0 = time.perf_counter()
         result = train(cfg, callback=ev, log=lambda msg: print(f"  [{tag}] {msg}", flush=True))
@@ -370,7 +370,7 @@ def _ratio_text(c: dict, key: str = "ratio") -> str:
 
 
 def render_bench(result: dict) -> str:
-    bench = BENCHES[result["bench"]]
+    bench = ALL[result["bench"]]
     m, base = bench.metric, result.get("baseline")
     lines = [f"## {bench.name}: {bench.about}", "",
              f"{bench.metric_label} ({m}, lower is better) vs training wall-clock, budget {result['budget']:g} s "
@@ -443,7 +443,7 @@ METHOD_COLOURS = [(31, 119, 180), (44, 160, 44), (148, 103, 189), (140, 86, 75),
 def plot(result: dict, path: Path) -> None:
     from dxtrain.pictures import line_plot, write_png
 
-    bench = BENCHES[result["bench"]]
+    bench = ALL[result["bench"]]
     series, values = [], []
     colours = {m: METHOD_COLOURS[i % len(METHOD_COLOURS)] for i, m in enumerate(result["methods"])}
     if MAIN in colours:
@@ -544,7 +544,8 @@ def parse_variant(text: str) -> tuple[str, dict]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Run::"):],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bench", nargs="+", choices=(*BENCHES, "all"), default=["all"], help="benches (default all)")
+    p.add_argument("--bench", nargs="+", choices=(*ALL, "all", "crossover"), default=["all"],
+                   help="benches (default all: the suite; crossover: the crossover study's benches)")
     p.add_argument("--list", action="store_true", help="list the benches and exit")
     p.add_argument("--budget", type=_positive(float, "--budget"), default=None,
                    help="seconds of training per run (default: each bench's own, 20-45 s for vectors, 60 s for images; --list)")
@@ -671,7 +672,7 @@ def replot(paths) -> int:
                 tag = path.stem[len(f"train-suite-{saved['host_kind']}"):]
                 finish_suite(bench_paths, path.parent, saved["host_kind"], tag)
                 continue
-            if saved.get("bench") not in BENCHES or "runs" not in saved:
+            if saved.get("bench") not in ALL or "runs" not in saved:
                 raise ValueError("not a bench/train.py result")
         except (OSError, ValueError, KeyError) as exc:
             print(f"--replot {path}: not a bench/train.py result ({type(exc).__name__}: {exc})", file=sys.stderr)
@@ -687,12 +688,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.list:
-        for b in BENCHES.values():
+        for b in ALL.values():
             print(f"{b.name:14s} {b.about} (budget {b.budget:g} s; {b.metric})")
         return 0
     if args.replot:
         return replot(args.replot)
-    benches = list(BENCHES) if "all" in args.bench else list(dict.fromkeys(args.bench))
+    named = {"all": list(BENCHES), "crossover": list(CROSSOVER)}
+    benches = list(dict.fromkeys(b for name in args.bench for b in named.get(name, [name])))
     args.evals = args.evals or (QUICK["evals"] if args.quick else DEFAULT_EVALS)
     args.seeds = args.seeds or (1 if args.quick else DEFAULT_SEEDS)
     out_dir = Path(args.out) if args.out else HERE / "results"
@@ -704,7 +706,7 @@ def main(argv=None) -> int:
     paths = []
     try:
         for name in benches:
-            paths.append(finish_bench(run_bench(BENCHES[name], args, work, host), out_dir, tag))
+            paths.append(finish_bench(run_bench(ALL[name], args, work, host), out_dir, tag))
             finish_suite(paths, out_dir, host, tag)  # after every bench: nothing lost if stopped
     finally:
         if not args.keep_runs:

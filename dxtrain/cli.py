@@ -74,7 +74,7 @@ def main():
 @click.option("--batch", type=click.IntRange(min=1), default=_DEFAULTS.batch, show_default=True,
               help="Generated samples per step (split evenly over classes when conditional).")
 @click.option("--positives", type=click.IntRange(min=1), default=_DEFAULTS.positives, show_default=True,
-              help="Real samples per step for --field exact (and for --correction).")
+              help="Real samples per step for --field exact (and for the correction, unless --correction-sample).")
 @click.option("--temperatures", callback=_temps, default=None,
               help="Comma-separated kernel temperatures [default: 0.02,0.05,0.2].")
 @click.option("--normalization", type=click.Choice(NORMALIZATIONS), default=_DEFAULTS.normalization,
@@ -90,6 +90,8 @@ def main():
                    "per step (an unbiased estimate of Algorithm 2 over the whole data set) [default: on when the "
                    "summaries hold at least 4 data points per landmark, with the bidirectional field and exact "
                    "repulsion; off otherwise].")
+@click.option("--correction-sample", type=click.IntRange(min=1), default=None,
+              help="Real samples per step for the correction [default: --positives].")
 @click.option("--landmarks", type=click.IntRange(min=1), default=_DEFAULTS.landmarks, show_default=True,
               help="Nystrom landmarks per class (projected field).")
 @click.option("--landmark-method", type=click.Choice(["kmeans", "uniform", "kcenter", "rls"]),

@@ -78,8 +78,9 @@ class TrainConfig:
     temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)
     normalization: str = "bidirectional"  # of both fields: "bidirectional" (Algorithm 2) or "row" (mean shift)
     repulsion: str = "exact"  # projected field: "exact" over the batch, or "nystrom" (the attraction's kernel)
-    correction: bool | None = None  # projected field: correct the Nystrom sums with `positives` fresh real
-    #                                  samples per step; None = auto (fields.correction_applies)
+    correction: bool | None = None  # projected field: correct the Nystrom sums with fresh real samples each
+    #                                  step; None = auto (fields.correction_applies)
+    correction_sample: int | None = None  # real samples per step for the correction (None: `positives`)
     landmarks: int = 128  # per class (projected field)
     landmark_method: str = "kmeans"
     conditional: bool = True  # use class labels when the data has them
@@ -114,6 +115,8 @@ class TrainConfig:
             raise ValueError(f"repulsion={self.repulsion!r} is not valid; choose one of {REPULSIONS}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization={self.normalization!r} is not valid; choose one of {NORMALIZATIONS}")
+        if self.correction_sample is not None and int(self.correction_sample) < 1:
+            raise ValueError(f"correction_sample must be >= 1 (or None: positives), got {self.correction_sample}")
         for name in ("steps", "batch", "positives", "landmarks", "log_every", "sample_every", "checkpoint_every",
                      "fidelity_every", "max_locations"):
             if int(getattr(self, name)) < 1:
@@ -326,7 +329,8 @@ class _Run:
         """The step's real mini-batch ``(features, labels)`` for the exact field or the correction, else Nones."""
         if self.cfg.field != "exact" and not self.field.correction:
             return None, None
-        idx, labels = _draw_positives(self.rng, self.cfg.positives, self.real.shape[0],
+        n = self.cfg.positives if self.cfg.field == "exact" else (self.cfg.correction_sample or self.cfg.positives)
+        idx, labels = _draw_positives(self.rng, n, self.real.shape[0],
                                       self.train_ds.labels if self.num_classes else None, self.num_classes)
         with torch.no_grad():
             feats = self.groups(self.real[idx].to(self.device))
@@ -419,7 +423,7 @@ def _log_correction(cfg: TrainConfig, field: ProjectedFieldSet, log) -> None:
     how = "set" if cfg.correction is not None else (
         f"auto: {ratio:.1f} data points per landmark, on from {CORRECTION_MIN_POINTS_PER_LANDMARK:g}")
     log(f"residual correction {'on' if field.correction else 'off'} ({how}"
-        + (f"; {cfg.positives} real samples per step" if field.correction else "") + ")")
+        + (f"; {cfg.correction_sample or cfg.positives} real samples per step" if field.correction else "") + ")")
 
 
 def _draw_positives(rng, n: int, n_real: int, labels: np.ndarray | None, num_classes: int):

@@ -852,3 +852,62 @@ def test_correction_hands_the_step_positives_to_the_projected_field(tmp_path, mo
     assert all(s[1] for s in seen)  # both data sets are labelled: per-class samples
     result = invoke("train", "--correction", "--normalization", "row", "--out", tmp_path / "r2", ok=False)
     assert result.exit_code != 0 and "correction" in result.output
+
+
+@pytest.mark.parametrize("data, flags, normalization, want", [
+    ("moons", (), "bidirectional", True),  # ~66 points per landmark: on by default
+    ("digits", ("--landmarks", "128"), "bidirectional", False),  # ~1.2 points per landmark: nearly exact
+    ("moons", ("--no-correction",), "bidirectional", False),
+    ("digits", ("--landmarks", "128", "--correction"), "bidirectional", True),
+    ("moons", (), "row", False),  # the correction needs the bidirectional field: auto stays off, no error
+])
+def test_the_correction_is_automatic_and_says_so(tmp_path, monkeypatch, data, flags, normalization, want):
+    seen = []
+    real_field = dxfield.ProjectedField.field
+
+    def spy_field(self, x, *args, **kw):
+        seen.append(kw.get("pos_sample") is not None)
+        return real_field(self, x, *args, **kw)
+
+    monkeypatch.setattr(dxfield.ProjectedField, "field", spy_field)
+    result = train(tmp_path / "run", "--field", "projected", "--normalization", normalization, *flags, data=data,
+                   steps=2)
+    assert seen and set(seen) == {want}
+    assert f"residual correction {'on' if want else 'off'} (" in result.output
+    given = {"--correction": True, "--no-correction": False}
+    setting = next((given[f] for f in flags if f in given), None)
+    assert ("auto:" in result.output) == (setting is None)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["correction"] == setting
+
+
+def test_correction_rule_counts_points_per_landmark():
+    from dxtrain.fields import CORRECTION_MIN_POINTS_PER_LANDMARK, correction_applies, points_per_landmark
+
+    rng = np.random.default_rng(0)
+    y = rng.standard_normal((400, 3)).astype(np.float32)
+    few = dxfield.ProjectedField.build(y, temperatures=(0.1,), landmarks=100, method="uniform")  # 4 per landmark
+    many = dxfield.ProjectedField.build(y, temperatures=(0.1,), landmarks=101, method="uniform")  # 3.96
+    assert points_per_landmark([few]) == pytest.approx(4.0) and CORRECTION_MIN_POINTS_PER_LANDMARK == 4.0
+    assert correction_applies([few], "bidirectional", "exact") is True
+    assert correction_applies([few, many], "bidirectional", "exact") is False  # the fewest of the groups
+    assert correction_applies([few], "row", "exact") is False
+    assert correction_applies([few], "bidirectional", "nystrom") is False
+
+
+def test_correction_sample_sets_the_real_samples_per_step(tmp_path, monkeypatch):
+    from dxtrain.train import TrainConfig, train as run_training
+
+    seen = []
+    real_field = dxfield.ProjectedField.field
+
+    def spy_field(self, x, *args, **kw):
+        seen.append(kw["pos_sample"].shape[0])
+        return real_field(self, x, *args, **kw)
+
+    monkeypatch.setattr(dxfield.ProjectedField, "field", spy_field)
+    cfg = TrainConfig(data="moons", out=str(tmp_path / "run"), steps=2, batch=40, positives=60, correction_sample=24,
+                      landmarks=8, encoder="none", device="cpu", evaluate=False, progress=False)
+    run_training(cfg, log=lambda m: None)
+    assert seen == [24, 24]  # 12 per class, both classes
+    with pytest.raises(ValueError, match="correction_sample"):
+        TrainConfig(correction_sample=0).validate()
