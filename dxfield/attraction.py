@@ -234,13 +234,11 @@ class _Batches:
         self.y1 = xp.zeros((nb, ns, d + 1), dtype=dt)  # [y - c, 1] of the sample rows
         self.scale = xp.zeros((nb, ns), dtype=dt)  # n_s / B_s of each sample row's shard
         self.valid = xp.zeros((nb, nq), dtype=bool)
-        self.mass = xp.zeros((nb, nm), dtype=dt)
         self.has_sample = any(parts)
         for j, (g, p) in enumerate(zip(gs, parts)):
             xc = g.xs - dev["centre"]
             q, m = int(g.xs.shape[0]), int(g.uc.shape[0])
             self.valid[j, :q] = True
-            self.mass[j, :m] = g.mass
             self.du[j, :q, :m] = dist(xc, g.uc)
             at = 0
             for sl, yb, scale in p:
