@@ -33,6 +33,7 @@ import gc
 import json
 import multiprocessing as mp
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -400,6 +401,12 @@ def run_isolated(func, *args):
 # --------------------------------------------------------------------------------------
 # results
 # --------------------------------------------------------------------------------------
+def gpu_kind(name: str | None) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"h100"``; ``"NVIDIA H200"`` -> ``"h200"`` (result file names)."""
+    toks = re.findall(r"[a-z]*\d+[a-z0-9]*", (name or "").lower().replace("nvidia", ""))
+    return toks[0] if toks else "gpu"
+
+
 def _json_default(obj):
     """NumPy/CuPy scalars and arrays as plain numbers and lists; anything else as its text."""
     return obj.tolist() if hasattr(obj, "tolist") else str(obj)

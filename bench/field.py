@@ -196,7 +196,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import (MiB, Worker, malloc_trim, memory_in_use_mib, run_isolated, synchronizer,  # noqa: E402
+from _measure import (MiB, Worker, gpu_kind, malloc_trim, memory_in_use_mib, run_isolated, synchronizer,  # noqa: E402
                       to_host, write_json_atomic)
 
 HERE = Path(__file__).resolve().parent
@@ -692,12 +692,6 @@ def gpu_name() -> str | None:
         return name.decode() if isinstance(name, bytes) else str(name)
     except Exception:
         return None
-
-
-def gpu_kind(name: str | None) -> str:
-    """``"NVIDIA H100 80GB HBM3"`` -> ``"h100"``; ``"NVIDIA H200"`` -> ``"h200"``."""
-    toks = re.findall(r"[a-z]*\d+[a-z0-9]*", (name or "").lower().replace("nvidia", ""))
-    return toks[0] if toks else "gpu"
 
 
 def host_kind(device: str = "cpu") -> str:

@@ -72,7 +72,7 @@ sys.path.insert(0, str(HERE.parent))
 import dxtrain  # noqa: E402,F401  (before torch and NumPy: sleep-waiting thread pools, see dxtrain/__init__.py)
 import numpy as np  # noqa: E402
 
-from _measure import exit_with_parent, write_json_atomic  # noqa: E402
+from _measure import exit_with_parent, gpu_kind, write_json_atomic  # noqa: E402
 from suite import ALL, BENCHES, CROSSOVER, score, write_data  # noqa: E402
 
 POSITIVES = (256, 512, 1024, 2048)
@@ -480,9 +480,7 @@ def host_kind(device: str) -> str:
     if device.startswith("cuda"):
         import torch
 
-        name = torch.cuda.get_device_name(torch.device(device) if ":" in device else 0)
-        toks = re.findall(r"[a-z]*\d+[a-z0-9]*", name.lower().replace("nvidia", ""))
-        return toks[0] if toks else "gpu"
+        return gpu_kind(torch.cuda.get_device_name(torch.device(device) if ":" in device else 0))
     return f"cpu{os.cpu_count()}"
 
 

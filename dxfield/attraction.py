@@ -26,7 +26,7 @@ from .backend import device_of, placement_of
 from .kernels import logit_coef, sqdist
 from .memory import tile_cap
 from .nystrom import column_log_sums, kernel_products
-from .sums import quiet
+from .sums import logsumexp, quiet
 
 
 @dataclass
@@ -252,7 +252,7 @@ class _Batches:
         self.rows = xp.concatenate([xp.asarray(g.idx) if not isinstance(g.idx, slice)
                                     else xp.arange(xa.shape[0]) for g in gs])
 
-    def folded(self, pf, xp, k: int, d: int):
+    def folded(self, xp, k: int, d: int):
         """``A [G | t]`` of every group at temperature ``k``, padded: (groups x nm x (D+1)), float64 (made
         once per device and set of groups)."""
         def make():
@@ -290,7 +290,7 @@ def _corrected_sums(pf, xp, bt: _Batches, k: int):
     d = bt.y1.shape[2] - 1
     dt, f64 = pf.dtype, xp.float64
     coef = logit_coef(pf.kernel, pf.taus[k])
-    folded = bt.folded(pf, xp, k, d)  # A [G | t]
+    folded = bt.folded(xp, k, d)  # A [G | t]
     with quiet(xp):
         # k_iu c_u^{-1/2} = exp(e_iu) and k_iu = exp(e_iu) c_u^{1/2}: column sums over each group's queries
         Lu = bt.du * -coef  # -inf on padding
@@ -329,9 +329,8 @@ def _corrected_sums(pf, xp, bt: _Batches, k: int):
 
 
 def _half_column_sums(xp, logits):
-    """``0.5 log sum_i exp(logits_gij)`` over each group's queries (axis 1), in the logits' dtype; 0 for an
-    empty column (padding, or a landmark no query of its group sees), whose terms are all 0 anyway."""
-    top = logits.max(axis=1, keepdims=True)
-    top = xp.where(xp.isfinite(top), top, 0)
-    lse = (top + xp.log(xp.exp(logits - top).sum(axis=1, keepdims=True)))[:, 0, :]
+    """``0.5 log sum_i exp(logits_gij)`` over each group's queries (axis 1); 0 for an empty column
+    (padding, or a landmark no query of its group sees), whose terms are all 0 anyway."""
+    with quiet(xp):
+        lse = logsumexp(xp, logits, 1)
     return xp.where(xp.isfinite(lse), 0.5 * lse, 0.0)

@@ -158,8 +158,10 @@ class LogSumExp:
 
 
 def logsumexp(xp, a, axis: int):
-    """``log(sum(exp(a), axis))`` of a dense block, shifted by its maxima (float64 in, float64 out)."""
+    """``log(sum(exp(a), axis))`` of a dense block, shifted by its maxima; -inf where every entry is
+    -inf (an empty, fully masked line), in ``a``'s dtype."""
     top = a.max(axis=axis, keepdims=True)
+    top = xp.where(xp.isfinite(top), top, 0)
     return (top + xp.log(xp.exp(a - top).sum(axis=axis, keepdims=True))).squeeze(axis)
 
 

@@ -404,16 +404,14 @@ def _make_field(cfg: TrainConfig, groups: FeatureGroups, real: torch.Tensor, lab
     missing, = dist.agree(not os.path.exists(os.path.join(cache, "manifest.json")))
     if not missing:
         field = ProjectedFieldSet.load(cache, expect=groups.dims, temperatures=cfg.temperatures, data=feats)
-        field.configure(cfg)
         log(f"loaded summaries from {cache}")
-        _log_correction(cfg, field, log)
-        return field
-    field = build_summaries(cfg, feats, labels, log, rank=dist.rank, world_size=dist.world_size,
-                            allreduce=dist.allreduce_numpy if dist.enabled else None)
+    else:
+        field = build_summaries(cfg, feats, labels, log, rank=dist.rank, world_size=dist.world_size,
+                                allreduce=dist.allreduce_numpy if dist.enabled else None)
+        if dist.main:
+            field.save(cache)
+        log(f"built summaries of {real.shape[0]} samples in {time.perf_counter() - t0:.1f}s -> {cache}")
     field.configure(cfg)
-    if dist.main:
-        field.save(cache)
-    log(f"built summaries of {real.shape[0]} samples in {time.perf_counter() - t0:.1f}s -> {cache}")
     _log_correction(cfg, field, log)
     return field
 
