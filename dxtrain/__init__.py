@@ -5,7 +5,7 @@ Rooms: :mod:`dxtrain.data` (embedded and user data sets), :mod:`dxtrain.models`
 frozen encoders), :mod:`dxtrain.fields` (exact and projected fields through
 DLPack), :mod:`dxtrain.train` (configuration, set-up and the loop),
 :mod:`dxtrain.rundir` (the run folder's files: config, metrics, checkpoint,
-sample pictures, eval), :mod:`dxtrain.ddp` (multi-process runs under torchrun),
+sample pictures, eval), :mod:`dxtrain.lock` (one run at a time per run folder), :mod:`dxtrain.ddp` (multi-process runs under torchrun),
 :mod:`dxtrain.evaluate` (metrics), :mod:`dxtrain.pictures` (PNG pictures) and
 :mod:`dxtrain.cli` (the ``dxtrain`` command).
 """

@@ -14,12 +14,23 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import fields
 
 import click
+from click.core import ParameterSource
 
+from .lock import RunFolderBusy
+from .rundir import CheckpointError
 from .train import FIELDS, NORMALIZATIONS, REPULSIONS, TrainConfig
 
 _DEFAULTS = TrainConfig()
+_RUN_ERRORS = (ValueError, FileNotFoundError, FileExistsError, CheckpointError, RunFolderBusy)
+
+
+def _given(ctx: click.Context) -> set[str]:
+    """The options set on the command line (or through the environment), not left at their defaults."""
+    return {name for name in ctx.params
+            if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
 
 
 def _temps(ctx, param, value):
@@ -70,7 +81,11 @@ def main():
 @click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop after this many seconds of training (compare methods at equal wall-clock).")
 @click.option("--out", default=None, help="Run folder [default: runs/<data name>].")
-@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where its checkpoint stopped.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out exactly where its checkpoint stopped, with its settings (options left "
+                   "out come from the checkpoint; changing --steps, --time-budget, the intervals, --device, "
+                   "--memory-budget, --eval or --progress is allowed, any other changed option is an error). A "
+                   "damaged checkpoint.pt falls back to checkpoint.prev.pt.")
 @click.option("--batch", type=click.IntRange(min=1), default=_DEFAULTS.batch, show_default=True,
               help="Generated samples per step (split evenly over classes when conditional).")
 @click.option("--positives", type=click.IntRange(min=1), default=_DEFAULTS.positives, show_default=True,
@@ -119,8 +134,12 @@ def main():
 @click.option("--eval/--no-eval", "evaluate", default=True, show_default=True, help="Evaluate at the end.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="A progress bar on stderr (drawn only on a terminal).")
-def train(data, data_key, labels_key, out, resume, temperatures, **options):
-    """Train a drifting generator and write checkpoints, metrics and sample PNGs to --out."""
+@click.pass_context
+def train(ctx, data, data_key, labels_key, out, resume, temperatures, **options):
+    """Train a drifting generator and write checkpoints, metrics and sample PNGs to --out.
+
+    One run at a time per --out: a second one is refused while the first lives.
+    """
     from .train import train as run_training
 
     name = os.path.splitext(os.path.basename(data))[0] if os.path.sep in data or "." in data else data
@@ -128,8 +147,8 @@ def train(data, data_key, labels_key, out, resume, temperatures, **options):
                       temperatures=temperatures or _DEFAULTS.temperatures,
                       **options)
     try:
-        result = run_training(cfg, resume=resume)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        result = run_training(cfg, resume=resume, given=_given(ctx) & {f.name for f in fields(TrainConfig)})
+    except _RUN_ERRORS as exc:
         raise click.ClickException(str(exc))
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the run
         click.echo(json.dumps({k: v for k, v in result.items() if k != "eval"}, default=float))
@@ -182,7 +201,10 @@ def _load_run(run: str):
 
     if not os.path.exists(os.path.join(run, CHECKPOINT)):
         raise click.ClickException(f"no checkpoint in {run}: train first (dxtrain train --out {run})")
-    ckpt = read_checkpoint(run)
+    try:
+        ckpt = read_checkpoint(run, log=lambda msg: click.echo(msg, err=True))
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc))
     cfg = TrainConfig.from_dict(ckpt["config"])
     train_ds, test_ds, cond = setup(cfg)
     model = make_generator(cfg.generator, train_ds.shape, num_classes=train_ds.num_classes if cond else 0)

@@ -22,7 +22,8 @@ Every ``log_every`` steps a row goes to ``metrics.jsonl``, every
 ``sample_every`` a picture to ``samples/``, every ``checkpoint_every`` (and at
 the end, and on SIGINT/SIGTERM) ``checkpoint.pt``; ``eval.json`` at the end.
 ``resume=True`` continues exactly where the checkpoint stopped: weights,
-optimiser, EMA, every random stream, step and elapsed time.  ``time_budget``
+optimiser, EMA, every random stream, step and elapsed time (the run folder's
+lock, checksums and resume rules: :mod:`dxtrain.rundir`).  ``time_budget``
 stops at a wall-clock budget (training time only, not periodic sampling or
 checkpoint I/O), so methods can be compared at equal time.
 ``train(cfg, callback=f)`` calls ``f(StepInfo)`` after every step, outside the
@@ -33,6 +34,7 @@ each process runs one data-parallel rank: see :mod:`dxtrain.ddp`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -51,6 +53,7 @@ from .data import Dataset, load_dataset, train_test_split
 from .ddp import DEBUG_DIR_ENV, Dist, process_group, rank_seed, stop_signals, write_weights_hash
 from .features import FeatureGroups
 from .fields import CORRECTION_MIN_POINTS_PER_LANDMARK, ExactField, ProjectedFieldSet, drift_loss
+from .lock import RunLock
 from .models import EMA, generate, make_generator, sample_noise
 from .rundir import save_samples
 
@@ -209,8 +212,16 @@ class StepInfo:
     test_ds: Dataset
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, log=None, callback=None) -> dict:
+def train(cfg: TrainConfig, *, resume: bool = False, given=None, log=None, callback=None) -> dict:
     """Run (or resume) training as configured; returns the final metrics.
+
+    The run holds its folder's lock throughout (a second run there raises
+    :class:`dxtrain.lock.RunFolderBusy`).  ``resume=True`` continues from the folder's checkpoint
+    with its configuration; ``given`` (a set of :class:`TrainConfig` field names: those the caller
+    set on purpose, as the CLI passes its explicit options) are compared with it: a changed
+    setting is an error unless it is one of :data:`dxtrain.rundir.RESUMABLE` (see
+    :func:`dxtrain.rundir.resumed_settings`).  Without ``given`` nothing is compared, and the
+    stopping rules, ``progress``, ``evaluate`` and ``device`` come from ``cfg``.
 
     ``callback``, if given, is called as ``callback(info)`` with a :class:`StepInfo` after
     every step (on rank 0 only under DDP), after that step's logging, samples and checkpoint.
@@ -221,16 +232,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=None, callback=None) ->
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) this runs one DDP rank (see :mod:`dxtrain.ddp`).
     """
-    with process_group() as dist:
-        return _train(cfg, resume, log, dist, callback)
-
-
-def _train(cfg: TrainConfig, resume: bool, log, dist: Dist, callback) -> dict:
-    """Set-up, then the loop: forward, field, loss, backward, step, EMA, log, sample, checkpoint."""
     t_setup = time.perf_counter()
     cfg.validate()
-    log = (log or _to_stderr) if dist.main else _silent  # rank 0 speaks for the run
-    run = _set_up(cfg, resume, log, dist)
+    with process_group() as dist:
+        log = (log or _to_stderr) if dist.main else _silent  # rank 0 speaks for the run
+        with RunLock(cfg.out, log) if dist.main else contextlib.nullcontext():  # rank 0 writes the folder
+            return _train(_set_up(cfg, resume, given, log, dist), resume, log, dist, callback, t_setup)
+
+
+def _train(run: "_Run", resume: bool, log, dist: Dist, callback, t_setup: float) -> dict:
+    """The loop: forward, field, loss, backward, step, EMA, log, sample, checkpoint; the final evaluation."""
     cfg, model, ema, opt, field, device = run.cfg, run.model, run.ema, run.opt, run.field, run.device
     step, elapsed, num_classes = run.step, run.elapsed, run.num_classes
     sheet = rundir.SampleSheet(cfg.out, model, run.train_ds, num_classes, device)
@@ -290,7 +301,7 @@ def _train(cfg: TrainConfig, resume: bool, log, dist: Dist, callback) -> dict:
         run.checkpoint(step, elapsed)
         sheet.save(ema.model, step)
     if interrupted:
-        log(f"interrupted: checkpoint saved at step {step}; continue with --resume")
+        log(f"interrupted: checkpoint saved at step {step}; continue with: dxtrain train --resume --out {cfg.out}")
         return {**last, "step": step, "wall": elapsed, "setup_s": setup_s, "interrupted": True}
     result = {"step": step, "wall": elapsed, "setup_s": setup_s,
               **{k: v for k, v in last.items() if k not in ("step", "wall")}}
@@ -324,6 +335,7 @@ class _Run:
     noise_rng: torch.Generator  # this rank's noise
     step: int = 0
     elapsed: float = 0.0
+    saved_step: int | None = None  # the step checkpoint.pt holds, once known (no second save at that step)
 
     def positives(self):
         """The step's real mini-batch ``(features, labels)`` for the exact field or the correction, else Nones."""
@@ -337,15 +349,19 @@ class _Run:
         return feats, None if labels is None else labels.to(self.device)
 
     def checkpoint(self, step: int, elapsed: float) -> None:
+        """``checkpoint.pt`` at ``step`` (the previous one kept as ``checkpoint.prev.pt``), unless it holds it."""
+        if step == self.saved_step:
+            return
         rundir.save_checkpoint(self.cfg.out, self.cfg, self.model, self.ema, self.opt, step, elapsed, self.rng,
                                self.noise_rng, self.train_ds)
+        self.saved_step = step
 
 
-def _set_up(cfg: TrainConfig, resume: bool, log, dist: Dist) -> _Run:
+def _set_up(cfg: TrainConfig, resume: bool, given, log, dist: Dist) -> _Run:
     """Everything before the first step; on resume, the state the checkpoint holds."""
-    checkpoint = rundir.start(cfg.out, resume)
+    checkpoint, latest = rundir.start(cfg.out, resume, log, owner=dist.main) or (None, False)
     if checkpoint is not None:
-        cfg = _resumed_config(cfg, checkpoint["config"])
+        cfg = rundir.resumed_settings(cfg, TrainConfig.from_dict(checkpoint["config"]), given, log).validate()
     device = dist.init(pick_device(cfg.device))
     torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
     rng, noise_rng = _streams(cfg.seed, dist.rank)
@@ -364,7 +380,8 @@ def _set_up(cfg: TrainConfig, resume: bool, log, dist: Dist) -> _Run:
                                                   *((rng, noise_rng) if dist.main else ()))
         if not dist.main:
             rng, noise_rng = _streams(cfg.seed, dist.rank, step)
-        log(f"resumed {cfg.out} at step {step} ({elapsed:.1f}s of training)")
+        log(f"resumed {cfg.out} at step {step} ({elapsed:.1f}s of training)"
+            + (f"; it already has its {cfg.steps} steps: pass --steps to train longer" if step >= cfg.steps else ""))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"data {cfg.data}: {len(train_ds)} train / {len(test_ds)} test, sample shape {train_ds.shape}, "
         f"{train_ds.num_classes} classes ({'conditional' if conditional else 'unconditional'}); "
@@ -376,15 +393,7 @@ def _set_up(cfg: TrainConfig, resume: bool, log, dist: Dist) -> _Run:
     real = torch.from_numpy(train_ds.x)
     field = _make_field(cfg, groups, real, train_ds.labels if conditional else None, device, dist, log)
     return _Run(cfg, device, train_ds, test_ds, num_classes, real, model, gen, groups, field, opt, ema, rng,
-                noise_rng, step, elapsed)
-
-
-def _resumed_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
-    """The run's identity comes from the checkpoint; only the stopping rules may change on resume."""
-    resumed = TrainConfig.from_dict(saved)
-    for keep in ("steps", "time_budget", "progress", "evaluate", "out", "device"):
-        setattr(resumed, keep, getattr(cfg, keep))
-    return resumed
+                noise_rng, step, elapsed, step if latest else None)
 
 
 def _streams(seed: int, rank: int, step: int = 0) -> tuple[np.random.Generator, torch.Generator]:
