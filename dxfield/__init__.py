@@ -37,7 +37,7 @@ from .field import DEFAULT_TEMPERATURES, NORMALIZATIONS, drift_field
 from .kernels import KERNELS, kernel_matrix, kernel_matvec, pairwise_distances
 from .nystrom import Nystrom, NystromConditioningWarning
 from . import landmarks
-from .projected import ProjectedField
+from .projected import ClassesCombinedWarning, ProjectedField
 
 __version__ = "0.1.0.dev0"
 
@@ -48,6 +48,7 @@ __all__ = [
     "landmarks",
     "ProjectedField",
     "NystromConditioningWarning",
+    "ClassesCombinedWarning",
     "kernel_matrix",
     "pairwise_distances",
     "cupy_available",

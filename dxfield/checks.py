@@ -19,8 +19,13 @@ def _describe_dtype(a: Any) -> str:
     return str(getattr(a, "dtype", type(a).__name__))
 
 
-def matrix(a: Any, name: str, *, dim: int | None = None, check_finite: bool = True, min_rows: int = 1):
-    """Check that ``a`` is a 2-D real numeric array with at least ``min_rows`` rows."""
+def matrix(a: Any, name: str, *, dim: int | None = None, check_finite: bool = True, min_rows: int = 1,
+           dim_of: str = "x has {dim}"):
+    """Check that ``a`` is a 2-D real numeric array with at least ``min_rows`` rows.
+
+    ``dim``: the number of features per row expected; ``dim_of`` says where it
+    comes from in the error (``{dim}`` is filled in), e.g. ``"x has {dim}"``.
+    """
     if a.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array (n x D), got shape {tuple(a.shape)}")
     kind = np.dtype(a.dtype).kind if not hasattr(a.dtype, "kind") else a.dtype.kind
@@ -32,15 +37,18 @@ def matrix(a: Any, name: str, *, dim: int | None = None, check_finite: bool = Tr
     if d < 1:
         raise ValueError(f"{name} must have at least one feature column, got shape {tuple(a.shape)}")
     if dim is not None and d != dim:
-        raise ValueError(f"{name} has {d} features per row but x has {dim}; feature dimensions must match")
+        raise ValueError(f"{name} has {d} features per row, but {dim_of.format(dim=dim)}; "
+                         f"pass {dim} features per row")
     if check_finite and kind == "f":
         finite(a, name)
     return a
 
 
-def float_matrix(a: Any, name: str, dtype, *, dim: int | None = None, check_finite: bool = True, min_rows: int = 1):
+def float_matrix(a: Any, name: str, dtype, *, dim: int | None = None, check_finite: bool = True, min_rows: int = 1,
+                 dim_of: str = "x has {dim}"):
     """:func:`matrix` checks, then ``a`` cast to the working ``dtype`` (no copy when it already is)."""
-    return matrix(a, name, dim=dim, check_finite=check_finite, min_rows=min_rows).astype(dtype, copy=False)
+    return matrix(a, name, dim=dim, check_finite=check_finite, min_rows=min_rows,
+                  dim_of=dim_of).astype(dtype, copy=False)
 
 
 def finite(a: Any, name: str) -> None:
@@ -57,6 +65,44 @@ def finite(a: Any, name: str) -> None:
     count = int(bad.sum())
     first = tuple(int(i) for i in np.argwhere(to_host(bad))[0])
     raise ValueError(f"{name} contains {count} NaN/Inf value(s), first at index {first}; inputs must be finite")
+
+
+def extent(a: Any) -> tuple[float, float]:
+    """``(min, max)`` of a float array (NaN when it holds a NaN), with one device-to-host transfer."""
+    if a.size == 0:
+        return 0.0, 0.0
+    xp = array_namespace(a)
+    if xp is np:
+        return float(a.min()), float(a.max())
+    lo, hi = to_host(xp.stack([a.min(), a.max()])).tolist()
+    return float(lo), float(hi)
+
+
+def largest_magnitude(dtype, d: int) -> float:
+    """The largest ``|value|`` whose squared distances stay far from overflow in ``dtype``.
+
+    Centred on a mean or a cache centre, coordinates are at most twice this,
+    so ``|x|^2 + |y|^2 - 2 x.y`` over ``d`` features stays below ``max / 4``:
+    the power of two at most ``sqrt(max / (64 d))`` (about 1e17 in float32
+    and 1e152 in float64 at D = 64).
+    """
+    fmax = float(np.finfo(dtype).max)
+    return 2.0 ** math.floor(math.log2(math.sqrt(fmax / (64.0 * max(int(d), 1)))))
+
+
+def smallest_magnitude(dtype) -> float:
+    """Below this ``|value|`` (about 1e-12 in float32, 1e-138 in float64) the squared distance of
+    two neighbouring values, ``(eps |x|)^2``, is no longer a normal number."""
+    fi = np.finfo(dtype)
+    return 2.0 ** math.ceil(math.log2(math.sqrt(float(fi.tiny)) / float(fi.eps)))
+
+
+def magnitude_error(name: str, top: float, limit: float, where: str, dtype) -> ValueError:
+    """The error for values beyond what is supported ``where``: names ``name``, its largest magnitude
+    and the limit."""
+    more = "" if np.dtype(dtype) == np.float64 else ", or pass float64 features"
+    return ValueError(f"{name} holds values up to {top:.3g} in magnitude, but the largest magnitude supported "
+                      f"{where} is {limit:.3g}: divide the features by a constant{more}")
 
 
 def non_negative(value: Any, name: str) -> float:

@@ -30,7 +30,8 @@ def fidelity(pf, x, pos=None, *, labels=None, backend=None) -> dict:
     ``S * sqrt(D)`` when scaled), and each shard's condition numbers and
     effective ranks.
     """
-    placement, xp, xa, a = pf.place_queries(x, {"pos": pos}, backend, True)
+    q = pf.place_queries(x, {"pos": pos}, backend, True)
+    placement, xp, xa, a = q.placement, q.xp, q.x, q.arrays
     with device_context(placement):
         groups, _ = pf.class_groups(labels, xa.shape[0])
         bs, fallback = row_attraction(pf, xp, xa, groups)

@@ -8,7 +8,9 @@ docs/design.md sections 2.1-2.3 (the one-sweep factorisation of Algorithm 2,
 the row-normalised field, feature scale and drift normalisation), the
 numerics in section 3 and the memory bound in section 4: beyond its inputs a
 call holds O((N + tile) D) accumulators and a few tiles chosen from
-``memory_budget``, never an N x (P + M) array.
+``memory_budget``, never an N x (P + M) array.  :mod:`dxfield.inputs` leaves
+non-finite rows out (``check_finite=False``) and brings extreme magnitudes
+into range first (section 3.7).
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from __future__ import annotations
 import math
 from numbers import Real
 
+import numpy as np
+
 from . import checks
 from .backend import device_context, floating_dtype, place
 from .engine import resolve as resolve_engine
+from .inputs import check_classes, divide, expand, field_inputs
 from .kernels import check_kernel, logit_coef
 from .memory import parse_budget, tile_cap
 from .options import documented
@@ -63,16 +68,41 @@ def _check_labels(labels, pos_labels, neg_labels, neg) -> None:
         raise ValueError("neg_labels labels the explicit negatives: pass neg as well")
 
 
-def _feature_scale(sweeper: ExactSums, scale_arg):
-    """``S``: the sweeper's mean distance over ``sqrt(D)`` for "auto", as given otherwise (None: unscaled)."""
+def _logit_coefs(sweeper: ExactSums, scale_arg, frame: float, kernel: str, temps):
+    """``(S, coefs)``: the feature scale in the caller's units (None: unscaled) and the logit
+    coefficient of each temperature for the coordinates the sweeper holds (the caller's / ``frame``).
+
+    "auto": ``S = mean distance / sqrt(D)``; a number: as given; None: raw ``tau``.
+    """
+    root_d = math.sqrt(sweeper.d)
     if scale_arg == "auto":
         mean_d = sweeper.mean_distance()
-        return mean_d / math.sqrt(sweeper.d) if mean_d > 0 and math.isfinite(mean_d) else 1.0
-    return None if scale_arg is None else float(scale_arg)
+        s = mean_d / root_d if mean_d > 0 and math.isfinite(mean_d) else 1.0
+        scale, unit = s * frame, s * root_d
+    else:
+        scale = None if scale_arg is None else float(scale_arg)
+        unit = (1.0 if scale is None else scale * root_d) / frame  # the temperatures' distance unit
+    coefs = [logit_coef(kernel, tau * unit) for tau in temps]
+    top = float(np.finfo(sweeper.dtype).max)
+    if not max(coefs) < top:
+        raise ValueError(f"the kernel length tau * S * sqrt(D) = {min(temps) * unit * frame:.3g} (raw units) is too "
+                         f"short for {sweeper.dtype}: its logits overflow; use larger temperatures or feature_scale")
+    return scale, coefs
+
+
+def _in_units(v, scale, frame: float, scale_arg):
+    """The field without drift normalisation, computed in the frame, in units of ``S`` (raw when unscaled)."""
+    if scale is None:
+        return v if frame == 1.0 else divide(v, 1.0 / frame)
+    v /= scale / frame
+    if scale_arg != "auto" and not all(math.isfinite(e) for e in checks.extent(v)):
+        raise ValueError(f"the field in units of feature_scale={scale:g} overflows {v.dtype}: pass a larger "
+                         "feature_scale, drift_norm=True, or float64 inputs")
+    return v
 
 
 @documented("temperatures", "normalization", "kernel", "feature_scale", "drift_norm", "neg_weight", "include_self",
-            "return_scale", "memory_budget", "block_size", "backend", "check_finite", "labels", "engine", "precision")
+            "return_scale", "memory_budget", "block_size", "backend", "field.check_finite", "labels", "engine", "precision")
 def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normalization: str = "bidirectional",
                 kernel: str = "laplace", feature_scale="auto", drift_norm: bool = True, neg_weight=None,
                 include_self: bool | None = None, return_scale: bool = False, memory_budget=None,
@@ -127,26 +157,26 @@ def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normaliz
     budget = parse_budget(memory_budget, device=placement.device)
     with device_context(placement):
         dtype = floating_dtype(xp, a["x"], a["pos"], a["neg"])
-        xa = checks.float_matrix(a["x"], "x", dtype, check_finite=check_finite)
-        pa = checks.float_matrix(a["pos"], "pos", dtype, dim=xa.shape[1], check_finite=check_finite)
-        qlab = checks.class_labels(a["labels"], xa.shape[0], "labels")
-        plab = checks.class_labels(a["pos_labels"], pa.shape[0], "pos_labels")
-        targets = [Targets(pa, False, labels=plab)] + negative_runs(
-            xp, xa, a["neg"], a["neg_weight"] if weights_is_array else neg_weight, include_self=include_self,
-            dtype=dtype, check_finite=check_finite, query_labels=qlab, neg_labels=a["neg_labels"])
+        inp = field_inputs(a, dtype, a["neg_weight"] if weights_is_array else neg_weight, check_finite)
+        if inp.x.shape[0] == 0:  # no finite query (check_finite=False): every row is NaN
+            v = placement.to_origin(expand(xp, xp.empty((0, inp.pos.shape[1]), dtype=dtype), inp.n, inp.keep))
+            return (v, math.nan) if return_scale else v
+        check_classes(xp, inp)
+        targets = [Targets(inp.pos, False, labels=inp.pos_labels)] + negative_runs(
+            xp, inp.x, inp.neg, inp.neg_weight, include_self=include_self, dtype=dtype, check_finite=False,
+            query_labels=inp.labels, neg_labels=inp.neg_labels)
         # One engine for both sweeps: its plan is checked against the budget before any work,
         # and the mean-distance sweep reuses its centred queries and tile shape.
-        sweeper = ExactSums(xp, xa, targets, n_temperatures=len(temps), kernel=kernel,
+        sweeper = ExactSums(xp, inp.x, targets, n_temperatures=len(temps), kernel=kernel,
                             bidirectional=normalization == "bidirectional", budget=budget,
-                            block_size=block, tile_cap=exact_tile_cap(placement.device), query_labels=qlab,
+                            block_size=block, tile_cap=exact_tile_cap(placement.device), query_labels=inp.labels,
                             ops=resolve_engine(engine, precision, placement, dtype, len(temps)),
                             precision=precision)
-        scale = _feature_scale(sweeper, scale_arg)
-        unit = 1.0 if scale is None else scale * math.sqrt(xa.shape[1])  # the temperatures' distance unit
-        sums, row_lse = sweeper.sweep([logit_coef(kernel, tau * unit) for tau in temps])
+        scale, coefs = _logit_coefs(sweeper, scale_arg, inp.frame, kernel, temps)
+        sums, row_lse = sweeper.sweep(coefs)
         v = combine(xp, sums, row_lse, drift_norm=drift_norm, xc=sweeper.xc)
         del sweeper
-        if scale is not None and not drift_norm:
-            v /= scale
-        v = placement.to_origin(v)
+        if not drift_norm:
+            v = _in_units(v, scale, inp.frame, scale_arg)
+        v = placement.to_origin(expand(xp, v, inp.n, inp.keep))
         return (v, scale) if return_scale else v

@@ -89,6 +89,9 @@ def select(y, m: int, method: str = "uniform", *, labels=None, seed: int = 0, ke
     with device_context(placement):
         ya = checks.float_matrix(a["y"], "y", floating_dtype(xp, a["y"]))
         n = ya.shape[0]
+        top, limit = max(abs(v) for v in checks.extent(ya)), checks.largest_magnitude(ya.dtype, ya.shape[1])
+        if top > limit:
+            raise checks.magnitude_error("y", top, limit, f"by landmarks.select in {ya.dtype}", ya.dtype)
         if labels is None:
             groups = [(None, None)]
         else:
@@ -234,7 +237,7 @@ def _rls(xp, y, m, rng, *, kernel, tau, ridge, budget, **_):
     if m == n:
         return np.arange(n)
     if tau is None:
-        tau = 0.2 * sample_mean_distance(xp, y, rng)
+        tau = 0.2 * sample_mean_distance(xp, y, rng, budget=budget)
     mu = y.mean(axis=0)
     yc = (y - mu).astype(xp.float64)
     perm = rng.permutation(n)
@@ -294,17 +297,33 @@ def _leverage(xp, x, s, weights, m, kernel, tau, ridge, budget):
     return out
 
 
-def sample_mean_distance(xp, y, rng, sample: int = 1000) -> float:
+def sample_mean_distance(xp, y, rng, sample: int = 1000, budget: int | None = None) -> float:
+    """:func:`mean_distance` of a uniform sample of at most ``sample`` rows of ``y``."""
     n = y.shape[0]
     idx = rng.choice(n, size=min(n, sample), replace=False)
-    s = y[xp.asarray(idx)]
-    s = s - s.mean(axis=0)
+    return mean_distance(xp, y[xp.asarray(idx)], budget)  # advanced indexing copies: centred in place
+
+
+def mean_distance(xp, s, budget: int | None = None) -> float:
+    """Mean distance between the distinct rows of ``s`` (1.0 when it is 0), summed in float64.
+
+    ``s`` is centred in place.  The distance block is formed a band of rows at a
+    time, within ``budget`` (default: the default memory budget) beyond ``s``.
+    """
+    s -= s.mean(axis=0)
     ss = sq_norms(s)
-    shape = (s.shape[0], s.shape[0])
-    tile = xp.empty(shape, s.dtype)
-    sqdist_tile(s, ss, s, ss, tile, xp.empty(shape, s.dtype), xp.empty(shape, bool), self_offset=0)
     k = s.shape[0]
-    mean = float(xp.sqrt(tile).sum()) / max(1, k * (k - 1))
+    it = s.dtype.itemsize
+    band = max(1, min(k, (parse_budget(budget) - SLACK) // max(1, k * (2 * it + 1))))
+    tile, scratch, hits = xp.empty(band * k, s.dtype), xp.empty(band * k, s.dtype), xp.empty(band * k, bool)
+    total = 0.0
+    for i0 in range(0, k, band):
+        shape = (min(band, k - i0), k)
+        size = shape[0] * k
+        d2 = sqdist_tile(s[i0:i0 + band], ss[i0:i0 + band], s, ss, tile[:size].reshape(shape),
+                         scratch[:size].reshape(shape), hits[:size].reshape(shape), self_offset=-i0)
+        total += float(xp.sqrt(d2, out=d2).sum(dtype=xp.float64))
+    mean = total / max(1, k * (k - 1))
     return mean if mean > 0 else 1.0
 
 

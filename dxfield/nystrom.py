@@ -130,6 +130,7 @@ class Nystrom:
         xp = placement.xp
         with device_context(placement):
             xa = checks.float_matrix(a["x"], "x", self.factor_.dtype, dim=self.landmarks_.shape[1],
+                                      dim_of="this map was fitted on landmarks with {dim}",
                                       check_finite=check_finite)
             out = kernel_features(xp, xa, self._uc, self._uu, self._mu, self.factor_, self.tau, self.kernel,
                                   budget=self.memory_budget, tile_entries=tile_cap(placement.device))

@@ -43,6 +43,12 @@ OPTIONS = {
     Where to compute (default ``$DXFIELD_BACKEND`` or ``"auto"``: follow the input).""",
     "check_finite": """check_finite : bool, default True
     Reject NaN/Inf inputs (one pass over the inputs).""",
+    "field.check_finite": """check_finite : bool, default True
+    True: reject NaN/Inf inputs with an error saying where (a min and a max
+    per array).  False: a row holding NaN/Inf is left out of every sum, as
+    if it had not been passed (the other rows get the field computed
+    without it), and a query row left out gets NaN in the output; the same
+    scan finds such rows, and the finite rows are then copied.""",
     "labels": """labels, pos_labels, neg_labels : int arrays (N,), (P,), (M,), optional
     Class-conditional field in one call: a query interacts only with
     targets of its own class (positives, other queries, and explicit

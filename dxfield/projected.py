@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -30,11 +31,13 @@ from .engine import resolve as resolve_engine
 from .diagnostics import fidelity
 from .estimators import ESTIMATORS, FieldCall
 from .field import DEFAULT_TEMPERATURES, NORMALIZATIONS, resolve_negatives
+from .inputs import expand, finite_part, rows_of, some_rows
 from .kernels import check_kernel
-from .memory import parse_budget
+from .memory import SLACK, parse_budget
 from .options import documented
-from .landmarks import METHODS, sample_mean_distance, select
+from .landmarks import METHODS, mean_distance, select
 from .repulsion import Negatives
+from .targets import check_weight_shape
 from .summaries import (DEFAULT_DEN_FLOOR, RowSource, Shard, Summaries, distinct_rows, factor_landmarks, merge,
                         host_labels)
 
@@ -108,7 +111,7 @@ class ProjectedField(Summaries):
         lab = None if labels is None else host_labels(labels, rows.n, "one per row of pos")
         rng = np.random.default_rng(seed)
         with device_context(rows.placement):
-            scale = _measured_scale(rows, checks.feature_scale(feature_scale), rng, wdtype)
+            scale = _measured_scale(rows, checks.feature_scale(feature_scale), rng, wdtype, budget)
             unit = 1.0 if scale is None else scale * math.sqrt(rows.d)
             taus = [t * unit for t in temps]
             groups = [None] if lab is None else [int(c) for c in np.unique(lab)]
@@ -117,7 +120,7 @@ class ProjectedField(Summaries):
                                                 seed=seed, kernel=kernel, tau=max(taus), budget=budget,
                                                 selection_pool=selection_pool)
             else:
-                per_shard = [_given_landmarks(landmarks, rows.d)] * len(groups)
+                per_shard = [_given_landmarks(landmarks, rows.d, wdtype)] * len(groups)
             shards = _empty_shards(groups, per_shard, taus, kernel, ridge, eig_clamp, wdtype, rows.d)
             pf = cls(kernel=kernel, temperatures=temps, ridge=ridge, eig_clamp=eig_clamp, feature_scale=scale,
                      dim=rows.d, centre=np.mean(np.concatenate(per_shard), axis=0), shards=shards,
@@ -128,14 +131,35 @@ class ProjectedField(Summaries):
         return pf
 
     # -- evaluation ------------------------------------------------------------------
-    def place_queries(self, x, extra: dict, backend, check_finite: bool):
-        """The queries ``x`` (and the ``extra`` arrays) placed for a call: ``(placement, xp, x, arrays)``."""
+    def place_queries(self, x, extra: dict, backend, check_finite: bool) -> "Queries":
+        """The queries ``x`` (and the ``extra`` arrays) placed for a call, checked against this cache:
+        with ``check_finite=False`` only their finite rows (docs/design.md section 3.7)."""
         placement, a = place({"x": x, **extra}, backend)
-        xp = placement.xp
-        xa = checks.float_matrix(a["x"], "x", self.dtype, check_finite=check_finite)
-        if xa.shape[1] != self.dim:
-            raise ValueError(f"x has {xa.shape[1]} features per row but this cache was built for D={self.dim}")
-        return placement, xp, xa, a
+        xa = checks.float_matrix(a["x"], "x", self.dtype, dim=self.dim, dim_of="this cache was built for D={dim}",
+                                 check_finite=False)
+        n = xa.shape[0]
+        with device_context(placement):
+            xa, keep, top = finite_part(xa, "x", check_finite)
+        self.check_magnitude("x", top)
+        return Queries(placement, placement.xp, xa, a, keep, n)
+
+    def check_magnitude(self, name: str, top: float) -> None:
+        """Refuse values whose squared distances could overflow this cache's working dtype."""
+        limit = checks.largest_magnitude(self.dtype, self.dim)
+        if top > limit:
+            raise checks.magnitude_error(name, top, limit, f"by a {self.dtype.name} cache of D={self.dim}",
+                                         self.dtype)
+
+    def query_classes(self, labels, q: "Queries"):
+        """``(groups, host labels)`` of the finite queries (:meth:`class_groups`); warns when a class
+        cache is asked without labels (all classes then attract every query)."""
+        lab = None if labels is None else rows_of(host_labels(labels, q.n, "one per query"), q.keep)
+        groups, lab = self.class_groups(lab, q.x.shape[0])
+        if groups is None and len(self.shards) > 1:
+            warnings.warn(f"x comes without labels but this cache is class-conditional ({len(self.shards)} "
+                          "classes): every query is attracted by all classes' summaries combined (the whole data "
+                          "set); pass labels for a class-conditional field", ClassesCombinedWarning, stacklevel=3)
+        return groups, lab
 
     def _engine(self, placement, engine, precision):
         """The fused engine's ops for this call, or None (composed); see :func:`dxfield.engine.resolve`."""
@@ -147,21 +171,26 @@ class ProjectedField(Summaries):
         """The barycentres ``b+(x)`` per temperature: array (T, N, D) in raw feature units.
 
         With ``labels``, each query uses its own class's summaries; otherwise all
-        shards combine block-diagonally.  ``engine`` and ``precision`` as in
-        :meth:`field`.
+        shards combine block-diagonally (with a :class:`ClassesCombinedWarning`
+        on a class cache).  ``engine``, ``precision`` and ``check_finite`` as in
+        :meth:`field` (rows left out get NaN).
         """
-        placement, xp, xa, _ = self.place_queries(x, {}, backend, check_finite)
-        ops = self._engine(placement, engine, precision)
-        with device_context(placement):
-            groups, _ = self.class_groups(labels, xa.shape[0])
-            bs, fallback = row_attraction(self, xp, xa, groups, ops, precision)
-            self.last_stats = {"attraction_fallback_rows": fallback}
-            out = xp.stack(bs) + self.on_device(placement)["centre"]
-            return placement.to_origin(out)
+        q = self.place_queries(x, {}, backend, check_finite)
+        xp = q.xp
+        ops = self._engine(q.placement, engine, precision)
+        with device_context(q.placement):
+            groups, _ = self.query_classes(labels, q)
+            if q.x.shape[0] == 0:
+                out = xp.empty((len(self.temperatures), 0, self.dim), dtype=self.dtype)
+            else:
+                bs, fallback = row_attraction(self, xp, q.x, groups, ops, precision)
+                self.last_stats = {"attraction_fallback_rows": fallback}
+                out = xp.stack(bs) + self.on_device(q.placement)["centre"]
+            return q.placement.to_origin(expand(xp, out, q.n, q.keep, axis=1))
 
 
     @documented("projected.normalization", "projected.repulsion", "projected.pos_sample", "drift_norm", "neg_weight",
-                "include_self", "backend", "check_finite", "engine", "projected.precision")
+                "include_self", "backend", "field.check_finite", "engine", "projected.precision")
     def field(self, x, neg=None, *, labels=None, normalization: str = "row", repulsion: str = "exact",
               drift_norm: bool = True, neg_weight=None, include_self: bool | None = None, backend=None,
               check_finite: bool = True, engine=None, precision: str = "float32", pos_sample=None,
@@ -177,6 +206,8 @@ class ProjectedField(Summaries):
         labels : array (N,) of ints, optional
             Class of each query (class-conditional caches): attraction to its
             class's summaries, repulsion from the other queries of its class.
+            Without labels a class cache attracts every query by all classes
+            combined, with a :class:`ClassesCombinedWarning`.
         {options}
 
         Returns
@@ -193,30 +224,28 @@ class ProjectedField(Summaries):
         if pos_sample is not None and (normalization != "bidirectional" or repulsion != "exact"):
             raise ValueError("pos_sample corrects the bidirectional field with exact repulsion: "
                              "use normalization='bidirectional', repulsion='exact'")
-        extra = {"neg": neg}
+        extra = {"neg": neg, "pos_sample": pos_sample}
         if neg_weight is not None and not isinstance(neg_weight, float):
             extra["neg_weight"] = neg_weight
-        if pos_sample is not None:
-            extra["pos_sample"] = pos_sample
-        placement, xp, xa, a = self.place_queries(x, extra, backend, check_finite)
-        ops = self._engine(placement, engine, precision)
-        with device_context(placement):
-            groups, lab = self.class_groups(labels, xa.shape[0])
-            sample = None
-            if pos_sample is not None:
-                ys = checks.float_matrix(a["pos_sample"], "pos_sample", self.dtype, dim=self.dim,
-                                         check_finite=check_finite)
-                sample = (ys, self.sample_groups(pos_sample_labels, ys.shape[0], groups))
-            negatives = Negatives(include_self, a.get("neg"), a.get("neg_weight", neg_weight), check_finite)
-            call = FieldCall(xp=xp, xa=xa, groups=groups, labels=lab, negatives=negatives,
-                             centre=self.on_device(placement)["centre"], ops=ops, precision=precision,
+        q = self.place_queries(x, extra, backend, check_finite)
+        xp, a = q.xp, q.arrays
+        ops = self._engine(q.placement, engine, precision)
+        with device_context(q.placement):
+            groups, lab = self.query_classes(labels, q)
+            if q.x.shape[0] == 0:  # no finite query: every row is NaN
+                return q.placement.to_origin(expand(xp, xp.empty((0, self.dim), dtype=self.dtype), q.n, q.keep))
+            sample = None if pos_sample is None else _checked_sample(self, a["pos_sample"], pos_sample_labels,
+                                                                     groups, check_finite)
+            call = FieldCall(xp=xp, xa=q.x, groups=groups, labels=lab,
+                             negatives=_checked_negatives(self, a, include_self, neg_weight, check_finite),
+                             centre=self.on_device(q.placement)["centre"], ops=ops, precision=precision,
                              drift_norm=drift_norm, sample=sample)
             estimate = ESTIMATORS[normalization, "corrected" if sample is not None else repulsion]
             total, fallback, rep_fallback = estimate(self, call)
             if self.feature_scale is not None and not drift_norm:
                 total /= self.feature_scale
             self.last_stats = {"attraction_fallback_rows": fallback, "repulsion_fallback_rows": rep_fallback}
-            return placement.to_origin(total)
+            return q.placement.to_origin(expand(xp, total, q.n, q.keep))
 
     # -- diagnostics -------------------------------------------------------------------
     def diagnostics(self, x, pos=None, *, labels=None, backend=None) -> dict:
@@ -242,14 +271,71 @@ class ProjectedField(Summaries):
 
 
 
-def _measured_scale(rows: RowSource, feature_scale, rng, dtype):
-    """The cache's feature scale: ``mean distance / sqrt(D)`` over up to 2048 sampled rows for "auto"."""
+class ClassesCombinedWarning(UserWarning):
+    """A class-conditional cache was asked without labels: all classes attracted every query."""
+
+
+class Queries(NamedTuple):
+    """The queries of one call, placed and checked (:meth:`ProjectedField.place_queries`)."""
+
+    placement: Any
+    xp: Any
+    x: Any  # the finite rows of x, working dtype
+    arrays: dict  # every array of the call, placed
+    keep: Any  # host indices of x's finite rows (None: all)
+    n: int  # rows of x as given
+
+
+def _checked_negatives(pf, a: dict, include_self: bool, neg_weight, check_finite: bool) -> Negatives:
+    """The call's negatives: explicit ones checked against the cache, finite rows only (with their weights)."""
+    w = a.get("neg_weight", neg_weight)
+    if a["neg"] is None:
+        return Negatives(include_self, None, w, check_finite)
+    na = checks.float_matrix(a["neg"], "neg", pf.dtype, dim=pf.dim, dim_of="this cache was built for D={dim}",
+                             check_finite=False)
+    weighted = w is not None and not isinstance(w, float)
+    if weighted:
+        check_weight_shape(w, na.shape[0])
+    na, keep, top = finite_part(na, "neg", check_finite)
+    some_rows(na, "neg")
+    pf.check_magnitude("neg", top)
+    return Negatives(include_self, na, rows_of(w, keep) if weighted else w, check_finite=False)
+
+
+def _checked_sample(pf, ys, labels, groups, check_finite: bool):
+    """``(rows, rows per shard)`` of ``pos_sample``: checked against the cache, finite rows only."""
+    ys = checks.float_matrix(ys, "pos_sample", pf.dtype, dim=pf.dim, dim_of="this cache was built for D={dim}",
+                             check_finite=False)
+    if labels is not None:
+        labels = host_labels(labels, ys.shape[0], "one per row of pos_sample")
+    ys, keep, top = finite_part(ys, "pos_sample", check_finite)
+    some_rows(ys, "pos_sample")
+    pf.check_magnitude("pos_sample", top)
+    return ys, pf.sample_groups(rows_of(labels, keep), ys.shape[0], groups)
+
+
+def _measured_scale(rows: RowSource, feature_scale, rng, dtype, budget: int):
+    """The cache's feature scale: ``mean distance / sqrt(D)`` over up to 2048 sampled rows for "auto".
+
+    The distances are formed a band of rows at a time within ``budget``; the
+    sample itself takes at most half of it, so a budget below ``2 * 2048 * D``
+    words measures fewer rows.
+    """
     if feature_scale != "auto":
         return feature_scale
-    n = rows.n
-    sample = rows.take(np.sort(rng.choice(n, size=min(n, 2048), replace=False)), dtype)
-    xp = rows.placement.xp
-    return sample_mean_distance(xp, sample, rng, sample=sample.shape[0]) / math.sqrt(rows.d) if n > 1 else 1.0
+    n, row_bytes = rows.n, rows.d * np.dtype(dtype).itemsize
+    k = min(n, 2048, max(2, (budget - SLACK) // (2 * row_bytes)))
+    sample = rows.take(np.sort(rng.choice(n, size=k, replace=False)), dtype)  # a copy of the rows
+    if n < 2:
+        return 1.0
+    rng.choice(k, size=k, replace=False)  # the order the sample was once drawn in: later draws stay the same
+    lo, hi = checks.extent(sample)
+    if 0.0 < max(-lo, hi) < checks.smallest_magnitude(dtype):
+        raise ValueError(f"pos holds values no larger than {max(-lo, hi):.3g} in magnitude, below the smallest "
+                         f"magnitude supported in {np.dtype(dtype).name} ({checks.smallest_magnitude(dtype):.3g}), "
+                         "where squared distances underflow: multiply the features by a constant")
+    mean = mean_distance(rows.placement.xp, sample, budget=max(1, budget - sample.nbytes))
+    return mean / math.sqrt(rows.d)
 
 
 def _selected_landmarks(rows: RowSource, m: int, n_shards: int, lab, rng, dtype, *, method, seed, kernel, tau,
@@ -267,10 +353,14 @@ def _selected_landmarks(rows: RowSource, m: int, n_shards: int, lab, rng, dtype,
     return [distinct_rows(points[i * m:(i + 1) * m]) for i in range(n_shards)]
 
 
-def _given_landmarks(landmarks, d: int) -> np.ndarray:
+def _given_landmarks(landmarks, d: int, dtype) -> np.ndarray:
     """The caller's landmark points (float64, host), repeated rows dropped with a warning."""
     u = to_host(place({"landmarks": landmarks}, "numpy")[1]["landmarks"])
-    u = checks.float_matrix(u, "landmarks", np.float64, dim=d)
+    u = checks.float_matrix(u, "landmarks", np.float64, dim=d, dim_of="pos has {dim}")
+    top, limit = float(np.abs(u).max()), checks.largest_magnitude(dtype, d)
+    if top > limit:
+        raise checks.magnitude_error("landmarks", top, limit, f"by a {np.dtype(dtype).name} ProjectedField of D={d}",
+                                     dtype)
     distinct = distinct_rows(u)
     if distinct.shape[0] < u.shape[0]:
         warnings.warn(f"landmarks: {u.shape[0] - distinct.shape[0]} duplicate row(s) dropped "
@@ -290,4 +380,4 @@ def _empty_shards(labels, per_shard, taus, kernel, ridge, eig_clamp, dtype, d: i
     return shards
 
 # Names callers import from here: the summaries' building blocks live in dxfield.summaries.
-__all__ = ["ProjectedField", "REPULSIONS", "DEFAULT_DEN_FLOOR", "RowSource", "Shard", "merge"]
+__all__ = ["ProjectedField", "ClassesCombinedWarning", "REPULSIONS", "DEFAULT_DEN_FLOOR", "RowSource", "Shard", "merge"]

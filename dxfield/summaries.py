@@ -149,8 +149,13 @@ class Summaries:
         it = self.dtype.itemsize
         m_max = max(s.m for s in self.shards)
         if chunk_size is None:
-            per_row = m_max * (3 * it + 1) + it * (2 * d + 4)
-            chunk_size = max(1, min(rows.n, (self.memory_budget - SLACK) // per_row, max(1, (1 << 22) // m_max)))
+            # per entry of a chunk x m block: the distances, one kernel block per temperature and
+            # an exponent (the distance pass's scratch and hit mask come before them); per row the
+            # chunk, centred, and its class's rows
+            per_row = m_max * ((len(self.temperatures) + 2) * it + 1) + it * (3 * d + 4)
+            fixed = 8 * (d + 1) * len(self.temperatures) * self.n_landmarks  # the float64 sums below
+            chunk_size = max(1, min(rows.n, (self.memory_budget - SLACK - fixed) // per_row,
+                                    max(1, (1 << 22) // m_max)))
         chunk_size = int(chunk_size)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -174,6 +179,7 @@ class Summaries:
                     for k, kr in enumerate(ks):
                         sums[si][k] += kr.sum(axis=0).astype(xp.float64)
                         outer[si][k] += (kr.T @ part).astype(xp.float64)
+                    del ks, kr  # before the next chunk's blocks: the budget holds one set
                 bar.update(chunk.shape[0])
         for si, shard in enumerate(self.shards):
             shard.n += counts[si]
@@ -232,6 +238,9 @@ class Summaries:
         """Map query labels to shard indices: ``(groups, host labels)``, groups a list of
         (shard index, host row indices); ``(None, None)`` without labels."""
         if labels is None:
+            if self.n_samples == 0:
+                raise ValueError("this cache holds no summaries yet (n = 0), so it would attract nothing: build it "
+                                 "with summarize=True, or add the data with add_summaries()")
             return None, None
         lab = host_labels(labels, n, "one per query")
         if self.classes == [None]:
@@ -243,6 +252,11 @@ class Summaries:
                 raise ValueError(f"labels contains class {int(c)}, which this cache has no summaries for; "
                                  f"known classes: {sorted(known)}")
             out.append((known[int(c)], np.flatnonzero(lab == c)))
+        empty = [self.shards[si].label for si, _ in out if self.shards[si].n == 0]
+        if empty:
+            raise ValueError(f"labels contains class(es) {empty[:10]} whose summaries are empty (n = 0: no data row "
+                             "of them was summarised), so those queries would get no attraction; add their rows "
+                             "with add_summaries()")
         return out, lab
 
     def sample_groups(self, labels, b: int, groups):
@@ -407,7 +421,13 @@ class RowSource:
         if not self.in_memory:
             block = xp.asarray(np.asarray(block))
         block = block.astype(dtype, copy=False)
-        checks.finite(block, self.name)
+        lo, hi = checks.extent(block)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            checks.finite(block, self.name)  # raises, saying where
+        limit = checks.largest_magnitude(dtype, self.d)
+        if max(-lo, hi) > limit:
+            raise checks.magnitude_error(self.name, max(-lo, hi), limit,
+                                         f"by a {np.dtype(dtype).name} ProjectedField of D={self.d}", dtype)
         return block
 
     def chunks(self, size: int, dtype):

@@ -74,14 +74,20 @@ def y_unit(top: float) -> float:
     return 2.0 ** min(0, math.ceil(math.log2(top))) if 0.0 < top < math.inf else 1.0
 
 
+def check_weight_shape(w, m: int) -> None:
+    """An array of negative weights has one entry per negative: shape ``(m,)``."""
+    if w.ndim != 1 or w.shape[0] != m:
+        raise ValueError(f"neg_weight must be a number or an array of shape ({m},) (one per negative), "
+                         f"got shape {tuple(w.shape)}")
+
+
 def log_weights(xp, neg_weight, m: int, dtype, check_finite: bool):
     """Log of per-negative weights: scalar or (M,), each finite and >= 0."""
     if isinstance(neg_weight, float):
         w = xp.full(m, neg_weight, dtype=dtype)
     else:
         w = neg_weight
-        if w.ndim != 1 or w.shape[0] != m:
-            raise ValueError(f"neg_weight must be a number or an array of shape ({m},) (one per negative), got shape {tuple(w.shape)}")
+        check_weight_shape(w, m)
         if w.dtype.kind not in "fiub":
             raise TypeError(f"neg_weight must hold real numbers, got dtype {w.dtype}")
         w = w.astype(dtype, copy=False)
