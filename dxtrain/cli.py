@@ -12,19 +12,40 @@ torch sees one, else on the CPU, and writes a run folder (``runs/digits``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+import tempfile
 from dataclasses import fields
 
 import click
 from click.core import ParameterSource
 
+from dxfield.memory import parse_budget
+
+from .errors import DEBUG_ENV, ErrorHandlingGroup, check_file, check_folder, os_error_message, writing_to
 from .lock import RunFolderBusy
 from .rundir import CheckpointError
 from .train import FIELDS, NORMALIZATIONS, REPULSIONS, TrainConfig
 
 _DEFAULTS = TrainConfig()
-_RUN_ERRORS = (ValueError, FileNotFoundError, FileExistsError, CheckpointError, RunFolderBusy)
+# errors whose message is written for the user; any other exception is the group's (dxtrain.errors)
+_RUN_ERRORS = (ValueError, CheckpointError, RunFolderBusy)
+
+
+class _Finite(click.FloatRange):
+    """``click.FloatRange`` that also refuses nan and inf."""
+
+    name = "finite float range"
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+_SEED = click.IntRange(0, 2**63 - 1)
 
 
 def _given(ctx: click.Context) -> set[str]:
@@ -40,9 +61,29 @@ def _temps(ctx, param, value):
         temps = tuple(float(t) for t in value.split(","))
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers like 0.02,0.05,0.2, got {value!r}")
-    if not temps or any(t <= 0 for t in temps):
-        raise click.BadParameter(f"temperatures must be > 0, got {value!r}")
+    if not temps or any(not (math.isfinite(t) and t > 0) for t in temps):
+        raise click.BadParameter(f"temperatures must be finite numbers > 0, got {value!r}")
     return temps
+
+
+def _budget(ctx, param, value):
+    if value is not None:
+        try:
+            parse_budget(value, name=param.opts[0])
+        except (TypeError, ValueError) as exc:
+            raise click.BadParameter(str(exc))
+    return value
+
+
+def _device(ctx, param, value):
+    import torch
+
+    if value != "auto":
+        try:
+            torch.device(value)
+        except (RuntimeError, ValueError):
+            raise click.BadParameter(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
+    return value
 
 
 def _data_options(f):
@@ -58,9 +99,12 @@ def _data_options(f):
     return f
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"],
+                                                       "max_content_width": 100})
 @click.version_option(package_name="driftxpress")
-def main():
+@click.option("--debug", is_flag=True, envvar=DEBUG_ENV,
+              help=f"Show the traceback of an error instead of one Error: line (or set {DEBUG_ENV}=1).")
+def main(debug):
     """Train one-step drifting generators; DriftXpress makes the field cheap.
 
     \b
@@ -78,7 +122,7 @@ def main():
               help="projected: DriftXpress (Nystrom summaries of the whole data set, exact repulsion); "
                    "exact: standard drifting (Algorithm 2 on a mini-batch of positives).")
 @click.option("--steps", type=click.IntRange(min=1), default=_DEFAULTS.steps, show_default=True)
-@click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--time-budget", type=_Finite(min=0, min_open=True), default=None,
               help="Stop after this many seconds of training (compare methods at equal wall-clock).")
 @click.option("--out", default=None, help="Run folder [default: runs/<data name>].")
 @click.option("--resume", is_flag=True,
@@ -120,17 +164,18 @@ def main():
                    "(small frozen random conv, multi-scale groups), a TorchScript file, or package.module:callable.")
 @click.option("--max-locations", type=click.IntRange(min=1), default=_DEFAULTS.max_locations, show_default=True,
               help="Per-location feature groups kept per encoder scale (evenly spaced).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_DEFAULTS.lr, show_default=True)
-@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=_DEFAULTS.ema, show_default=True)
-@click.option("--grad-clip", type=click.FloatRange(min=0, min_open=True), default=_DEFAULTS.grad_clip,
+@click.option("--lr", type=_Finite(min=0, min_open=True), default=_DEFAULTS.lr, show_default=True)
+@click.option("--ema", type=_Finite(0, 1, max_open=True), default=_DEFAULTS.ema, show_default=True)
+@click.option("--grad-clip", type=_Finite(min=0, min_open=True), default=_DEFAULTS.grad_clip,
               show_default=True)
-@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=_SEED, default=_DEFAULTS.seed, show_default=True)
+@click.option("--device", default="auto", show_default=True, callback=_device, help="auto, cpu, cuda or cuda:N.")
 @click.option("--log-every", type=click.IntRange(min=1), default=_DEFAULTS.log_every, show_default=True)
 @click.option("--sample-every", type=click.IntRange(min=1), default=_DEFAULTS.sample_every, show_default=True)
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=_DEFAULTS.checkpoint_every,
               show_default=True)
-@click.option("--memory-budget", default=None, help="dxfield memory budget per call, e.g. 256MiB.")
+@click.option("--memory-budget", default=None, callback=_budget,
+              help="dxfield memory budget per call, e.g. 256MiB.")
 @click.option("--eval/--no-eval", "evaluate", default=True, show_default=True, help="Evaluate at the end.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="A progress bar on stderr (drawn only on a terminal).")
@@ -147,6 +192,11 @@ def train(ctx, data, data_key, labels_key, out, resume, temperatures, **options)
                       temperatures=temperatures or _DEFAULTS.temperatures,
                       **options)
     try:
+        cfg.validate()
+        check_folder(cfg.out, "--out")
+        if cfg.cache is not None:
+            check_folder(cfg.cache, "--cache", read_only_ok=os.path.exists(os.path.join(cfg.cache, "manifest.json")))
+        writing_to(cfg.out, "--out")
         result = run_training(cfg, resume=resume, given=_given(ctx) & {f.name for f in fields(TrainConfig)})
     except _RUN_ERRORS as exc:
         raise click.ClickException(str(exc))
@@ -167,9 +217,9 @@ def train(ctx, data, data_key, labels_key, out, resume, temperatures, **options)
 @click.option("--landmark-method", type=click.Choice(["kmeans", "uniform", "kcenter", "rls"]),
               default=_DEFAULTS.landmark_method, show_default=True)
 @click.option("--conditional/--unconditional", default=True, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+@click.option("--seed", type=_SEED, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, callback=_device)
+@click.option("--test-fraction", type=_Finite(0, 1, min_open=True, max_open=True),
               default=_DEFAULTS.test_fraction, show_default=True,
               help="Held-out share (excluded from the summaries, as in `train`).")
 def summarize(data, data_key, labels_key, out, encoder, max_locations, temperatures, landmarks, landmark_method,
@@ -184,21 +234,27 @@ def summarize(data, data_key, labels_key, out, encoder, max_locations, temperatu
                       temperatures=temperatures or _DEFAULTS.temperatures, landmarks=landmarks,
                       landmark_method=landmark_method)
     try:
-        train_ds, _, cond = setup(cfg)
+        cfg.validate()
+        check_folder(out, "--out")  # before the work, not after it
+        writing_to(out, "--out")
         dev = pick_device(device)
+        train_ds, _, cond = setup(cfg)
         feats = real_features(make_feature_groups(cfg, train_ds, dev), torch.from_numpy(train_ds.x), dev)
         build_summaries(cfg, feats, train_ds.labels if cond else None, lambda m: click.echo(m, err=True)).save(out)
-    except (ValueError, FileNotFoundError) as exc:
+    except ValueError as exc:
         raise click.ClickException(str(exc))
     click.echo(f"summaries of {len(train_ds)} samples, {len(feats)} group(s) -> {out}")
 
 
-def _load_run(run: str):
-    """A run folder's config, checkpoint, EMA generator (eval mode, CPU), data split and class count."""
+def _load_run(run: str, data: str | None = None):
+    """A run folder's config, checkpoint, EMA generator (eval mode, CPU), data split and class count;
+    ``data``: the run's data file at a new place (``--data``)."""
     from .models import make_generator
     from .rundir import CHECKPOINT, read_checkpoint
     from .train import setup
 
+    if not os.path.isdir(run):
+        raise click.ClickException(f"--run {run}: no such folder: name a run folder written by `dxtrain train`")
     if not os.path.exists(os.path.join(run, CHECKPOINT)):
         raise click.ClickException(f"no checkpoint in {run}: train first (dxtrain train --out {run})")
     try:
@@ -206,20 +262,42 @@ def _load_run(run: str):
     except CheckpointError as exc:
         raise click.ClickException(str(exc))
     cfg = TrainConfig.from_dict(ckpt["config"])
-    train_ds, test_ds, cond = setup(cfg)
+    trained_on = cfg.data
+    cfg.data = data or cfg.data
+    try:
+        train_ds, test_ds, cond = setup(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        where = (f"--data {data}" if data else f"the data the run in {run} was trained on ({trained_on!r}, in "
+                 f"{os.path.join(run, 'config.json')})")
+        raise click.ClickException(f"{exc}: {where} cannot be loaded; put the file back, or pass its new path "
+                                   f"with --data")
+    saved = ckpt.get("data") or {}
+    if saved and (list(train_ds.shape) != list(saved["shape"]) or train_ds.num_classes != saved["num_classes"]):
+        raise click.ClickException(
+            f"--data {cfg.data}: samples of shape {tuple(train_ds.shape)} with {train_ds.num_classes} classes, but "
+            f"the run in {run} was trained on shape {tuple(saved['shape'])} with {saved['num_classes']} classes: "
+            f"pass the run's own data file ({trained_on!r})")
     model = make_generator(cfg.generator, train_ds.shape, num_classes=train_ds.num_classes if cond else 0)
     model.load_state_dict(ckpt["ema"]["model"] if "model" in ckpt["ema"] else ckpt["generator"])
     model.eval()
     return cfg, ckpt, model, train_ds, test_ds, (train_ds.num_classes if cond else 0)
 
 
+def _moved_data_option(f):
+    return click.option("--data", default=None,
+                        help="The run's data file, if it has moved since training [default: the path in the run's "
+                             "config.json].")(f)
+
+
 @main.command()
 @click.option("--run", required=True, help="Run folder written by `dxtrain train`.")
 @click.option("--n", type=click.IntRange(min=1), default=64, show_default=True, help="Samples to draw.")
 @click.option("--out", required=True, help="FILE.npz (key x, plus labels) or FILE.png (grid or scatter).")
-@click.option("--label", type=int, default=None, help="Class to sample (conditional runs); default: cycle classes.")
-@click.option("--seed", type=int, default=0, show_default=True)
-def sample(run, n, out, label, seed):
+@click.option("--label", type=click.IntRange(min=0), default=None,
+              help="Class to sample (conditional runs); default: cycle classes.")
+@click.option("--seed", type=_SEED, default=0, show_default=True)
+@_moved_data_option
+def sample(run, n, out, label, seed, data):
     """Draw samples from a run's EMA generator."""
     import numpy as np
 
@@ -228,19 +306,20 @@ def sample(run, n, out, label, seed):
     from .models import generate
     from .rundir import write_samples_png
 
-    cfg, ckpt, model, train_ds, _, k = _load_run(run)
+    ext = os.path.splitext(out)[1].lower()
+    if ext not in (".npz", ".png"):
+        raise click.ClickException(f"--out must end in .npz or .png, got {out!r}")
+    check_file(out, "--out")
+    writing_to(out, "--out")
+    cfg, ckpt, model, train_ds, _, k = _load_run(run, data)
     if label is not None and not (0 <= label < max(k, 1)) or (label is not None and k == 0):
         raise click.ClickException(f"--label {label} is not a class of this run (it has {k} classes)")
     x = generate(model, n, k, "cpu", seed=seed, label=label)
-    ext = os.path.splitext(out)[1].lower()
     if ext == ".npz":
         labels = (np.full(n, label) if label is not None else np.arange(n) % k) if k else None
         atomic_write(out, lambda fh: np.savez(fh, x=x, **({"labels": labels} if labels is not None else {})))
-    elif ext == ".png":
-        if not write_samples_png(out, x, train_ds):
-            raise click.ClickException("PNG output needs images or 2-D vectors; use an .npz file")
-    else:
-        raise click.ClickException(f"--out must end in .npz or .png, got {out!r}")
+    elif not write_samples_png(out, x, train_ds):
+        raise click.ClickException("PNG output needs images or 2-D vectors; use an .npz file")
     click.echo(f"{n} samples -> {out}")
 
 
@@ -248,16 +327,34 @@ def sample(run, n, out, label, seed):
 @click.option("--run", required=True, help="Run folder written by `dxtrain train`.")
 @click.option("--n", type=click.IntRange(min=10), default=None, help="Samples to evaluate [default: by data kind].")
 @click.option("--inception-weights", default=None, help="Inception weights on disk for standard FID (images).")
-@click.option("--seed", type=int, default=0, show_default=True)
-def evaluate_cmd(run, n, inception_weights, seed):
-    """Evaluate a run's EMA generator against held-out data; prints and writes eval.json."""
+@click.option("--seed", type=_SEED, default=0, show_default=True)
+@_moved_data_option
+def evaluate_cmd(run, n, inception_weights, seed, data):
+    """Evaluate a run's EMA generator against held-out data; prints and writes eval.json.
+
+    The report is printed even when eval.json cannot be written (the command then fails, saying why)."""
+    from .rundir import EVAL, write_eval
     from .train import evaluate_run
 
-    cfg, ckpt, model, train_ds, test_ds, k = _load_run(run)
+    if inception_weights is not None and not os.path.isfile(inception_weights):
+        raise click.ClickException(f"--inception-weights {inception_weights}: no such file: give the path of the "
+                                   "Inception weights (.pth) on disk, or leave the option out")
+    cfg, ckpt, model, train_ds, test_ds, k = _load_run(run, data)
+    if len(test_ds) < 2:
+        raise click.ClickException(
+            f"the run's data {cfg.data!r} leaves {len(test_ds)} of its {len(train_ds) + len(test_ds)} samples out "
+            f"for testing ({cfg.test_fraction:.0%}); eval needs at least 2 held-out samples: train on more data")
     kwargs = {"inception_weights": inception_weights} if inception_weights else {}
-    report = evaluate_run(model, train_ds, test_ds, k, "cpu", folder=run, step=int(ckpt["step"]),
-                          wall=float(ckpt["elapsed"]), field=cfg.field, seed=seed, n=n, **kwargs)
+    with tempfile.TemporaryDirectory(prefix="dxtrain-eval-") as scratch:  # eval.json is written below, by us
+        report = evaluate_run(model, train_ds, test_ds, k, "cpu", folder=scratch, step=int(ckpt["step"]),
+                              wall=float(ckpt["elapsed"]), field=cfg.field, seed=seed, n=n, **kwargs)
     click.echo(json.dumps(report, indent=1, default=float))
+    path = os.path.join(run, EVAL)
+    try:
+        write_eval(run, report)
+    except OSError as exc:
+        reason = os_error_message(OSError(exc.errno, exc.strerror, path) if exc.errno is not None else exc)
+        raise click.ClickException(f"{path} not written: {reason} (the report is printed above)")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -205,7 +205,8 @@ def load_dataset(spec: str, *, n: int | None = None, seed: int = 0, key: str | N
     ext = os.path.splitext(spec)[1].lower()
     if not os.path.exists(spec):
         if ext in FILE_EXTENSIONS:
-            raise FileNotFoundError(f"data file not found: {spec!r}")
+            raise FileNotFoundError(f"data file not found: {spec!r}"
+                                    + ("" if os.path.isabs(spec) else f" (relative to {os.getcwd()})"))
         raise ValueError(f"unknown data set {spec!r}: not an embedded data set ({', '.join(EMBEDDED)}) "
                          f"and not a path to a {'/'.join(FILE_EXTENSIONS)} file")
     if os.path.isdir(spec):

@@ -41,6 +41,7 @@ import torch
 import dxfield
 from dxfield.atomic import atomic_write
 from dxfield.projected import RowSource
+from dxfield.summaries import distinct_rows
 
 
 @contextlib.contextmanager
@@ -128,8 +129,9 @@ class ProjectedFieldSet:
     name = "projected"
 
     def __init__(self, fields: dict[str, dxfield.ProjectedField], normalization: str = "bidirectional",
-                 repulsion: str = "exact", correction: bool = False):
+                 repulsion: str = "exact", correction: bool = False, settings: dict | None = None):
         self.fields = fields
+        self.settings = settings  # how the summaries were built (saved in manifest.json; None: not recorded)
         self.normalization = normalization  # of every group's field (see ProjectedField.field)
         self.repulsion = repulsion
         self.correction = correction  # correct with the step's real mini-batch (pos_sample)
@@ -152,6 +154,12 @@ class ProjectedFieldSet:
               log=None, rank: int = 0, world_size: int = 1, allreduce=None) -> "ProjectedFieldSet":
         """One :class:`dxfield.ProjectedField` per group of ``real_features``.
 
+        ``landmarks`` per class (or in all), clamped per class: a class holding
+        fewer samples uses all of them as its landmarks (no selection), the
+        others keep ``landmarks``; ``log`` hears of every clamp once.  The
+        settings are recorded in :attr:`settings` (and by :meth:`save` in the
+        manifest).  ``progress``: dxfield's bars while streaming the summaries.
+
         Sharded (multi-process) build: with ``world_size > 1`` every process
         passes the *same* full ``real_features``, its ``rank`` and ``allreduce``,
         a callable summing a float64 NumPy array over the processes and
@@ -168,13 +176,22 @@ class ProjectedFieldSet:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         lab = None if labels is None else np.asarray(labels)
+        n = next(iter(real_features.values())).shape[0] if real_features else 0
+        plan = landmarks_per_class(landmarks, n, lab)
+        if log is not None:
+            log(f"building summaries of {n} samples: {len(real_features)} feature group(s), "
+                f"{_describe_plan(plan)} landmarks ({method}), temperatures {list(temperatures)}")
+            announce_landmarks(plan, landmarks, log)
         fields = {}
         for i, (name, feats) in enumerate(real_features.items()):
             t0 = time.perf_counter()
-            m = int(min(landmarks, _smallest_class(feats.shape[0], labels)))
-            pf = dxfield.ProjectedField.build(
-                feats, temperatures=temperatures, landmarks=m, method=method, labels=labels, seed=seed,
-                memory_budget=memory_budget, progress=progress, summarize=world_size == 1)
+            if all(m == landmarks for m in plan.values()):  # nothing clamped: dxfield selects m per class
+                pf = dxfield.ProjectedField.build(
+                    feats, temperatures=temperatures, landmarks=int(landmarks), method=method, labels=labels,
+                    seed=seed, memory_budget=memory_budget, progress=progress, summarize=world_size == 1)
+            else:
+                pf = _build_per_class(feats, lab, plan, temperatures=temperatures, method=method, seed=seed,
+                                      memory_budget=memory_budget, progress=progress, summarize=world_size == 1)
             if world_size > 1:
                 mine = feats[rank::world_size]
                 if mine.shape[0]:
@@ -183,9 +200,11 @@ class ProjectedFieldSet:
                 _allreduce_summaries(pf, allreduce)
             fields[name] = pf
             if log is not None:
-                log(f"summaries {i + 1}/{len(real_features)} '{name}': D={feats.shape[1]}, m={m} per shard, "
+                log(f"summaries {i + 1}/{len(real_features)} '{name}': D={feats.shape[1]}, "
+                    f"m={_describe_plan({s.label: s.m for s in pf.shards})} per shard, "
                     f"{time.perf_counter() - t0:.1f}s")
-        return cls(fields)
+        return cls(fields, settings={"landmarks": int(landmarks), "landmark_method": method, "seed": int(seed),
+                                     "temperatures": [float(t) for t in temperatures]})
 
     def __call__(self, features: dict[str, torch.Tensor], positives=None, labels: torch.Tensor | None = None,
                  pos_labels=None) -> dict[str, GroupDrift]:
@@ -227,7 +246,14 @@ class ProjectedFieldSet:
             fname = f"group{i:03d}.h5"
             pf.save(os.path.join(folder, fname))
             names[name] = fname
-        atomic_write(os.path.join(folder, "manifest.json"), lambda fh: json.dump({"groups": names}, fh, indent=1), "w")
+        manifest = {"groups": names, **({"settings": self.settings} if self.settings else {})}
+        atomic_write(os.path.join(folder, "manifest.json"), lambda fh: json.dump(manifest, fh, indent=1), "w")
+
+    @staticmethod
+    def read_settings(folder: str) -> dict | None:
+        """The build settings recorded in a summaries folder's manifest (None: none recorded)."""
+        with open(os.path.join(folder, "manifest.json")) as fh:
+            return json.load(fh).get("settings")
 
     @classmethod
     def load(cls, folder: str, *, expect: dict[str, int] | None = None, temperatures=None,
@@ -243,7 +269,8 @@ class ProjectedFieldSet:
             raise FileNotFoundError(f"{folder} is not a summaries folder (no manifest.json); "
                                     "create one with `dxtrain summarize`")
         with open(path) as fh:
-            names = json.load(fh)["groups"]
+            manifest = json.load(fh)
+        names = manifest["groups"]
         if expect is not None and set(expect) != set(names):
             missing, extra = sorted(set(expect) - set(names)), sorted(set(names) - set(expect))
             raise ValueError(f"summaries in {folder} do not match this run's feature groups "
@@ -260,7 +287,7 @@ class ProjectedFieldSet:
                                      f"(group '{name}': cached shape {pf.fingerprint['shape']}, now {now['shape']}, "
                                      "or different samples); rebuild them with `dxtrain summarize` for this data")
             fields[name] = pf
-        return cls(fields)
+        return cls(fields, settings=manifest.get("settings"))
 
 
 CORRECTION_MIN_POINTS_PER_LANDMARK = 4.0
@@ -292,7 +319,61 @@ def _allreduce_summaries(pf: dxfield.ProjectedField, allreduce) -> None:
     pf.set_summary_vector(allreduce(pf.summary_vector()))
 
 
-def _smallest_class(n: int, labels) -> int:
+def landmarks_per_class(landmarks: int, n: int, labels) -> dict:
+    """Landmarks each shard gets: ``landmarks`` clamped to its class's size (``{None: m}`` without labels)."""
     if labels is None:
-        return n
-    return int(np.bincount(np.asarray(labels)).min())
+        return {None: int(min(landmarks, n))}
+    counts = np.bincount(np.asarray(labels))
+    return {int(c): int(min(landmarks, counts[c])) for c in np.flatnonzero(counts)}
+
+
+def announce_landmarks(plan: dict, landmarks: int, log) -> None:
+    """Say which classes (or the data set) hold fewer samples than ``landmarks`` and so use all of them."""
+    clamped = {c: m for c, m in plan.items() if m < landmarks}
+    if not clamped:
+        return
+    large = max(plan.values()) > 4096
+    cost = (" (many landmarks: factoring an m x m matrix per class and temperature and an O(batch x m) step "
+            "take a while)") if large else ""
+    if None in plan:
+        log(f"landmarks: {landmarks} asked for, but the training split holds {plan[None]} samples: all "
+            f"{plan[None]} are landmarks{cost}")
+    elif len(clamped) == len(plan):
+        log(f"landmarks: {landmarks} per class asked for, more than any class holds: every class uses all its "
+            f"samples as landmarks ({_describe_plan(plan)} per class){cost}")
+    else:
+        listed = ", ".join(f"class {c}: {m}" for c, m in list(clamped.items())[:10])
+        log(f"landmarks: {landmarks} per class, but {len(clamped)} of {len(plan)} classes hold fewer samples and "
+            f"use all of them ({listed}{', ...' if len(clamped) > 10 else ''}){cost}")
+
+
+def _describe_plan(plan: dict) -> str:
+    lo, hi = min(plan.values(), default=0), max(plan.values(), default=0)
+    return f"{hi}" if lo == hi else f"{lo}..{hi}"
+
+
+def _build_per_class(feats: np.ndarray, lab, plan: dict, *, temperatures, method: str, seed: int, memory_budget,
+                     progress: bool, summarize: bool) -> dxfield.ProjectedField:
+    """A :class:`dxfield.ProjectedField` with ``plan[c]`` landmarks for class ``c`` (all its samples where it
+    holds no more than that), on the feature scale of the whole data, like ``ProjectedField.build``'s."""
+    # the scale, settings and fingerprint of the whole data (one throwaway landmark: nothing is selected)
+    base = dxfield.ProjectedField.build(feats, temperatures=temperatures, landmarks=feats[:1], seed=seed,
+                                        memory_budget=memory_budget, summarize=False)
+    shards = []
+    for c, m in plan.items():
+        rows = feats if c is None else feats[lab == c]
+        marks = distinct_rows(np.asarray(rows, np.float64)) if m >= rows.shape[0] else m
+        part = dxfield.ProjectedField.build(rows, temperatures=temperatures, landmarks=marks, method=method,
+                                            feature_scale=base.feature_scale, seed=seed,
+                                            memory_budget=memory_budget, summarize=False)
+        shard = part.shards[0]
+        shard.label = c
+        shards.append(shard)
+    pf = dxfield.ProjectedField(kernel=base.kernel, temperatures=base.temperatures, ridge=base.ridge,
+                                eig_clamp=base.eig_clamp, feature_scale=base.feature_scale, dim=base.dim,
+                                centre=np.mean(np.concatenate([s.landmarks for s in shards]), axis=0),
+                                shards=shards, fingerprint=base.fingerprint, dtype=base.dtype,
+                                den_floor=base.den_floor, memory_budget=base.memory_budget)
+    if summarize:
+        pf.add_summaries(feats, lab, progress=progress)
+    return pf

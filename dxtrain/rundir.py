@@ -287,6 +287,8 @@ def _keep_as_previous(folder: str, path: str, digest: str) -> None:
             os.unlink(tmp)
         os.link(path, tmp)  # no copy: checkpoint.pt is only ever replaced by a rename, never written in place
         os.replace(tmp, prev)
+        if os.path.lexists(tmp):  # prev already was this very file (a save cut short after this point):
+            os.unlink(tmp)  # rename() between two links of one file does nothing and leaves tmp
     except OSError:  # no hard links on this file system: copy
         if os.path.lexists(tmp):
             os.unlink(tmp)

@@ -26,6 +26,9 @@ optimiser, EMA, every random stream, step and elapsed time (the run folder's
 lock, checksums and resume rules: :mod:`dxtrain.rundir`).  ``time_budget``
 stops at a wall-clock budget (training time only, not periodic sampling or
 checkpoint I/O), so methods can be compared at equal time.
+Set-up refuses what cannot work (a batch leaving a sample alone in its class, CUDA without CuPy,
+summaries built otherwise in the run folder) and announces what it adapts; the loop stops a run whose
+drift is exactly zero on all of its first steps (:mod:`dxtrain.guards`).
 ``train(cfg, callback=f)`` calls ``f(StepInfo)`` after every step, outside the
 timed part (e.g. to evaluate the EMA generator at chosen points of training
 time, as ``bench/train.py`` does).  Under ``torchrun`` (``WORLD_SIZE > 1``)
@@ -48,7 +51,7 @@ from tqdm import tqdm
 import dxfield
 from dxfield.projected import REPULSIONS
 
-from . import rundir
+from . import guards, rundir
 from .data import Dataset, load_dataset, train_test_split
 from .ddp import DEBUG_DIR_ENV, Dist, process_group, rank_seed, stop_signals, write_weights_hash
 from .features import FeatureGroups
@@ -130,8 +133,15 @@ class TrainConfig:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
-        if any(t <= 0 for t in self.temperatures):
-            raise ValueError(f"temperatures must be > 0, got {self.temperatures}")
+        if not self.temperatures or any(not (np.isfinite(t) and t > 0) for t in self.temperatures):
+            raise ValueError(f"temperatures must be finite numbers > 0, got {self.temperatures}")
+        for name, positive in (("lr", True), ("grad_clip", True), ("weight_decay", False)):
+            value = float(getattr(self, name))
+            if not (np.isfinite(value) and (value > 0 if positive else value >= 0)):
+                raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, "
+                                 f"got {getattr(self, name)}")
+        if self.memory_budget is not None:
+            dxfield.memory.parse_budget(self.memory_budget)  # "memory_budget='...' is not a size; ..."
         return self
 
     @classmethod
@@ -174,11 +184,13 @@ def make_feature_groups(cfg: TrainConfig, ds: Dataset, device) -> FeatureGroups:
     return FeatureGroups(ds.shape, resolve_encoder(cfg.encoder, ds.kind), max_locations=cfg.max_locations).to(device)
 
 
-def build_summaries(cfg: TrainConfig, feats: dict[str, np.ndarray], labels, log, **sharding) -> ProjectedFieldSet:
-    """The projected field's summaries of the real features, as configured (``sharding``: DDP)."""
+def build_summaries(cfg: TrainConfig, feats: dict[str, np.ndarray], labels, log, progress: bool = False,
+                    **sharding) -> ProjectedFieldSet:
+    """The projected field's summaries of the real features, as configured (``progress``: dxfield's bars while
+    streaming them; ``sharding``: DDP)."""
     return ProjectedFieldSet.build(feats, labels=labels, temperatures=cfg.temperatures, landmarks=cfg.landmarks,
                                    method=cfg.landmark_method, seed=cfg.seed, memory_budget=cfg.memory_budget,
-                                   log=log, **sharding)
+                                   progress=progress, log=log, **sharding)
 
 
 def setup(cfg: TrainConfig):
@@ -246,6 +258,7 @@ def _train(run: "_Run", resume: bool, log, dist: Dist, callback, t_setup: float)
     step, elapsed, num_classes = run.step, run.elapsed, run.num_classes
     sheet = rundir.SampleSheet(cfg.out, model, run.train_ds, num_classes, device)
     window, last, interrupted = _Window(), {}, False
+    still = guards.ZeroDrift(cfg)  # stops a run whose drift is exactly 0 at each of its first steps
     # stopping: decided at the end of each step and agreed over the ranks, so none waits in a collective
     budget_hit = _over_budget(cfg, elapsed)  # elapsed is the same on all ranks here
     setup_s = time.perf_counter() - t_setup
@@ -277,6 +290,7 @@ def _train(run: "_Run", resume: bool, log, dist: Dist, callback, t_setup: float)
             bar.update()
             interrupted, budget_hit = dist.agree(stop.requested, _over_budget(cfg, elapsed))
             final = step == cfg.steps or interrupted or budget_hit
+            still.see(drift_norm, final, dist)
             if step % cfg.log_every == 0 or final:
                 loss_value, drift_norm = dist.mean(loss_value, drift_norm)
                 last = {"step": step, "wall": round(elapsed, 4), "loss": loss_value, "drift_norm": drift_norm,
@@ -362,13 +376,18 @@ def _set_up(cfg: TrainConfig, resume: bool, given, log, dist: Dist) -> _Run:
     checkpoint, latest = rundir.start(cfg.out, resume, log, owner=dist.main) or (None, False)
     if checkpoint is not None:
         cfg = rundir.resumed_settings(cfg, TrainConfig.from_dict(checkpoint["config"]), given, log).validate()
-    device = dist.init(pick_device(cfg.device))
+    device = pick_device(cfg.device)
+    guards.need_cupy(device)  # before any work
+    device = dist.init(device)
     torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
     rng, noise_rng = _streams(cfg.seed, dist.rank)
-    if dist.main:
-        rundir.write_config(cfg.out, cfg)
     train_ds, test_ds, conditional = setup(cfg)
     num_classes = train_ds.num_classes if conditional else 0
+    guards.check_classes(train_ds.labels, num_classes)
+    guards.check_batch(cfg, num_classes, log, dist.world_size)
+    guards.announce_unused(cfg, given, log)
+    if dist.main:
+        rundir.write_config(cfg.out, cfg)
     model = make_generator(cfg.generator, train_ds.shape, num_classes=num_classes).to(device)
     groups = make_feature_groups(cfg, train_ds, device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -391,7 +410,11 @@ def _set_up(cfg: TrainConfig, resume: bool, given, log, dist: Dist) -> _Run:
            if dist.enabled else ""))
     gen = dist.wrap(model, device)
     real = torch.from_numpy(train_ds.x)
-    field = _make_field(cfg, groups, real, train_ds.labels if conditional else None, device, dist, log)
+    field, used = _make_field(cfg, groups, real, train_ds.labels if conditional else None, device, dist, log)
+    if used != cfg and dist.main:
+        rundir.write_config(cfg.out, used)  # the values the summaries were built with
+    cfg = used
+    guards.announce_draws(cfg, field, train_ds.labels, num_classes, len(train_ds), log)
     return _Run(cfg, device, train_ds, test_ds, num_classes, real, model, gen, groups, field, opt, ema, rng,
                 noise_rng, step, elapsed, step if latest else None)
 
@@ -403,26 +426,28 @@ def _streams(seed: int, rank: int, step: int = 0) -> tuple[np.random.Generator, 
 
 
 def _make_field(cfg: TrainConfig, groups: FeatureGroups, real: torch.Tensor, labels, device, dist: Dist, log):
-    """The configured field.  The projected one loads its summaries from ``cache`` (default: the run
-    folder's ``summaries/``) or builds them, each rank summarising a shard, and saves them there."""
+    """The configured field and the configuration as used.  The projected one loads its summaries from
+    ``cache`` (default: the run folder's ``summaries/``), checked against the run's settings
+    (:func:`dxtrain.guards.open_summaries`: an explicit cache built otherwise is used and its values
+    returned), or builds them, each rank summarising a shard, and saves them there."""
     if cfg.field == "exact":
-        return ExactField(cfg.temperatures, memory_budget=cfg.memory_budget, normalization=cfg.normalization)
+        return ExactField(cfg.temperatures, memory_budget=cfg.memory_budget, normalization=cfg.normalization), cfg
     cache = cfg.cache or os.path.join(cfg.out, rundir.SUMMARIES)
     t0 = time.perf_counter()
     feats = real_features(groups, real, device)
     missing, = dist.agree(not os.path.exists(os.path.join(cache, "manifest.json")))
     if not missing:
-        field = ProjectedFieldSet.load(cache, expect=groups.dims, temperatures=cfg.temperatures, data=feats)
-        log(f"loaded summaries from {cache}")
+        field, cfg = guards.open_summaries(cfg, cache, not cfg.cache, groups.dims, feats, log)
     else:
-        field = build_summaries(cfg, feats, labels, log, rank=dist.rank, world_size=dist.world_size,
-                                allreduce=dist.allreduce_numpy if dist.enabled else None)
+        bars = cfg.progress and dist.main and sys.stderr.isatty()  # like the step's bar: on a terminal
+        field = build_summaries(cfg, feats, labels, log, progress=bars, rank=dist.rank,
+                                world_size=dist.world_size, allreduce=dist.allreduce_numpy if dist.enabled else None)
         if dist.main:
             field.save(cache)
         log(f"built summaries of {real.shape[0]} samples in {time.perf_counter() - t0:.1f}s -> {cache}")
     field.configure(cfg)
     _log_correction(cfg, field, log)
-    return field
+    return field, cfg
 
 
 def _log_correction(cfg: TrainConfig, field: ProjectedFieldSet, log) -> None:
