@@ -37,6 +37,7 @@ from .field import DEFAULT_TEMPERATURES, NORMALIZATIONS, drift_field
 from .kernels import KERNELS, kernel_matrix, kernel_matvec, pairwise_distances
 from .nystrom import Nystrom, NystromConditioningWarning
 from . import landmarks
+from .inputs import LoneQueryWarning
 from .projected import ClassesCombinedWarning, ProjectedField
 
 __version__ = "0.1.0.dev0"
@@ -49,6 +50,7 @@ __all__ = [
     "ProjectedField",
     "NystromConditioningWarning",
     "ClassesCombinedWarning",
+    "LoneQueryWarning",
     "kernel_matrix",
     "pairwise_distances",
     "cupy_available",

@@ -16,12 +16,15 @@ Guards between the caller's arrays and the sweeps (docs/design.md section 3.7):
   keeps its cache in the caller's units and refuses values beyond
   ``largest_magnitude`` instead.
 * **Classes** that would give rows a silent ``V = 0``: a query class
-  without positives.
+  without positives (an error); a query alone in its class with no other
+  negatives (a :class:`LoneQueryWarning`: Algorithm 2 scales its attraction by
+  the negatives' mass, which is then 0, so its drift is exactly 0).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,3 +159,24 @@ def check_classes(xp, inp: FieldInputs) -> None:
     if missing.size:
         raise ValueError(f"labels has queries of class(es) {missing[:10].tolist()} but pos_labels has no positive "
                          "of them, so those queries would get no attraction; pass positives of every query class")
+
+
+class LoneQueryWarning(UserWarning):
+    """A query has no negative at all (alone in its class, the queries its own negatives): its drift is 0."""
+
+
+def warn_lone_queries(xp, n: int, labels, *, bidirectional: bool, self_only: bool, stacklevel: int = 3) -> None:
+    """Warn when, under the bidirectional field with the queries as their only negatives, some query is
+    alone in its class (or ``n == 1``): Algorithm 2 gives it ``V = 0`` (docs/design.md 2.1)."""
+    if not (bidirectional and self_only):
+        return
+    if labels is None:
+        lone = [] if n != 1 else ["all"]
+    else:
+        classes, counts = (to_host(a) for a in xp.unique(labels, return_counts=True))
+        lone = classes[counts == 1].tolist()
+    if lone:
+        where = "x has a single row" if lone == ["all"] else f"labels has one query of class(es) {lone[:10]}"
+        warnings.warn(f"{where} and no other negative, so its drift is exactly 0 (Algorithm 2 scales the "
+                      "attraction by the negatives' mass); pass at least 2 queries per class, or explicit neg",
+                      LoneQueryWarning, stacklevel=stacklevel)

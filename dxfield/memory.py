@@ -25,8 +25,9 @@ BUDGET_ENV = "DXFIELD_MEMORY_BUDGET"
 
 _UNITS = {
     "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "p": 10**15, "pb": 10**15,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50,
 }
 
 
@@ -47,7 +48,8 @@ def parse_budget(value=None, name: str = "memory_budget", device=None) -> int:
     elif isinstance(value, str):
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
         if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"{name}={value!r} is not a size; use bytes or e.g. '64MiB', '512MB', '2GiB'")
+            raise ValueError(f"{name}={value!r} is not a size; use bytes or a number with a unit: B, kB, MB, GB, "
+                             "TB, PB or KiB, MiB, GiB, TiB, PiB (e.g. '64MiB', '512MB', '2GiB')")
         nbytes = float(m.group(1)) * _UNITS[m.group(2).lower()]
     else:
         raise TypeError(f"{name} must be a number of bytes or a string like '64MiB', got {value!r}")

@@ -31,7 +31,7 @@ from .engine import resolve as resolve_engine
 from .diagnostics import fidelity
 from .estimators import ESTIMATORS, FieldCall
 from .field import DEFAULT_TEMPERATURES, NORMALIZATIONS, resolve_negatives
-from .inputs import expand, finite_part, rows_of, some_rows
+from .inputs import expand, finite_part, rows_of, some_rows, warn_lone_queries
 from .kernels import check_kernel
 from .memory import SLACK, parse_budget
 from .options import documented
@@ -234,6 +234,8 @@ class ProjectedField(Summaries):
             groups, lab = self.query_classes(labels, q)
             if q.x.shape[0] == 0:  # no finite query: every row is NaN
                 return q.placement.to_origin(expand(xp, xp.empty((0, self.dim), dtype=self.dtype), q.n, q.keep))
+            warn_lone_queries(xp, q.x.shape[0], lab, bidirectional=normalization == "bidirectional",
+                              self_only=neg is None and repulsion == "exact", stacklevel=4)
             sample = None if pos_sample is None else _checked_sample(self, a["pos_sample"], pos_sample_labels,
                                                                      groups, check_finite)
             call = FieldCall(xp=xp, xa=q.x, groups=groups, labels=lab,

@@ -306,3 +306,33 @@ def test_unlabelled_queries_on_a_class_cache_warn():
     one = dxfield.ProjectedField.build(y, labels=np.zeros(200, int), landmarks=10, method="uniform")
     _quiet(lambda: one.field(x))  # a single class: the combination is that class
     _quiet(lambda: pf.field(x, labels=np.arange(6) % 2))
+
+
+# --------------------------------------------------------------------------- a query with no negative
+
+
+def test_lone_query_warns_and_its_drift_is_zero():
+    """Algorithm 2 scales a query's attraction by its negatives' mass: alone in its class, with the
+    queries as the only negatives, it has none, and V = 0 exactly -- said, not silent."""
+    import warnings
+
+    import dxfield
+
+    rng = np.random.default_rng(5)
+    pos = rng.standard_normal((40, 3)).astype(np.float32)
+    x = rng.standard_normal((5, 3)).astype(np.float32)
+    labels, pos_labels = np.array([0, 0, 1, 1, 2]), np.arange(40) % 3
+    with pytest.warns(dxfield.LoneQueryWarning, match=r"one query of class\(es\) \[2\]"):
+        v = dxfield.drift_field(x, pos, labels=labels, pos_labels=pos_labels)
+    assert np.all(v[4] == 0) and np.all(np.abs(v[:4]).sum(1) > 0)
+    with pytest.warns(dxfield.LoneQueryWarning, match="x has a single row"):
+        dxfield.drift_field(x[:1], pos)
+    pf = dxfield.ProjectedField.build(pos, labels=pos_labels, landmarks=8)
+    with pytest.warns(dxfield.LoneQueryWarning, match=r"class\(es\) \[2\]"):
+        pf.field(x, labels=labels, normalization="bidirectional")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dxfield.LoneQueryWarning)
+        dxfield.drift_field(x[:1], pos, neg=x[1:])  # explicit negatives: no warning
+        dxfield.drift_field(x[:1], pos, normalization="row")  # row normalisation does not scale by them
+        dxfield.drift_field(x[:4], pos, labels=labels[:4], pos_labels=pos_labels)
+        pf.field(x[:2], labels=labels[:2], normalization="row")

@@ -252,7 +252,8 @@ def test_single_query_with_only_itself_as_negative_has_no_repulsion():
     and the bidirectional field (which weights attraction by the repulsion mass) is zero."""
     rng = np.random.default_rng(2)
     x, pos = rng.normal(size=(1, 3)), rng.normal(size=(9, 3)) + 1
-    v = dxfield.drift_field(x, pos)
+    with pytest.warns(dxfield.LoneQueryWarning, match="single row"):  # said, not silent
+        v = dxfield.drift_field(x, pos)
     assert np.isfinite(v).all()
     np.testing.assert_array_equal(v, 0.0)
 
@@ -286,6 +287,7 @@ def test_hard_regimes_emit_no_runtime_warnings(dtype):
     partly_zero = np.r_[np.zeros(5), np.ones(5)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        warnings.simplefilter("ignore", dxfield.LoneQueryWarning)  # the lone query's own, deliberate warning
         for norm, kernel, fs, dn in itertools.product(["bidirectional", "row"], ["laplace", "gaussian"],
                                                       ["auto", None], [True, False]):
             kw = dict(normalization=norm, kernel=kernel, feature_scale=fs, drift_norm=dn)

@@ -394,6 +394,7 @@ def test_mixed_query_labels_use_each_querys_own_class(labelled):
         np.testing.assert_allclose(b[:, rows], pf.attraction(x[rows], labels=np.full(rows.sum(), c)), atol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore::dxfield.ClassesCombinedWarning")  # unlabelled on purpose
 def test_unconditional_field_of_a_labelled_cache_is_the_block_diagonal_combination(labelled):
     y, lab, pf = labelled
     x = data(18, 25, 3, shift=0.5)
@@ -448,6 +449,7 @@ def _same_cache(a, b, tol=0.0):
             np.testing.assert_allclose(sa.G[k], sb.G[k], rtol=tol, atol=tol * np.abs(sb.G[k]).max())
 
 
+@pytest.mark.filterwarnings("ignore::dxfield.ClassesCombinedWarning")  # unlabelled on purpose
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_memmap_and_hdf5_sources_give_the_same_cache(tmp_path, dtype):
     h5py = pytest.importorskip("h5py")

@@ -323,6 +323,7 @@ def test_the_whole_data_as_sample_gives_algorithm_2_whatever_the_landmarks(kerne
     assert np.abs(pf.field(x, normalization="bidirectional", drift_norm=drift_norm) - Vref).max() > 1e-3
 
 
+@pytest.mark.filterwarnings("ignore::dxfield.ClassesCombinedWarning")  # unlabelled on purpose
 def test_the_whole_data_as_sample_with_class_shards():
     pos, plab, x, qlab = two_classes(21, (60, 50), (4, 7), 16)
     pf = dxfield.ProjectedField.build(pos, labels=plab, landmarks=8, method="uniform", feature_scale=0.7,

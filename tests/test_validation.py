@@ -130,6 +130,16 @@ def test_memory_budget_strings_are_accepted():
         assert field(memory_budget=budget)().shape == (N, D)
 
 
+def test_memory_budget_units_up_to_pebibytes():
+    from dxfield.memory import parse_budget
+
+    assert parse_budget("1000TiB") == 1000 * 2**40 and parse_budget("2 TB") == 2 * 10**12
+    assert parse_budget("1PiB") == 2**50 and parse_budget("3pb") == 3 * 10**15
+    assert field(memory_budget="1000TiB")().shape == (N, D)
+    with pytest.raises(ValueError, match=r"memory_budget='3 EiB' is not a size.*TiB"):
+        parse_budget("3 EiB")
+
+
 def test_bad_budget_in_environment_names_the_variable(monkeypatch):
     monkeypatch.setenv("DXFIELD_MEMORY_BUDGET", "plenty")
     with pytest.raises(ValueError, match="DXFIELD_MEMORY_BUDGET"):
