@@ -28,11 +28,11 @@ def bb():
     return module
 
 
-def _suite(base_records, main_records):
+def _suite(base_records, main_records, steps_ratio=1.2):
     base = {"records": base_records, "steps": 1000, "train_s": 10.0, "field_s": 0.004}
     main = {"records": main_records, "steps": 800, "train_s": 10.0, "field_s": 0.006}
     return {"baseline": "exact@256", "runs": {"0": {"exact@256": base, "projected": main}},
-            "comparisons": {"projected": {"0": {"ratio": 1.5, "steps_ratio": 2.0, "step_time_ratio": 0.8}}}}
+            "comparisons": {"projected": {"0": {"ratio": 1.5, "steps_ratio": steps_ratio, "step_time_ratio": 0.8}}}}
 
 
 def test_bound_arithmetic(bb):
@@ -49,10 +49,15 @@ def test_bound_arithmetic(bb):
     assert math.isclose(row["field_share"], 0.004 / t_step)
     assert math.isclose(row["step_time_bound"], t_step / (t_step - 0.004))
     assert math.isclose(row["speedup_bound"], 4.0 * t_step / (t_step - 0.004))
-    assert row["main_ratio"] == 1.5 and row["main_final"] == 0.1
+    assert row["main_ratio"] == 1.5 and row["main_final"] == 0.1 and row["per_step_from"] == "exact@all"
     text = bb.render([row], "cpu2")
-    assert "| mix8-2d | 0 | exact@256 | 1000 |" in text and "6.67x" in text
+    assert "| mix8-2d | 0 | exact@256 | 1000 |" in text and "**6.67x**" in text
     assert text.rstrip().endswith("none")  # 6.67x is above the 3x goal
+    # DriftXpress's own steps ratio above exact@all's takes its place: the bound is at least that
+    suite["comparisons"]["projected"]["0"]["steps_ratio"] = 5.0
+    row = bb.bound_row("mix8-2d", suite, 0, oracle)
+    assert row["per_step_from"] == "DriftXpress" and math.isclose(row["speedup_bound"], 5.0 * t_step / (t_step - 0.004))
+    assert "**>= 8.33x**" in bb.render([row], "cpu2")
 
 
 def test_bound_not_reached_is_an_upper_bound_and_listed(bb):
@@ -65,11 +70,12 @@ def test_bound_not_reached_is_an_upper_bound_and_listed(bb):
     oracle = {"records": [{"step": 100, "quality": 0.4}, {"step": cut, "quality": 0.25}], "steps_run": cut,
               "wall_s": 1.0}
     row = bb.bound_row("digits", suite, 0, oracle)
-    assert row["steps_ratio_bound"] is None and row["speedup_bound_is_upper"]
-    assert math.isclose(row["steps_ratio_below"], 1000 / cut)
+    assert row["steps_ratio_bound"] is None and row["per_step_from"] == "exact@all, upper"
+    assert math.isclose(row["steps_ratio_below"], 1000 / cut)  # 1.8, above DriftXpress's own 1.2
     assert row["speedup_bound"] <= bb.GOAL and math.isclose(row["speedup_bound"], 1000 / cut * stb)
     text = bb.render([row], "cpu2")
-    assert f"not reached in {cut} steps" in text and "< 3.00x" in text and text.rstrip().endswith("digits")
+    assert f"< {1000 / cut:.2f} ({cut} steps)" in text and "**< 3.00x**" in text
+    assert text.rstrip().endswith("digits")
 
 
 def test_oracle_run_scores_at_the_baseline_steps(bb, tmp_path):
@@ -80,3 +86,18 @@ def test_oracle_run_scores_at_the_baseline_steps(bb, tmp_path):
     # a target it meets at once: it stops at the first evaluation
     out = bb.oracle_run(bb.ALL["mix8-2d"], base, seed=0, quick=True, work=tmp_path, steps=5, target=math.inf)
     assert [r["step"] for r in out["records"]] == [2] and out["steps_run"] == 2
+
+
+def test_replot_from_saved_runs(bb, tmp_path):
+    import json
+
+    suite = _suite([{"step": 100, "quality": 1.0}, {"step": 1000, "quality": 0.2}], [{"step": 800, "quality": 0.1}])
+    (tmp_path / "train-mix8-2d-cpu2.json").write_text(json.dumps(suite))
+    oracle = {"records": [{"step": 200, "quality": 0.3}, {"step": 300, "quality": 0.1}], "steps_run": 300,
+              "wall_s": 1.0}
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps({"oracles": {"mix8-2d": oracle}}))
+    assert bb.main(["--replot", str(saved), "--results", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "bound-cpu2.json").read_text())
+    assert out["oracles"] == {"mix8-2d": oracle} and math.isclose(out["rows"][0]["all_steps_to_target"], 250.0)
+    assert "| mix8-2d |" in (tmp_path / "bound-cpu2.md").read_text()
