@@ -1,8 +1,8 @@
 """How the ``dxtrain`` command line fails: one ``Error: ...`` line, never a traceback.
 
 Every failure of a command ends in a single ``Error:`` line on stderr that names
-the cause and the fix, with exit status 1 (2 for a malformed command line, as
-click does; 130 for an interrupt).  :class:`ErrorHandlingGroup` turns whatever
+the cause and the fix, with exit status 1 (a malformed command line too, after click's usage
+lines; 130 for an interrupt).  :class:`ErrorHandlingGroup` turns whatever
 escapes a command (an ``OSError`` such as a full disk, a ``RuntimeError`` from
 torch, ``KeyboardInterrupt`` during set-up) into that line; ``dxtrain --debug``
 (or ``DXTRAIN_DEBUG=1``) lets it through instead, with its traceback.
@@ -108,11 +108,21 @@ class ErrorHandlingGroup(click.Group):
     re-raised with their tracebacks instead.
     """
 
+    def parse_args(self, ctx: click.Context, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            exc.exit_code = 1  # a failure like any other (click's own default is 2)
+            raise
+
     def invoke(self, ctx: click.Context):
         debug = bool(ctx.params.get("debug"))
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.Abort, click.UsageError):
+        except click.UsageError as exc:  # a malformed command line: click shows usage, then one Error: line
+            exc.exit_code = 1
+            raise
+        except (click.exceptions.Exit, click.Abort):
             raise
         except click.ClickException as exc:
             cause = exc.__cause__ or exc.__context__

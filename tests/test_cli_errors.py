@@ -3,7 +3,7 @@
 Each case runs the real command line (click's ``CliRunner``, or a subprocess where the
 process matters) and checks the rule of dxtrain/errors.py: the output ends in exactly one
 ``Error: ...`` line naming the cause (the option or file) and the fix, the exit status is 1
-(2 for a malformed command line, click's usage errors; 130 for an interrupt), and no
+(a malformed command line too, after click's usage lines; 130 for an interrupt), and no
 traceback is printed -- unless ``dxtrain --debug`` (or ``DXTRAIN_DEBUG=1``) asks for it.
 
 Faults a test cannot cause for real (a full disk; a read-only folder when the tests run as
@@ -380,7 +380,7 @@ BAD_TRAIN_OPTIONS = [
 @pytest.mark.parametrize("option,value", BAD_TRAIN_OPTIONS, ids=[f"{o}={v}" for o, v in BAD_TRAIN_OPTIONS])
 def test_bad_train_option_is_refused_before_the_work(tmp_path, no_data_loading, option, value):
     result = cli("train", "--data", "moons", "--out", tmp_path / "run", "--no-progress", option, value)
-    assert_one_error(result, option, code=2)  # click's usage error: 'Invalid value for '--lr': ...'
+    assert_one_error(result, option, code=1)  # click's usage error: 'Invalid value for '--lr': ...'
     assert not (tmp_path / "run").exists()
 
 
@@ -388,12 +388,12 @@ def test_bad_train_option_is_refused_before_the_work(tmp_path, no_data_loading, 
                                           ("--temperatures", "inf"), ("--device", "gpu0")])
 def test_bad_summarize_option(tmp_path, no_data_loading, option, value):
     result = cli("summarize", "--data", "moons", "--out", tmp_path / "c", option, value)
-    assert_one_error(result, option, code=2)
+    assert_one_error(result, option, code=1)
 
 
 @pytest.mark.parametrize("args", [["--label", "-1"], ["--n", "0"], ["--seed", "-1"]], ids=lambda a: "=".join(a))
 def test_bad_sample_option(run, tmp_path, args):
-    assert_one_error(cli("sample", "--run", run, "--out", tmp_path / "s.npz", *args), args[0], code=2)
+    assert_one_error(cli("sample", "--run", run, "--out", tmp_path / "s.npz", *args), args[0], code=1)
 
 
 @pytest.mark.parametrize("name,value", [("lr", float("inf")), ("lr", float("nan")), ("lr", -1.0),
@@ -482,3 +482,11 @@ def test_os_error_message(code, needle):
 def test_os_error_outside_the_target_does_not_blame_the_option():
     msg = dx_errors.os_error_message(OSError(errno.EACCES, "Permission denied", "/data/x.npz"), ("/runs/x", "--out"))
     assert "/data/x.npz" in msg and "--out" not in msg
+
+
+@pytest.mark.parametrize("args,needle", [(["--bogus"], "--bogus"), (["nosuch"], "nosuch"),
+                                         (["train", "--bogus"], "--bogus"), (["eval"], "--run"),
+                                         (["sample", "--run"], "--run")])
+def test_malformed_command_line_exits_1_with_one_error_line(args, needle):
+    """A malformed command line is a failure like any other: click's usage lines, then one Error line, exit 1."""
+    assert_one_error(cli(*args), needle)

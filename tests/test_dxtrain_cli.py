@@ -183,7 +183,7 @@ def test_console_script_help():
 
 def test_unknown_field_is_a_usage_error(tmp_path):
     result = invoke("train", "--field", "nope", "--out", tmp_path / "r", ok=False)
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert "--field" in result.output
     assert not (tmp_path / "r").exists()
 
@@ -794,7 +794,7 @@ def test_step_crosses_dlpack_without_copies(tmp_path, monkeypatch, data, field):
 
 def test_unknown_normalization_is_a_usage_error(tmp_path):
     result = invoke("train", "--normalization", "column", "--out", tmp_path / "r", ok=False)
-    assert result.exit_code == 2 and "--normalization" in result.output
+    assert result.exit_code == 1 and "--normalization" in result.output
 
 
 @pytest.mark.parametrize("field", ["projected", "exact"])
@@ -833,7 +833,7 @@ def test_repulsion_reaches_the_projected_field(tmp_path, monkeypatch):
     train(tmp_path / "run", "--field", "projected", "--repulsion", "nystrom", data="moons", steps=2)
     assert seen and set(seen) == {("bidirectional", "nystrom")}
     result = invoke("train", "--repulsion", "both", "--out", tmp_path / "r2", ok=False)
-    assert result.exit_code == 2 and "--repulsion" in result.output
+    assert result.exit_code == 1 and "--repulsion" in result.output
 
 
 @pytest.mark.parametrize("data", ["moons", "digits"])
