@@ -240,7 +240,8 @@ def summarize(data, data_key, labels_key, out, encoder, max_locations, temperatu
         dev = pick_device(device)
         train_ds, _, cond = setup(cfg)
         feats = real_features(make_feature_groups(cfg, train_ds, dev), torch.from_numpy(train_ds.x), dev)
-        build_summaries(cfg, feats, train_ds.labels if cond else None, lambda m: click.echo(m, err=True)).save(out)
+        build_summaries(cfg, feats, train_ds.labels if cond else None, lambda m: click.echo(m, err=True),
+                        progress=sys.stderr.isatty()).save(out)  # dxfield's bars, on a terminal
     except ValueError as exc:
         raise click.ClickException(str(exc))
     click.echo(f"summaries of {len(train_ds)} samples, {len(feats)} group(s) -> {out}")

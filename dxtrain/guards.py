@@ -86,6 +86,14 @@ def check_batch(cfg, num_classes: int, log, world_size: int = 1) -> None:
             f"{per * num_classes} per step{where}")
 
 
+def check_evaluable(cfg, test_ds) -> None:
+    """Refuse, before training, a run whose final evaluation could not run: fewer than 2 test samples."""
+    if cfg.evaluate and len(test_ds) < 2:
+        raise ValueError(f"the test split holds {len(test_ds)} sample(s) (test_fraction={cfg.test_fraction:g}), but "
+                         "the final evaluation needs at least 2: raise --test-fraction, give more data, or pass "
+                         "--no-eval")
+
+
 def check_classes(labels, num_classes: int) -> None:
     """Refuse classes without any training sample: their generated samples would meet no real one."""
     if not num_classes:

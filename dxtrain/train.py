@@ -384,6 +384,7 @@ def _set_up(cfg: TrainConfig, resume: bool, given, log, dist: Dist) -> _Run:
     train_ds, test_ds, conditional = setup(cfg)
     num_classes = train_ds.num_classes if conditional else 0
     guards.check_classes(train_ds.labels, num_classes)
+    guards.check_evaluable(cfg, test_ds)
     guards.check_batch(cfg, num_classes, log, dist.world_size)
     guards.announce_unused(cfg, given, log)
     if dist.main:

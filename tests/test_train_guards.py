@@ -394,3 +394,18 @@ def test_cupy_that_does_not_import_is_named(monkeypatch):
     with pytest.raises(ValueError, match=r"does not import \(ImportError: libcudart"):
         guards.need_cupy(torch.device("cuda", 0))
     guards.need_cupy(torch.device("cpu"))  # the CPU needs no CuPy
+
+
+def test_final_evaluation_without_two_test_samples_is_refused_before_training(tmp_path):
+    """A test split of one sample cannot be evaluated: said before any step, not after the whole run."""
+    from dxtrain.train import TrainConfig, train
+
+    x = np.random.default_rng(0).standard_normal((40, 2)).astype(np.float32)
+    np.save(tmp_path / "small.npy", x)
+    cfg = TrainConfig(data=str(tmp_path / "small.npy"), out=str(tmp_path / "run"), field="exact", steps=3, batch=8,
+                      positives=8, test_fraction=0.02, progress=False, device="cpu")
+    with pytest.raises(ValueError, match=r"test split holds 1 sample.*--no-eval"):
+        train(cfg, log=lambda msg: None)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    cfg.evaluate = False
+    assert train(cfg, log=lambda msg: None)["step"] == 3

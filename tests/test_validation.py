@@ -189,3 +189,9 @@ KERNEL_CASES = [
 def test_kernel_helpers_reject_bad_arguments(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("tau", [1e-300, 1e-13, [0.05, 1e-20]])
+def test_temperature_too_small_to_compute_is_refused(tau):
+    with pytest.raises(ValueError, match=r"temperatures.*is below 1e-12"):
+        field(temperatures=tau)()
