@@ -136,11 +136,8 @@ def positive_float(value: Any, name: str) -> float:
     return v
 
 
-MIN_TEMPERATURE = 1e-12  # below it 1 / tau nears float32's range: the logits overflow (and the kernel is a nearest neighbour long before)
-
-
 def temperatures(value: Any, name: str = "temperatures") -> tuple[float, ...]:
-    """One temperature or a non-empty sequence of them, each finite and >= :data:`MIN_TEMPERATURE`."""
+    """One temperature or a non-empty sequence of them, each finite and > 0."""
     if isinstance(value, Real):
         items: Iterable[Any] = (value,)
     else:
@@ -150,12 +147,7 @@ def temperatures(value: Any, name: str = "temperatures") -> tuple[float, ...]:
             raise TypeError(f"{name} must be a number or a sequence of numbers, got {value!r}") from None
     out = []
     for i, t in enumerate(items):
-        label = f"{name}[{i}]" if len(tuple(items)) > 1 else name
-        out.append(positive_float(t, label))
-        if out[-1] < MIN_TEMPERATURE:
-            raise ValueError(f"{label}={t!r} is below {MIN_TEMPERATURE:g}: the kernel's logits (distance / "
-                             "temperature) would overflow; temperatures are in units of the feature scale, and "
-                             "the defaults are 0.02, 0.05, 0.2")
+        out.append(positive_float(t, f"{name}[{i}]" if len(tuple(items)) > 1 else name))
     if not out:
         raise ValueError(f"{name} must hold at least one temperature, got {value!r}")
     return tuple(out)

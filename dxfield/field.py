@@ -18,13 +18,12 @@ from __future__ import annotations
 import math
 from numbers import Real
 
-import numpy as np
 
 from . import checks
 from .backend import device_context, floating_dtype, place
 from .engine import resolve as resolve_engine
 from .inputs import check_classes, divide, expand, field_inputs, warn_lone_queries
-from .kernels import check_kernel, logit_coef
+from .kernels import check_kernel, logit_coefs
 from .memory import parse_budget, tile_cap
 from .options import documented
 from .sums import combine
@@ -82,12 +81,7 @@ def _logit_coefs(sweeper: ExactSums, scale_arg, frame: float, kernel: str, temps
     else:
         scale = None if scale_arg is None else float(scale_arg)
         unit = (1.0 if scale is None else scale * root_d) / frame  # the temperatures' distance unit
-    coefs = [logit_coef(kernel, tau * unit) for tau in temps]
-    top = float(np.finfo(sweeper.dtype).max)
-    if not max(coefs) < top:
-        raise ValueError(f"the kernel length tau * S * sqrt(D) = {min(temps) * unit * frame:.3g} (raw units) is too "
-                         f"short for {sweeper.dtype}: its logits overflow; use larger temperatures or feature_scale")
-    return scale, coefs
+    return scale, logit_coefs(kernel, [tau * unit for tau in temps], sweeper.dtype, min(temps) * unit * frame)
 
 
 def _in_units(v, scale, frame: float, scale_arg):

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from . import checks
 from .backend import device_context, floating_dtype, place
 from .memory import parse_budget, plan_blocks, tile_cap
@@ -36,6 +38,18 @@ def check_kernel(kernel: str) -> str:
 def logit_coef(kernel: str, tau: float) -> float:
     """``log k = -coef * r`` with ``r = d`` (laplace) or ``r = d^2`` (gaussian)."""
     return 1.0 / tau if kernel == "laplace" else 0.5 / (tau * tau)
+
+
+def logit_coefs(kernel: str, lengths, dtype, shown: float | None = None) -> list[float]:
+    """:func:`logit_coef` of each kernel length (``tau`` in the units distances are computed in),
+    refusing lengths so short that the logits overflow ``dtype`` (``shown``: the shortest length in
+    the caller's units, for the message)."""
+    coefs = [logit_coef(kernel, t) for t in lengths]
+    if not max(coefs) < float(np.finfo(dtype).max):
+        raise ValueError(f"the kernel length tau * S * sqrt(D) = {shown if shown is not None else min(lengths):.3g} "
+                         f"(raw units) is too short for {np.dtype(dtype)}: its logits overflow; use larger "
+                         "temperatures or feature_scale")
+    return coefs
 
 
 def log_kernel_from_sqdist(d2, tau: float, kernel: str, out=None):

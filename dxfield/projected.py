@@ -32,7 +32,7 @@ from .diagnostics import fidelity
 from .estimators import ESTIMATORS, FieldCall
 from .field import DEFAULT_TEMPERATURES, NORMALIZATIONS, resolve_negatives
 from .inputs import expand, finite_part, rows_of, some_rows, warn_lone_queries
-from .kernels import check_kernel
+from .kernels import check_kernel, logit_coefs
 from .memory import SLACK, parse_budget
 from .options import documented
 from .landmarks import METHODS, mean_distance, select
@@ -114,6 +114,7 @@ class ProjectedField(Summaries):
             scale = _measured_scale(rows, checks.feature_scale(feature_scale), rng, wdtype, budget)
             unit = 1.0 if scale is None else scale * math.sqrt(rows.d)
             taus = [t * unit for t in temps]
+            logit_coefs(kernel, taus, wdtype)  # a kernel too short for the dtype fails here, not as NaN later
             groups = [None] if lab is None else [int(c) for c in np.unique(lab)]
             if isinstance(landmarks, (int, np.integer)) and not isinstance(landmarks, bool):
                 per_shard = _selected_landmarks(rows, int(landmarks), len(groups), lab, rng, wdtype, method=method,
