@@ -1,4 +1,7 @@
-"""Small helpers shared by the test modules (data makers, conversions, error measures)."""
+"""Small helpers shared by the test modules (data makers, conversions, error measures, peak memory,
+the CLI's results)."""
+
+import tracemalloc
 
 import numpy as np
 
@@ -35,3 +38,39 @@ def make_points(rng, n, p, d, m=None, *, spread=1.0, shift=0.7):
         return x, pos
     neg = rng.normal(size=(m, d)) * spread - shift
     return x, pos, neg
+
+
+def traced_peak(fn):
+    """(result, peak bytes allocated during fn beyond what was live before it)."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        out = fn()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return out, peak - base
+
+
+def describe(result):
+    """A click ``CliRunner`` result as text: exit code, output and the traceback of its exception."""
+    exc = result.exception
+    tb = ""
+    if exc is not None and not isinstance(exc, SystemExit):
+        import traceback
+
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return f"exit {result.exit_code}\n--- output ---\n{result.output}\n{tb}"
+
+
+def assert_refused(result, *needles):
+    """Exit 1 through a click error: one ``Error:`` line, no traceback, naming each needle."""
+    assert result.exit_code == 1, describe(result)
+    assert isinstance(result.exception, SystemExit), describe(result)
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    for needle in needles:
+        assert needle.lower() in errors[0].lower(), (needle, errors[0])
+    return errors[0]

@@ -14,7 +14,6 @@
   error naming the classes; unlabelled queries on a class cache warn.
 """
 
-import tracemalloc
 import warnings
 
 import numpy as np
@@ -22,7 +21,7 @@ import pytest
 
 import dxfield
 import reference as ref
-from helpers import rel_err, to_numpy
+from helpers import rel_err, to_numpy, traced_peak
 
 RTOL32, RTOL64 = 1e-4, 1e-10
 
@@ -238,16 +237,6 @@ def test_nystrom_transform_says_what_the_map_was_fitted_on():
 # 4. ProjectedField.build within memory_budget
 
 
-def _traced_peak(fn):
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        base = tracemalloc.get_traced_memory()[0]
-        out = fn()
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    return out, peak - base
 
 
 @pytest.mark.parametrize("d, temps", [(32, (0.02, 0.05, 0.2)), (512, (0.2,))])
@@ -257,7 +246,7 @@ def test_build_stays_within_memory_budget(d, temps):
     kw = dict(landmarks=16, method="uniform", temperatures=temps)
     dxfield.ProjectedField.build(y[:200], memory_budget=budget, **kw)  # one-time Python allocations
     assert 2048 * 2048 * 9 > 8 * budget  # the old fixed feature-scale block (distances, scratch, mask) could not fit
-    pf, peak = _traced_peak(lambda: dxfield.ProjectedField.build(y, memory_budget=budget, **kw))
+    pf, peak = traced_peak(lambda: dxfield.ProjectedField.build(y, memory_budget=budget, **kw))
     assert peak <= budget, f"traced peak {peak} bytes > memory_budget {budget}"
     free = dxfield.ProjectedField.build(y, memory_budget="1GiB", **kw)
     if d == 32:  # the whole 2048-row sample fits half the budget: the same scale and summaries

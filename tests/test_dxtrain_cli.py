@@ -37,6 +37,7 @@ import numpy as np
 import pytest
 
 import dxtrain  # noqa: F401  (before torch: it sets the sleep-waiting thread pools the trainer relies on)
+from helpers import describe  # noqa: E402
 
 torch = pytest.importorskip("torch")
 
@@ -69,18 +70,10 @@ def invoke(*args, ok=True):
     ``ok=130``: the run was interrupted (SIGINT) and must exit with 130."""
     result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
     if ok:
-        assert result.exit_code == (130 if ok == 130 else 0), _describe(result)
+        assert result.exit_code == (130 if ok == 130 else 0), describe(result)
     return result
 
 
-def _describe(result):
-    exc = result.exception
-    tb = ""
-    if exc is not None and not isinstance(exc, SystemExit):
-        import traceback
-
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return f"exit {result.exit_code}\n--- output ---\n{result.output}\n{tb}"
 
 
 def train(out, *extra, data="digits", steps=6, ok=True):
@@ -89,8 +82,8 @@ def train(out, *extra, data="digits", steps=6, ok=True):
 
 def assert_clean_error(result, *needles):
     """Non-zero exit through a click error (no traceback), with a message naming each needle."""
-    assert result.exit_code != 0, _describe(result)
-    assert isinstance(result.exception, SystemExit), _describe(result)  # handled, not a crash
+    assert result.exit_code != 0, describe(result)
+    assert isinstance(result.exception, SystemExit), describe(result)  # handled, not a crash
     assert "Traceback" not in result.output
     assert "Error:" in result.output, result.output
     for needle in needles:
@@ -247,7 +240,7 @@ def test_default_encoder_trains_vectors(tmp_path):
     fast = [a for a in FAST if a not in ("--encoder", "none")]
     result = invoke("train", "--data", "moons", "--field", "exact", "--out", tmp_path / "run", "--steps", 2, *fast,
                     ok=False)
-    assert result.exit_code == 0, _describe(result)
+    assert result.exit_code == 0, describe(result)
     assert load_ckpt(tmp_path / "run")["step"] == 2
 
 
@@ -601,8 +594,8 @@ def _crash_in_second_checkpoint(out, monkeypatch):
     result = train(out, "--field", "exact", data="moons", steps=6, ok=False)
     monkeypatch.undo()
     assert calls == [3, 6], calls
-    assert result.exit_code == 1, _describe(result)  # one clean Error: line (dxtrain/errors.py), no traceback
-    assert "no space left on device" in result.output.splitlines()[-1].lower(), _describe(result)
+    assert result.exit_code == 1, describe(result)  # one clean Error: line (dxtrain/errors.py), no traceback
+    assert "no space left on device" in result.output.splitlines()[-1].lower(), describe(result)
     return result
 
 

@@ -9,14 +9,13 @@ budget argument's forms (bytes, "2MiB" strings, ``$DXFIELD_MEMORY_BUDGET``)
 and the clear error when the budget cannot hold even one tile.
 """
 
-import tracemalloc
 
 import numpy as np
 import pytest
 
 import dxfield
 import reference as ref
-from helpers import rel_err
+from helpers import rel_err, traced_peak
 
 BUDGET = 2 * 2**20
 N, P, D = 500, 4000, 64
@@ -31,17 +30,6 @@ def big():
     return x, pos, neg
 
 
-def traced_peak(fn):
-    """(result, peak bytes allocated during fn beyond what was live before it)."""
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        base = tracemalloc.get_traced_memory()[0]
-        out = fn()
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    return out, peak - base
 
 
 def test_tracemalloc_sees_numpy_allocations():

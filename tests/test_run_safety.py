@@ -34,6 +34,7 @@ import time
 import pytest
 
 import dxtrain  # noqa: F401  (before torch: the sleep-waiting thread pools)
+from helpers import assert_refused, describe
 
 torch = pytest.importorskip("torch")
 
@@ -72,26 +73,8 @@ def train(out, *extra, steps=6, ok=True):
     return result
 
 
-def describe(result):
-    exc = result.exception
-    tb = ""
-    if exc is not None and not isinstance(exc, SystemExit):
-        import traceback
-
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return f"exit {result.exit_code}\n--- output ---\n{result.output}\n{tb}"
 
 
-def assert_refused(result, *needles):
-    """Exit 1 through a click error: one ``Error:`` line, no traceback, naming each needle."""
-    assert result.exit_code == 1, describe(result)
-    assert isinstance(result.exception, SystemExit), describe(result)
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    for needle in needles:
-        assert needle.lower() in errors[0].lower(), (needle, errors[0])
-    return errors[0]
 
 
 def load(path):
