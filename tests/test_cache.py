@@ -71,6 +71,7 @@ def _assert_same_cache(a, b):
 # round trip
 
 
+@pytest.mark.filterwarnings("ignore::dxfield.ClassesCombinedWarning")  # unlabelled queries on purpose
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_round_trip_is_exact(tmp_path, name):
     pf, labels = _build(name)
