@@ -180,3 +180,24 @@ def warn_lone_queries(xp, n: int, labels, *, bidirectional: bool, self_only: boo
         warnings.warn(f"{where} and no other negative, so its drift is exactly 0 (Algorithm 2 scales the "
                       "attraction by the negatives' mass); pass at least 2 queries per class, or explicit neg",
                       LoneQueryWarning, stacklevel=stacklevel)
+
+
+def warn_massless_negatives(xp, neg_weight, *, bidirectional: bool, include_self: bool, stacklevel: int = 3) -> None:
+    """Warn when, under the bidirectional field, the explicit negatives all weigh 0 and the queries are not
+    negatives too: no query has any negative mass, so every drift is exactly 0 (docs/design.md 2.1)."""
+    if not bidirectional or include_self or neg_weight is None:
+        return
+    total = float(neg_weight) if isinstance(neg_weight, float) else float(to_host(xp.abs(neg_weight).sum()))
+    if total == 0.0:
+        warnings.warn("neg_weight is 0 for every negative and the queries are not negatives (include_self=False), "
+                      "so no query has any negative mass and the drift is exactly 0 everywhere (Algorithm 2 scales "
+                      "the attraction by it); give some negative a weight, or include_self=True",
+                      LoneQueryWarning, stacklevel=stacklevel)
+
+
+def warn_zero_drift(xp, inp: FieldInputs, *, bidirectional: bool, include_self: bool, stacklevel: int = 3) -> None:
+    """:func:`warn_lone_queries` and :func:`warn_massless_negatives` for a :func:`dxfield.drift_field` call."""
+    warn_lone_queries(xp, inp.x.shape[0], inp.labels, bidirectional=bidirectional, self_only=inp.neg is None,
+                      stacklevel=stacklevel + 1)
+    warn_massless_negatives(xp, inp.neg_weight if inp.neg is not None else None, bidirectional=bidirectional,
+                            include_self=include_self, stacklevel=stacklevel + 1)

@@ -31,7 +31,7 @@ from .engine import resolve as resolve_engine
 from .diagnostics import fidelity
 from .estimators import ESTIMATORS, FieldCall
 from .field import DEFAULT_TEMPERATURES, NORMALIZATIONS, resolve_negatives
-from .inputs import expand, finite_part, rows_of, some_rows, warn_lone_queries
+from .inputs import expand, finite_part, rows_of, some_rows, warn_lone_queries, warn_massless_negatives
 from .kernels import check_kernel, logit_coefs
 from .memory import SLACK, parse_budget
 from .options import documented
@@ -236,7 +236,10 @@ class ProjectedField(Summaries):
             if q.x.shape[0] == 0:  # no finite query: every row is NaN
                 return q.placement.to_origin(expand(xp, xp.empty((0, self.dim), dtype=self.dtype), q.n, q.keep))
             warn_lone_queries(xp, q.x.shape[0], lab, bidirectional=normalization == "bidirectional",
-                              self_only=neg is None and repulsion == "exact", stacklevel=4)
+                              self_only=neg is None and repulsion == "exact", stacklevel=3)
+            warn_massless_negatives(xp, None if neg is None else a.get("neg_weight", neg_weight),
+                                    bidirectional=normalization == "bidirectional", include_self=include_self,
+                                    stacklevel=3)
             sample = None if pos_sample is None else _checked_sample(self, a["pos_sample"], pos_sample_labels,
                                                                      groups, check_finite)
             call = FieldCall(xp=xp, xa=q.x, groups=groups, labels=lab,

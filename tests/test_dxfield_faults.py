@@ -325,3 +325,25 @@ def test_lone_query_warns_and_its_drift_is_zero():
         dxfield.drift_field(x[:1], pos, normalization="row")  # row normalisation does not scale by them
         dxfield.drift_field(x[:4], pos, labels=labels[:4], pos_labels=pos_labels)
         pf.field(x[:2], labels=labels[:2], normalization="row")
+
+
+def test_negatives_without_any_weight_warn_in_both_fields():
+    """Explicit negatives that all weigh 0, the queries not among them: no negative mass anywhere, so
+    the bidirectional drift is exactly 0 -- said with a LoneQueryWarning, in both fields."""
+    import warnings
+
+    import dxfield
+
+    rng = np.random.default_rng(8)
+    x, pos, neg = (rng.standard_normal((n, 3)).astype(np.float32) for n in (6, 40, 5))
+    with pytest.warns(dxfield.LoneQueryWarning, match="neg_weight is 0 for every negative"):
+        v = dxfield.drift_field(x, pos, neg, neg_weight=np.zeros(5))
+    assert np.all(v == 0)
+    pf = dxfield.ProjectedField.build(pos, landmarks=8)
+    with pytest.warns(dxfield.LoneQueryWarning, match="neg_weight is 0 for every negative"):
+        pf.field(x, neg, neg_weight=0.0, normalization="bidirectional")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dxfield.LoneQueryWarning)
+        dxfield.drift_field(x, pos, neg, neg_weight=np.r_[np.zeros(4), 1.0])  # one weighs: fine
+        dxfield.drift_field(x, pos, neg, neg_weight=0.0, include_self=True)  # the queries are negatives too
+        pf.field(x, neg, neg_weight=0.0)  # row normalisation does not scale by the negatives' mass
