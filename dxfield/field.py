@@ -18,11 +18,10 @@ from __future__ import annotations
 import math
 from numbers import Real
 
-
 from . import checks
 from .backend import device_context, floating_dtype, place
 from .engine import resolve as resolve_engine
-from .inputs import check_classes, divide, expand, field_inputs, warn_zero_drift
+from .inputs import check_queries, divide, expand, field_inputs
 from .kernels import check_kernel, logit_coefs
 from .memory import parse_budget, tile_cap
 from .options import documented
@@ -155,8 +154,7 @@ def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normaliz
         if inp.x.shape[0] == 0:  # no finite query (check_finite=False): every row is NaN
             v = placement.to_origin(expand(xp, xp.empty((0, inp.pos.shape[1]), dtype=dtype), inp.n, inp.keep))
             return (v, math.nan) if return_scale else v
-        check_classes(xp, inp)
-        warn_zero_drift(xp, inp, bidirectional=normalization == "bidirectional", include_self=include_self)
+        check_queries(xp, inp, bidirectional=normalization == "bidirectional", include_self=include_self)
         targets = [Targets(inp.pos, False, labels=inp.pos_labels)] + negative_runs(
             xp, inp.x, inp.neg, inp.neg_weight, include_self=include_self, dtype=dtype, check_finite=False,
             query_labels=inp.labels, neg_labels=inp.neg_labels)

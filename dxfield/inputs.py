@@ -150,12 +150,20 @@ def field_inputs(a: dict, dtype, neg_weight, check_finite: bool) -> FieldInputs:
     return FieldInputs(xa, pa, na, neg_weight, rows_of(qlab, keep), rows_of(plab, pkeep), nlab, n, keep, scale)
 
 
-def check_classes(xp, inp: FieldInputs) -> None:
+def class_counts(xp, labels):
+    """Host ``(classes, counts)`` of a labels array (None without labels): one pass, shared by the checks."""
+    if labels is None:
+        return None
+    return tuple(to_host(a) for a in xp.unique(labels, return_counts=True))
+
+
+def check_classes(xp, inp: FieldInputs, counts) -> None:
     """Refuse a :func:`dxfield.drift_field` call with a query class that has no positive: those rows
-    would get no attraction (a silent ``V = 0`` under Algorithm 2)."""
-    if inp.labels is None:
+    would get no attraction (a silent ``V = 0`` under Algorithm 2).  ``counts``: :func:`class_counts`
+    of the queries' labels."""
+    if counts is None:
         return
-    missing = np.setdiff1d(to_host(xp.unique(inp.labels)), to_host(xp.unique(inp.pos_labels)))
+    missing = np.setdiff1d(counts[0], to_host(xp.unique(inp.pos_labels)))
     if missing.size:
         raise ValueError(f"labels has queries of class(es) {missing[:10].tolist()} but pos_labels has no positive "
                          "of them, so those queries would get no attraction; pass positives of every query class")
@@ -165,39 +173,37 @@ class LoneQueryWarning(UserWarning):
     """A query has no negative at all (alone in its class, the queries its own negatives): its drift is 0."""
 
 
-def warn_lone_queries(xp, n: int, labels, *, bidirectional: bool, self_only: bool, stacklevel: int = 3) -> None:
-    """Warn when, under the bidirectional field with the queries as their only negatives, some query is
-    alone in its class (or ``n == 1``): Algorithm 2 gives it ``V = 0`` (docs/design.md 2.1)."""
-    if not (bidirectional and self_only):
+def warn_zero_drift(xp, n: int, counts, neg_weight, *, bidirectional: bool, self_only: bool, include_self: bool,
+                    stacklevel: int = 2) -> None:
+    """Warn (:class:`LoneQueryWarning`) where the bidirectional field gives an exact ``V = 0`` because a
+    query has no negative mass (docs/design.md 2.1): with the queries as their only negatives
+    (``self_only``), a query alone in its class (``counts``: :func:`class_counts` of the labels, or
+    None) or ``n == 1``; or explicit negatives (``neg_weight``: their weights, None without explicit
+    negatives) that all weigh 0 while the queries are not negatives.  ``stacklevel`` as the caller's
+    own ``warnings.warn`` would give it."""
+    if not bidirectional:
         return
-    if labels is None:
-        lone = [] if n != 1 else ["all"]
-    else:
-        classes, counts = (to_host(a) for a in xp.unique(labels, return_counts=True))
-        lone = classes[counts == 1].tolist()
-    if lone:
-        where = "x has a single row" if lone == ["all"] else f"labels has one query of class(es) {lone[:10]}"
-        warnings.warn(f"{where} and no other negative, so its drift is exactly 0 (Algorithm 2 scales the "
-                      "attraction by the negatives' mass); pass at least 2 queries per class, or explicit neg",
-                      LoneQueryWarning, stacklevel=stacklevel)
-
-
-def warn_massless_negatives(xp, neg_weight, *, bidirectional: bool, include_self: bool, stacklevel: int = 3) -> None:
-    """Warn when, under the bidirectional field, the explicit negatives all weigh 0 and the queries are not
-    negatives too: no query has any negative mass, so every drift is exactly 0 (docs/design.md 2.1)."""
-    if not bidirectional or include_self or neg_weight is None:
+    if self_only:
+        lone = ([] if n != 1 else ["all"]) if counts is None else counts[0][counts[1] == 1].tolist()
+        if lone:
+            where = "x has a single row" if lone == ["all"] else f"labels has one query of class(es) {lone[:10]}"
+            warnings.warn(f"{where} and no other negative, so its drift is exactly 0 (Algorithm 2 scales the "
+                          "attraction by the negatives' mass); pass at least 2 queries per class, or explicit neg",
+                          LoneQueryWarning, stacklevel=stacklevel + 1)
+    if include_self or neg_weight is None:
         return
     total = float(neg_weight) if isinstance(neg_weight, float) else float(to_host(xp.abs(neg_weight).sum()))
     if total == 0.0:
         warnings.warn("neg_weight is 0 for every negative and the queries are not negatives (include_self=False), "
                       "so no query has any negative mass and the drift is exactly 0 everywhere (Algorithm 2 scales "
                       "the attraction by it); give some negative a weight, or include_self=True",
-                      LoneQueryWarning, stacklevel=stacklevel)
+                      LoneQueryWarning, stacklevel=stacklevel + 1)
 
 
-def warn_zero_drift(xp, inp: FieldInputs, *, bidirectional: bool, include_self: bool, stacklevel: int = 3) -> None:
-    """:func:`warn_lone_queries` and :func:`warn_massless_negatives` for a :func:`dxfield.drift_field` call."""
-    warn_lone_queries(xp, inp.x.shape[0], inp.labels, bidirectional=bidirectional, self_only=inp.neg is None,
-                      stacklevel=stacklevel + 1)
-    warn_massless_negatives(xp, inp.neg_weight if inp.neg is not None else None, bidirectional=bidirectional,
-                            include_self=include_self, stacklevel=stacklevel + 1)
+def check_queries(xp, inp: FieldInputs, *, bidirectional: bool, include_self: bool) -> None:
+    """:func:`check_classes` and :func:`warn_zero_drift` for a :func:`dxfield.drift_field` call (the labels
+    counted once)."""
+    counts = class_counts(xp, inp.labels)
+    check_classes(xp, inp, counts)
+    warn_zero_drift(xp, inp.x.shape[0], counts, None if inp.neg is None else inp.neg_weight,
+                    bidirectional=bidirectional, self_only=inp.neg is None, include_self=include_self, stacklevel=3)

@@ -31,7 +31,7 @@ from .engine import resolve as resolve_engine
 from .diagnostics import fidelity
 from .estimators import ESTIMATORS, FieldCall
 from .field import DEFAULT_TEMPERATURES, NORMALIZATIONS, resolve_negatives
-from .inputs import expand, finite_part, rows_of, some_rows, warn_lone_queries, warn_massless_negatives
+from .inputs import class_counts, expand, finite_part, rows_of, some_rows, warn_zero_drift
 from .kernels import check_kernel, logit_coefs
 from .memory import SLACK, parse_budget
 from .options import documented
@@ -136,12 +136,8 @@ class ProjectedField(Summaries):
         """The queries ``x`` (and the ``extra`` arrays) placed for a call, checked against this cache:
         with ``check_finite=False`` only their finite rows (docs/design.md section 3.7)."""
         placement, a = place({"x": x, **extra}, backend)
-        xa = checks.float_matrix(a["x"], "x", self.dtype, dim=self.dim, dim_of="this cache was built for D={dim}",
-                                 check_finite=False)
-        n = xa.shape[0]
         with device_context(placement):
-            xa, keep, top = finite_part(xa, "x", check_finite)
-        self.check_magnitude("x", top)
+            xa, keep, n = _cache_rows(self, a["x"], "x", check_finite)
         return Queries(placement, placement.xp, xa, a, keep, n)
 
     def check_magnitude(self, name: str, top: float) -> None:
@@ -235,11 +231,10 @@ class ProjectedField(Summaries):
             groups, lab = self.query_classes(labels, q)
             if q.x.shape[0] == 0:  # no finite query: every row is NaN
                 return q.placement.to_origin(expand(xp, xp.empty((0, self.dim), dtype=self.dtype), q.n, q.keep))
-            warn_lone_queries(xp, q.x.shape[0], lab, bidirectional=normalization == "bidirectional",
-                              self_only=neg is None and repulsion == "exact", stacklevel=3)
-            warn_massless_negatives(xp, None if neg is None else a.get("neg_weight", neg_weight),
-                                    bidirectional=normalization == "bidirectional", include_self=include_self,
-                                    stacklevel=3)
+            warn_zero_drift(xp, q.x.shape[0], class_counts(np, lab),
+                            None if neg is None else a.get("neg_weight", neg_weight),
+                            bidirectional=normalization == "bidirectional",
+                            self_only=neg is None and repulsion == "exact", include_self=include_self)
             sample = None if pos_sample is None else _checked_sample(self, a["pos_sample"], pos_sample_labels,
                                                                      groups, check_finite)
             call = FieldCall(xp=xp, xa=q.x, groups=groups, labels=lab,
@@ -292,31 +287,36 @@ class Queries(NamedTuple):
     n: int  # rows of x as given
 
 
+def _cache_rows(pf, a, name: str, check_finite: bool):
+    """``(rows, keep, n)``: ``a`` checked against the cache (its D, working dtype and largest magnitude),
+    only its finite rows with ``check_finite=False`` (their host indices ``keep``, None: all of the ``n``)."""
+    rows = checks.float_matrix(a, name, pf.dtype, dim=pf.dim, dim_of="this cache was built for D={dim}",
+                               check_finite=False)
+    n = rows.shape[0]
+    rows, keep, top = finite_part(rows, name, check_finite)
+    pf.check_magnitude(name, top)
+    return rows, keep, n
+
+
 def _checked_negatives(pf, a: dict, include_self: bool, neg_weight, check_finite: bool) -> Negatives:
     """The call's negatives: explicit ones checked against the cache, finite rows only (with their weights)."""
     w = a.get("neg_weight", neg_weight)
     if a["neg"] is None:
         return Negatives(include_self, None, w, check_finite)
-    na = checks.float_matrix(a["neg"], "neg", pf.dtype, dim=pf.dim, dim_of="this cache was built for D={dim}",
-                             check_finite=False)
+    na, keep, n = _cache_rows(pf, a["neg"], "neg", check_finite)
     weighted = w is not None and not isinstance(w, float)
     if weighted:
-        check_weight_shape(w, na.shape[0])
-    na, keep, top = finite_part(na, "neg", check_finite)
+        check_weight_shape(w, n)
     some_rows(na, "neg")
-    pf.check_magnitude("neg", top)
     return Negatives(include_self, na, rows_of(w, keep) if weighted else w, check_finite=False)
 
 
 def _checked_sample(pf, ys, labels, groups, check_finite: bool):
     """``(rows, rows per shard)`` of ``pos_sample``: checked against the cache, finite rows only."""
-    ys = checks.float_matrix(ys, "pos_sample", pf.dtype, dim=pf.dim, dim_of="this cache was built for D={dim}",
-                             check_finite=False)
+    ys, keep, n = _cache_rows(pf, ys, "pos_sample", check_finite)
     if labels is not None:
-        labels = host_labels(labels, ys.shape[0], "one per row of pos_sample")
-    ys, keep, top = finite_part(ys, "pos_sample", check_finite)
+        labels = host_labels(labels, n, "one per row of pos_sample")
     some_rows(ys, "pos_sample")
-    pf.check_magnitude("pos_sample", top)
     return ys, pf.sample_groups(rows_of(labels, keep), ys.shape[0], groups)
 
 

@@ -109,12 +109,12 @@ def check_classes(labels, num_classes: int) -> None:
 def announce_draws(cfg, field, labels, num_classes: int, n_real: int, log) -> None:
     """Announce, once, the real samples a step draws as used (exact field's positives, the correction's)."""
     if cfg.field == "exact":
-        n, what = cfg.positives, "positives"
+        what = "positives"
     elif getattr(field, "correction", False):
-        n = cfg.correction_sample or cfg.positives
         what = "correction sample" + ("" if cfg.correction_sample else " (--positives)")
     else:
         return
+    n = cfg.real_per_step
     if not num_classes:
         if n > n_real:
             log(f"{what}: {n} asked for, the training split holds {n_real}: all {n_real} each step")

@@ -144,6 +144,11 @@ class TrainConfig:
             dxfield.memory.parse_budget(self.memory_budget)  # "memory_budget='...' is not a size; ..."
         return self
 
+    @property
+    def real_per_step(self) -> int:
+        """Real samples a step draws: the exact field's positives, or the correction's sample."""
+        return self.positives if self.field == "exact" else (self.correction_sample or self.positives)
+
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
@@ -204,7 +209,7 @@ def setup(cfg: TrainConfig):
 
 def class_labels(batch: int, num_classes: int, device) -> torch.Tensor:
     """Balanced labels: ``batch // K`` of each class (at least one each)."""
-    per = max(1, batch // num_classes)
+    per = guards.per_class(batch, num_classes)
     return torch.arange(num_classes, device=device).repeat_interleave(per)
 
 
@@ -355,8 +360,7 @@ class _Run:
         """The step's real mini-batch ``(features, labels)`` for the exact field or the correction, else Nones."""
         if self.cfg.field != "exact" and not self.field.correction:
             return None, None
-        n = self.cfg.positives if self.cfg.field == "exact" else (self.cfg.correction_sample or self.cfg.positives)
-        idx, labels = _draw_positives(self.rng, n, self.real.shape[0],
+        idx, labels = _draw_positives(self.rng, self.cfg.real_per_step, self.real.shape[0],
                                       self.train_ds.labels if self.num_classes else None, self.num_classes)
         with torch.no_grad():
             feats = self.groups(self.real[idx].to(self.device))
@@ -456,14 +460,14 @@ def _log_correction(cfg: TrainConfig, field: ProjectedFieldSet, log) -> None:
     how = "set" if cfg.correction is not None else (
         f"auto: {ratio:.1f} data points per landmark, on from {CORRECTION_MIN_POINTS_PER_LANDMARK:g}")
     log(f"residual correction {'on' if field.correction else 'off'} ({how}"
-        + (f"; {cfg.correction_sample or cfg.positives} real samples per step" if field.correction else "") + ")")
+        + (f"; {cfg.real_per_step} real samples per step" if field.correction else "") + ")")
 
 
 def _draw_positives(rng, n: int, n_real: int, labels: np.ndarray | None, num_classes: int):
     """Indices of ``n`` real samples (``n // K`` per class when conditional) and their labels."""
     if labels is None or num_classes == 0:
         return torch.from_numpy(rng.choice(n_real, size=min(n, n_real), replace=False)), None
-    per = max(1, n // num_classes)
+    per = guards.per_class(n, num_classes)
     idx = []
     for c in range(num_classes):
         members = np.flatnonzero(labels == c)
