@@ -1,17 +1,14 @@
 """The projected field's attraction: estimators of the positives' side from the summaries.
 
-Estimators of the positives' side, each a function of the summaries ``pf``
-(a :class:`dxfield.summaries.Summaries`), the queries and their class groups:
+Three estimators, each a function of the summaries ``pf`` (a
+:class:`dxfield.summaries.Summaries`), the queries and their class groups:
 
 * :func:`row_attraction` -- the row-normalised barycentre ``b+(x) = k(x, U) A G /
   k(x, U) A t`` (docs/design.md section 2.4);
 * :func:`bidirectional_attraction` -- Algorithm 2's positives' side against the
   whole summarised data, column sums taken at the landmarks (section 2.6);
-* the residual correction by a uniform sample of the data (section 2.7), in
-  two parts: the sample's exact terms are a run of positives for the exact
-  sweep (:func:`sample_run`), and :func:`nystrom_residual` gives the Nystrom
-  sums of all the data minus the sample's, which :func:`add_residual` adds to
-  the sweep's sums.
+* :func:`corrected_attraction` -- the same, corrected by the residual of a
+  uniform sample of the data (section 2.7).
 
 They share one loop over the class groups of the queries (:func:`query_groups`)
 and one landmark fallback for rows whose Nystrom sums lost their sign or their
@@ -30,7 +27,6 @@ from .kernels import logit_coef, sqdist
 from .memory import tile_cap
 from .nystrom import column_log_sums, kernel_products
 from .sums import logsumexp, quiet
-from .targets import Targets
 
 
 @dataclass
@@ -177,60 +173,41 @@ def _sample_parts(pf, xp, g: QueryGroup, ysc, sample_rows):
     return parts
 
 
-def sample_run(pf, xp, ys, sample_rows, grouped: bool):
-    """The sample rows that correct some query group, as one run of positives for the exact sweep:
-    each row weighted by ``n_s / B_s`` of its shard and, with class groups (``grouped``), labelled with
-    its shard's class; None without any such row."""
-    rows, logw, labels = [], [], []
-    for key, mine in sample_rows.items():
-        if mine is None or not len(mine):
-            continue
-        shard = pf.shards[0 if key is None else key]
-        rows.append(np.asarray(mine))
-        logw.append(np.full(len(mine), np.log(shard.n / len(mine))))
-        labels.append(np.full(len(mine), shard.label if grouped else 0))
-    if not rows:
-        return None
-    idx = xp.asarray(np.concatenate(rows))
-    return Targets(ys[idx], False, log_weight=xp.asarray(np.concatenate(logw)),
-                   labels=xp.asarray(np.concatenate(labels)) if grouped else None)
+def corrected_attraction(pf, xp, xa, groups, ys, sample_rows):
+    """The positives' side like :func:`bidirectional_attraction`, with the Nystrom sums corrected
+    by the residual of a uniform sample ``ys`` of the data (``pos_sample`` of the field).
 
+    The residual's sums regroup into cheap pieces: the sample's own Nystrom
+    summaries, ``(n / B) W^{-1} k(U, Y_s) [Y_s, 1]`` (m x (D+1), float64), are
+    subtracted from the cached ones, and its exact terms
+    ``(n / B) k(x, y) c_y^{-1/2} [y, 1]`` (an N x B block, exact column sums
+    over the queries) are added: per call O(N (m + B) D + m B D + m^2 D).
+    Rows whose corrected sums are not positive keep the Nystrom values
+    (counted as fallback rows).  ``sample_rows``: the rows of ``ys`` per shard
+    index (``None`` for an unconditional cache).
 
-def nystrom_residual(pf, xp, xa, groups, ys, sample_rows):
-    """The Nystrom part of the corrected attraction (docs/design.md section 2.7), per temperature.
-
-    ``sum_y a(x, y)`` over all the data minus ``(n / B) sum_{y in Y_s} a(x, y)``
-    over the sample, through one product with the queries: the sample's own
-    Nystrom summaries, ``(n / B) W^{-1} k(U, Y_s) [Y_s, 1]`` (m x (D+1),
-    float64), are subtracted from the cached ones.  Per call O(N m D + m B D +
-    m^2 D).  The sample's exact terms are the exact sweep's (a run of
-    :func:`sample_run`), so the two parts are added by :func:`add_residual`.
-    ``sample_rows``: the rows of ``ys`` per shard index (``None`` for an
-    unconditional cache).
-
-    Returns a list over temperatures of ``(acc, s, r, shift)``: rows (N) of
-    ``exp(shift) acc`` the column-weighted sums of ``y - centre``, ``exp(shift) s``
-    their weights and ``exp(shift) r`` the plain row sums; any of them may be
-    negative.  The class groups are batched (:class:`_Batches`): every
-    temperature is a few operations on (groups x queries x landmarks) arrays,
-    not a loop over the classes.
+    The class groups are batched (:class:`_Batches`): every temperature is a
+    few operations on (groups x queries x landmarks) arrays, not a loop over
+    the classes (docs/design.md section 2.7).
     """
     n, d = xa.shape
-    dt = pf.dtype
+    nt = len(pf.temperatures)
+    dt, f64 = pf.dtype, xp.float64
     centre = pf.on_device(placement_of(xp, xa))["centre"]
     bt = _Batches(pf, xp, xa, groups, ys - centre, sample_rows)
-    out = []
-    for k in range(len(pf.temperatures)):
-        pr, r, shift = _residual_sums(pf, xp, bt, k)
-        outs = (xp.empty((n, d), dtype=dt), xp.empty(n, dtype=dt), xp.empty(n, dtype=dt), xp.empty(n))
-        for o, p in zip(outs, (pr[:, :, :d], pr[:, :, d], r, shift)):
+    out, fallback = [], []
+    for k in range(nt):
+        b, log_w, log_r, nbad = _corrected_sums(pf, xp, bt, k)
+        outs = (xp.empty((n, d), dtype=dt), xp.empty(n, dtype=f64), xp.empty(n, dtype=f64))
+        for o, p in zip(outs, (b, log_w, log_r)):
             o[bt.rows] = p[bt.valid]
         out.append(outs)
-    return out
+        fallback.append(nbad)
+    return out, fallback
 
 
 class _Batches:
-    """The query groups of :func:`nystrom_residual`, padded and stacked: (groups x rows x ...) arrays.
+    """The query groups of :func:`corrected_attraction`, padded and stacked: (groups x rows x ...) arrays.
 
     Per group ``g``: its queries (``nq`` rows at most), its landmarks (``nm``),
     the sample rows that correct it (``ns``, each with its scale ``n_s / B_s``
@@ -252,6 +229,7 @@ class _Batches:
         self.key = (tuple(tuple(g.shards) for g in gs), nm)  # the padded summaries depend on this only
         inf = float("inf")
         self.du = xp.full((nb, nq, nm), inf, dtype=dt)  # query-landmark distances (inf: padding)
+        self.dy = xp.full((nb, nq, ns), inf, dtype=dt)  # query-sample
         self.duy = xp.full((nb, nm, ns), inf, dtype=dt)  # landmark-sample (inf: other shard)
         self.y1 = xp.zeros((nb, ns, d + 1), dtype=dt)  # [y - c, 1] of the sample rows
         self.scale = xp.zeros((nb, ns), dtype=dt)  # n_s / B_s of each sample row's shard
@@ -265,6 +243,7 @@ class _Batches:
             at = 0
             for sl, yb, scale in p:
                 cols = slice(at, at + int(yb.shape[0]))
+                self.dy[j, :q, cols] = dist(xc, yb)
                 self.duy[j, sl, cols] = dist(g.uc[sl], yb)
                 self.y1[j, cols, :d] = yb
                 self.y1[j, cols, d] = 1
@@ -305,11 +284,11 @@ class _Batches:
         return kept[what]
 
 
-def _residual_sums(pf, xp, bt: _Batches, k: int):
-    """One temperature of :func:`nystrom_residual`, all groups at once: ``(pr, r, shift)`` as (groups x
-    rows) arrays, ``pr = [acc | s]`` (padded rows hold garbage; ``bt.valid`` marks the rest)."""
+def _corrected_sums(pf, xp, bt: _Batches, k: int):
+    """One temperature of :func:`corrected_attraction`, all groups at once: ``(b, log_w, log_r,
+    fallback rows)`` as (groups x rows) arrays (padded rows hold garbage; ``bt.valid`` marks the rest)."""
     d = bt.y1.shape[2] - 1
-    dt = pf.dtype
+    dt, f64 = pf.dtype, xp.float64
     coef = logit_coef(pf.kernel, pf.taus[k])
     folded = bt.folded(xp, k, d)  # A [G | t]
     with quiet(xp):
@@ -317,7 +296,11 @@ def _residual_sums(pf, xp, bt: _Batches, k: int):
         Lu = bt.du * -coef  # -inf on padding
         half = _half_column_sums(xp, Lu)
         e_u = Lu - half[:, None, :]
-        shift = xp.maximum(e_u.max(axis=2), Lu.max(axis=2))  # every term below is <= 1 in its units
+        Ly = bt.dy * -coef
+        half_y = _half_column_sums(xp, Ly)  # the sample points' exact column sums
+        e_y = Ly - half_y[:, None, :]
+        shift = xp.maximum(xp.maximum(e_u.max(axis=2), Lu.max(axis=2)),
+                           xp.maximum(e_y.max(axis=2), Ly.max(axis=2)))  # every term below is <= 1 in its units
         shift = xp.where(xp.isfinite(shift), shift, 0).astype(dt)
         E = xp.exp(e_u - shift[:, :, None])  # units exp(shift_i)
         root_c = xp.exp(half)  # c_u^{1/2}
@@ -325,40 +308,24 @@ def _residual_sums(pf, xp, bt: _Batches, k: int):
         if bt.has_sample:
             # the sample's Nystrom summaries, subtracted from the cached ones (float64, m x (D+1))
             kuy = xp.exp(bt.duy * -coef) * bt.scale[:, None, :]  # in the working dtype, like the cached sums
-            corrected = folded - bt.inverse_grams(pf, xp, k) @ (kuy @ bt.y1).astype(xp.float64)
+            corrected = folded - bt.inverse_grams(pf, xp, k) @ (kuy @ bt.y1).astype(f64)
         mats = corrected.astype(dt)
         pr = E @ mats  # [acc | s_w]
         r = (E @ (mats[:, :, d] * root_c)[:, :, None])[:, :, 0]  # plain row sums k_i. W^{-1} t
-    return pr, r, shift
-
-
-def add_residual(xp, pos, lse, residual, recentre):
-    """Add the Nystrom residual ``(acc, s, r, shift)`` of one temperature (:func:`nystrom_residual`) to
-    the exact sweep's sums of the sample: the positives' :class:`RowSums` ``pos`` (centred on the
-    sweep's centre, ``recentre`` = that centre minus the cache's) and the row log-sum-exp ``lse`` of
-    every target.  Rows whose corrected sums are not positive keep the sample's exact terms alone
-    (the plain sample estimate); returns how many rows had something to correct and did."""
-    acc, s, r, shift = residual
-    f64 = xp.float64
-    acc -= recentre * s[:, None]  # sums of w (y - centre) -> sums of w (y - mu)
-    with quiet(xp):
-        top = xp.maximum(pos.m, shift)
-        a, b = xp.exp(pos.m - top), xp.exp(shift - top)
-        s_all = pos.s.astype(f64) * a + s.astype(f64) * b
-        l_old = lse.value()
-        l_top = xp.maximum(l_old, shift)
-        r_all = xp.exp(l_old - l_top) + r.astype(f64) * xp.exp(shift - l_top)
-    good = (s_all > 0) & (r_all > 0)
-    dt = pos.s.dtype
-    a, b = (xp.where(good, v, 0.0).astype(dt) for v in (a, b))
-    pos.acc *= xp.where(good, a, 1.0)[:, None]
-    pos.acc += acc * b[:, None]
-    pos.s = xp.where(good, s_all, pos.s).astype(dt)
-    pos.m = xp.where(good, top, pos.m)
-    with quiet(xp):
-        lse.m = xp.where(good, l_top + xp.log(xp.where(good, r_all, 1.0)), l_old)
-    lse.s = xp.ones_like(lse.s)
-    return int((~good & xp.isfinite(top)).sum())
+        ay = xp.exp(e_y - shift[:, :, None]) * bt.scale[:, None, :]
+        pr += ay @ bt.y1
+        r += (ay @ xp.exp(half_y)[:, :, None])[:, :, 0]
+    bad = (~(pr[:, :, d] > 0) | ~(r > 0)) & bt.valid
+    nbad = int(bad.sum()) if bt.has_sample else 0
+    if nbad:  # the sample's estimate went negative there: Nystrom alone
+        nys = E @ folded.astype(dt)
+        pr = xp.where(bad[:, :, None], nys, pr)
+        r = xp.where(bad, (E @ (folded[:, :, d].astype(dt) * root_c)[:, :, None])[:, :, 0], r)
+    s_w = pr[:, :, d]
+    has = (s_w > 0) & (r > 0)  # False only without any data (and on padding)
+    safe_s = xp.where(has, s_w, 1.0)
+    b = pr[:, :, :d] / safe_s[:, :, None]
+    return b, _log_sums(xp, shift, safe_s, has), _log_sums(xp, shift, r, has), nbad
 
 
 def _half_column_sums(xp, logits):

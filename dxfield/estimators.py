@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .attraction import add_residual, bidirectional_attraction, nystrom_residual, row_attraction, sample_run
+from .attraction import bidirectional_attraction, corrected_attraction, row_attraction
 from .repulsion import (QUERIES, Negatives, bidirectional_nystrom, exact_repulsion, nystrom_repulsion,
                         sweep_negatives)
 from .sums import LogSumExp, RowSums, combine, normalize_drift
@@ -138,32 +138,8 @@ def _bidirectional_exact(pf, c: FieldCall):
     return _bidirectional_field(pf, c, bidirectional_attraction(pf, c.xp, c.xa, c.groups))
 
 
-def corrected_sums(pf, c: FieldCall):
-    """Algorithm 2's sums with the positives' side corrected by a real sample (docs/design.md section 2.7):
-    ``(sweeper, sums, row_lse, fallback rows per temperature)``.
-
-    One exact sweep takes the sample's exact terms (each row weighted by
-    ``n_s / B_s``, exact column sums over the queries) together with the
-    negatives, as ``drift_field`` would take positives; the Nystrom residual
-    (all the data minus the sample) is added to its sums.
-    """
-    xp = c.xp
-    ys, sample_rows = c.sample
-    run = sample_run(pf, xp, ys, sample_rows, grouped=c.groups is not None)
-    sweeper, sums, row_lse = sweep_negatives(pf, xp, c.xa, c.negatives, c.query_labels, bidirectional=True,
-                                             positives=run, **c.sweep_options)
-    if run is None:  # no query's class has sample rows: its positives' sums start empty
-        for per_k in sums:
-            per_k[0] = RowSums(xp, c.xa.shape[0], c.xa.shape[1], pf.dtype)
-    residual = nystrom_residual(pf, xp, c.xa, c.groups, ys, sample_rows)
-    recentre = sweeper.mu - c.centre
-    fallback = [add_residual(xp, sums[k][0], row_lse[k], res, recentre) for k, res in enumerate(residual)]
-    return sweeper, sums, row_lse, fallback
-
-
 def _bidirectional_corrected(pf, c: FieldCall):
-    _, sums, row_lse, fallback = corrected_sums(pf, c)
-    return combine(c.xp, sums, row_lse, drift_norm=c.drift_norm), fallback, 0
+    return _bidirectional_field(pf, c, corrected_attraction(pf, c.xp, c.xa, c.groups, *c.sample))
 
 
 ESTIMATORS = {

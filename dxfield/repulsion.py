@@ -41,15 +41,13 @@ QUERIES = Negatives(include_self=True, check_finite=False)  # the batch itself, 
 
 
 def sweep_negatives(pf, xp, xa, negs: Negatives, query_labels=None, bidirectional=False, ops=None,
-                    precision="float32", positives: Targets | None = None):
-    """The exact sweep over the negatives (and ``positives``, a run swept alongside them):
-    ``(sweeper, sums, row_lse)`` at the cache's temperatures."""
+                    precision="float32"):
+    """The exact sweep over the negatives: ``(sweeper, sums, row_lse)`` at the cache's temperatures."""
     targets = negative_runs(xp, xa, negs.neg, negs.neg_weight, include_self=negs.include_self, dtype=pf.dtype,
                             check_finite=negs.check_finite, query_labels=query_labels)
-    sweeper = ExactSums(xp, xa, ([] if positives is None else [positives]) + targets, n_temperatures=len(pf.taus),
-                        kernel=pf.kernel, bidirectional=bidirectional, budget=pf.memory_budget,
-                        tile_cap=tile_cap(device_of(xa)), sides=(1,) if positives is None else (0, 1),
-                        query_labels=query_labels,
+    sweeper = ExactSums(xp, xa, targets, n_temperatures=len(pf.taus), kernel=pf.kernel,
+                        bidirectional=bidirectional, budget=pf.memory_budget,
+                        tile_cap=tile_cap(device_of(xa)), sides=(1,), query_labels=query_labels,
                         ops=ops, precision=precision)
     sums, row_lse = sweeper.sweep([logit_coef(pf.kernel, t) for t in pf.taus])
     return sweeper, sums, row_lse

@@ -20,10 +20,7 @@ import numpy as np
 import pytest
 
 import dxfield
-from dxfield.attraction import add_residual
-from dxfield.estimators import FieldCall, corrected_sums
-from dxfield.sums import LogSumExp, RowSums
-from dxfield.repulsion import QUERIES
+from dxfield.attraction import corrected_attraction
 import reference as ref
 from helpers import namespace_of, to_numpy
 
@@ -357,53 +354,14 @@ def test_the_corrected_sums_are_unbiased_and_vary_less_than_a_plain_sample():
     corrected, plain = [], []
     for _ in range(draws):
         idx = rng.choice(2000, size=B, replace=False)
-        call = FieldCall(xp=np, xa=x, groups=None, labels=None, negatives=QUERIES, centre=pf.centre, ops=None,
-                         precision="float32", drift_norm=False, sample=(pos[idx], {None: np.arange(B)}))
-        _, sums, _, _ = corrected_sums(pf, call)
-        corrected.append(np.exp(sums[0][0].m) * sums[0][0].s)
+        (b, log_w, _), = corrected_attraction(pf, np, x, None, pos[idx], {None: np.arange(B)})[0]
+        corrected.append(np.exp(log_w))
         plain.append(2000 / B * (K[:, idx] / np.sqrt(K[:, idx].sum(0))[None, :]).sum(1))
     corrected, plain = np.array(corrected), np.array(plain)
     stderr = corrected.std(0) / np.sqrt(draws)
     assert (np.abs(corrected.mean(0) - truth) < 4 * stderr + 1e-9 * truth).all()
     ratio = corrected.std(0) / plain.std(0)
     assert ratio.max() < 0.5 and ratio.mean() < 0.3, ratio
-
-
-def test_the_residual_adds_to_the_exact_sums_and_a_row_it_would_make_negative_keeps_them():
-    # add_residual against a hand computation in float64: S+ = exp(m) s + exp(shift) s_r, the weighted sums
-    # likewise (recentred), the row total exp(LR) + exp(shift) r; a row whose S+ or row total would not be
-    # positive keeps the exact sample's terms alone and is counted
-    rng = np.random.default_rng(31)
-    n, d = 6, 3
-    m = rng.normal(size=n) * 3
-    s = rng.uniform(1, 2, size=n).astype(np.float32)
-    acc = rng.normal(size=(n, d)).astype(np.float32)
-    lse_m, lse_s = rng.normal(size=n) * 3 + 2, rng.uniform(1, 2, size=n).astype(np.float32)
-    shift = rng.normal(size=n) * 3
-    rs = rng.uniform(0.1, 1, size=n).astype(np.float32)
-    racc = rng.normal(size=(n, d)).astype(np.float32)
-    rr = rng.uniform(0.1, 1, size=n).astype(np.float32)
-    rs[4] = -0.5 * np.exp(m[4] - shift[4]) * s[4]  # a negative residual that leaves S+ positive
-    rr[4] = -0.5 * np.exp(lse_m[4] - shift[4]) * lse_s[4]
-    rs[1] = -10 * np.exp(m[1] - shift[1]) * s[1]  # S+ < 0 there
-    rr[2] = -10 * np.exp(lse_m[2] - shift[2]) * lse_s[2]  # row total < 0 there
-    m[3] = -np.inf  # no sample term in this row: the residual alone
-    s[3], acc[3] = 0, 0
-    recentre = rng.normal(size=d)
-    pos = RowSums.of(np, m.copy(), s.copy(), acc.copy())
-    lse = LogSumExp.of(np, lse_m.copy(), lse_s.copy())
-    bad = add_residual(np, pos, lse, (racc.copy(), rs.copy(), rr.copy(), shift.copy()), recentre)
-    S = np.exp(m) * s + np.exp(shift) * rs
-    A = np.exp(m)[:, None] * acc + np.exp(shift)[:, None] * (racc - recentre * rs[:, None])
-    R = np.exp(lse_m) * lse_s + np.exp(shift) * rr
-    keep = (S <= 0) | (R <= 0)
-    assert keep.tolist() == [False, True, True, False, False, False] and bad == 2
-    S[keep] = (np.exp(m) * s)[keep]
-    A[keep] = (np.exp(m)[:, None] * acc)[keep]
-    R[keep] = (np.exp(lse_m) * lse_s)[keep]
-    np.testing.assert_allclose(np.exp(pos.m) * pos.s, S, rtol=1e-5)
-    np.testing.assert_allclose(np.exp(pos.m)[:, None] * pos.acc, A, rtol=1e-4, atol=1e-6 * np.abs(A).max())
-    np.testing.assert_allclose(lse.value(), np.log(R), rtol=1e-6, atol=1e-6)
 
 
 def test_pos_sample_errors():
