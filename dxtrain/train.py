@@ -343,7 +343,7 @@ class _Run:
     train_ds: Dataset
     test_ds: Dataset
     num_classes: int  # 0 when unconditional
-    real: torch.Tensor  # the training samples (on the CPU)
+    real_feats: dict[str, torch.Tensor] | None  # the training samples' feature groups (CPU), when the steps draw them
     model: torch.nn.Module  # the generator itself: sampling, EMA, checkpoints
     gen: torch.nn.Module  # what the step calls: the model, or its DDP wrapper
     groups: FeatureGroups
@@ -360,10 +360,9 @@ class _Run:
         """The step's real mini-batch ``(features, labels)`` for the exact field or the correction, else Nones."""
         if self.cfg.field != "exact" and not self.field.correction:
             return None, None
-        idx, labels = _draw_positives(self.rng, self.cfg.real_per_step, self.real.shape[0],
+        idx, labels = _draw_positives(self.rng, self.cfg.real_per_step, len(self.train_ds),
                                       self.train_ds.labels if self.num_classes else None, self.num_classes)
-        with torch.no_grad():
-            feats = self.groups(self.real[idx].to(self.device))
+        feats = {name: f[idx].to(self.device) for name, f in self.real_feats.items()}
         return feats, None if labels is None else labels.to(self.device)
 
     def checkpoint(self, step: int, elapsed: float) -> None:
@@ -414,14 +413,25 @@ def _set_up(cfg: TrainConfig, resume: bool, given, log, dist: Dist) -> _Run:
         + (f"; DDP over {dist.world_size} ranks (global batch {cfg.batch} x {dist.world_size})"
            if dist.enabled else ""))
     gen = dist.wrap(model, device)
-    real = torch.from_numpy(train_ds.x)
-    field, used = _make_field(cfg, groups, real, train_ds.labels if conditional else None, device, dist, log)
+    # The encoder is frozen: the real data's features are computed once, and every step's positives
+    # (the exact field's, or the correction's sample) are rows of them.
+    t0 = time.perf_counter()
+    feats = real_features(groups, torch.from_numpy(train_ds.x), device)
+    log(f"features of the {len(train_ds)} training samples: {_megabytes(feats)} in RAM, "
+        f"{time.perf_counter() - t0:.1f}s")
+    field, used = _make_field(cfg, feats, train_ds.labels if conditional else None, dist, log)
     if used != cfg and dist.main:
         rundir.write_config(cfg.out, used)  # the values the summaries were built with
     cfg = used
     guards.announce_draws(cfg, field, train_ds.labels, num_classes, len(train_ds), log)
-    return _Run(cfg, device, train_ds, test_ds, num_classes, real, model, gen, groups, field, opt, ema, rng,
+    draws = cfg.field == "exact" or field.correction
+    real_feats = {name: torch.from_numpy(f) for name, f in feats.items()} if draws else None
+    return _Run(cfg, device, train_ds, test_ds, num_classes, real_feats, model, gen, groups, field, opt, ema, rng,
                 noise_rng, step, elapsed, step if latest else None)
+
+
+def _megabytes(feats: dict[str, np.ndarray]) -> str:
+    return f"{sum(f.nbytes for f in feats.values()) / 2**20:.1f} MiB"
 
 
 def _streams(seed: int, rank: int, step: int = 0) -> tuple[np.random.Generator, torch.Generator]:
@@ -430,7 +440,7 @@ def _streams(seed: int, rank: int, step: int = 0) -> tuple[np.random.Generator, 
     return np.random.default_rng(s), torch.Generator(device="cpu").manual_seed(s + 1)
 
 
-def _make_field(cfg: TrainConfig, groups: FeatureGroups, real: torch.Tensor, labels, device, dist: Dist, log):
+def _make_field(cfg: TrainConfig, feats: dict[str, np.ndarray], labels, dist: Dist, log):
     """The configured field and the configuration as used.  The projected one loads its summaries from
     ``cache`` (default: the run folder's ``summaries/``), checked against the run's settings
     (:func:`dxtrain.guards.open_summaries`: an explicit cache built otherwise is used and its values
@@ -439,17 +449,17 @@ def _make_field(cfg: TrainConfig, groups: FeatureGroups, real: torch.Tensor, lab
         return ExactField(cfg.temperatures, memory_budget=cfg.memory_budget, normalization=cfg.normalization), cfg
     cache = cfg.cache or os.path.join(cfg.out, rundir.SUMMARIES)
     t0 = time.perf_counter()
-    feats = real_features(groups, real, device)
     missing, = dist.agree(not os.path.exists(os.path.join(cache, "manifest.json")))
     if not missing:
-        field, cfg = guards.open_summaries(cfg, cache, not cfg.cache, groups.dims, feats, log)
+        field, cfg = guards.open_summaries(cfg, cache, not cfg.cache, {k: f.shape[1] for k, f in feats.items()},
+                                           feats, log)
     else:
         bars = cfg.progress and dist.main and sys.stderr.isatty()  # like the step's bar: on a terminal
         field = build_summaries(cfg, feats, labels, log, progress=bars, rank=dist.rank,
                                 world_size=dist.world_size, allreduce=dist.allreduce_numpy if dist.enabled else None)
         if dist.main:
             field.save(cache)
-        log(f"built summaries of {real.shape[0]} samples in {time.perf_counter() - t0:.1f}s -> {cache}")
+        log(f"built summaries of {len(next(iter(feats.values())))} samples in {time.perf_counter() - t0:.1f}s -> {cache}")
     field.configure(cfg)
     _log_correction(cfg, field, log)
     return field, cfg
