@@ -146,9 +146,9 @@ def main(debug):
                    "generated and real distributions agree).")
 @click.option("--correction/--no-correction", default=None,
               help="Projected field: correct the Nystrom sums with the residual of --positives fresh real samples "
-                   "per step (an unbiased estimate of Algorithm 2 over the whole data set) [default: on when the "
-                   "summaries hold at least 4 data points per landmark, with the bidirectional field and exact "
-                   "repulsion; off otherwise].")
+                   "per step (an unbiased estimate of Algorithm 2 over the whole data set) [default: automatic "
+                   "with the bidirectional field and exact repulsion: off until the uncorrected field's measured "
+                   "bias reaches 25% of its RMS, checked after 25, 50, 100, ... steps, then on].")
 @click.option("--correction-sample", type=click.IntRange(min=1), default=None,
               help="Real samples per step for the correction [default: --positives].")
 @click.option("--landmarks", type=click.IntRange(min=1), default=_DEFAULTS.landmarks, show_default=True,

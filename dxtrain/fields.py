@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -139,10 +140,58 @@ class ProjectedFieldSet:
 
     def configure(self, cfg) -> None:
         """Take the field options of a :class:`dxtrain.train.TrainConfig` (``correction=None``: automatic,
-        see :func:`correction_applies`)."""
+        off until :meth:`check_correction` measures a material bias; docs/design.md section 8.12)."""
         self.normalization, self.repulsion = cfg.normalization, cfg.repulsion
-        auto = correction_applies(self.fields.values(), cfg.normalization, cfg.repulsion)
-        self.correction = auto if cfg.correction is None else bool(cfg.correction)
+        self.auto_correction = cfg.correction is None and correction_applies(cfg.normalization, cfg.repulsion)
+        self.correction = bool(cfg.correction) if cfg.correction is not None else False
+        self.correction_from = None  # the step the automatic correction turned on at
+
+    def correction_check_due(self, step: int) -> bool:
+        """Whether the automatic correction is measured before step ``step + 1`` (after 25, 50, 100, ...
+        steps, until it turns on)."""
+        return (self.auto_correction and not self.correction and step >= CORRECTION_FIRST_CHECK
+                and step % CORRECTION_FIRST_CHECK == 0 and (step // CORRECTION_FIRST_CHECK).bit_count() == 1)
+
+    def bias_terms(self, features: dict[str, torch.Tensor], samples, labels=None) -> tuple[float, float]:
+        """``(bias^2, signal^2)``: the uncorrected field's squared bias and the field's squared norm, per
+        query, summed over the groups, estimated from two independent real samples ``samples`` (each
+        ``(features, labels)``) at the generated ``features``.
+
+        With ``V_1``, ``V_2`` the field corrected by each sample (unbiased for the sums over all the
+        data) and ``V_u`` the uncorrected one: ``E|V_1 - V_2|^2 = 2 var``, so
+        ``bias^2 = |V_u - (V_1 + V_2) / 2|^2 - var / 2`` and ``signal^2 = |(V_1 + V_2) / 2|^2 - var / 2``.
+        """
+        bias2 = signal2 = 0.0
+        with torch_stream(next(iter(features.values()))):
+            lab = None if labels is None else to_dxfield(labels)
+            for name, f in features.items():
+                pf, x = self.fields[name], to_dxfield(f)
+                opts = dict(labels=lab, normalization=self.normalization, repulsion=self.repulsion)
+                vu = pf.field(x, **opts)
+                v1, v2 = (pf.field(x, pos_sample=to_dxfield(feats[name]),
+                                   pos_sample_labels=None if sl is None else to_dxfield(sl), **opts)
+                          for feats, sl in samples)
+                var = 0.5 * float(((v1 - v2) ** 2).sum(axis=1).mean())
+                mid = 0.5 * (v1 + v2)
+                bias2 += float(((vu - mid) ** 2).sum(axis=1).mean()) - 0.5 * var
+                signal2 += float((mid ** 2).sum(axis=1).mean()) - 0.5 * var
+        return bias2, signal2
+
+    def decide_correction(self, bias2: float, signal2: float, step: int) -> float:
+        """Turn the automatic correction on at ``step`` when the measured bias RMS is at least
+        :data:`CORRECTION_BIAS_SHARE` of the field's; returns that share."""
+        share = math.sqrt(max(bias2, 0.0) / signal2) if signal2 > 0 else 0.0
+        if share >= CORRECTION_BIAS_SHARE:
+            self.correction, self.correction_from = True, step
+        return share
+
+    def state(self) -> dict:
+        """What a checkpoint keeps for an exact resume: when the automatic correction turned on."""
+        return {"correction_from": self.correction_from}
+
+    def restore(self, state: dict | None) -> None:
+        if state and state.get("correction_from") is not None and self.auto_correction:
+            self.correction, self.correction_from = True, int(state["correction_from"])
 
     def points_per_landmark(self) -> float:
         """Summarised data points per landmark, over every group and shard (the fewest of the groups)."""
@@ -290,7 +339,12 @@ class ProjectedFieldSet:
         return cls(fields, settings=manifest.get("settings"))
 
 
-CORRECTION_MIN_POINTS_PER_LANDMARK = 4.0
+CORRECTION_BIAS_SHARE = 0.25
+"""The automatic correction turns on once the uncorrected field's bias RMS reaches this share of the
+field's RMS (a bias a quarter of the field turns its direction by up to 14 degrees; docs/design.md
+section 8.12)."""
+CORRECTION_FIRST_CHECK = 25
+"""The automatic correction is measured after this many steps, then after twice as many, and so on."""
 
 
 def points_per_landmark(fields) -> float:
@@ -299,19 +353,10 @@ def points_per_landmark(fields) -> float:
     return min(ratios) if ratios else 0.0
 
 
-def correction_applies(fields, normalization: str, repulsion: str) -> bool:
-    """Whether the automatic default turns the residual correction on (docs/design.md section 8.2).
-
-    It needs the bidirectional field with exact repulsion, and pays where the
-    Nystrom sums are approximate: when the summaries hold at least
-    :data:`CORRECTION_MIN_POINTS_PER_LANDMARK` data points per landmark.  With
-    about one point per landmark (every point a landmark, as on the digits:
-    ~150 points for 128 landmarks per class) the Nystrom kernel is nearly exact
-    on the data, so the correction only adds a sample's noise and its cost.
-    """
-    if normalization != "bidirectional" or repulsion != "exact":
-        return False
-    return points_per_landmark(fields) >= CORRECTION_MIN_POINTS_PER_LANDMARK
+def correction_applies(normalization: str, repulsion: str) -> bool:
+    """Whether the residual correction can apply: the bidirectional field with exact repulsion
+    (docs/design.md section 2.7)."""
+    return normalization == "bidirectional" and repulsion == "exact"
 
 
 def _allreduce_summaries(pf: dxfield.ProjectedField, allreduce) -> None:

@@ -225,10 +225,11 @@ def clear_leftovers(folder: str, *, fresh: bool, log) -> None:
         log(f"{metrics} held lines of an earlier run that stopped before its first checkpoint; starting it empty")
 
 
-def save_checkpoint(folder: str, cfg, model, ema, opt, step: int, elapsed: float, rng, noise_rng, ds) -> None:
+def save_checkpoint(folder: str, cfg, model, ema, opt, step: int, elapsed: float, rng, noise_rng, ds,
+                    field_state: dict | None = None) -> None:
     """``checkpoint.pt``: everything :func:`restore_checkpoint` needs to continue exactly
-    (written by :func:`write_checkpoint`)."""
-    write_checkpoint(folder, {
+    (written by :func:`write_checkpoint`); ``field_state``: the field's own (the automatic correction's)."""
+    write_checkpoint(folder, {"field": field_state,
         "config": asdict(cfg), "generator": model.state_dict(), "ema": ema.state_dict(),
         "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed,
         "rng": {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state, "noise": noise_rng.get_state()},

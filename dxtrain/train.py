@@ -55,7 +55,7 @@ from . import guards, rundir
 from .data import Dataset, load_dataset, train_test_split
 from .ddp import DEBUG_DIR_ENV, Dist, process_group, rank_seed, stop_signals, write_weights_hash
 from .features import FeatureGroups
-from .fields import CORRECTION_MIN_POINTS_PER_LANDMARK, ExactField, ProjectedFieldSet, drift_loss
+from .fields import CORRECTION_BIAS_SHARE, CORRECTION_FIRST_CHECK, ExactField, ProjectedFieldSet, drift_loss
 from .lock import RunLock
 from .models import EMA, generate, make_generator, sample_noise
 from .rundir import save_samples
@@ -85,7 +85,7 @@ class TrainConfig:
     normalization: str = "bidirectional"  # of both fields: "bidirectional" (Algorithm 2) or "row" (mean shift)
     repulsion: str = "exact"  # projected field: "exact" over the batch, or "nystrom" (the attraction's kernel)
     correction: bool | None = None  # projected field: correct the Nystrom sums with fresh real samples each
-    #                                  step; None = auto (fields.correction_applies)
+    #                                  step; None = auto (off until the uncorrected field's bias is material)
     correction_sample: int | None = None  # real samples per step for the correction (None: `positives`)
     landmarks: int = 128  # per class (projected field)
     landmark_method: str = "kmeans"
@@ -263,6 +263,7 @@ def _train(run: "_Run", resume: bool, log, dist: Dist, callback, t_setup: float)
     step, elapsed, num_classes = run.step, run.elapsed, run.num_classes
     sheet = rundir.SampleSheet(cfg.out, model, run.train_ds, num_classes, device)
     window, last, interrupted = _Window(), {}, False
+    pending = {}  # measurements made between two log lines (the automatic correction's), for the next one
     still = guards.ZeroDrift(cfg)  # stops a run whose drift is exactly 0 at each of its first steps
     # stopping: decided at the end of each step and agreed over the ranks, so none waits in a collective
     budget_hit = _over_budget(cfg, elapsed)  # elapsed is the same on all ranks here
@@ -277,6 +278,9 @@ def _train(run: "_Run", resume: bool, log, dist: Dist, callback, t_setup: float)
             labels = class_labels(cfg.batch, num_classes, device) if num_classes else None
             noise = sample_noise(model, cfg.batch if labels is None else len(labels), run.noise_rng, device=device)
             feats = run.groups(run.gen(noise, labels))
+            if cfg.field == "projected" and field.correction_check_due(step):
+                pending.update(_check_correction(run, step, {k: f.detach() for k, f in feats.items()}, labels,
+                                                 dist, log))
             pos_feats, pos_labels = run.positives()
             t_field = time.perf_counter()
             drifts = field(feats, pos_feats, labels, pos_labels)
@@ -299,7 +303,8 @@ def _train(run: "_Run", resume: bool, log, dist: Dist, callback, t_setup: float)
             if step % cfg.log_every == 0 or final:
                 loss_value, drift_norm = dist.mean(loss_value, drift_norm)
                 last = {"step": step, "wall": round(elapsed, 4), "loss": loss_value, "drift_norm": drift_norm,
-                        "grad_norm": grad_norm, **window.take()}
+                        "grad_norm": grad_norm, **window.take(), **pending}
+                pending = {}
                 if cfg.field == "projected":
                     last["fallback_rows"] = field.last_stats.get("fallback_rows", 0)
                     if step % cfg.fidelity_every == 0 and dist.main:
@@ -360,6 +365,10 @@ class _Run:
         """The step's real mini-batch ``(features, labels)`` for the exact field or the correction, else Nones."""
         if self.cfg.field != "exact" and not self.field.correction:
             return None, None
+        return self.draw_positives()
+
+    def draw_positives(self):
+        """``real_per_step`` real samples' features and labels, drawn from this rank's stream."""
         idx, labels = _draw_positives(self.rng, self.cfg.real_per_step, len(self.train_ds),
                                       self.train_ds.labels if self.num_classes else None, self.num_classes)
         feats = {name: f[idx].to(self.device) for name, f in self.real_feats.items()}
@@ -370,7 +379,8 @@ class _Run:
         if step == self.saved_step:
             return
         rundir.save_checkpoint(self.cfg.out, self.cfg, self.model, self.ema, self.opt, step, elapsed, self.rng,
-                               self.noise_rng, self.train_ds)
+                               self.noise_rng, self.train_ds,
+                               field_state=self.field.state() if self.cfg.field == "projected" else None)
         self.saved_step = step
 
 
@@ -423,8 +433,10 @@ def _set_up(cfg: TrainConfig, resume: bool, given, log, dist: Dist) -> _Run:
     if used != cfg and dist.main:
         rundir.write_config(cfg.out, used)  # the values the summaries were built with
     cfg = used
+    if checkpoint is not None and cfg.field == "projected":
+        field.restore(checkpoint.get("field"))  # the automatic correction as it was
     guards.announce_draws(cfg, field, train_ds.labels, num_classes, len(train_ds), log)
-    draws = cfg.field == "exact" or field.correction
+    draws = cfg.field == "exact" or field.correction or field.auto_correction
     real_feats = {name: torch.from_numpy(f) for name, f in feats.items()} if draws else None
     return _Run(cfg, device, train_ds, test_ds, num_classes, real_feats, model, gen, groups, field, opt, ema, rng,
                 noise_rng, step, elapsed, step if latest else None)
@@ -466,11 +478,25 @@ def _make_field(cfg: TrainConfig, feats: dict[str, np.ndarray], labels, dist: Di
 
 
 def _log_correction(cfg: TrainConfig, field: ProjectedFieldSet, log) -> None:
-    ratio = field.points_per_landmark()
-    how = "set" if cfg.correction is not None else (
-        f"auto: {ratio:.1f} data points per landmark, on from {CORRECTION_MIN_POINTS_PER_LANDMARK:g}")
-    log(f"residual correction {'on' if field.correction else 'off'} ({how}"
+    if field.auto_correction:
+        log(f"residual correction auto: off until the uncorrected field's bias reaches {CORRECTION_BIAS_SHARE:.0%} "
+            f"of its RMS (measured after {CORRECTION_FIRST_CHECK}, {2 * CORRECTION_FIRST_CHECK}, "
+            f"{4 * CORRECTION_FIRST_CHECK}, ... steps), then on with {cfg.real_per_step} real samples per step")
+        return
+    log(f"residual correction {'on' if field.correction else 'off'} (set"
         + (f"; {cfg.real_per_step} real samples per step" if field.correction else "") + ")")
+
+
+def _check_correction(run: "_Run", step: int, feats, labels, dist: Dist, log) -> dict:
+    """Measure the uncorrected field's bias at this step's generated features (two fresh real samples),
+    agreed over the ranks, and turn the automatic correction on when it is material; returns what to log."""
+    samples = [run.draw_positives() for _ in range(2)]
+    bias2, signal2 = dist.mean(*run.field.bias_terms(feats, samples, labels))
+    share = run.field.decide_correction(bias2, signal2, step)
+    if run.field.correction:
+        log(f"residual correction on from step {step}: the uncorrected field's bias is {share:.0%} of its RMS "
+            f"(at least {CORRECTION_BIAS_SHARE:.0%}); {run.cfg.real_per_step} real samples per step")
+    return {"correction_bias_share": share}
 
 
 def _draw_positives(rng, n: int, n_real: int, labels: np.ndarray | None, num_classes: int):

@@ -847,14 +847,8 @@ def test_correction_hands_the_step_positives_to_the_projected_field(tmp_path, mo
     assert result.exit_code != 0 and "correction" in result.output
 
 
-@pytest.mark.parametrize("data, flags, normalization, want", [
-    ("moons", (), "bidirectional", True),  # ~66 points per landmark: on by default
-    ("digits", ("--landmarks", "128"), "bidirectional", False),  # ~1.2 points per landmark: nearly exact
-    ("moons", ("--no-correction",), "bidirectional", False),
-    ("digits", ("--landmarks", "128", "--correction"), "bidirectional", True),
-    ("moons", (), "row", False),  # the correction needs the bidirectional field: auto stays off, no error
-])
-def test_the_correction_is_automatic_and_says_so(tmp_path, monkeypatch, data, flags, normalization, want):
+def _corrected_calls(monkeypatch) -> list:
+    """Whether each ``ProjectedField.field`` call from now on is corrected (given a ``pos_sample``)."""
     seen = []
     real_field = dxfield.ProjectedField.field
 
@@ -863,28 +857,112 @@ def test_the_correction_is_automatic_and_says_so(tmp_path, monkeypatch, data, fl
         return real_field(self, x, *args, **kw)
 
     monkeypatch.setattr(dxfield.ProjectedField, "field", spy_field)
+    return seen
+
+
+@pytest.mark.parametrize("data, flags, normalization, want", [
+    ("moons", (), "bidirectional", False),  # automatic: off until a check finds a material bias
+    ("moons", ("--no-correction",), "bidirectional", False),
+    ("digits", ("--landmarks", "128", "--correction"), "bidirectional", True),
+    ("moons", (), "row", False),  # the correction needs the bidirectional field: no check, no error
+])
+def test_the_correction_is_automatic_and_says_so(tmp_path, monkeypatch, data, flags, normalization, want):
+    seen = _corrected_calls(monkeypatch)
     result = train(tmp_path / "run", "--field", "projected", "--normalization", normalization, *flags, data=data,
                    steps=2)
     assert seen and set(seen) == {want}
-    assert f"residual correction {'on' if want else 'off'} (" in result.output
     given = {"--correction": True, "--no-correction": False}
     setting = next((given[f] for f in flags if f in given), None)
-    assert ("auto:" in result.output) == (setting is None)
+    auto = setting is None and normalization == "bidirectional"
+    assert ("residual correction auto: off until" in result.output) == auto
+    if not auto:
+        assert f"residual correction {'on' if want else 'off'} (set" in result.output
     assert json.loads((tmp_path / "run" / "config.json").read_text())["correction"] == setting
 
 
-def test_correction_rule_counts_points_per_landmark():
-    from dxtrain.fields import CORRECTION_MIN_POINTS_PER_LANDMARK, correction_applies, points_per_landmark
+@pytest.mark.parametrize("dim, landmarks, turns_on", [(16, 4, True), (2, 128, False)])
+def test_the_automatic_correction_turns_on_where_the_bias_is_material(tmp_path, monkeypatch, dim, landmarks,
+                                                                      turns_on):
+    # 16-D blobs on 4 landmarks: the Nystrom sums are far off and the check after 25 steps turns the correction
+    # on; 2-D blobs on 128 landmarks: nearly exact, it stays off (and is checked again after 50 steps)
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((6, dim)) * 3
+    x = (centres[rng.integers(0, 6, 3000)] + 0.3 * rng.standard_normal((3000, dim))).astype(np.float32)
+    np.savez(tmp_path / "blobs.npz", x=x)
+    calls = _corrected_calls(monkeypatch)
+    result = train(tmp_path / "run", "--field", "projected", "--landmarks", str(landmarks), "--batch", "64",
+                   "--positives", "64", "--log-every", "10", data=str(tmp_path / "blobs.npz"), steps=55)
+    # one call per step, and three per check (uncorrected, then corrected by each of two fresh samples)
+    check = [False, True, True]
+    if turns_on:
+        assert calls == [False] * 25 + check + [True] * 30
+    else:
+        assert calls == [False] * 25 + check + [False] * 25 + check + [False] * 5
+    assert ("residual correction on from step 25:" in result.output) == turns_on
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    shares = [(r["step"], r["correction_bias_share"]) for r in records if "correction_bias_share" in r]
+    assert [s for s, _ in shares] == ([30] if turns_on else [30, 55])  # logged with the next line
+    assert all((share >= 0.25) == turns_on for _, share in shares), shares
 
-    rng = np.random.default_rng(0)
-    y = rng.standard_normal((400, 3)).astype(np.float32)
-    few = dxfield.ProjectedField.build(y, temperatures=(0.1,), landmarks=100, method="uniform")  # 4 per landmark
-    many = dxfield.ProjectedField.build(y, temperatures=(0.1,), landmarks=101, method="uniform")  # 3.96
-    assert points_per_landmark([few]) == pytest.approx(4.0) and CORRECTION_MIN_POINTS_PER_LANDMARK == 4.0
-    assert correction_applies([few], "bidirectional", "exact") is True
-    assert correction_applies([few, many], "bidirectional", "exact") is False  # the fewest of the groups
-    assert correction_applies([few], "row", "exact") is False
-    assert correction_applies([few], "bidirectional", "nystrom") is False
+def _auto_field(y, labels=None):
+    from dxtrain.fields import ProjectedFieldSet
+    from dxtrain.train import TrainConfig
+
+    field = ProjectedFieldSet({"x": dxfield.ProjectedField.build(y, labels=labels, temperatures=(0.05, 0.2),
+                                                                  landmarks=8, method="uniform")})
+    field.configure(TrainConfig())
+    return field
+
+
+def test_the_automatic_correction_is_checked_after_25_50_100_steps_until_it_turns_on():
+    from dxtrain.fields import correction_applies
+    from dxtrain.train import TrainConfig
+
+    field = _auto_field(np.random.default_rng(0).standard_normal((400, 3)).astype(np.float32))
+    assert field.auto_correction and not field.correction
+    assert [s for s in range(1000) if field.correction_check_due(s)] == [25, 50, 100, 200, 400, 800]
+    field.decide_correction(0.0624, 1.0, 100)  # bias RMS 24.98% of the field's: stays off
+    assert not field.correction and field.correction_check_due(200)
+    assert field.decide_correction(-0.5, 1.0, 100) == 0.0 and not field.correction  # a noisy negative estimate
+    assert field.decide_correction(0.0626, 1.0, 200) == pytest.approx(0.0626 ** 0.5)
+    assert field.correction and field.correction_from == 200 and not field.correction_check_due(400)
+    assert field.state() == {"correction_from": 200}
+    again = _auto_field(np.random.default_rng(0).standard_normal((400, 3)).astype(np.float32))
+    again.restore(field.state())
+    assert again.correction and again.correction_from == 200
+    again.restore(None)  # a checkpoint written before the automatic correction existed: keeps what it has
+    assert again.correction
+    for cfg in (TrainConfig(correction=False), TrainConfig(correction=True), TrainConfig(repulsion="nystrom"),
+                TrainConfig(normalization="row")):
+        field.configure(cfg)
+        assert not field.auto_correction and field.correction == bool(cfg.correction)
+        assert not any(field.correction_check_due(s) for s in range(1000))
+    assert correction_applies("bidirectional", "exact") and not correction_applies("row", "exact")
+    assert not correction_applies("bidirectional", "nystrom")
+
+
+def test_the_correction_check_measures_the_uncorrected_fields_bias_against_algorithm_2_on_all_the_data():
+    # with the whole data as both samples the corrected field is Algorithm 2 over all of it, so the bias is
+    # exactly |V_uncorrected - V_all|^2 per query and the signal |V_all|^2 (independent: dxfield.drift_field)
+    import torch
+
+    rng = np.random.default_rng(1)
+    for labels in (None, rng.integers(0, 3, 300)):
+        shift = 0 if labels is None else 2 * labels[:, None]
+        y = (rng.standard_normal((300, 4)) + shift).astype(np.float32)
+        field = _auto_field(y, labels)
+        pf = field.fields["x"]
+        x = torch.from_numpy((rng.standard_normal((30, 4)) * 1.5).astype(np.float32))
+        qlab = None if labels is None else torch.from_numpy(np.arange(30) % 3)
+        whole = ({"x": torch.from_numpy(y)}, None if labels is None else torch.from_numpy(labels))
+        bias2, signal2 = field.bias_terms({"x": x}, [whole, whole], qlab)
+        vu = pf.field(x.numpy(), labels=None if qlab is None else qlab.numpy(), normalization="bidirectional")
+        vall = dxfield.drift_field(x.numpy().astype(np.float64), y.astype(np.float64), temperatures=(0.05, 0.2),
+                                   feature_scale=pf.feature_scale, labels=None if qlab is None else qlab.numpy(),
+                                   pos_labels=labels)
+        assert bias2 == pytest.approx(((vu - vall) ** 2).sum(1).mean(), rel=1e-3)
+        assert signal2 == pytest.approx((vall ** 2).sum(1).mean(), rel=1e-4)
+        assert 0 < bias2 < signal2
 
 
 def test_correction_sample_sets_the_real_samples_per_step(tmp_path, monkeypatch):
@@ -899,7 +977,7 @@ def test_correction_sample_sets_the_real_samples_per_step(tmp_path, monkeypatch)
 
     monkeypatch.setattr(dxfield.ProjectedField, "field", spy_field)
     cfg = TrainConfig(data="moons", out=str(tmp_path / "run"), steps=2, batch=40, positives=60, correction_sample=24,
-                      landmarks=8, encoder="none", device="cpu", evaluate=False, progress=False)
+                      correction=True, landmarks=8, encoder="none", device="cpu", evaluate=False, progress=False)
     run_training(cfg, log=lambda m: None)
     assert seen == [24, 24]  # 12 per class, both classes
     with pytest.raises(ValueError, match="correction_sample"):
