@@ -88,14 +88,17 @@ def _device(ctx, param, value):
 
 def _data_options(f):
     f = click.option("--labels-key", default=None,
-                     help="Key of the labels in a .npz/.h5 file (default: labels or y).")(f)
+                     help="Key of the labels in a .npz/.h5 file (default: labels or y); for a CIFAR-100 folder "
+                          "fine_labels (default) or coarse_labels.")(f)
     f = click.option("--data-key", default=None,
                      help="Key of the samples in a .npz/.h5 file (default: x, data or images).")(f)
     f = click.option("--data", default=_DEFAULTS.data, show_default=True,
                      help="Embedded data set (digits, moons, swissroll, checkerboard, gaussians8, or mixture: 64 "
                           "Gaussian modes in 32-D with a known density, scored against it by eval) or a "
                           ".npz/.npy/.h5 file of vectors (N x D) or images (N x H x W, N x C x H x W, "
-                          "N x H x W x C).")(f)
+                          "N x H x W x C), or a data folder: a CIFAR-10/100 Python folder (cifar-10-batches-py/, "
+                          "cifar-100-python/) or ROOT/<class>/*.png|jpg (ROOT/train/ and ROOT/test/ for its own test "
+                          "split).")(f)
     return f
 
 

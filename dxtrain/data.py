@@ -23,7 +23,11 @@ vectors ``(N, D)`` or images ``(N, C, H, W)``, with optional integer labels
     (:func:`dxtrain.evaluate.mixture_quality`); ``Dataset.truth`` carries it;
 
 * a path to a user's ``.npz``, ``.npy``, ``.h5`` or ``.hdf5`` file of vectors
-  or images, with optional labels (see :func:`load_dataset` for the keys).
+  or images, with optional labels (see :func:`load_dataset` for the keys);
+
+* a path to a folder of images: the CIFAR-10/100 Python folders, or
+  ``root/<class>/*.png|jpg`` (:mod:`dxtrain.imagedata`), with the data set's
+  own test split where it has one (``Dataset.test``).
 
 Images end up in ``[-1, 1]`` (uint8 pixels are scaled ``/ 255``), the range
 the generator's output and :func:`dxtrain.pictures.image_grid` assume.
@@ -40,10 +44,13 @@ Example
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from importlib import resources
 
 import numpy as np
+
+from .datafiles import read_h5, read_npy, read_npz
 
 __all__ = ["Dataset", "EMBEDDED", "GaussianMixture", "load_dataset", "mixture_truth", "train_test_split"]
 
@@ -51,10 +58,6 @@ EMBEDDED = ("digits", "moons", "swissroll", "checkerboard", "gaussians8", "mixtu
 """Names :func:`load_dataset` accepts without a file."""
 
 FILE_EXTENSIONS = (".npz", ".npy", ".h5", ".hdf5")
-
-# Keys tried, in order, when the caller names none.
-SAMPLE_KEYS = ("x", "data", "images", "arr_0")
-LABEL_KEYS = ("labels", "y")
 
 DEFAULT_TOY_POINTS = 20000
 DEFAULT_MIXTURE_POINTS = 60000  # about 51000 training points after the default 15 % test split
@@ -96,6 +99,8 @@ class Dataset:
     label_names: np.ndarray | None = None
     preprocessing: str = "none"
     truth: GaussianMixture | None = None
+    test: Dataset | None = None  # the data set's own test split (CIFAR's test batch, an image folder's test/)
+    own_split: bool = False  # this is such a split (train_test_split returned it)
 
     def __post_init__(self):
         if self.kind not in ("vectors", "images"):
@@ -140,6 +145,8 @@ class Dataset:
             label_names=self.label_names,
             preprocessing=self.preprocessing,
             truth=self.truth,
+            test=self.test,
+            own_split=self.own_split,
         )
 
 
@@ -150,8 +157,9 @@ def load_dataset(spec: str, *, n: int | None = None, seed: int = 0, key: str | N
     Parameters
     ----------
     spec : str
-        One of :data:`EMBEDDED`, or a path to a ``.npz``, ``.npy``, ``.h5`` or
-        ``.hdf5`` file.
+        One of :data:`EMBEDDED`, a path to a ``.npz``, ``.npy``, ``.h5`` or
+        ``.hdf5`` file, or a path to a data folder (a CIFAR-10/100 Python
+        folder, or an image folder: :mod:`dxtrain.imagedata`).
     n : int, optional
         For the 2-D toys, the number of points to draw (default 20000); for
         ``"mixture"`` likewise (default 60000). For
@@ -202,38 +210,24 @@ def load_dataset(spec: str, *, n: int | None = None, seed: int = 0, key: str | N
             return _mixture(DEFAULT_MIXTURE_POINTS if n is None else int(n), np.random.default_rng(seed))
         return _TOYS[name](DEFAULT_TOY_POINTS if n is None else int(n), np.random.default_rng(seed))
 
-    ext = os.path.splitext(spec)[1].lower()
-    if not os.path.exists(spec):
-        if ext in FILE_EXTENSIONS:
-            raise FileNotFoundError(f"data file not found: {spec!r}"
-                                    + ("" if os.path.isabs(spec) else f" (relative to {os.getcwd()})"))
-        raise ValueError(f"unknown data set {spec!r}: not an embedded data set ({', '.join(EMBEDDED)}) "
-                         f"and not a path to a {'/'.join(FILE_EXTENSIONS)} file")
-    if os.path.isdir(spec):
-        raise ValueError(f"data path {spec!r} is a directory; expected a {'/'.join(FILE_EXTENSIONS)} file")
-    if ext == ".npz":
-        x, labels = _read_npz(spec, key, labels_key)
-    elif ext == ".npy":
-        x, labels = _read_npy(spec, key, labels_key)
-    elif ext in (".h5", ".hdf5"):
-        x, labels = _read_h5(spec, key, labels_key)
-    else:
-        raise ValueError(f"data file {spec!r}: unsupported extension {ext!r}; expected one of "
-                         f"{', '.join(FILE_EXTENSIONS)}")
-    stem = os.path.splitext(os.path.basename(spec))[0]
-    return _subsample(_from_arrays(stem, x, labels, source=spec), n, seed)
+    return _subsample(_from_path(spec, key, labels_key), n, seed)
 
 
 def train_test_split(ds: Dataset, test_fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
     """Split ``ds`` into a training and a held-out test set.
 
-    Labelled sets are stratified: each class contributes
+    A data set with its own test split (``ds.test``: CIFAR's test batch, an
+    image folder's ``test/``) returns it instead.  Labelled sets are stratified: each class contributes
     ``round(test_fraction * count)`` samples to the test set, at least one
     (and at least one stays in training) whenever the class has two or more.
     Both splits are in random order; the same ``seed`` gives the same split.
     """
     if not 0.0 < float(test_fraction) < 1.0:
         raise ValueError(f"test_fraction={test_fraction!r}: expected a number strictly between 0 and 1")
+    if ds.test is not None:  # the data set's own split, as its authors made it
+        train = ds.subset(np.arange(len(ds)))
+        train.test = None
+        return train, ds.test
     if len(ds) < 2:
         raise ValueError(f"data set {ds.name!r} has {len(ds)} sample(s); a split needs at least 2")
     rng = np.random.default_rng(seed)
@@ -423,80 +417,52 @@ _TOYS = {"moons": _moons, "swissroll": _swissroll, "checkerboard": _checkerboard
 # --------------------------------------------------------------------------- files
 
 
-def _missing_key(path, what, wanted, present):
-    listed = ", ".join(repr(k) for k in present) if present else "none"
-    return ValueError(f"data file {path!r}: no {what} array {wanted}; arrays present: {listed}")
-
-
-def _pick(path, what, keys, explicit, defaults, required):
-    """The key to read: ``explicit`` if present, else the first default present."""
-    if explicit is not None:
-        if explicit not in keys:
-            raise _missing_key(path, what, f"under key {explicit!r}", keys)
-        return explicit
-    for k in defaults:
-        if k in keys:
-            return k
-    if required:
-        raise _missing_key(path, what, "under any of " + ", ".join(repr(k) for k in defaults)
-                           + " (pass the key to use)", keys)
-    return None
-
-
-def _read_npz(path, key, labels_key):
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except Exception as exc:  # zipfile/pickle errors: say which file
-        raise ValueError(f"data file {path!r}: not a readable .npz archive ({exc})") from exc
-    with archive as z:
-        keys = list(z.files)
-        xk = _pick(path, "sample", keys, key, SAMPLE_KEYS, required=True)
-        lk = _pick(path, "label", keys, labels_key, LABEL_KEYS, required=False)
-        try:
-            return z[xk], (None if lk is None else z[lk])
-        except ValueError as exc:  # object arrays need pickle, which we refuse
-            raise ValueError(f"data file {path!r}: cannot read array ({exc})") from exc
-
-
-def _read_npy_file(path):
-    try:
-        return np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise ValueError(f"data file {path!r}: not a readable .npy array ({exc})") from exc
-
-
-def _read_npy(path, key, labels_key):
-    if key is not None:
-        raise ValueError(f"key={key!r}: a .npy file holds a single array, so there is no key to choose "
-                         f"({path!r})")
-    if labels_key is not None:
-        raise ValueError(f"labels_key={labels_key!r}: labels of a .npy file come from the sibling file "
-                         f"{_labels_sibling(path)!r}, not from a key")
-    x = _read_npy_file(path)
-    sibling = _labels_sibling(path)
-    return x, (_read_npy_file(sibling) if os.path.exists(sibling) else None)
-
-
-def _labels_sibling(path):
-    return os.path.splitext(path)[0] + ".labels.npy"
-
-
-def _read_h5(path, key, labels_key):
-    import h5py  # only users of HDF5 files need it
-
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise ValueError(f"data file {path!r}: not a readable HDF5 file ({exc})") from exc
-    with f:
-        names = []
-        f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
-        xk = _pick(path, "sample", names, key, SAMPLE_KEYS[:3], required=True)
-        lk = _pick(path, "label", names, labels_key, LABEL_KEYS, required=False)
-        return f[xk][()], (None if lk is None else f[lk][()])
-
-
 # --------------------------------------------------------------------------- arrays -> Dataset
+
+
+def _from_path(spec: str, key, labels_key) -> Dataset:
+    """The data set in the file or folder ``spec``."""
+    ext = os.path.splitext(spec)[1].lower()
+    if not os.path.exists(spec):
+        if ext in FILE_EXTENSIONS:
+            raise FileNotFoundError(f"data file not found: {spec!r}"
+                                    + ("" if os.path.isabs(spec) else f" (relative to {os.getcwd()})"))
+        raise ValueError(f"unknown data set {spec!r}: not an embedded data set ({', '.join(EMBEDDED)}) "
+                         f"and not a path to a {'/'.join(FILE_EXTENSIONS)} file or a data folder")
+    if os.path.isdir(spec):
+        if key is not None:
+            raise ValueError(f"key={key!r} applies to .npz/.h5 files, not to the data folder {spec!r}")
+        return _from_folder(spec, labels_key)
+    if ext == ".npz":
+        x, labels = read_npz(spec, key, labels_key)
+    elif ext == ".npy":
+        x, labels = read_npy(spec, key, labels_key)
+    elif ext in (".h5", ".hdf5"):
+        x, labels = read_h5(spec, key, labels_key)
+    else:
+        raise ValueError(f"data file {spec!r}: unsupported extension {ext!r}; expected one of "
+                         f"{', '.join(FILE_EXTENSIONS)}")
+    stem = os.path.splitext(os.path.basename(spec))[0]
+    return _from_arrays(stem, x, labels, source=spec)
+
+
+def _from_folder(path: str, labels_key) -> Dataset:
+    """A CIFAR Python folder or an image folder (:mod:`dxtrain.imagedata`), with its own test split when it
+    has one; both splits scaled and labelled alike."""
+    from .imagedata import read_folder
+
+    f = read_folder(path, labels_key, progress=sys.stderr.isatty())
+    n = len(f.x)
+    x = f.x if f.x_test is None else np.concatenate([f.x, f.x_test])
+    y = f.labels if f.labels_test is None else np.concatenate([f.labels, f.labels_test])
+    whole = _from_arrays(os.path.basename(os.path.normpath(path)), x, y, source=path)
+    whole.label_names = np.array([f.class_names[int(v)] for v in whole.label_names])
+    if f.x_test is None:
+        return whole
+    ds = whole.subset(np.arange(n))
+    ds.test = whole.subset(np.arange(n, len(whole)))
+    ds.test.own_split = True
+    return ds
 
 
 def _from_arrays(name, x, labels, source) -> Dataset:

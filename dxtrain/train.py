@@ -416,7 +416,8 @@ def _set_up(cfg: TrainConfig, resume: bool, given, log, dist: Dist) -> _Run:
         log(f"resumed {cfg.out} at step {step} ({elapsed:.1f}s of training)"
             + (f"; it already has its {cfg.steps} steps: pass --steps to train longer" if step >= cfg.steps else ""))
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"data {cfg.data}: {len(train_ds)} train / {len(test_ds)} test, sample shape {train_ds.shape}, "
+    log(f"data {cfg.data}: {len(train_ds)} train / {len(test_ds)} test"
+        f"{' (its own test split)' if test_ds.own_split else ''}, sample shape {train_ds.shape}, "
         f"{train_ds.num_classes} classes ({'conditional' if conditional else 'unconditional'}); "
         f"generator {type(model).__name__} ({n_params:,} parameters); {len(groups.names)} feature group(s); "
         f"field {cfg.field}; device {device}"

@@ -1,0 +1,88 @@
+"""Reading a user's arrays from ``.npz``, ``.npy`` and HDF5 files: samples and optional labels.
+
+Each reader returns ``(samples, labels or None)`` as stored; :func:`dxtrain.data.load_dataset` turns
+them into a :class:`dxtrain.data.Dataset`.  Pickled objects are never loaded.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+# Keys tried, in order, when the caller names none.
+SAMPLE_KEYS = ("x", "data", "images", "arr_0")
+LABEL_KEYS = ("labels", "y")
+
+
+def _missing_key(path, what, wanted, present):
+    listed = ", ".join(repr(k) for k in present) if present else "none"
+    return ValueError(f"data file {path!r}: no {what} array {wanted}; arrays present: {listed}")
+
+
+def _pick(path, what, keys, explicit, defaults, required):
+    """The key to read: ``explicit`` if present, else the first default present."""
+    if explicit is not None:
+        if explicit not in keys:
+            raise _missing_key(path, what, f"under key {explicit!r}", keys)
+        return explicit
+    for k in defaults:
+        if k in keys:
+            return k
+    if required:
+        raise _missing_key(path, what, "under any of " + ", ".join(repr(k) for k in defaults)
+                           + " (pass the key to use)", keys)
+    return None
+
+
+def read_npz(path, key, labels_key):
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as exc:  # zipfile/pickle errors: say which file
+        raise ValueError(f"data file {path!r}: not a readable .npz archive ({exc})") from exc
+    with archive as z:
+        keys = list(z.files)
+        xk = _pick(path, "sample", keys, key, SAMPLE_KEYS, required=True)
+        lk = _pick(path, "label", keys, labels_key, LABEL_KEYS, required=False)
+        try:
+            return z[xk], (None if lk is None else z[lk])
+        except ValueError as exc:  # object arrays need pickle, which we refuse
+            raise ValueError(f"data file {path!r}: cannot read array ({exc})") from exc
+
+
+def _read_npy_file(path):
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise ValueError(f"data file {path!r}: not a readable .npy array ({exc})") from exc
+
+
+def read_npy(path, key, labels_key):
+    if key is not None:
+        raise ValueError(f"key={key!r}: a .npy file holds a single array, so there is no key to choose "
+                         f"({path!r})")
+    if labels_key is not None:
+        raise ValueError(f"labels_key={labels_key!r}: labels of a .npy file come from the sibling file "
+                         f"{_labels_sibling(path)!r}, not from a key")
+    x = _read_npy_file(path)
+    sibling = _labels_sibling(path)
+    return x, (_read_npy_file(sibling) if os.path.exists(sibling) else None)
+
+
+def _labels_sibling(path):
+    return os.path.splitext(path)[0] + ".labels.npy"
+
+
+def read_h5(path, key, labels_key):
+    import h5py  # only users of HDF5 files need it
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise ValueError(f"data file {path!r}: not a readable HDF5 file ({exc})") from exc
+    with f:
+        names = []
+        f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        xk = _pick(path, "sample", names, key, SAMPLE_KEYS[:3], required=True)
+        lk = _pick(path, "label", names, labels_key, LABEL_KEYS, required=False)
+        return f[xk][()], (None if lk is None else f[lk][()])
