@@ -1,0 +1,113 @@
+"""The real data's features in a chunked HDF5 file (dxtrain.featcache): identity, resume, memory."""
+
+from __future__ import annotations
+
+import os
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+from dxtrain.data import load_dataset
+from dxtrain.featcache import FeatureFile, build_features, fingerprint
+from dxtrain.features import FeatureGroups, builtin_encoder
+from dxtrain.train import real_features
+
+
+def _encoder(seed=0):
+    """The builtin encoder's feature groups (weights from ``seed``), an encode function, and its calls."""
+    groups = FeatureGroups((1, 8, 8), builtin_encoder(1, seed=seed))
+    calls = []
+
+    def encode(chunk):
+        calls.append(len(chunk))
+        with torch.no_grad():
+            return {k: v.numpy() for k, v in groups(torch.from_numpy(chunk)).items()}
+
+    return groups, encode, calls
+
+
+def _fp(x, groups, spec="builtin"):
+    return fingerprint(x, spec, groups.encoder, groups.dims)
+
+
+def test_the_file_holds_what_the_encoder_gives_row_for_row(tmp_path):
+    x = load_dataset("digits").x[:300]
+    groups, encode, calls = _encoder()
+    ff = build_features(str(tmp_path / "f.h5"), x, encode, _fp(x, groups), chunk=64)
+    assert calls == [64, 64, 64, 64, 44] and not os.path.exists(tmp_path / "f.h5.partial")
+    ref = real_features(groups, torch.from_numpy(x), "cpu", chunk=300)  # in RAM, one pass: the reference
+    idx = np.array([299, 0, 17, 17, 150])
+    got = ff.rows(idx)
+    assert set(got) == set(ref) and len(got) == len(groups.names)
+    for name, r in ref.items():
+        np.testing.assert_allclose(got[name], r[idx], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.concatenate(list(ff.chunks(name, 100))), r, rtol=1e-5, atol=1e-6)
+    ff.close()
+    again = build_features(str(tmp_path / "f.h5"), x, encode, _fp(x, groups))  # opened, not rebuilt
+    assert len(calls) == 5 and again.n == 300
+    again.close()
+
+
+def test_an_interrupted_build_resumes_where_it_stopped(tmp_path):
+    x = load_dataset("digits").x[:300]
+    groups, encode, calls = _encoder()
+
+    def stops_at_third(chunk):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return encode(chunk)
+
+    path = str(tmp_path / "f.h5")
+    with pytest.raises(KeyboardInterrupt):
+        build_features(path, x, stops_at_third, _fp(x, groups), chunk=64)
+    assert not os.path.exists(path) and os.path.exists(path + ".partial")
+    lines = []
+    with build_features(path, x, encode, _fp(x, groups), chunk=64, log=lines.append) as ff:
+        assert calls == [64, 64, 64, 64, 44]  # two chunks before the interruption, three after
+        assert any("resuming the feature file build at row 128" in m for m in lines)
+        whole = build_features(str(tmp_path / "whole.h5"), x, _encoder()[1], _fp(x, groups), chunk=64)
+        for name in ff.groups:
+            np.testing.assert_array_equal(ff.groups[name][()], whole.groups[name][()])
+        whole.close()
+
+
+def test_a_file_of_other_data_or_weights_is_refused_and_a_foreign_partial_started_over(tmp_path):
+    x = load_dataset("digits").x[:100]
+    groups, encode, _ = _encoder()
+    path = str(tmp_path / "f.h5")
+    build_features(path, x, encode, _fp(x, groups), chunk=64).close()
+    y = x.copy()
+    y[5, 0, 0, 0] += 0.5
+    with pytest.raises(ValueError, match="other data, encoder or weights.*samples_sha256"):
+        build_features(path, y, encode, _fp(y, groups))
+    other, _, _ = _encoder(seed=3)
+    with pytest.raises(ValueError, match="encoder_weights_sha256"):
+        FeatureFile.open(path, _fp(x, other))
+    with pytest.raises(ValueError, match="not a complete dxtrain feature file"):
+        import h5py
+        with h5py.File(tmp_path / "junk.h5", "w") as f:
+            f.attrs["format"] = 1
+        FeatureFile.open(str(tmp_path / "junk.h5"))
+    # a partial left by a build of other data is removed and the build starts over
+    os.rename(path, str(tmp_path / "g.h5.partial"))
+    lines = []
+    build_features(str(tmp_path / "g.h5"), y, encode, _fp(y, groups), chunk=64, log=lines.append).close()
+    assert any("starting the feature file over" in m for m in lines)
+
+
+def test_the_peak_memory_of_a_build_does_not_grow_with_the_data(tmp_path):
+    rng = np.random.default_rng(0)
+    groups, encode, _ = _encoder()
+    peaks = []
+    for n in (1000, 4000):
+        x = rng.standard_normal((n, 1, 8, 8)).astype(np.float32)
+        fp = _fp(x, groups)
+        tracemalloc.start()
+        build_features(str(tmp_path / f"f{n}.h5"), x, encode, fp, chunk=128).close()
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    features_per_row = 4 * sum(groups.dims.values())
+    assert peaks[1] < peaks[0] * 1.3, peaks  # 4x the data, about the same peak
+    assert peaks[1] < 4000 * features_per_row / 4, (peaks, 4000 * features_per_row)  # far below all features
