@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 
 import numpy as np
@@ -225,9 +225,7 @@ def train_test_split(ds: Dataset, test_fraction: float = 0.2, seed: int = 0) -> 
     if not 0.0 < float(test_fraction) < 1.0:
         raise ValueError(f"test_fraction={test_fraction!r}: expected a number strictly between 0 and 1")
     if ds.test is not None:  # the data set's own split, as its authors made it
-        train = ds.subset(np.arange(len(ds)))
-        train.test = None
-        return train, ds.test
+        return replace(ds, test=None), ds.test
     if len(ds) < 2:
         raise ValueError(f"data set {ds.name!r} has {len(ds)} sample(s); a split needs at least 2")
     rng = np.random.default_rng(seed)
@@ -452,17 +450,13 @@ def _from_folder(path: str, labels_key) -> Dataset:
     from .imagedata import read_folder
 
     f = read_folder(path, labels_key, progress=sys.stderr.isatty())
-    n = len(f.x)
-    x = f.x if f.x_test is None else np.concatenate([f.x, f.x_test])
-    y = f.labels if f.labels_test is None else np.concatenate([f.labels, f.labels_test])
-    whole = _from_arrays(os.path.basename(os.path.normpath(path)), x, y, source=path)
+    whole = _from_arrays(os.path.basename(os.path.normpath(path)), f.x, f.labels, source=path)
     whole.label_names = np.array([f.class_names[int(v)] for v in whole.label_names])
-    if f.x_test is None:
+    n = f.n_train
+    if n == len(whole):
         return whole
-    ds = whole.subset(np.arange(n))
-    ds.test = whole.subset(np.arange(n, len(whole)))
-    ds.test.own_split = True
-    return ds
+    test = replace(whole, x=whole.x[n:], labels=whole.labels[n:], own_split=True)
+    return replace(whole, x=whole.x[:n], labels=whole.labels[:n], test=test)
 
 
 def _from_arrays(name, x, labels, source) -> Dataset:

@@ -140,10 +140,10 @@ class ProjectedFieldSet:
 
     def configure(self, cfg) -> None:
         """Take the field options of a :class:`dxtrain.train.TrainConfig` (``correction=None``: automatic,
-        off until :meth:`check_correction` measures a material bias; docs/design.md section 8.12)."""
+        off until :meth:`decide_correction` finds a material bias; docs/design.md section 8.12)."""
         self.normalization, self.repulsion = cfg.normalization, cfg.repulsion
         self.auto_correction = cfg.correction is None and correction_applies(cfg.normalization, cfg.repulsion)
-        self.correction = bool(cfg.correction) if cfg.correction is not None else False
+        self.correction = bool(cfg.correction)  # None (automatic) starts off
         self.correction_from = None  # the step the automatic correction turned on at
 
     def correction_check_due(self, step: int) -> bool:

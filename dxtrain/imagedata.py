@@ -34,14 +34,13 @@ CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 
 @dataclass
 class FolderData:
-    """What :func:`read_folder` found: uint8 images ``(N, C, H, W)``, int64 labels, class names."""
+    """What :func:`read_folder` found: uint8 images ``(N, C, H, W)``, int64 labels, class names; the
+    first ``n_train`` rows are the training split, the rest (if any) the data set's own test split."""
 
     x: np.ndarray
     labels: np.ndarray
-    x_test: np.ndarray | None
-    labels_test: np.ndarray | None
+    n_train: int
     class_names: list[str]
-    layout: str  # "CIFAR-10", "CIFAR-100 (fine labels)", "image folder", ...
 
 
 def read_folder(path: str, labels_key: str | None = None, progress: bool = False) -> FolderData:
@@ -117,12 +116,8 @@ def _cifar10(path: str, names: set) -> FolderData:
     if missing:
         raise ValueError(f"{path!r} looks like a CIFAR-10 folder but lacks {', '.join(missing)} "
                          "(expected data_batch_1 ... data_batch_5 and test_batch)")
-    parts = [_batch(os.path.join(path, n), "labels") for n in CIFAR10_TRAIN]
-    x_test, y_test = _batch(os.path.join(path, "test_batch"), "labels")
-    x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    count = int(max(y.max(), y_test.max())) + 1
-    return FolderData(x, y, x_test, y_test, _class_names(os.path.join(path, "batches.meta"), "label_names", count),
-                      "CIFAR-10")
+    parts = [_batch(os.path.join(path, n), "labels") for n in CIFAR10_TRAIN + ("test_batch",)]
+    return _joined(parts, os.path.join(path, "batches.meta"), "label_names")
 
 
 def _cifar100(path: str, labels_key: str | None) -> FolderData:
@@ -130,12 +125,15 @@ def _cifar100(path: str, labels_key: str | None) -> FolderData:
     if key not in ("fine_labels", "coarse_labels"):
         raise ValueError(f"labels_key={labels_key!r}: CIFAR-100 has 'fine_labels' (100 classes) and "
                          "'coarse_labels' (20)")
-    x, y = _batch(os.path.join(path, "train"), key)
-    x_test, y_test = _batch(os.path.join(path, "test"), key)
-    count = int(max(y.max(), y_test.max())) + 1
-    meta_key = "fine_label_names" if key == "fine_labels" else "coarse_label_names"
-    return FolderData(x, y, x_test, y_test, _class_names(os.path.join(path, "meta"), meta_key, count),
-                      f"CIFAR-100 ({key.split('_')[0]} labels)")
+    parts = [_batch(os.path.join(path, n), key) for n in ("train", "test")]
+    return _joined(parts, os.path.join(path, "meta"), "fine_label_names" if key == "fine_labels" else "coarse_label_names")
+
+
+def _joined(parts: list, meta: str, names_key: str) -> FolderData:
+    """CIFAR batches ``(x, labels)`` in one array, the last batch the test split; class names from ``meta``."""
+    y = np.concatenate([p[1] for p in parts])
+    return FolderData(np.concatenate([p[0] for p in parts]), y, len(y) - len(parts[-1][1]),
+                      _class_names(meta, names_key, int(y.max()) + 1))
 
 
 # --------------------------------------------------------------------------- image folders
@@ -174,9 +172,7 @@ def _image_folder(path: str, progress: bool) -> FolderData:
         present = [c for c in classes if os.path.isdir(os.path.join(path, "test", c))]
         test_files = [(f, classes.index(present[k])) for f, k in _image_files(os.path.join(path, "test"), present)]
     x, labels = _read_images(files + test_files, progress)
-    n = len(files)
-    return FolderData(x[:n], labels[:n], x[n:] if split else None, labels[n:] if split else None, classes,
-                      "image folder" + (" with train/ and test/" if split else ""))
+    return FolderData(x, labels, len(files), classes)
 
 
 def _read_images(files: list[tuple[str, int]], progress: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -229,11 +229,12 @@ def save_checkpoint(folder: str, cfg, model, ema, opt, step: int, elapsed: float
                     field_state: dict | None = None) -> None:
     """``checkpoint.pt``: everything :func:`restore_checkpoint` needs to continue exactly
     (written by :func:`write_checkpoint`); ``field_state``: the field's own (the automatic correction's)."""
-    write_checkpoint(folder, {"field": field_state,
+    write_checkpoint(folder, {
         "config": asdict(cfg), "generator": model.state_dict(), "ema": ema.state_dict(),
         "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed,
         "rng": {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state, "noise": noise_rng.get_state()},
         "data": {"name": ds.name, "kind": ds.kind, "shape": list(ds.shape), "num_classes": ds.num_classes},
+        "field": field_state,
     })
 
 
