@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from .backend import device_of, placement_of
-from .kernels import logit_coef, sqdist
+from .backend import device_of, placement_of, to_host
+from .kernels import logit_coef, sqdist_stacked
 from .memory import tile_cap
 from .nystrom import column_log_sums, kernel_products
 from .sums import logsumexp, quiet
@@ -119,7 +119,12 @@ def bidirectional_attraction(pf, xp, xa, groups):
     log sum_j k_ij c_j^{-1/2}`` and ``log_r = log sum_j k_ij`` (float64), and
     the fallback counts (rows where a Nystrom sum lost its sign or its digits
     use the landmarks as the data, each with the mass ``n / m`` of its shard).
+
+    Many small class groups are batched (:class:`_Batches`, :func:`_nystrom_sums`): a few
+    operations per temperature instead of a loop over the classes (docs/design.md section 8.15).
     """
+    if _batchable(pf, xa, groups):
+        return _batched(pf, xp, xa, _Batches(pf, xp, xa, groups, None, {}), _nystrom_sums)
     n, d = xa.shape
     nt = len(pf.temperatures)
     centre = pf.on_device(placement_of(xp, xa))["centre"]
@@ -190,15 +195,29 @@ def corrected_attraction(pf, xp, xa, groups, ys, sample_rows):
     few operations on (groups x queries x landmarks) arrays, not a loop over
     the classes (docs/design.md section 2.7).
     """
-    n, d = xa.shape
-    nt = len(pf.temperatures)
-    dt, f64 = pf.dtype, xp.float64
     centre = pf.on_device(placement_of(xp, xa))["centre"]
-    bt = _Batches(pf, xp, xa, groups, ys - centre, sample_rows)
+    return _batched(pf, xp, xa, _Batches(pf, xp, xa, groups, ys - centre, sample_rows), _corrected_sums)
+
+
+def _batchable(pf, xa, groups) -> bool:
+    """Whether the class groups are worth batching: more than one, and their padded (groups x
+    queries x landmarks) block within a tile (larger groups amortise their own overheads)."""
+    if groups is None or len(groups) < 2:
+        return False
+    nq = max(len(rows) for _, rows in groups)
+    nm = max(pf.shards[si].m for si, _ in groups)
+    entries = len(groups) * nq * nm
+    return entries <= tile_cap(device_of(xa)) and 8 * entries * xa.dtype.itemsize <= pf.memory_budget
+
+
+def _batched(pf, xp, xa, bt: "_Batches", sums):
+    """Per temperature ``(b, log_w, log_r)`` in the queries' order, and the fallback counts, from
+    ``sums(pf, xp, bt, k)`` over the stacked groups ``bt``."""
+    n, d = xa.shape
     out, fallback = [], []
-    for k in range(nt):
-        b, log_w, log_r, nbad = _corrected_sums(pf, xp, bt, k)
-        outs = (xp.empty((n, d), dtype=dt), xp.empty(n, dtype=f64), xp.empty(n, dtype=f64))
+    for k in range(len(pf.temperatures)):
+        b, log_w, log_r, nbad = sums(pf, xp, bt, k)
+        outs = (xp.empty((n, d), dtype=pf.dtype), xp.empty(n, dtype=xp.float64), xp.empty(n, dtype=xp.float64))
         for o, p in zip(outs, (b, log_w, log_r)):
             o[bt.rows] = p[bt.valid]
         out.append(outs)
@@ -218,7 +237,6 @@ class _Batches:
 
     def __init__(self, pf, xp, xa, groups, ysc, sample_rows):
         dev = pf.on_device(placement_of(xp, xa))
-        dist = (lambda a, b: xp.sqrt(sqdist(a, b))) if pf.kernel == "laplace" else sqdist  # noqa: E731
         gs = list(query_groups(pf, xp, xa, groups))
         nb, d, dt = len(gs), xa.shape[1], pf.dtype
         parts = [_sample_parts(pf, xp, g, ysc, sample_rows) for g in gs]
@@ -227,40 +245,51 @@ class _Batches:
         ns = max([sum(int(yb.shape[0]) for _, yb, _ in p) for p in parts] + [1])
         self.groups, self.nq, self.nm, self.ns, self.dev = gs, nq, nm, ns, dev
         self.key = (tuple(tuple(g.shards) for g in gs), nm)  # the padded summaries depend on this only
-        inf = float("inf")
-        self.du = xp.full((nb, nq, nm), inf, dtype=dt)  # query-landmark distances (inf: padding)
-        self.dy = xp.full((nb, nq, ns), inf, dtype=dt)  # query-sample
-        self.duy = xp.full((nb, nm, ns), inf, dtype=dt)  # landmark-sample (inf: other shard)
+        xq = xp.zeros((nb, nq, d), dtype=dt)  # each group's queries - c (zeros: padding)
         self.y1 = xp.zeros((nb, ns, d + 1), dtype=dt)  # [y - c, 1] of the sample rows
         self.scale = xp.zeros((nb, ns), dtype=dt)  # n_s / B_s of each sample row's shard
         self.valid = xp.zeros((nb, nq), dtype=bool)
+        pairs = np.zeros((nb, nm, ns), dtype=bool)  # landmark and sample row of the same shard
         self.has_sample = any(parts)
         for j, (g, p) in enumerate(zip(gs, parts)):
-            xc = g.xs - dev["centre"]
-            q, m = int(g.xs.shape[0]), int(g.uc.shape[0])
+            q = int(g.xs.shape[0])
+            xq[j, :q] = g.xs - dev["centre"]
             self.valid[j, :q] = True
-            self.du[j, :q, :m] = dist(xc, g.uc)
             at = 0
             for sl, yb, scale in p:
                 cols = slice(at, at + int(yb.shape[0]))
-                self.dy[j, :q, cols] = dist(xc, yb)
-                self.duy[j, sl, cols] = dist(g.uc[sl], yb)
+                pairs[j, sl, cols] = True
                 self.y1[j, cols, :d] = yb
                 self.y1[j, cols, d] = 1
                 self.scale[j, cols] = scale
                 at = cols.stop
+        uc, has_u = self.landmarks(xp, d, dt)
+        dist = (lambda a, b, mask: _masked_distances(xp, pf.kernel, a, b, mask))  # noqa: E731
+        self.du = dist(xq, uc, self.valid[:, :, None] & has_u[:, None, :])  # query-landmark (inf: padding)
+        if self.has_sample:
+            ys, has_y = self.y1[:, :, :d], self.scale > 0
+            self.dy = dist(xq, ys, self.valid[:, :, None] & has_y[:, None, :])  # query-sample
+            self.duy = dist(uc, ys, xp.asarray(pairs))  # landmark-sample (inf: other shard)
+        else:
+            self.dy = xp.full((nb, nq, ns), float("inf"), dtype=dt)
+            self.duy = xp.full((nb, nm, ns), float("inf"), dtype=dt)
         self.rows = xp.concatenate([xp.asarray(g.idx) if not isinstance(g.idx, slice)
                                     else xp.arange(xa.shape[0]) for g in gs])
+
+    def landmarks(self, xp, d: int, dtype):
+        """Every group's landmarks (centred), padded: (groups x nm x D), and which are real (made once
+        per device and set of groups)."""
+        def make():
+            uc = _padded(xp, self, [g.uc for g in self.groups], d, dtype)
+            has = xp.asarray(np.arange(self.nm)[None, :] < np.array([[g.uc.shape[0]] for g in self.groups]))
+            return uc, has
+        return self.kept(("landmarks",), make)
 
     def folded(self, xp, k: int, d: int):
         """``A [G | t]`` of every group at temperature ``k``, padded: (groups x nm x (D+1)), float64 (made
         once per device and set of groups)."""
-        def make():
-            out = xp.zeros((len(self.groups), self.nm, d + 1), dtype=xp.float64)
-            for j, g in enumerate(self.groups):
-                out[j, :g.uc.shape[0]] = g.folded[k][:, :d + 1]
-            return out
-        return self._kept(("folded", k), make)
+        return self.kept(("folded", k), lambda: _padded(xp, self, [g.folded[k] for g in self.groups], d + 1,
+                                                        xp.float64))
 
     def inverse_grams(self, pf, xp, k: int):
         """``W^{-1}`` of every group's shards (block diagonal), padded: (groups x nm x nm), float64 (made
@@ -271,9 +300,9 @@ class _Batches:
                 m = g.uc.shape[0]
                 out[j, :m, :m] = pf.inverse_gram(self.dev, xp, g.shards, k)
             return out
-        return self._kept(("winv", k), make)
+        return self.kept(("winv", k), make)
 
-    def _kept(self, what, make):
+    def kept(self, what, make):
         """``make()``, kept on the device for the next call with the same groups (only the last set of
         groups is kept: with many classes the set changes from call to call)."""
         kept = self.dev.get("batched")
@@ -293,9 +322,7 @@ def _corrected_sums(pf, xp, bt: _Batches, k: int):
     folded = bt.folded(xp, k, d)  # A [G | t]
     with quiet(xp):
         # k_iu c_u^{-1/2} = exp(e_iu) and k_iu = exp(e_iu) c_u^{1/2}: column sums over each group's queries
-        Lu = bt.du * -coef  # -inf on padding
-        half = _half_column_sums(xp, Lu)
-        e_u = Lu - half[:, None, :]
+        Lu, half, e_u = _landmark_terms(pf, xp, bt, k)
         Ly = bt.dy * -coef
         half_y = _half_column_sums(xp, Ly)  # the sample points' exact column sums
         e_y = Ly - half_y[:, None, :]
@@ -326,6 +353,65 @@ def _corrected_sums(pf, xp, bt: _Batches, k: int):
     safe_s = xp.where(has, s_w, 1.0)
     b = pr[:, :, :d] / safe_s[:, :, None]
     return b, _log_sums(xp, shift, safe_s, has), _log_sums(xp, shift, r, has), nbad
+
+
+def _landmark_terms(pf, xp, bt: "_Batches", k: int):
+    """``(Lu, half, e_u)`` at temperature ``k``: the query-landmark logits, half the log column sums
+    over each group's queries, and ``e_u = Lu - half`` (``k_iu c_u^{-1/2} = exp(e_u)``)."""
+    Lu = bt.du * -logit_coef(pf.kernel, pf.taus[k])  # -inf on padding
+    half = _half_column_sums(xp, Lu)
+    return Lu, half, Lu - half[:, None, :]
+
+
+def _nystrom_sums(pf, xp, bt: "_Batches", k: int):
+    """One temperature of :func:`bidirectional_attraction`, all groups at once (no sample): like
+    :func:`_corrected_sums`.  Rows whose Nystrom sums lost their sign or their digits (below
+    ``den_floor`` of the magnitude of their terms) use the landmarks as the data, group by group."""
+    d = bt.y1.shape[2] - 1
+    dt = pf.dtype
+    # per landmark: [A G | A t | |A t|] (working dtype), then the same two sums weighted by c_u^{1/2}
+    folded = bt.kept(("folded_w", k), lambda: _padded(xp, bt, [g.folded[k] for g in bt.groups], d + 2, dt))
+    with quiet(xp):
+        Lu, half, e_u = _landmark_terms(pf, xp, bt, k)
+        shift = xp.maximum(e_u.max(axis=2), Lu.max(axis=2))
+        shift = xp.where(xp.isfinite(shift), shift, 0).astype(dt)
+        E = xp.exp(e_u - shift[:, :, None])  # units exp(shift_i)
+        root_c = xp.exp(half).astype(dt)  # c_u^{1/2} <= sqrt(queries): no overflow
+        pr = E @ xp.concatenate([folded, folded[:, :, d:d + 2] * root_c[:, :, None]], axis=2)
+    den, rsum = pr[:, :, d], pr[:, :, d + 2]
+    bad = bt.valid & (~(den > pf.den_floor * pr[:, :, d + 1]) | ~(rsum > pf.den_floor * pr[:, :, d + 3]))
+    nbad = int(bad.sum())
+    if nbad:
+        for j in np.nonzero(to_host(bad.any(axis=1)))[0]:
+            g = bt.groups[j]
+            m, idx = g.uc.shape[0], xp.nonzero(bad[j])[0]
+            m1, mw = g.mass[:, None], (g.mass * root_c[j, :m])[:, None]
+            fb, fs = landmark_fallback(pf, xp, g, idx, k, [g.uc * m1, m1, m1, mw, mw],
+                                       col_log_weights=[-half[j, :m]])
+            pr[j, idx] = fb[0]
+            shift[j, idx] = fs[0]
+    den, rsum = pr[:, :, d], pr[:, :, d + 2]
+    has = den > 0  # False only without any data (and on padding)
+    b = pr[:, :, :d] / xp.where(has, den, 1.0)[:, :, None]
+    return b, _log_sums(xp, shift, den, has), _log_sums(xp, shift, rsum, has), nbad
+
+
+def _padded(xp, bt: "_Batches", per_group, cols: int, dtype):
+    """Per-group (landmarks x >= cols) arrays, their first ``cols`` columns stacked and zero-padded to
+    (groups x nm x cols)."""
+    out = xp.zeros((len(per_group), bt.nm, cols), dtype=dtype)
+    for j, a in enumerate(per_group):
+        out[j, :a.shape[0]] = a[:, :cols]
+    return out
+
+
+def _masked_distances(xp, kernel: str, a, b, mask):
+    """The kernel's distances of stacked sets (:func:`dxfield.kernels.sqdist_stacked`), ``inf`` off
+    ``mask`` (padding, other shards)."""
+    d2 = sqdist_stacked(a, b)
+    if kernel == "laplace":
+        xp.sqrt(xp.maximum(d2, 0, out=d2), out=d2)
+    return xp.where(mask, d2, xp.asarray(float("inf"), dtype=d2.dtype))
 
 
 def _half_column_sums(xp, logits):

@@ -129,3 +129,22 @@ def test_kernel_matvec_matches_kernel_matrix_product():
     w = rng.normal(size=(30, 2))
     np.testing.assert_allclose(dxfield.kernel_matvec(x, y, w, tau=0.9, memory_budget="1MiB"),
                                dxfield.kernel_matrix(x, y, tau=0.9) @ w, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_stacked_distances_match_float64_per_set_near_duplicates_included(xp, dtype, far_near_duplicates):
+    """``sqdist_stacked``: set g against set g, each entry as accurate as the refined 2-D distances."""
+    from dxfield.kernels import sqdist_stacked
+
+    x, y = far_near_duplicates
+    rng = np.random.default_rng(12)
+    xs = np.stack([x[:30], x[10:40], rng.normal(size=(30, 16)) * 3]).astype(dtype)
+    ys = np.stack([y[:20], y[20:40], rng.normal(size=(20, 16))]).astype(dtype)
+    d2 = to_numpy(sqdist_stacked(xp.asarray(xs), xp.asarray(ys)))
+    assert d2.shape == (3, 30, 20) and d2.dtype == dtype
+    for g in range(3):
+        exact = ref.distances(xs[g], ys[g]) ** 2
+        assert (np.abs(d2[g] - exact) <= 2e-3 * exact + 1e-30).all()
+    # the near-duplicate pairs (set 0: x[i] against y[i] ~ 1e-3 apart, 1000 from the origin) were refined
+    near = np.arange(20)
+    assert d2[0][near, near].max() < 1e-3

@@ -396,3 +396,45 @@ def test_the_whole_data_as_sample_with_a_single_class_cache():
     Vref, _ = ref.field(x, pos, normalization="bidirectional", feature_scale=0.9, drift_norm=False,
                         temperatures=(0.2,))
     np.testing.assert_allclose(V, Vref, atol=1e-9, rtol=0)
+
+
+def test_batched_class_groups_equal_the_loop_over_classes_fallback_rows_included(monkeypatch):
+    """Many small class groups go through one stacked computation (docs/design.md section 8.15);
+    it must give what the loop over the classes gives, where some rows fall back too."""
+    from dxfield import attraction
+
+    rng = np.random.default_rng(21)
+    classes = 6
+    plab = rng.integers(0, classes, 900)
+    pos = rng.normal(size=(900, 5)) + plab[:, None] * 0.7
+    qlab = np.repeat(np.arange(classes), [9, 4, 7, 2, 12, 5])  # unequal groups: padding
+    x = rng.normal(size=(len(qlab), 5)) * 2 + qlab[:, None] * 0.7
+    # landmarks in close pairs: W^{-1} K_UY 1 has both signs, so some rows' Nystrom sums cancel
+    u0 = rng.normal(size=(20, 5)) * 1.5 + 1.5
+    u = np.concatenate([u0, u0 + 0.05 * rng.normal(size=u0.shape)])
+    pf = dxfield.ProjectedField.build(pos, labels=plab, landmarks=u, ridge=1e-3, temperatures=(0.1, 0.3, 1.0))
+    pf.den_floor = 0.99  # rows whose sums cancel by more than 1% fall back: some rows, not all
+    stacked = []
+    monkeypatch.setattr(attraction, "_nystrom_sums", lambda *a, f=attraction._nystrom_sums: stacked.append(1) or f(*a))
+    V = pf.field(x, labels=qlab, normalization="bidirectional")
+    assert len(stacked) == 3  # one stacked computation per temperature
+    batched_fallback = pf.last_stats["attraction_fallback_rows"]
+    monkeypatch.setattr(attraction, "_batchable", lambda *a: False)
+    Vloop = pf.field(x, labels=qlab, normalization="bidirectional")
+    assert pf.last_stats["attraction_fallback_rows"] == batched_fallback
+    assert 0 < sum(batched_fallback) < 3 * len(qlab), batched_fallback
+    np.testing.assert_allclose(V, Vloop, rtol=1e-9, atol=1e-12 * np.abs(Vloop).max())
+
+
+def test_batched_fallback_of_every_row_is_each_class_with_its_landmarks_repeated():
+    pos, plab, x, qlab = two_classes(19, (48, 36), (0, 1), 14)
+    pf = dxfield.ProjectedField.build(pos, labels=plab, landmarks=12, method="uniform", ridge=1e-6,
+                                      feature_scale=None, temperatures=(0.3, 1.0))
+    pf.den_floor = 1.0  # every Nystrom sum "lost its digits": all rows fall back, class by class
+    V = pf.field(x, labels=qlab, normalization="bidirectional", drift_norm=False)
+    assert pf.last_stats["attraction_fallback_rows"] == [14, 14]
+    for c, reps in ((0, 4), (1, 3)):
+        q = qlab == c
+        Vc, _ = ref.field(x[q], np.repeat(pf.shards[c].landmarks, reps, axis=0), normalization="bidirectional",
+                          feature_scale=None, drift_norm=False, temperatures=(0.3, 1.0))
+        np.testing.assert_allclose(V[q], Vc, atol=1e-9 * np.abs(Vc).max(), rtol=0)
