@@ -102,6 +102,34 @@ def _data_options(f):
     return f
 
 
+def _encoder_options(f):
+    """The encoder and where its features of the real data go (train and summarize)."""
+    f = click.option("--feature-ram", default=None, callback=_budget,
+                     help="Real features up to this size are read into RAM; larger ones stay in the feature file "
+                          "and are read by chunks (summaries) and rows (a step's positives) [default: 4GiB].")(f)
+    f = click.option("--features", default=None,
+                     help="The real data's feature file (HDF5; with an encoder), computed once per data, encoder "
+                          "and weights, resumed if interrupted, refused if made from others [default: "
+                          "$DXTRAIN_CACHE/features/<fingerprint>.h5, DXTRAIN_CACHE=~/.cache/dxtrain].")(f)
+    f = click.option("--max-locations", type=click.IntRange(min=1), default=_DEFAULTS.max_locations,
+                     show_default=True, help="Per-location feature groups kept per encoder scale (evenly spaced); "
+                     "each map also gives its global and patch (2x2, 4x4) means and stds, and the run log says "
+                     "how many groups of which sizes.")(f)
+    f = click.option("--encoder-size", type=click.IntRange(min=8), default=None,
+                     help="Input size (pixels) a timm:/torchvision: encoder sees; images are resized to it "
+                          "[default: the size its weights were trained at].")(f)
+    f = click.option("--encoder-weights", default=None,
+                     help="Weight file of a timm:/torchvision: encoder (safetensors or a torch state dict; nothing "
+                          "is downloaded), or 'random' for its random initialisation.")(f)
+    f = click.option("--encoder", default=_DEFAULTS.encoder, show_default=True,
+                     help="Feature encoder: auto (builtin for images, none for vectors), none (pixels/vectors), "
+                          "builtin (small frozen random conv, multi-scale groups), timm:<model> or "
+                          "torchvision:<model> (pretrained, with --encoder-weights; every stage's maps, input "
+                          "normalised with the encoder's mean and std), a TorchScript file, or "
+                          "package.module:callable.")(f)
+    return f
+
+
 @click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"],
                                                        "max_content_width": 100})
 @click.version_option(package_name="driftxpress")
@@ -159,14 +187,10 @@ def main(debug):
 @click.option("--landmark-method", type=click.Choice(["kmeans", "uniform", "kcenter", "rls"]),
               default=_DEFAULTS.landmark_method, show_default=True)
 @click.option("--cache", default=None, help="Summaries folder from `dxtrain summarize` (projected field).")
+@_encoder_options
 @click.option("--conditional/--unconditional", default=True, show_default=True,
               help="Use class labels when the data has them.")
 @click.option("--generator", type=click.Choice(["auto", "mlp", "conv"]), default="auto", show_default=True)
-@click.option("--encoder", default=_DEFAULTS.encoder, show_default=True,
-              help="Feature encoder: auto (builtin for images, none for vectors), none (pixels/vectors), builtin "
-                   "(small frozen random conv, multi-scale groups), a TorchScript file, or package.module:callable.")
-@click.option("--max-locations", type=click.IntRange(min=1), default=_DEFAULTS.max_locations, show_default=True,
-              help="Per-location feature groups kept per encoder scale (evenly spaced).")
 @click.option("--lr", type=_Finite(min=0, min_open=True), default=_DEFAULTS.lr, show_default=True)
 @click.option("--ema", type=_Finite(0, 1, max_open=True), default=_DEFAULTS.ema, show_default=True)
 @click.option("--grad-clip", type=_Finite(min=0, min_open=True), default=_DEFAULTS.grad_clip,
@@ -213,8 +237,7 @@ def train(ctx, data, data_key, labels_key, out, resume, temperatures, **options)
 @main.command()
 @_data_options
 @click.option("--out", required=True, help="Folder for the summaries (one HDF5 cache per feature group).")
-@click.option("--encoder", default=_DEFAULTS.encoder, show_default=True)
-@click.option("--max-locations", type=click.IntRange(min=1), default=_DEFAULTS.max_locations, show_default=True)
+@_encoder_options
 @click.option("--temperatures", callback=_temps, default=None, help="Comma-separated [default: 0.02,0.05,0.2].")
 @click.option("--landmarks", type=click.IntRange(min=1), default=_DEFAULTS.landmarks, show_default=True)
 @click.option("--landmark-method", type=click.Choice(["kmeans", "uniform", "kcenter", "rls"]),
@@ -225,26 +248,28 @@ def train(ctx, data, data_key, labels_key, out, resume, temperatures, **options)
 @click.option("--test-fraction", type=_Finite(0, 1, min_open=True, max_open=True),
               default=_DEFAULTS.test_fraction, show_default=True,
               help="Held-out share (excluded from the summaries, as in `train`).")
-def summarize(data, data_key, labels_key, out, encoder, max_locations, temperatures, landmarks, landmark_method,
-              conditional, seed, device, test_fraction):
+def summarize(data, data_key, labels_key, out, features, feature_ram, encoder, encoder_weights, encoder_size,
+              max_locations, temperatures, landmarks, landmark_method, conditional, seed, device, test_fraction):
     """Build the projected field's summaries of a data set once, for `train --cache`."""
-    import torch
-
     from .train import build_summaries, make_feature_groups, pick_device, real_features, setup
 
     cfg = TrainConfig(data=data, data_key=data_key, labels_key=labels_key, encoder=encoder,
                       max_locations=max_locations, seed=seed, conditional=conditional, test_fraction=test_fraction,
                       temperatures=temperatures or _DEFAULTS.temperatures, landmarks=landmarks,
-                      landmark_method=landmark_method)
+                      landmark_method=landmark_method, features=features, feature_ram=feature_ram,
+                      encoder_weights=encoder_weights, encoder_size=encoder_size)
     try:
         cfg.validate()
         check_folder(out, "--out")  # before the work, not after it
         writing_to(out, "--out")
         dev = pick_device(device)
         train_ds, _, cond = setup(cfg)
-        feats = real_features(make_feature_groups(cfg, train_ds, dev), torch.from_numpy(train_ds.x), dev)
-        build_summaries(cfg, feats, train_ds.labels if cond else None, lambda m: click.echo(m, err=True),
+        log = lambda m: click.echo(m, err=True)  # noqa: E731
+        real = real_features(cfg, make_feature_groups(cfg, train_ds, dev), train_ds, dev, log)
+        feats = real.arrays
+        build_summaries(cfg, feats, train_ds.labels if cond else None, log,
                         progress=sys.stderr.isatty()).save(out)  # dxfield's bars, on a terminal
+        real.close()
     except ValueError as exc:
         raise click.ClickException(str(exc))
     click.echo(f"summaries of {len(train_ds)} samples, {len(feats)} group(s) -> {out}")

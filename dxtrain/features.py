@@ -52,7 +52,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-ENCODER_SPECS = ('"none"', '"builtin"', "a TorchScript file (.pt, .pth, .ts)", '"package.module:callable"')
+from .pretrained import is_pretrained_spec, load_pretrained
+
+ENCODER_SPECS = ('"none"', '"builtin"', '"timm:<model>"', '"torchvision:<model>"', "a TorchScript file (.pt, .pth, .ts)",
+                 '"package.module:callable"')
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts")
 PATCH_GRIDS = (2, 4)
 STD_EPS = 1e-6  # keeps the std's gradient finite where a patch is constant
@@ -100,7 +103,8 @@ def builtin_encoder(in_channels: int, seed: int = 0) -> nn.Module:
     return BuiltinEncoder(in_channels, seed)
 
 
-def load_encoder(spec: str, *, in_channels: int | None = None, seed: int = 0) -> nn.Module | None:
+def load_encoder(spec: str, *, in_channels: int | None = None, seed: int = 0, weights: str | None = None,
+                 size: int | None = None) -> nn.Module | None:
     """The frozen encoder named by ``spec``.
 
     Parameters
@@ -111,10 +115,15 @@ def load_encoder(spec: str, *, in_channels: int | None = None, seed: int = 0) ->
         * a path ending in ``.pt``, ``.pth`` or ``.ts`` -> a TorchScript module,
           ``torch.jit.load(path, map_location="cpu")`` (save one with
           ``torch.jit.save(torch.jit.script(model), path)``);
+        * ``"timm:<model>"``, ``"torchvision:<model>"`` -> a pretrained encoder with
+          its ``weights`` from a local file, input resized to ``size``
+          (:func:`dxtrain.pretrained.load_pretrained`);
         * ``"package.module:callable"`` -> ``callable()``, which must return an
           ``nn.Module`` (the module must be importable).
     in_channels, seed : int
         Used by ``"builtin"`` only.
+    weights, size :
+        Used by ``"timm:"`` and ``"torchvision:"`` only.
 
     Raises
     ------
@@ -131,6 +140,8 @@ def load_encoder(spec: str, *, in_channels: int | None = None, seed: int = 0) ->
             raise ValueError('encoder "builtin" needs in_channels (the image channels C); '
                              'FeatureGroups(sample_shape, "builtin") supplies it from the sample shape')
         return builtin_encoder(in_channels, seed)
+    if is_pretrained_spec(spec):
+        return freeze(load_pretrained(spec, weights=weights, size=size))
     if spec.lower().endswith(TORCHSCRIPT_SUFFIXES):
         if not os.path.isfile(spec):
             raise ValueError(f"encoder file {spec!r} does not exist")
@@ -255,6 +266,13 @@ class FeatureGroups(nn.Module):
             probe = self._groups(torch.zeros(1, *shape), [])
         self.dims = {name: value.shape[1] for name, value in probe.items()}
         self.names = list(self.dims)
+
+    def describe(self) -> str:
+        """The groups by size, e.g. ``"21 groups: 16 x 64-D, 5 x 128-D"``."""
+        sizes: dict[int, int] = {}
+        for d in self.dims.values():
+            sizes[d] = sizes.get(d, 0) + 1
+        return f"{len(self.dims)} group(s): " + ", ".join(f"{k} x {d}-D" for d, k in sorted(sizes.items()))
 
     def train(self, mode: bool = True) -> "FeatureGroups":
         # The encoder stays in eval mode whatever the trainer asks of its parents.

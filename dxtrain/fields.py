@@ -406,7 +406,7 @@ def _build_per_class(feats: np.ndarray, lab, plan: dict, *, temperatures, method
                                         memory_budget=memory_budget, summarize=False)
     shards = []
     for c, m in plan.items():
-        rows = feats if c is None else feats[lab == c]
+        rows = feats if c is None else feats[np.flatnonzero(lab == c)]  # increasing indices: HDF5 reads them too
         marks = distinct_rows(np.asarray(rows, np.float64)) if m >= rows.shape[0] else m
         part = dxfield.ProjectedField.build(rows, temperatures=temperatures, landmarks=marks, method=method,
                                             feature_scale=base.feature_scale, seed=seed,

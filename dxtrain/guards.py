@@ -192,8 +192,11 @@ def summaries_differences(settings: dict | None, cfg) -> list[tuple[str, object,
     return out
 
 
-def announce_unused(cfg, given, log) -> None:
-    """Options given on purpose that this run's field does not use (the projected field's, with ``exact``)."""
+def announce_unused(cfg, given, log, own_split: bool = False) -> None:
+    """Options given on purpose that this run does not use: the projected field's with ``exact``, and
+    ``test_fraction`` with a data set's own test split."""
+    if own_split and given and "test_fraction" in given:
+        log("note: --test-fraction does not apply: this data set has its own test split")
     if cfg.field != "exact" or not given:
         return
     unused = sorted(set(given) & {"landmarks", "landmark_method", "cache", "repulsion", "correction",

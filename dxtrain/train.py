@@ -54,10 +54,12 @@ from dxfield.projected import REPULSIONS
 from . import guards, rundir
 from .data import Dataset, load_dataset, train_test_split
 from .ddp import DEBUG_DIR_ENV, Dist, process_group, rank_seed, stop_signals, write_weights_hash
-from .features import FeatureGroups
+from .features import FeatureGroups, load_encoder
+from .pretrained import is_pretrained_spec
 from .fields import CORRECTION_BIAS_SHARE, CORRECTION_FIRST_CHECK, ExactField, ProjectedFieldSet, drift_loss
 from .lock import RunLock
 from .models import EMA, generate, make_generator, sample_noise
+from .realfeats import RealFeatures, run_features
 from .rundir import save_samples
 
 __all__ = ["DEBUG_DIR_ENV", "FIELDS", "NORMALIZATIONS", "REPULSIONS", "StepInfo", "TrainConfig", "build_summaries",
@@ -93,6 +95,8 @@ class TrainConfig:
     generator: str = "auto"  # "auto", "mlp" or "conv"
     encoder: str = "auto"  # "auto" (builtin for images, none for vectors), "none", "builtin", a TorchScript
     #                        file or "module:callable"
+    encoder_weights: str | None = None  # timm:/torchvision: encoders' weight file, or "random"
+    encoder_size: int | None = None  # their input size (None: the size the weights were trained at)
     max_locations: int = 4  # per-location feature groups kept per encoder scale
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -106,6 +110,8 @@ class TrainConfig:
     fidelity_every: int = 250
     test_fraction: float = 0.15
     cache: str | None = None  # summaries folder from `dxtrain summarize`
+    features: str | None = None  # the real data's feature file (with an encoder; None: $DXTRAIN_CACHE/features/...)
+    feature_ram: str | None = None  # features up to this size are read into RAM, larger stay in the file (None: 4GiB)
     memory_budget: str | None = None  # dxfield's per-call budget
     evaluate: bool = True
     progress: bool = True
@@ -140,9 +146,17 @@ class TrainConfig:
             if not (np.isfinite(value) and (value > 0 if positive else value >= 0)):
                 raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, "
                                  f"got {getattr(self, name)}")
-        if self.memory_budget is not None:
-            dxfield.memory.parse_budget(self.memory_budget)  # "memory_budget='...' is not a size; ..."
+        if (self.encoder_weights is not None or self.encoder_size is not None) and not is_pretrained_spec(self.encoder):
+            raise ValueError(f"encoder_weights and encoder_size apply to timm:<model> and torchvision:<model> "
+                             f"encoders; encoder is {self.encoder!r}")
+        for name in ("memory_budget", "feature_ram"):
+            if getattr(self, name) is not None:
+                dxfield.memory.parse_budget(getattr(self, name), name)  # "memory_budget='...' is not a size; ..."
         return self
+
+    @property
+    def feature_ram_bytes(self) -> int | None:
+        return None if self.feature_ram is None else dxfield.memory.parse_budget(self.feature_ram, "feature_ram")
 
     @property
     def real_per_step(self) -> int:
@@ -174,19 +188,23 @@ def pick_device(spec: str) -> torch.device:
     return dev
 
 
-def real_features(groups: FeatureGroups, data: torch.Tensor, device, chunk: int = 2048) -> dict[str, np.ndarray]:
-    """Feature groups of the real data, computed once in chunks (the encoder is frozen)."""
-    out: dict[str, list] = {}
-    with torch.no_grad():
-        for i in range(0, data.shape[0], chunk):
-            for name, f in groups(data[i:i + chunk].to(device)).items():
-                out.setdefault(name, []).append(f.float().cpu().numpy())
-    return {k: np.concatenate(v) for k, v in out.items()}
+def real_features(cfg: TrainConfig, groups: FeatureGroups, train_ds: Dataset, device, log=None,
+                  dist: Dist | None = None) -> RealFeatures:
+    """The training split's feature groups, computed once (:mod:`dxtrain.realfeats`: in RAM, or a
+    feature file per data and encoder)."""
+    bars = cfg.progress and (dist is None or dist.main) and sys.stderr.isatty()
+    spec = resolve_encoder(cfg.encoder, train_ds.kind) + (f" at {cfg.encoder_size}px" if cfg.encoder_size else "")
+    return run_features(groups, spec, train_ds.x, device, path=cfg.features,
+                        ram=cfg.feature_ram_bytes,
+                        progress=bars, log=log, main=dist is None or dist.main,
+                        wait=None if dist is None or not dist.enabled else lambda: dist.agree(True))
 
 
 def make_feature_groups(cfg: TrainConfig, ds: Dataset, device) -> FeatureGroups:
-    """The run's frozen feature groups (encoder resolved from the data kind)."""
-    return FeatureGroups(ds.shape, resolve_encoder(cfg.encoder, ds.kind), max_locations=cfg.max_locations).to(device)
+    """The run's frozen feature groups (encoder resolved from the data kind; a pretrained one with its weights)."""
+    spec = resolve_encoder(cfg.encoder, ds.kind)
+    encoder = load_encoder(spec, weights=cfg.encoder_weights, size=cfg.encoder_size) if is_pretrained_spec(spec) else spec
+    return FeatureGroups(ds.shape, encoder, max_locations=cfg.max_locations).to(device)
 
 
 def build_summaries(cfg: TrainConfig, feats: dict[str, np.ndarray], labels, log, progress: bool = False,
@@ -348,7 +366,7 @@ class _Run:
     train_ds: Dataset
     test_ds: Dataset
     num_classes: int  # 0 when unconditional
-    real_feats: dict[str, torch.Tensor] | None  # the training samples' feature groups (CPU), when the steps draw them
+    real_feats: RealFeatures | None  # the training samples' feature groups, when the steps draw them
     model: torch.nn.Module  # the generator itself: sampling, EMA, checkpoints
     gen: torch.nn.Module  # what the step calls: the model, or its DDP wrapper
     groups: FeatureGroups
@@ -371,7 +389,7 @@ class _Run:
         """``real_per_step`` real samples' features and labels, drawn from this rank's stream."""
         idx, labels = _draw_positives(self.rng, self.cfg.real_per_step, len(self.train_ds),
                                       self.train_ds.labels if self.num_classes else None, self.num_classes)
-        feats = {name: f[idx].to(self.device) for name, f in self.real_feats.items()}
+        feats = {name: f.to(self.device) for name, f in self.real_feats.take(idx).items()}
         return feats, None if labels is None else labels.to(self.device)
 
     def checkpoint(self, step: int, elapsed: float) -> None:
@@ -399,7 +417,7 @@ def _set_up(cfg: TrainConfig, resume: bool, given, log, dist: Dist) -> _Run:
     guards.check_classes(train_ds.labels, num_classes)
     guards.check_evaluable(cfg, test_ds)
     guards.check_batch(cfg, num_classes, log, dist.world_size)
-    guards.announce_unused(cfg, given, log)
+    guards.announce_unused(cfg, given, log, own_split=test_ds.own_split)
     if dist.main:
         rundir.write_config(cfg.out, cfg)
     model = make_generator(cfg.generator, train_ds.shape, num_classes=num_classes).to(device)
@@ -419,7 +437,7 @@ def _set_up(cfg: TrainConfig, resume: bool, given, log, dist: Dist) -> _Run:
     log(f"data {cfg.data}: {len(train_ds)} train / {len(test_ds)} test"
         f"{' (its own test split)' if test_ds.own_split else ''}, sample shape {train_ds.shape}, "
         f"{train_ds.num_classes} classes ({'conditional' if conditional else 'unconditional'}); "
-        f"generator {type(model).__name__} ({n_params:,} parameters); {len(groups.names)} feature group(s); "
+        f"generator {type(model).__name__} ({n_params:,} parameters); features {groups.describe()}; "
         f"field {cfg.field}; device {device}"
         + (f"; DDP over {dist.world_size} ranks (global batch {cfg.batch} x {dist.world_size})"
            if dist.enabled else ""))
@@ -427,9 +445,9 @@ def _set_up(cfg: TrainConfig, resume: bool, given, log, dist: Dist) -> _Run:
     # The encoder is frozen: the real data's features are computed once, and every step's positives
     # (the exact field's, or the correction's sample) are rows of them.
     t0 = time.perf_counter()
-    feats = real_features(groups, torch.from_numpy(train_ds.x), device)
-    log(f"features of the {len(train_ds)} training samples: {_megabytes(feats)} in RAM, "
-        f"{time.perf_counter() - t0:.1f}s")
+    real = real_features(cfg, groups, train_ds, device, log, dist)
+    log(f"features of the {len(train_ds)} training samples: {real.describe()}, {time.perf_counter() - t0:.1f}s")
+    feats = real.arrays
     field, used = _make_field(cfg, feats, train_ds.labels if conditional else None, dist, log)
     if used != cfg and dist.main:
         rundir.write_config(cfg.out, used)  # the values the summaries were built with
@@ -438,13 +456,8 @@ def _set_up(cfg: TrainConfig, resume: bool, given, log, dist: Dist) -> _Run:
         field.restore(checkpoint.get("field"))  # the automatic correction as it was
     guards.announce_draws(cfg, field, train_ds.labels, num_classes, len(train_ds), log)
     draws = cfg.field == "exact" or field.correction or field.auto_correction
-    real_feats = {name: torch.from_numpy(f) for name, f in feats.items()} if draws else None
-    return _Run(cfg, device, train_ds, test_ds, num_classes, real_feats, model, gen, groups, field, opt, ema, rng,
-                noise_rng, step, elapsed, step if latest else None)
-
-
-def _megabytes(feats: dict[str, np.ndarray]) -> str:
-    return f"{sum(f.nbytes for f in feats.values()) / 2**20:.1f} MiB"
+    return _Run(cfg, device, train_ds, test_ds, num_classes, real if draws else None, model, gen, groups, field, opt,
+                ema, rng, noise_rng, step, elapsed, step if latest else None)
 
 
 def _streams(seed: int, rank: int, step: int = 0) -> tuple[np.random.Generator, torch.Generator]:

@@ -12,6 +12,7 @@ Tests marked ``gpu`` are skipped the same way when no GPU is usable.
 
 import os
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -39,6 +40,8 @@ def _skip_without_gpu() -> None:
 def pytest_configure(config):
     # Also registered in pyproject.toml; repeated so the suite runs from any rootdir.
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU and CuPy (skipped cleanly without them)")
+    # Feature files and the digits classifier go to a cache of the session's own, not the user's.
+    os.environ["DXTRAIN_CACHE"] = tempfile.mkdtemp(prefix="dxtrain-test-cache-")
 
 
 def pytest_runtest_setup(item):

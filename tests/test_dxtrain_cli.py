@@ -249,8 +249,10 @@ def test_builtin_encoder_many_feature_groups(tmp_path):
     out = tmp_path / "run"
     result = invoke("train", "--data", "digits", "--field", "exact", "--out", out, "--steps", 2, *FAST,
                     "--encoder", "builtin", "--log-every", 1)
-    groups = int(result.stderr.split(" feature group(s)")[0].rsplit(" ", 1)[-1])
+    groups = int(result.stderr.split(" group(s): ")[0].rsplit(" ", 1)[-1])
     assert groups > 2
+    sizes = result.stderr.split(" group(s): ")[1].split(";")[0]  # "4 x 32-D, ..." sums to the groups
+    assert sum(int(part.split(" x ")[0]) for part in sizes.split(", ")) == groups
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics)
     assert load_ckpt(out)["config"]["encoder"] == "builtin"

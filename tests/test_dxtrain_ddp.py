@@ -170,12 +170,13 @@ def test_torchrun_two_processes(tmp_path, field):
         return
     # the summaries written by the DDP run equal a single-process build on the same split and settings
     from dxtrain.features import FeatureGroups
-    from dxtrain.train import TrainConfig, real_features, setup
+    from dxtrain.realfeats import compute_features
+    from dxtrain.train import TrainConfig, setup
 
     cfg = TrainConfig.from_dict(ckpt["config"])
     train_ds, _, cond = setup(cfg)
     groups = FeatureGroups(train_ds.shape, "none", max_locations=cfg.max_locations)
-    feats = real_features(groups, torch.from_numpy(train_ds.x), torch.device("cpu"))
+    feats = compute_features(groups, train_ds.x, torch.device("cpu"))
     ref = ProjectedFieldSet.build(feats, labels=train_ds.labels if cond else None, temperatures=cfg.temperatures,
                                   landmarks=cfg.landmarks, method=cfg.landmark_method, seed=cfg.seed)
     got = ProjectedFieldSet.load(str(out / "summaries"), expect=groups.dims, temperatures=cfg.temperatures,

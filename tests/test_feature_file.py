@@ -12,7 +12,7 @@ import torch
 from dxtrain.data import load_dataset
 from dxtrain.featcache import FeatureFile, build_features, fingerprint
 from dxtrain.features import FeatureGroups, builtin_encoder
-from dxtrain.train import real_features
+from dxtrain.realfeats import compute_features
 
 
 def _encoder(seed=0):
@@ -37,7 +37,7 @@ def test_the_file_holds_what_the_encoder_gives_row_for_row(tmp_path):
     groups, encode, calls = _encoder()
     ff = build_features(str(tmp_path / "f.h5"), x, encode, _fp(x, groups), chunk=64)
     assert calls == [64, 64, 64, 64, 44] and not os.path.exists(tmp_path / "f.h5.partial")
-    ref = real_features(groups, torch.from_numpy(x), "cpu", chunk=300)  # in RAM, one pass: the reference
+    ref = compute_features(groups, x, "cpu", chunk=300)  # in RAM, one pass: the reference
     idx = np.array([299, 0, 17, 17, 150])
     got = ff.rows(idx)
     assert set(got) == set(ref) and len(got) == len(groups.names)
@@ -111,3 +111,52 @@ def test_the_peak_memory_of_a_build_does_not_grow_with_the_data(tmp_path):
     features_per_row = 4 * sum(groups.dims.values())
     assert peaks[1] < peaks[0] * 1.3, peaks  # 4x the data, about the same peak
     assert peaks[1] < 4000 * features_per_row / 4, (peaks, 4000 * features_per_row)  # far below all features
+
+
+def _image_run(tmp_path, name, **kw):
+    from dxtrain.train import TrainConfig
+
+    return TrainConfig(data="digits", out=str(tmp_path / name), steps=3, batch=20, positives=30, landmarks=8,
+                       device="cpu", evaluate=False, progress=False, seed=3, **kw)
+
+
+def test_training_computes_the_feature_file_once_and_reuses_it(tmp_path, monkeypatch):
+    """Runs on the same data and encoder share one feature file in $DXTRAIN_CACHE/features/."""
+    from dxtrain.train import train
+
+    monkeypatch.setenv("DXTRAIN_CACHE", str(tmp_path / "cache"))
+    first, second = [], []
+    train(_image_run(tmp_path, "a", field="exact"), log=first.append)
+    files = os.listdir(tmp_path / "cache" / "features")
+    assert len([f for f in files if f.endswith(".h5")]) == 1, files
+    assert any(m.startswith("computing the features of 1528 samples") for m in first), first
+    train(_image_run(tmp_path, "b"), log=second.append)  # the projected field: its summaries read the same file
+    assert not any(m.startswith("computing the features") for m in second), second
+    assert any("MiB in RAM" in m for m in second)
+    assert sorted(os.listdir(tmp_path / "cache" / "features")) == sorted(files)
+
+
+@pytest.mark.parametrize("field", ["exact", "projected"])
+def test_features_larger_than_feature_ram_stay_in_the_file_and_train_identically(tmp_path, field):
+    """With --feature-ram below the features' size, the summaries stream the file and the positives are
+    read as rows: the run is the same, weight for weight, as with the features in RAM."""
+    from dxtrain.rundir import read_checkpoint
+    from dxtrain.train import train
+
+    models = []
+    for name, ram in (("ram", None), ("disk", "1KiB")):
+        lines = []
+        cfg = _image_run(tmp_path, name, field=field, correction=field == "projected",
+                         features=str(tmp_path / "feats.h5"), feature_ram=ram)
+        train(cfg, log=lines.append)
+        assert any(("read from " + str(tmp_path / "feats.h5")) in m for m in lines) == (ram is not None), lines
+        models.append(read_checkpoint(str(tmp_path / name))["generator"])
+    for k, v in models[0].items():
+        torch.testing.assert_close(models[1][k], v, rtol=0, atol=0)
+
+
+def test_a_bad_feature_ram_is_refused_naming_it():
+    from dxtrain.train import TrainConfig
+
+    with pytest.raises(ValueError, match="feature_ram"):
+        TrainConfig(feature_ram="lots").validate()

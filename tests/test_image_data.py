@@ -182,3 +182,9 @@ def test_training_reads_an_image_folder_and_says_it_uses_its_own_test_split(tmp_
     result = train(cfg, log=lines.append)
     assert result["step"] == 2
     assert any("12 train / 4 test (its own test split), sample shape (3, 8, 8), 2 classes" in m for m in lines), lines
+    assert not any("--test-fraction" in m for m in lines)
+    lines.clear()
+    cfg = TrainConfig(data=str(root), out=str(tmp_path / "run2"), steps=1, batch=8, positives=8, landmarks=4,
+                      device="cpu", evaluate=False, progress=False, test_fraction=0.3)
+    train(cfg, given={"test_fraction"}, log=lines.append)  # given on purpose: the user hears it is not used
+    assert "note: --test-fraction does not apply: this data set has its own test split" in lines, lines
