@@ -199,10 +199,12 @@ def score(bench: Bench, info, seed: int, *, quick: bool = False) -> tuple[dict, 
     x = generate(info.ema_model, n, k, info.device, seed=seed + 7)
     labels = np.arange(n) % k if k else None
     test, rest = info.test_ds, info.train_ds
-    value = class_energy(x, labels, test.x, test.labels if k else None, seed)
+    test_x = np.asarray(test.x)  # uint8 images are read here (dxtrain.pixels)
+    value = class_energy(x, labels, test_x, test.labels if k else None, seed)
     # the floor: training data in the generator's place, same sizes
     pick = np.random.default_rng(seed + 3).choice(len(rest), size=min(n, len(rest)), replace=False)
-    floor = class_energy(rest.x[pick], rest.labels[pick] if k else None, test.x, test.labels if k else None, seed)
+    floor = class_energy(np.asarray(rest.x[pick]), rest.labels[pick] if k else None, test_x,
+                         test.labels if k else None, seed)
     return {bench.metric: value}, {bench.metric: floor}
 
 

@@ -51,6 +51,7 @@ from importlib import resources
 import numpy as np
 
 from .datafiles import read_h5, read_npy, read_npz
+from .pixels import SCALING, Pixels
 
 __all__ = ["Dataset", "EMBEDDED", "GaussianMixture", "load_dataset", "mixture_truth", "train_test_split"]
 
@@ -460,7 +461,14 @@ def _from_folder(path: str, labels_key) -> Dataset:
 
 
 def _from_arrays(name, x, labels, source) -> Dataset:
-    x = np.asarray(x)
+    if not isinstance(x, (np.ndarray, Pixels)):  # an HDF5 dataset of uint8 images (N, C, H, W), read when used
+        x = Pixels(x)
+    if isinstance(x, Pixels):  # a data folder's uint8 images, read when used
+        y, names = _labels(labels, len(x), source)
+        return Dataset(name, x, y, "images", 0 if names is None else len(names), label_names=names,
+                       preprocessing=SCALING)
+    if not (isinstance(x, np.memmap) and x.dtype == np.uint8):
+        x = np.array(x) if isinstance(x, np.memmap) else np.asarray(x)  # in RAM (only uint8 images stay mapped)
     if x.dtype.kind not in "uif":
         raise ValueError(f"data file {source!r}: samples have dtype {x.dtype}; expected uint8, integers or floats")
     if x.ndim not in (2, 3, 4):
@@ -481,6 +489,10 @@ def _from_arrays(name, x, labels, source) -> Dataset:
         elif x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
             x = np.moveaxis(x, -1, 1)
 
+    if x.dtype == np.uint8 and kind == "images":  # kept uint8 (a memory map stays on disk) until a batch reads it
+        y, names = _labels(labels, len(x), source)
+        return Dataset(name, Pixels(x), y, kind, 0 if names is None else len(names), label_names=names,
+                       preprocessing=SCALING)
     if x.dtype == np.uint8:
         values = x.astype(np.float32) / np.float32(255.0) * 2 - 1
         how = "uint8 / 255 * 2 - 1"

@@ -52,7 +52,7 @@ def read_npz(path, key, labels_key):
 
 def _read_npy_file(path):
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False, mmap_mode="r")  # uint8 images stay on disk until read
     except Exception as exc:
         raise ValueError(f"data file {path!r}: not a readable .npy array ({exc})") from exc
 
@@ -80,9 +80,18 @@ def read_h5(path, key, labels_key):
         f = h5py.File(path, "r")
     except OSError as exc:
         raise ValueError(f"data file {path!r}: not a readable HDF5 file ({exc})") from exc
-    with f:
-        names = []
-        f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    names = []
+    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    try:
         xk = _pick(path, "sample", names, key, SAMPLE_KEYS[:3], required=True)
         lk = _pick(path, "label", names, labels_key, LABEL_KEYS, required=False)
-        return f[xk][()], (None if lk is None else f[lk][()])
+        labels = None if lk is None else f[lk][()]
+        ds = f[xk]
+        if ds.dtype == np.uint8 and ds.ndim == 4 and ds.shape[1] in (1, 3, 4):
+            return ds, labels  # uint8 images (N, C, H, W) stay in the file (open while they are used)
+        x = ds[()]
+    except BaseException:
+        f.close()
+        raise
+    f.close()
+    return x, labels

@@ -453,9 +453,10 @@ def evaluate_samples(samples, train: Dataset, test: Dataset, *, classifier_cache
     rng = np.random.default_rng(seed)
     n = min(len(samples), max_points)
     fake = _subsample(samples, n, rng)
-    floor_real = _subsample(train.x.astype(np.float64), min(n, len(train)), rng)
-    report.update(_distances(fake, test.x, max_points, seed))
-    floor = _distances(floor_real, test.x, max_points, seed)
+    floor_real = np.asarray(_subsample(train.x, min(n, len(train)), rng), dtype=np.float64)  # only the rows used
+    test_x = np.asarray(test.x)  # uint8 images (dxtrain.pixels) are read here
+    report.update(_distances(fake, test_x, max_points, seed))
+    floor = _distances(floor_real, test_x, max_points, seed)
 
     digits_like = train.kind == "images" and train.shape == (1, 8, 8) and train.labels is not None \
         and test.labels is not None
@@ -504,9 +505,9 @@ def _fid_scores(fake, train: Dataset, test: Dataset, report: dict, floor: dict, 
     why_not = _fid_unavailable(inception_weights, train.kind, train.shape[0] if train.kind == "images" else 0)
     if why_not is None:
         inception = _inception_features(inception_weights, device)
-        f_train = inception(_subsample(train.x, max_points, rng))
+        f_train = inception(np.asarray(_subsample(train.x, max_points, rng)))
         f_fake = inception(fake)
-        f_test = inception(_subsample(test.x, len(fake), rng))
+        f_test = inception(np.asarray(_subsample(test.x, len(fake), rng)))
         report["FID"] = frechet_distance(f_fake, f_train)
         floor["FID"] = frechet_distance(f_test, f_train)
         report["fid_n"] = len(fake)

@@ -58,7 +58,8 @@ def module_sha256(module: torch.nn.Module | None) -> str:
 def fingerprint(samples: np.ndarray, encoder_spec: str, encoder: torch.nn.Module | None,
                 dims: dict[str, int]) -> dict:
     """What a feature file is the features of: the samples, the encoder (spec and weights), the groups."""
-    return {"samples_sha256": array_sha256(samples), "samples_shape": list(samples.shape),
+    digest = samples.sha256() if hasattr(samples, "sha256") else array_sha256(samples)  # uint8 Pixels: their bytes
+    return {"samples_sha256": digest, "samples_shape": list(samples.shape),
             "encoder": str(encoder_spec), "encoder_weights_sha256": module_sha256(encoder),
             "groups": {name: int(d) for name, d in dims.items()}}
 

@@ -28,16 +28,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .pixels import BatchFiles, Pixels
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 
 
 @dataclass
 class FolderData:
-    """What :func:`read_folder` found: uint8 images ``(N, C, H, W)``, int64 labels, class names; the
-    first ``n_train`` rows are the training split, the rest (if any) the data set's own test split."""
+    """What :func:`read_folder` found: uint8 images ``(N, C, H, W)`` (CIFAR: :class:`dxtrain.pixels.Pixels`
+    over its batch files, read when used), int64 labels, class names; the first ``n_train`` rows are the
+    training split, the rest (if any) the data set's own test split."""
 
-    x: np.ndarray
+    x: np.ndarray | Pixels
     labels: np.ndarray
     n_train: int
     class_names: list[str]
@@ -116,8 +119,8 @@ def _cifar10(path: str, names: set) -> FolderData:
     if missing:
         raise ValueError(f"{path!r} looks like a CIFAR-10 folder but lacks {', '.join(missing)} "
                          "(expected data_batch_1 ... data_batch_5 and test_batch)")
-    parts = [_batch(os.path.join(path, n), "labels") for n in CIFAR10_TRAIN + ("test_batch",)]
-    return _joined(parts, os.path.join(path, "batches.meta"), "label_names")
+    return _joined([os.path.join(path, n) for n in CIFAR10_TRAIN + ("test_batch",)], "labels",
+                   os.path.join(path, "batches.meta"), "label_names")
 
 
 def _cifar100(path: str, labels_key: str | None) -> FolderData:
@@ -125,15 +128,18 @@ def _cifar100(path: str, labels_key: str | None) -> FolderData:
     if key not in ("fine_labels", "coarse_labels"):
         raise ValueError(f"labels_key={labels_key!r}: CIFAR-100 has 'fine_labels' (100 classes) and "
                          "'coarse_labels' (20)")
-    parts = [_batch(os.path.join(path, n), key) for n in ("train", "test")]
-    return _joined(parts, os.path.join(path, "meta"), "fine_label_names" if key == "fine_labels" else "coarse_label_names")
+    return _joined([os.path.join(path, n) for n in ("train", "test")], key, os.path.join(path, "meta"),
+                   "fine_label_names" if key == "fine_labels" else "coarse_label_names")
 
 
-def _joined(parts: list, meta: str, names_key: str) -> FolderData:
-    """CIFAR batches ``(x, labels)`` in one array, the last batch the test split; class names from ``meta``."""
-    y = np.concatenate([p[1] for p in parts])
-    return FolderData(np.concatenate([p[0] for p in parts]), y, len(y) - len(parts[-1][1]),
-                      _class_names(meta, names_key, int(y.max()) + 1))
+def _joined(paths: list[str], label_key: str, meta: str, names_key: str) -> FolderData:
+    """CIFAR batch files as one store read a file at a time (:class:`dxtrain.pixels.BatchFiles`), the last
+    file the test split; each file is checked (and its labels read) once here, one at a time; class names
+    from ``meta``."""
+    labels = [_batch(p, label_key)[1] for p in paths]
+    y = np.concatenate(labels)
+    store = BatchFiles(paths, [len(v) for v in labels], (3, 32, 32), lambda p: _batch(p, label_key)[0])
+    return FolderData(Pixels(store), y, len(y) - len(labels[-1]), _class_names(meta, names_key, int(y.max()) + 1))
 
 
 # --------------------------------------------------------------------------- image folders
