@@ -115,6 +115,9 @@ def _encoder_options(f):
                      show_default=True, help="Per-location feature groups kept per encoder scale (evenly spaced); "
                      "each map also gives its global and patch (2x2, 4x4) means and stds, and the run log says "
                      "how many groups of which sizes.")(f)
+    f = click.option("--precision", type=click.Choice(["float32", "bf16"]), default="float32", show_default=True,
+                     help="bf16: the encoder runs under bf16 autocast (GPU, and CPUs that support it); the feature "
+                          "groups and the field stay float32.")(f)
     f = click.option("--encoder-size", type=click.IntRange(min=8), default=None,
                      help="Input size (pixels) a timm:/torchvision: encoder sees; images are resized to it "
                           "[default: the size its weights were trained at].")(f)
@@ -249,7 +252,8 @@ def train(ctx, data, data_key, labels_key, out, resume, temperatures, **options)
               default=_DEFAULTS.test_fraction, show_default=True,
               help="Held-out share (excluded from the summaries, as in `train`).")
 def summarize(data, data_key, labels_key, out, features, feature_ram, encoder, encoder_weights, encoder_size,
-              max_locations, temperatures, landmarks, landmark_method, conditional, seed, device, test_fraction):
+              precision, max_locations, temperatures, landmarks, landmark_method, conditional, seed, device,
+              test_fraction):
     """Build the projected field's summaries of a data set once, for `train --cache`."""
     from .train import build_summaries, make_feature_groups, pick_device, real_features, setup
 
@@ -257,7 +261,7 @@ def summarize(data, data_key, labels_key, out, features, feature_ram, encoder, e
                       max_locations=max_locations, seed=seed, conditional=conditional, test_fraction=test_fraction,
                       temperatures=temperatures or _DEFAULTS.temperatures, landmarks=landmarks,
                       landmark_method=landmark_method, features=features, feature_ram=feature_ram,
-                      encoder_weights=encoder_weights, encoder_size=encoder_size)
+                      encoder_weights=encoder_weights, encoder_size=encoder_size, precision=precision)
     try:
         cfg.validate()
         check_folder(out, "--out")  # before the work, not after it

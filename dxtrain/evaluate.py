@@ -513,3 +513,31 @@ def _fid_scores(fake, train: Dataset, test: Dataset, report: dict, floor: dict, 
         report["fid_n"] = len(fake)
     elif inception_weights is not None or train.kind == "images":
         report["notes"].append(why_not)
+
+
+# --------------------------------------------------------------------------- a run's final evaluation
+
+
+def classifier_cache() -> str:
+    """Where the evaluation caches its digits classifier: ``$DXTRAIN_CACHE`` or ``~/.cache/dxtrain``."""
+    base = os.environ.get("DXTRAIN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dxtrain"))
+    return os.path.join(base, "digits_classifier.pt")
+
+
+def evaluate_run(model, train_ds: Dataset, test_ds: Dataset, num_classes: int, device, *, folder: str, step: int,
+                 wall: float, field: str, seed: int = 0, n: int | None = None, **options) -> dict:
+    """Evaluate ``n`` samples of ``model`` against the held-out data and write ``eval.json``.
+
+    The final evaluation of :func:`train` and ``dxtrain eval``: ``n`` defaults to 2000 for
+    vectors and twice the test split for images, drawn with ``seed + 7``; ``options`` go to
+    :func:`dxtrain.evaluate.evaluate_samples`.  Returns the report.
+    """
+    from . import rundir
+    from .models import generate
+
+    n = n or (2000 if train_ds.kind == "vectors" else 2 * len(test_ds))
+    x = generate(model, n, num_classes, device, seed=seed + 7)
+    report = evaluate_samples(x, train_ds, test_ds, classifier_cache=classifier_cache(), seed=seed, **options)
+    report.update({"step": step, "wall": wall, "field": field})
+    rundir.write_eval(folder, report)
+    return report

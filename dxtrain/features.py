@@ -221,6 +221,9 @@ class FeatureGroups(nn.Module):
         Per-location groups per map: all locations when the map has at most
         this many, else a fixed, evenly spaced grid of at most this many;
         None keeps every location.
+    bf16 : bool
+        Run the encoder under bf16 autocast (GPU, and CPUs that support it);
+        the groups are float32 whatever the encoder computed in.
 
     Attributes
     ----------
@@ -233,7 +236,7 @@ class FeatureGroups(nn.Module):
     """
 
     def __init__(self, sample_shape: tuple[int, ...], encoder: str | nn.Module | None = "none", *,
-                 include_pixels: bool = True, max_locations: int | None = 16):
+                 include_pixels: bool = True, max_locations: int | None = 16, bf16: bool = False):
         super().__init__()
         shape = tuple(int(s) for s in sample_shape)
         if len(shape) not in (1, 3) or min(shape) < 1:
@@ -252,6 +255,7 @@ class FeatureGroups(nn.Module):
         self.include_pixels = bool(include_pixels) or self.encoder is None
         self.max_locations = max_locations
         self.raw_name = "x" if len(shape) == 1 else "pixels"
+        self.bf16 = bool(bf16)  # the encoder under bf16 autocast; the groups stay float32
 
         # One probe pass fixes the layout: map sizes, hence locations and group dims.
         self._locations: list[list[tuple[int, int]] | None] = []
@@ -282,7 +286,8 @@ class FeatureGroups(nn.Module):
         return self
 
     def _encode(self, x: Tensor) -> list[Tensor]:
-        output = self.encoder(x)
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            output = self.encoder(x)
         outputs = list(output) if isinstance(output, (list, tuple)) else [output]
         for i, tensor in enumerate(outputs):
             if not isinstance(tensor, Tensor) or tensor.ndim not in (2, 4) or tensor.shape[0] != x.shape[0]:

@@ -54,6 +54,7 @@ from dxfield.projected import REPULSIONS
 from . import guards, rundir
 from .data import Dataset, load_dataset, train_test_split
 from .ddp import DEBUG_DIR_ENV, Dist, process_group, rank_seed, stop_signals, write_weights_hash
+from .evaluate import classifier_cache, evaluate_run
 from .features import FeatureGroups, load_encoder
 from .pretrained import is_pretrained_spec
 from .fields import CORRECTION_BIAS_SHARE, CORRECTION_FIRST_CHECK, ExactField, ProjectedFieldSet, drift_loss
@@ -68,6 +69,9 @@ __all__ = ["DEBUG_DIR_ENV", "FIELDS", "NORMALIZATIONS", "REPULSIONS", "StepInfo"
 
 FIELDS = ("projected", "exact")
 NORMALIZATIONS = dxfield.NORMALIZATIONS
+
+
+PRECISIONS = ("float32", "bf16")
 
 
 @dataclass
@@ -98,6 +102,7 @@ class TrainConfig:
     encoder_weights: str | None = None  # timm:/torchvision: encoders' weight file, or "random"
     encoder_size: int | None = None  # their input size (None: the size the weights were trained at)
     max_locations: int = 4  # per-location feature groups kept per encoder scale
+    precision: str = "float32"  # "bf16": the encoder under bf16 autocast (the field stays float32)
     lr: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float = 2.0
@@ -146,6 +151,8 @@ class TrainConfig:
             if not (np.isfinite(value) and (value > 0 if positive else value >= 0)):
                 raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, "
                                  f"got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not valid; choose one of {PRECISIONS}")
         if (self.encoder_weights is not None or self.encoder_size is not None) and not is_pretrained_spec(self.encoder):
             raise ValueError(f"encoder_weights and encoder_size apply to timm:<model> and torchvision:<model> "
                              f"encoders; encoder is {self.encoder!r}")
@@ -193,7 +200,8 @@ def real_features(cfg: TrainConfig, groups: FeatureGroups, train_ds: Dataset, de
     """The training split's feature groups, computed once (:mod:`dxtrain.realfeats`: in RAM, or a
     feature file per data and encoder)."""
     bars = cfg.progress and (dist is None or dist.main) and sys.stderr.isatty()
-    spec = resolve_encoder(cfg.encoder, train_ds.kind) + (f" at {cfg.encoder_size}px" if cfg.encoder_size else "")
+    spec = (resolve_encoder(cfg.encoder, train_ds.kind) + (f" at {cfg.encoder_size}px" if cfg.encoder_size else "")
+            + (" bf16" if cfg.precision == "bf16" else ""))
     return run_features(groups, spec, train_ds.x, device, path=cfg.features,
                         ram=cfg.feature_ram_bytes,
                         progress=bars, log=log, main=dist is None or dist.main,
@@ -204,7 +212,8 @@ def make_feature_groups(cfg: TrainConfig, ds: Dataset, device) -> FeatureGroups:
     """The run's frozen feature groups (encoder resolved from the data kind; a pretrained one with its weights)."""
     spec = resolve_encoder(cfg.encoder, ds.kind)
     encoder = load_encoder(spec, weights=cfg.encoder_weights, size=cfg.encoder_size) if is_pretrained_spec(spec) else spec
-    return FeatureGroups(ds.shape, encoder, max_locations=cfg.max_locations).to(device)
+    return FeatureGroups(ds.shape, encoder, max_locations=cfg.max_locations,
+                         bf16=cfg.precision == "bf16").to(device)
 
 
 def build_summaries(cfg: TrainConfig, feats: dict[str, np.ndarray], labels, log, progress: bool = False,
@@ -564,32 +573,3 @@ class _Window:
         rates = {"field_s": self.field_s / self.steps, "steps_per_s": self.steps / max(now - self.start, 1e-9)}
         self.start, self.steps, self.field_s = now, 0, 0.0
         return rates
-
-
-# --------------------------------------------------------------------------- the final evaluation
-
-
-def classifier_cache() -> str:
-    """Where the evaluation caches its digits classifier: ``$DXTRAIN_CACHE`` or ``~/.cache/dxtrain``."""
-    base = os.environ.get("DXTRAIN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dxtrain"))
-    return os.path.join(base, "digits_classifier.pt")
-
-
-
-
-def evaluate_run(model, train_ds: Dataset, test_ds: Dataset, num_classes: int, device, *, folder: str, step: int,
-                 wall: float, field: str, seed: int = 0, n: int | None = None, **options) -> dict:
-    """Evaluate ``n`` samples of ``model`` against the held-out data and write ``eval.json``.
-
-    The final evaluation of :func:`train` and ``dxtrain eval``: ``n`` defaults to 2000 for
-    vectors and twice the test split for images, drawn with ``seed + 7``; ``options`` go to
-    :func:`dxtrain.evaluate.evaluate_samples`.  Returns the report.
-    """
-    from .evaluate import evaluate_samples
-
-    n = n or (2000 if train_ds.kind == "vectors" else 2 * len(test_ds))
-    x = generate(model, n, num_classes, device, seed=seed + 7)
-    report = evaluate_samples(x, train_ds, test_ds, classifier_cache=classifier_cache(), seed=seed, **options)
-    report.update({"step": step, "wall": wall, "field": field})
-    rundir.write_eval(folder, report)
-    return report

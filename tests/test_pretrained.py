@@ -188,3 +188,22 @@ def test_a_dino_vit_runs_at_the_asked_size_with_its_weights_from_the_file(tmp_pa
     proj = [p for n, p in enc.backbone.named_parameters() if n.endswith("patch_embed.proj.weight")]
     assert len(proj) == 1  # the file's patch embedding (the position embedding alone is resampled)
     torch.testing.assert_close(proj[0], full.patch_embed.proj.weight, rtol=0, atol=0)
+
+
+def test_bf16_runs_the_encoder_under_autocast_and_the_groups_stay_float32():
+    from dxtrain.features import FeatureGroups, builtin_encoder
+    from dxtrain.train import TrainConfig
+
+    enc = builtin_encoder(3, seed=1)
+    seen = []
+    enc.register_forward_hook(lambda m, i, o: seen.append([t.dtype for t in o]))
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    ref = FeatureGroups((3, 16, 16), enc, max_locations=2)(x)
+    low = FeatureGroups((3, 16, 16), enc, max_locations=2, bf16=True)(x)
+    assert seen[-1] and all(dt == torch.bfloat16 for dt in seen[-1]) and seen[0][0] == torch.float32
+    assert set(low) == set(ref)
+    for name, f in low.items():
+        assert f.dtype == torch.float32
+        torch.testing.assert_close(f, ref[name], rtol=5e-2, atol=5e-2)
+    with pytest.raises(ValueError, match="precision='fp8' is not valid"):
+        TrainConfig(precision="fp8").validate()
