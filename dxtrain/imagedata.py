@@ -1,8 +1,9 @@
 """Image data sets in their own folder layouts: the CIFAR Python folders and image folders.
 
-:func:`read_folder` reads a folder given as ``--data`` into uint8 arrays
-``(N, C, H, W)`` with integer labels, and the data set's own test split where
-the layout has one:
+:func:`read_folder` finds the uint8 images ``(N, C, H, W)`` of a folder given as
+``--data``, with integer labels, and the data set's own test split where the
+layout has one.  The images are read when used, never all at once
+(:class:`dxtrain.pixels.Pixels`: a CIFAR batch file, or an image file, at a time):
 
 * **CIFAR-10** (``cifar-10-batches-py/``): ``data_batch_1`` ... ``data_batch_5``
   for training, ``test_batch`` for the test split, class names from
@@ -36,11 +37,11 @@ CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 
 @dataclass
 class FolderData:
-    """What :func:`read_folder` found: uint8 images ``(N, C, H, W)`` (CIFAR: :class:`dxtrain.pixels.Pixels`
-    over its batch files, read when used), int64 labels, class names; the first ``n_train`` rows are the
-    training split, the rest (if any) the data set's own test split."""
+    """What :func:`read_folder` found: uint8 images ``(N, C, H, W)`` (:class:`dxtrain.pixels.Pixels` over
+    CIFAR's batch files or the image files, read when used), int64 labels, class names; the first
+    ``n_train`` rows are the training split, the rest (if any) the data set's own test split."""
 
-    x: np.ndarray | Pixels
+    x: Pixels
     labels: np.ndarray
     n_train: int
     class_names: list[str]
@@ -181,30 +182,39 @@ def _image_folder(path: str, progress: bool) -> FolderData:
     return FolderData(x, labels, len(files), classes)
 
 
-def _read_images(files: list[tuple[str, int]], progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Every image into one uint8 array ``(N, C, H, W)``: all the size of the first, RGB if any is in colour."""
-    from PIL import Image, UnidentifiedImageError
+def _read_images(files: list[tuple[str, int]], progress: bool) -> tuple[Pixels, np.ndarray]:
+    """The images as one uint8 store ``(N, C, H, W)`` decoded when read (:class:`dxtrain.pixels.BatchFiles`,
+    one file per image): all the size of the first, RGB if any is in colour.  Only the headers are read
+    here, to check the sizes and find the modes."""
     from tqdm import tqdm
 
-    def open_image(name):
-        try:
-            return Image.open(name)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise ValueError(f"image {name!r} cannot be read ({exc})") from exc
-
-    with open_image(files[0][0]) as im:
+    with _open_image(files[0][0]) as im:
         size = im.size
     colour = False
-    for name, _ in files:  # headers only: sizes and modes
-        with open_image(name) as im:
+    for name, _ in tqdm(files, desc="checking images", unit="img", disable=not progress):  # headers only
+        with _open_image(name) as im:
             if im.size != size:
                 raise ValueError(f"image {name!r} is {im.size[0]}x{im.size[1]}, but {files[0][0]!r} is "
                                  f"{size[0]}x{size[1]}: every image of a data folder must have one size")
             colour = colour or im.mode not in ("1", "L", "LA", "I", "I;16", "F")
     mode, channels = ("RGB", 3) if colour else ("L", 1)
-    x = np.empty((len(files), channels, size[1], size[0]), dtype=np.uint8)
-    for i, (name, _) in enumerate(tqdm(files, desc="reading images", unit="img", disable=not progress)):
-        with open_image(name) as im:
-            a = np.asarray(im.convert(mode))
-        x[i] = a[None] if channels == 1 else np.moveaxis(a, -1, 0)
-    return x, np.array([k for _, k in files], dtype=np.int64)
+
+    def decode(name: str) -> np.ndarray:
+        try:
+            with _open_image(name) as im:
+                a = np.asarray(im.convert(mode))
+        except OSError as exc:  # a body that is truncated or damaged
+            raise ValueError(f"image {name!r} cannot be read ({exc})") from exc
+        return (a[None] if channels == 1 else np.moveaxis(a, -1, 0))[None]
+
+    store = BatchFiles([name for name, _ in files], [1] * len(files), (channels, size[1], size[0]), decode)
+    return Pixels(store), np.array([k for _, k in files], dtype=np.int64)
+
+
+def _open_image(name: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(name)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"image {name!r} cannot be read ({exc})") from exc

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dxtrain.data import load_dataset, train_test_split
+from dxtrain.pixels import Pixels
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -103,6 +104,7 @@ def test_an_image_folder_reads_classes_in_name_order(tmp_path):
     (root / ".hidden").mkdir()
     ds = load_dataset(str(root))
     assert ds.shape == (3, 6, 8) and ds.num_classes == 2 and ds.test is None
+    assert isinstance(ds.x, Pixels) and ds.x.store.paths[0].endswith("0.png")  # read when used, file by file
     assert list(ds.label_names) == ["apple", "zebra"]
     want = [images[("apple", i)] for i in range(3)] + [images[("zebra", i)] for i in range(3)]
     np.testing.assert_array_equal(ds.x, _scaled(np.stack(want).transpose(0, 3, 1, 2)))
@@ -139,6 +141,15 @@ def test_data_folder_refusals(tmp_path):
     (broken / "a" / "0.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="0.png' cannot be read"):
         load_dataset(str(broken))
+    truncated = tmp_path / "truncated"
+    for i in range(2):
+        _png(str(truncated / "a" / f"{i}.png"), rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    body = (truncated / "a" / "1.png").read_bytes()
+    (truncated / "a" / "1.png").write_bytes(body[:len(body) // 2])  # its header is whole, its pixels are not
+    ds = load_dataset(str(truncated))  # the headers are read now, the pixels when used
+    np.asarray(ds.x[:1])
+    with pytest.raises(ValueError, match="1.png' cannot be read"):
+        np.asarray(ds.x)
     with pytest.raises(ValueError, match="labels_key='y' does not apply to an image folder"):
         load_dataset(str(root), labels_key="y")
     with pytest.raises(ValueError, match="key='x' applies to .npz/.h5 files"):
