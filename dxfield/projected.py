@@ -44,6 +44,8 @@ from .summaries import (DEFAULT_DEN_FLOOR, RowSource, Shard, Summaries, distinct
 REPULSIONS = ("exact", "nystrom")
 
 
+POOL_PER_LANDMARK = 16  # rows of the selection pool per landmark to choose, at least
+
 class ProjectedField(Summaries):
     """DriftXpress field: Nystrom attraction from cached summaries + exact (or Nystrom) repulsion.
 
@@ -84,7 +86,9 @@ class ProjectedField(Summaries):
             landmark points themselves (shared by every class shard).
         method : {"uniform", "kmeans", "kcenter", "rls"}
             Landmark selection (see :mod:`dxfield.landmarks`); for data that is
-            not in memory it runs on a uniform pool of ``selection_pool`` rows.
+            not in memory it runs on a uniform pool of rows: ``selection_pool``
+            at most, as many as ``memory_budget`` holds, but at least 16 per
+            landmark to choose (:func:`selection_pool_rows`).
         labels : array (P,) of ints, optional
             Build one shard per class (class-conditional fields).
         feature_scale : "auto", float or None
@@ -344,12 +348,22 @@ def _measured_scale(rows: RowSource, feature_scale, rng, dtype, budget: int):
     return mean / math.sqrt(rows.d)
 
 
+def selection_pool_rows(n: int, d: int, m: int, n_shards: int, itemsize: int, budget: int, selection_pool: int) -> int:
+    """Rows of the pool that landmarks are selected from, for data not in memory: ``selection_pool`` at
+    most, else what the budget holds, but never fewer than :data:`POOL_PER_LANDMARK` rows per landmark to
+    choose (nor more than ``n``).  It does not grow with ``n``, so neither does the build's peak memory
+    (docs/design.md section 2.9)."""
+    fits = max(1, int(budget) // max(1, d * itemsize))
+    return int(min(n, max(POOL_PER_LANDMARK * m * n_shards, min(selection_pool, fits))))
+
+
 def _selected_landmarks(rows: RowSource, m: int, n_shards: int, lab, rng, dtype, *, method, seed, kernel, tau,
                         budget, selection_pool):
-    """``m`` landmarks per shard chosen by ``method`` (on a uniform pool of rows for data not in memory)."""
+    """``m`` landmarks per shard chosen by ``method`` (on a uniform pool of rows for data not in memory:
+    :func:`selection_pool_rows`)."""
     xp, n = rows.placement.xp, rows.n
-    pool = np.arange(n) if rows.in_memory or n <= selection_pool else np.sort(
-        rng.choice(n, size=selection_pool, replace=False))
+    k = selection_pool_rows(n, rows.d, m, n_shards, np.dtype(dtype).itemsize, budget, selection_pool)
+    pool = np.arange(n) if rows.in_memory or n <= k else np.sort(rng.choice(n, size=k, replace=False))
     pool_y = rows.take(pool, dtype) if not rows.in_memory else rows.array(dtype)
     pool_lab = None if lab is None else lab[pool]
     idx = to_host(select(pool_y, m, method=method, labels=pool_lab, seed=seed, kernel=kernel, tau=tau,

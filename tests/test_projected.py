@@ -842,3 +842,36 @@ def test_merge_with_a_different_eig_clamp_is_refused_or_exact():
     whole = dxfield.ProjectedField.build(y, eig_clamp=1e-8, **kw)
     x = data(54, 10, 3)
     np.testing.assert_allclose(merged.attraction(x), whole.attraction(x), atol=1e-8)
+
+
+def test_the_selection_pool_of_data_on_disk_is_bounded_by_the_budget_not_the_data(tmp_path):
+    """An HDF5 input: the landmarks are chosen from a pool that holds what the budget holds (at least 16
+    rows per landmark), whatever the data's size; in memory every row is the pool."""
+    import h5py
+
+    from dxfield.projected import selection_pool_rows
+
+    assert selection_pool_rows(10 ** 6, 3072, 128, 10, 4, 64 * 2 ** 20, 100_000) == 16 * 128 * 10
+    assert selection_pool_rows(10 ** 6, 16, 128, 10, 4, 64 * 2 ** 20, 100_000) == 100_000
+    assert selection_pool_rows(500, 16, 128, 10, 4, 64 * 2 ** 20, 100_000) == 500
+    rng = np.random.default_rng(3)
+    y = rng.normal(size=(3000, 64)).astype(np.float32)
+    with h5py.File(tmp_path / "y.h5", "w") as f:
+        f["y"] = y
+    taken = []
+    with h5py.File(tmp_path / "y.h5", "r") as f:
+        from dxfield.summaries import RowSource
+
+        original = RowSource.take
+        def counting(self, idx, dtype):  # noqa: E306
+            taken.append(len(idx))
+            return original(self, idx, dtype)
+        RowSource.take = counting
+        try:
+            pf = dxfield.ProjectedField.build(f["y"], landmarks=8, method="kmeans", memory_budget="256KiB",
+                                              temperatures=(0.2,))
+        finally:
+            RowSource.take = original
+    assert pf.shards[0].m == 8 and pf.n_samples == 3000
+    # the scale's sample (at most half the budget) and the pool: 256 KiB / (64 x 4 B) = 1024 rows, not 3000
+    assert max(taken) == 1024, taken
