@@ -44,7 +44,7 @@ from .summaries import (DEFAULT_DEN_FLOOR, RowSource, Shard, Summaries, distinct
 REPULSIONS = ("exact", "nystrom")
 
 
-POOL_PER_LANDMARK = 16  # rows of the selection pool per landmark to choose, at least
+POOL_PER_LANDMARK = 8  # rows of the selection pool per landmark to choose, at least
 
 class ProjectedField(Summaries):
     """DriftXpress field: Nystrom attraction from cached summaries + exact (or Nystrom) repulsion.
@@ -87,7 +87,7 @@ class ProjectedField(Summaries):
         method : {"uniform", "kmeans", "kcenter", "rls"}
             Landmark selection (see :mod:`dxfield.landmarks`); for data that is
             not in memory it runs on a uniform pool of rows: ``selection_pool``
-            at most, as many as ``memory_budget`` holds, but at least 16 per
+            at most, as many as ``memory_budget`` holds, but at least 8 per
             landmark to choose (:func:`selection_pool_rows`).
         labels : array (P,) of ints, optional
             Build one shard per class (class-conditional fields).

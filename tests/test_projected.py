@@ -845,13 +845,13 @@ def test_merge_with_a_different_eig_clamp_is_refused_or_exact():
 
 
 def test_the_selection_pool_of_data_on_disk_is_bounded_by_the_budget_not_the_data(tmp_path):
-    """An HDF5 input: the landmarks are chosen from a pool that holds what the budget holds (at least 16
+    """An HDF5 input: the landmarks are chosen from a pool that holds what the budget holds (at least 8
     rows per landmark), whatever the data's size; in memory every row is the pool."""
     import h5py
 
     from dxfield.projected import selection_pool_rows
 
-    assert selection_pool_rows(10 ** 6, 3072, 128, 10, 4, 64 * 2 ** 20, 100_000) == 16 * 128 * 10
+    assert selection_pool_rows(10 ** 6, 3072, 128, 10, 4, 64 * 2 ** 20, 100_000) == 8 * 128 * 10
     assert selection_pool_rows(10 ** 6, 16, 128, 10, 4, 64 * 2 ** 20, 100_000) == 100_000
     assert selection_pool_rows(500, 16, 128, 10, 4, 64 * 2 ** 20, 100_000) == 500
     rng = np.random.default_rng(3)
