@@ -44,7 +44,7 @@ from .summaries import (DEFAULT_DEN_FLOOR, RowSource, Shard, Summaries, distinct
 REPULSIONS = ("exact", "nystrom")
 
 
-POOL_PER_LANDMARK = 8  # rows of the selection pool per landmark to choose, at least
+POOL_PER_LANDMARK = 8  # rows of the selection pool per landmark to choose (data not in memory)
 
 class ProjectedField(Summaries):
     """DriftXpress field: Nystrom attraction from cached summaries + exact (or Nystrom) repulsion.
@@ -86,9 +86,9 @@ class ProjectedField(Summaries):
             landmark points themselves (shared by every class shard).
         method : {"uniform", "kmeans", "kcenter", "rls"}
             Landmark selection (see :mod:`dxfield.landmarks`); for data that is
-            not in memory it runs on a uniform pool of rows: ``selection_pool``
-            at most, as many as ``memory_budget`` holds, but at least 8 per
-            landmark to choose (:func:`selection_pool_rows`).
+            not in memory it runs on all rows if they fit ``memory_budget``, else
+            on a uniform pool of 8 rows per landmark to choose,
+            ``selection_pool`` at most (:func:`selection_pool_rows`).
         labels : array (P,) of ints, optional
             Build one shard per class (class-conditional fields).
         feature_scale : "auto", float or None
@@ -348,13 +348,14 @@ def _measured_scale(rows: RowSource, feature_scale, rng, dtype, budget: int):
     return mean / math.sqrt(rows.d)
 
 
-def selection_pool_rows(n: int, d: int, m: int, n_shards: int, itemsize: int, budget: int, selection_pool: int) -> int:
-    """Rows of the pool that landmarks are selected from, for data not in memory: ``selection_pool`` at
-    most, else what the budget holds, but never fewer than :data:`POOL_PER_LANDMARK` rows per landmark to
-    choose (nor more than ``n``).  It does not grow with ``n``, so neither does the build's peak memory
-    (docs/design.md section 2.9)."""
-    fits = max(1, int(budget) // max(1, d * itemsize))
-    return int(min(n, max(POOL_PER_LANDMARK * m * n_shards, min(selection_pool, fits))))
+def selection_pool_rows(n: int, row_bytes: int, m: int, n_shards: int, budget: int, selection_pool: int) -> int:
+    """Rows of the pool that landmarks are selected from, for data not in memory: all ``n`` when they fit
+    ``budget``, else :data:`POOL_PER_LANDMARK` per landmark to choose, ``selection_pool`` at most.  The
+    pool, and so the build's peak memory, is bounded by what is chosen and by the budget, not by the data's
+    size (docs/design.md section 2.9)."""
+    if n * row_bytes <= budget:
+        return int(n)
+    return int(min(n, selection_pool, POOL_PER_LANDMARK * m * n_shards))
 
 
 def _selected_landmarks(rows: RowSource, m: int, n_shards: int, lab, rng, dtype, *, method, seed, kernel, tau,
@@ -362,7 +363,7 @@ def _selected_landmarks(rows: RowSource, m: int, n_shards: int, lab, rng, dtype,
     """``m`` landmarks per shard chosen by ``method`` (on a uniform pool of rows for data not in memory:
     :func:`selection_pool_rows`)."""
     xp, n = rows.placement.xp, rows.n
-    k = selection_pool_rows(n, rows.d, m, n_shards, np.dtype(dtype).itemsize, budget, selection_pool)
+    k = selection_pool_rows(n, rows.d * np.dtype(dtype).itemsize, m, n_shards, budget, selection_pool)
     pool = np.arange(n) if rows.in_memory or n <= k else np.sort(rng.choice(n, size=k, replace=False))
     pool_y = rows.take(pool, dtype) if not rows.in_memory else rows.array(dtype)
     pool_lab = None if lab is None else lab[pool]

@@ -844,34 +844,35 @@ def test_merge_with_a_different_eig_clamp_is_refused_or_exact():
     np.testing.assert_allclose(merged.attraction(x), whole.attraction(x), atol=1e-8)
 
 
-def test_the_selection_pool_of_data_on_disk_is_bounded_by_the_budget_not_the_data(tmp_path):
-    """An HDF5 input: the landmarks are chosen from a pool that holds what the budget holds (at least 8
-    rows per landmark), whatever the data's size; in memory every row is the pool."""
+def test_the_selection_pool_of_data_on_disk_depends_on_the_landmarks_not_the_data(tmp_path):
+    """An HDF5 input larger than the budget: the landmarks are chosen from a pool of 8 rows per landmark to
+    choose, whatever the data's size; data within the budget, or in memory, is the pool itself."""
     import h5py
 
     from dxfield.projected import selection_pool_rows
+    from dxfield.summaries import RowSource
 
-    assert selection_pool_rows(10 ** 6, 3072, 128, 10, 4, 64 * 2 ** 20, 100_000) == 8 * 128 * 10
-    assert selection_pool_rows(10 ** 6, 16, 128, 10, 4, 64 * 2 ** 20, 100_000) == 100_000
-    assert selection_pool_rows(500, 16, 128, 10, 4, 64 * 2 ** 20, 100_000) == 500
+    budget = 64 * 2 ** 20
+    assert selection_pool_rows(10 ** 6, 4 * 3072, 128, 10, budget, 100_000) == 8 * 128 * 10
+    assert selection_pool_rows(10 ** 6, 4 * 3072, 4096, 10, budget, 100_000) == 100_000
+    assert selection_pool_rows(50_000, 4 * 256, 128, 10, budget, 100_000) == 50_000  # fits the budget: every row
     rng = np.random.default_rng(3)
-    y = rng.normal(size=(3000, 64)).astype(np.float32)
+    y = rng.normal(size=(3000, 16)).astype(np.float32)
     with h5py.File(tmp_path / "y.h5", "w") as f:
         f["y"] = y
     taken = []
-    with h5py.File(tmp_path / "y.h5", "r") as f:
-        from dxfield.summaries import RowSource
+    original = RowSource.take
 
-        original = RowSource.take
-        def counting(self, idx, dtype):  # noqa: E306
-            taken.append(len(idx))
-            return original(self, idx, dtype)
+    def counting(self, idx, dtype):
+        taken.append(len(idx))
+        return original(self, idx, dtype)
+
+    with h5py.File(tmp_path / "y.h5", "r") as f:
         RowSource.take = counting
         try:
-            pf = dxfield.ProjectedField.build(f["y"], landmarks=8, method="kmeans", memory_budget="256KiB",
-                                              temperatures=(0.2,))
+            pf = dxfield.ProjectedField.build(f["y"], landmarks=20, method="kmeans", temperatures=(0.2,),
+                                              feature_scale=1.0, memory_budget="128KiB")  # 3000 rows: 188 KiB
         finally:
             RowSource.take = original
-    assert pf.shards[0].m == 8 and pf.n_samples == 3000
-    # the scale's sample (at most half the budget) and the pool: 256 KiB / (64 x 4 B) = 1024 rows, not 3000
-    assert max(taken) == 1024, taken
+    assert pf.shards[0].m == 20 and pf.n_samples == 3000
+    assert taken == [160], taken  # the pool: 8 x 20 rows, not 3000
