@@ -305,9 +305,10 @@ class FeatureGroups(nn.Module):
                 continue
             for h, w in self._locations[i]:
                 groups[f"s{i}.loc{h}_{w}"] = output[:, :, h, w]
-            mean, std = _patch_moments(output, 1)
-            groups[f"s{i}.mean"] = mean.flatten(1)
-            groups[f"s{i}.std"] = std.flatten(1)
+            if output.shape[2] * output.shape[3] > 1:  # a 1x1 map is its one location: no spread, no new mean
+                mean, std = _patch_moments(output, 1)
+                groups[f"s{i}.mean"] = mean.flatten(1)
+                groups[f"s{i}.std"] = std.flatten(1)
             for grid in PATCH_GRIDS:
                 if min(output.shape[2:]) >= 2 * grid:  # a patch of one location has no spread
                     mean, std = _patch_moments(output, grid)

@@ -193,6 +193,15 @@ def test_group_statistics_match_their_definition():
     assert "pixels" not in out
 
 
+def test_a_one_by_one_map_is_its_location_alone():
+    """A 1x1 map (a CNN's last stage on small images) has no spread: its std would be a constant group and
+    its mean the location itself, so only the location is kept."""
+    fmap = torch.randn(2, 5, 1, 1)
+    groups = FeatureGroups((1, 4, 4), _FixedMap(fmap), include_pixels=False)
+    assert groups.names == ["s0.loc0_0"]
+    torch.testing.assert_close(groups(torch.zeros(2, 1, 4, 4))["s0.loc0_0"], fmap[:, :, 0, 0])
+
+
 def test_location_subsampling_is_an_even_fixed_grid():
     small = FeatureGroups((1, 8, 8), "builtin")  # maps 8x8 (64 locations) and 4x4 (16)
     locs0 = [n for n in small.names if n.startswith("s0.loc")]
