@@ -154,8 +154,8 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not valid; choose one of {PRECISIONS}")
         if (self.encoder_weights is not None or self.encoder_size is not None) and not is_pretrained_spec(self.encoder):
-            raise ValueError(f"encoder_weights and encoder_size apply to timm:<model> and torchvision:<model> "
-                             f"encoders; encoder is {self.encoder!r}")
+            raise ValueError(f"--encoder-weights and --encoder-size (encoder_weights, encoder_size) apply to "
+                             f"timm:<model> and torchvision:<model> encoders; encoder is {self.encoder!r}")
         for name in ("memory_budget", "feature_ram"):
             if getattr(self, name) is not None:
                 dxfield.memory.parse_budget(getattr(self, name), name)  # "memory_budget='...' is not a size; ..."

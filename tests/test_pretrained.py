@@ -49,7 +49,8 @@ def test_encoder_weights_and_size_without_a_pretrained_encoder_are_refused():
     from dxtrain.train import TrainConfig
 
     for kw in ({"encoder_weights": "w.safetensors"}, {"encoder_size": 64}):
-        with pytest.raises(ValueError, match="apply to timm:<model> and torchvision:<model> encoders; encoder is 'auto'"):
+        with pytest.raises(ValueError, match=r"--encoder-weights and --encoder-size \(encoder_weights, encoder_size\) "
+                                             r"apply to timm:<model> and torchvision:<model> encoders; encoder is 'auto'"):
             TrainConfig(**kw).validate()
 
 
