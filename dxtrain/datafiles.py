@@ -45,9 +45,33 @@ def read_npz(path, key, labels_key):
         xk = _pick(path, "sample", keys, key, SAMPLE_KEYS, required=True)
         lk = _pick(path, "label", keys, labels_key, LABEL_KEYS, required=False)
         try:
-            return z[xk], (None if lk is None else z[lk])
+            mapped = _mapped_member(path, xk)
+            return (z[xk] if mapped is None else mapped), (None if lk is None else z[lk])
         except ValueError as exc:  # object arrays need pickle, which we refuse
             raise ValueError(f"data file {path!r}: cannot read array ({exc})") from exc
+
+
+def _mapped_member(path: str, key: str):
+    """The uint8 array ``key`` of an uncompressed .npz (``np.savez``) as a read-only memory map, so images
+    larger than RAM are read by rows; None where it cannot be mapped (compressed, another dtype)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(key + ".npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        local = fh.read(30)  # the local file header: its name and extra field lengths at bytes 26-29
+        fh.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little")
+                + int.from_bytes(local[28:30], "little"))
+        version = np.lib.format.read_magic(fh)
+        shape, fortran, dtype = (np.lib.format.read_array_header_1_0(fh) if version == (1, 0)
+                                 else np.lib.format.read_array_header_2_0(fh))
+        offset = fh.tell()
+    if dtype != np.uint8 or fortran or len(shape) < 3:
+        return None
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=shape)
 
 
 def _read_npy_file(path):

@@ -107,3 +107,15 @@ def test_uint8_npy_images_stay_memory_mapped_and_h5_images_stay_in_the_file(u8, 
     floats = np.random.default_rng(1).random((6, 3, 4, 5)).astype(np.float32)
     np.save(tmp_path / "f.npy", floats)
     assert isinstance(load_dataset(str(tmp_path / "f.npy")).x, np.ndarray)  # floats are read as before
+
+
+def test_uint8_images_of_an_uncompressed_npz_are_memory_mapped_and_a_compressed_one_is_read(u8, tmp_path):
+    labels = np.arange(50) % 5
+    np.savez(tmp_path / "plain.npz", x=u8, labels=labels)
+    ds = load_dataset(str(tmp_path / "plain.npz"))
+    assert isinstance(ds.x, Pixels) and isinstance(ds.x.store, np.memmap) and ds.num_classes == 5
+    np.testing.assert_array_equal(np.asarray(ds.x), _scaled(u8))
+    np.savez_compressed(tmp_path / "packed.npz", x=u8, labels=labels)
+    ds = load_dataset(str(tmp_path / "packed.npz"))  # a compressed member cannot be mapped: read, kept uint8
+    assert isinstance(ds.x, Pixels) and not isinstance(ds.x.store, np.memmap)
+    np.testing.assert_array_equal(np.asarray(ds.x), _scaled(u8))
