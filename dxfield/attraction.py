@@ -388,9 +388,8 @@ def _nystrom_sums(pf, xp, bt: "_Batches", k: int):
             m1, mw = g.mass[:, None], (g.mass * root_c[j, :m])[:, None]
             fb, fs = landmark_fallback(pf, xp, g, idx, k, [g.uc * m1, m1, m1, mw, mw],
                                        col_log_weights=[-half[j, :m]])
-            pr[j, idx] = fb[0]
+            pr[j, idx] = fb[0]  # den and rsum are views of pr: they see these rows
             shift[j, idx] = fs[0]
-    den, rsum = pr[:, :, d], pr[:, :, d + 2]
     has = den > 0  # False only without any data (and on padding)
     b = pr[:, :, :d] / xp.where(has, den, 1.0)[:, :, None]
     return b, _log_sums(xp, shift, den, has), _log_sums(xp, shift, rsum, has), nbad

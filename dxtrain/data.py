@@ -51,7 +51,7 @@ from importlib import resources
 import numpy as np
 
 from .datafiles import read_h5, read_npy, read_npz
-from .pixels import SCALING, Pixels
+from .pixels import SCALING, Pixels, to_float
 
 __all__ = ["Dataset", "EMBEDDED", "GaussianMixture", "load_dataset", "mixture_truth", "train_test_split"]
 
@@ -461,14 +461,20 @@ def _from_folder(path: str, labels_key) -> Dataset:
 
 
 def _from_arrays(name, x, labels, source) -> Dataset:
-    if not isinstance(x, (np.ndarray, Pixels)):  # an HDF5 dataset of uint8 images (N, C, H, W), read when used
-        x = Pixels(x)
-    if isinstance(x, Pixels):  # a data folder's uint8 images, read when used
-        y, names = _labels(labels, len(x), source)
-        return Dataset(name, x, y, "images", 0 if names is None else len(names), label_names=names,
-                       preprocessing=SCALING)
-    if not (isinstance(x, np.memmap) and x.dtype == np.uint8):
-        x = np.array(x) if isinstance(x, np.memmap) else np.asarray(x)  # in RAM (only uint8 images stay mapped)
+    if isinstance(x, Pixels) or not isinstance(x, np.ndarray):  # a folder's or an HDF5 file's uint8 images
+        values, kind, how = (x if isinstance(x, Pixels) else Pixels(x)), "images", SCALING
+    else:
+        values, kind, how = _values(x, source)
+    y, names = _labels(labels, len(values), source)
+    return Dataset(name, values, y, kind, 0 if names is None else len(names), label_names=names,
+                   preprocessing=how)
+
+
+def _values(x: np.ndarray, source):
+    """``(values, kind, how)`` of an array read from a file: uint8 images kept as :class:`Pixels` (a memory
+    map stays on disk until a batch reads it), anything else float32 in RAM."""
+    if isinstance(x, np.memmap) and x.dtype != np.uint8:
+        x = np.array(x)  # in RAM: only uint8 images stay mapped
     if x.dtype.kind not in "uif":
         raise ValueError(f"data file {source!r}: samples have dtype {x.dtype}; expected uint8, integers or floats")
     if x.ndim not in (2, 3, 4):
@@ -489,29 +495,19 @@ def _from_arrays(name, x, labels, source) -> Dataset:
         elif x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
             x = np.moveaxis(x, -1, 1)
 
-    if x.dtype == np.uint8 and kind == "images":  # kept uint8 (a memory map stays on disk) until a batch reads it
-        y, names = _labels(labels, len(x), source)
-        return Dataset(name, Pixels(x), y, kind, 0 if names is None else len(names), label_names=names,
-                       preprocessing=SCALING)
     if x.dtype == np.uint8:
-        values = x.astype(np.float32) / np.float32(255.0) * 2 - 1
-        how = "uint8 / 255 * 2 - 1"
-    else:
-        values = x.astype(np.float64)
-        how = "none"
-        if kind == "images":
-            lo, hi = float(values.min()), float(values.max())
-            if lo >= 0.0 and hi <= 1.0:
-                values, how = values * 2 - 1, "[0, 1] -> [-1, 1]"
-            elif not (lo >= -1.0 and hi <= 1.0):
-                mean, std = float(values.mean()), float(values.std())
-                values = (values - mean) / (std if std > 0 else 1.0)
-                how = f"standardised (mean {mean:.6g}, std {std:.6g})"
-        values = values.astype(np.float32)
-
-    y, names = _labels(labels, len(x), source)
-    return Dataset(name, np.ascontiguousarray(values), y, kind, 0 if names is None else len(names),
-                   label_names=names, preprocessing=how)
+        return (Pixels(x), kind, SCALING) if kind == "images" else (to_float(x), kind, "uint8 / 255 * 2 - 1")
+    values = x.astype(np.float64)
+    how = "none"
+    if kind == "images":
+        lo, hi = float(values.min()), float(values.max())
+        if lo >= 0.0 and hi <= 1.0:
+            values, how = values * 2 - 1, "[0, 1] -> [-1, 1]"
+        elif not (lo >= -1.0 and hi <= 1.0):
+            mean, std = float(values.mean()), float(values.std())
+            values = (values - mean) / (std if std > 0 else 1.0)
+            how = f"standardised (mean {mean:.6g}, std {std:.6g})"
+    return np.ascontiguousarray(values.astype(np.float32)), kind, how
 
 
 def _labels(labels, n, source):

@@ -58,8 +58,10 @@ import scipy.linalg
 import scipy.stats
 import torch
 
+from dxtrain import models, rundir
 from dxtrain.classifier import DigitsClassifier, train_digits_classifier
 from dxtrain.data import Dataset
+from dxtrain.featcache import cache_home
 
 __all__ = [
     "energy_distance", "mmd_rbf", "sliced_wasserstein", "frechet_distance", "precision_recall",
@@ -520,8 +522,7 @@ def _fid_scores(fake, train: Dataset, test: Dataset, report: dict, floor: dict, 
 
 def classifier_cache() -> str:
     """Where the evaluation caches its digits classifier: ``$DXTRAIN_CACHE`` or ``~/.cache/dxtrain``."""
-    base = os.environ.get("DXTRAIN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dxtrain"))
-    return os.path.join(base, "digits_classifier.pt")
+    return os.path.join(cache_home(), "digits_classifier.pt")
 
 
 def evaluate_run(model, train_ds: Dataset, test_ds: Dataset, num_classes: int, device, *, folder: str, step: int,
@@ -532,11 +533,8 @@ def evaluate_run(model, train_ds: Dataset, test_ds: Dataset, num_classes: int, d
     vectors and twice the test split for images, drawn with ``seed + 7``; ``options`` go to
     :func:`dxtrain.evaluate.evaluate_samples`.  Returns the report.
     """
-    from . import rundir
-    from .models import generate
-
     n = n or (2000 if train_ds.kind == "vectors" else 2 * len(test_ds))
-    x = generate(model, n, num_classes, device, seed=seed + 7)
+    x = models.generate(model, n, num_classes, device, seed=seed + 7)
     report = evaluate_samples(x, train_ds, test_ds, classifier_cache=classifier_cache(), seed=seed, **options)
     report.update({"step": step, "wall": wall, "field": field})
     rundir.write_eval(folder, report)

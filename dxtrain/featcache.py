@@ -35,6 +35,12 @@ FORMAT = 1
 CHUNK_BYTES = 1 << 20  # about 1 MiB per HDF5 chunk of a feature dataset
 
 
+def cache_home() -> str:
+    """Where dxtrain keeps files between runs (feature files, the digits classifier): ``$DXTRAIN_CACHE``,
+    or ``~/.cache/dxtrain``."""
+    return os.environ.get("DXTRAIN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dxtrain"))
+
+
 def array_sha256(a: np.ndarray, block: int = 1 << 24) -> str:
     """SHA-256 of an array's bytes (C order) with its dtype and shape, in blocks of ``block`` bytes."""
     h = hashlib.sha256(f"{a.dtype.str}{tuple(a.shape)}".encode())

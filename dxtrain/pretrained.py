@@ -26,6 +26,7 @@ timm and torchvision are the ``images`` extra.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -83,8 +84,6 @@ def load_pretrained(spec: str, *, weights: str | None, size: int | None = None) 
 
 def _import(spec: str, module: str):
     try:
-        import importlib
-
         return importlib.import_module(module)
     except Exception as error:  # ImportError, or torchvision's "operator torchvision::nms does not exist"
         raise ValueError(f"encoder {spec!r} needs {module} (pip install 'driftxpress[images]'), and importing it "

@@ -27,7 +27,7 @@ import os
 import numpy as np
 import torch
 
-from .featcache import FeatureFile, build_features, fingerprint
+from .featcache import FeatureFile, build_features, cache_home, fingerprint
 from .features import FeatureGroups
 
 DEFAULT_FEATURE_RAM = 4 << 30  # bytes of features read into RAM; more stay in the feature file
@@ -91,9 +91,8 @@ def _encode(groups: FeatureGroups, samples: np.ndarray, device) -> dict[str, np.
 def default_feature_path(fp: dict) -> str:
     """``$DXTRAIN_CACHE/features/<16 hex digits of the fingerprint's SHA-256>.h5`` (default cache:
     ``~/.cache/dxtrain``)."""
-    base = os.environ.get("DXTRAIN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dxtrain"))
     key = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
-    return os.path.join(base, "features", f"{key}.h5")
+    return os.path.join(cache_home(), "features", f"{key}.h5")
 
 
 def run_features(groups: FeatureGroups, encoder_spec: str, samples: np.ndarray, device, *, path: str | None = None,
