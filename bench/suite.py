@@ -161,7 +161,7 @@ CROSSOVER = {b.name: b for b in [
     Bench(f"classes{k}-32d", f"{k} classes x 4 modes, 32-D, class-conditional (crossover: classes)",
           _mix(n=40000, modes=4 * k, dim=32, weights="equal", sigma=0.3, classes=k), conditional=True,
           budget=30.0)
-    for k in (2, 8, 32)]}
+    for k in (2, 8, 16, 32, 64)]}
 ALL = {**BENCHES, **CROSSOVER}
 
 STRUCTURE_SEED = 7919  # fixes every bench's structure (centres, weights, embedding); the seed draws the points

@@ -472,6 +472,60 @@ def plot(result: dict, path: Path) -> None:
     write_png(path, picture)
 
 
+CROSSOVER_AXIS = re.compile(r"^(modes|classes)(\d+)-")  # a crossover bench: its family and the value on its axis
+
+
+def crossover_points(results: list[dict]) -> dict:
+    """The crossover study's figures by family (``modes``, ``classes``): per bench its axis value, the
+    time-to-target ratio per seed ("not reached": 0), their median and the median equal-budget ratio."""
+    out: dict[str, list[dict]] = {}
+    for r in results:
+        hit, s = CROSSOVER_AXIS.match(r.get("bench", "")), r.get("summary", {}).get(MAIN)
+        if not hit or not s:
+            continue
+        out.setdefault(hit.group(1), []).append({
+            "value": int(hit.group(2)), "ratios": [x or 0.0 for x in s["ratios"]],
+            "median": s["ratio_median"] or 0.0, "equal_budget": s["final_ratio_median"],
+            "baseline": r["baseline"]})
+    return {k: sorted(v, key=lambda p: p["value"]) for k, v in out.items()}
+
+
+def plot_crossover(results: list[dict], path: Path) -> bool:
+    """One figure of the crossover study: DriftXpress's time-to-target ratio (each seed and the median) and
+    its equal-budget ratio against the value on each family's axis, with the goal (3x) and parity drawn;
+    False when no crossover bench is among ``results``."""
+    from dxtrain.pictures import line_plot, write_png
+
+    families = crossover_points(results)
+    if not families:
+        return False
+    series = []
+    for i, (family, pts) in enumerate(sorted(families.items())):
+        colour = METHOD_COLOURS[2 * i % len(METHOD_COLOURS)]
+        xs = [p["value"] for p in pts]
+        series.append({"x": xs, "y": [max(p["median"], 0.05) for p in pts], "colour": colour, "width": 3,
+                       "label": f"{family}: time-to-target ratio, median (not reached drawn at 0.05)"})
+        seeds = max(len(p["ratios"]) for p in pts)
+        for k in range(seeds):
+            series.append({"x": xs, "y": [max(p["ratios"][k], 0.05) if k < len(p["ratios"]) else math.nan
+                                          for p in pts],
+                           "colour": colour, "width": 1, "dash": 3, "label": f"{family}: seed {k}" if k == 0 else None})
+        series.append({"x": xs, "y": [p["equal_budget"] or math.nan for p in pts],
+                       "colour": METHOD_COLOURS[(2 * i + 1) % len(METHOD_COLOURS)], "width": 2, "dash": 8,
+                       "label": f"{family}: equal budget (baseline final / DriftXpress final)"})
+    for s in series:
+        if s["label"] is None:
+            del s["label"]
+    picture = line_plot(series, logx=True, logy=True, size=(1000, 640),
+                        hlines=[{"y": 1.0, "label": "parity", "colour": (120, 120, 120)},
+                                {"y": 3.0, "label": "goal: 3x", "colour": (214, 39, 40)}],
+                        title="crossover: DriftXpress at the defaults against the tuned standard drifting",
+                        xlabel="value on the family's axis (modes, or classes of 4 modes each; log scale)",
+                        ylabel="ratio (> 1: DriftXpress ahead; log scale)")
+    write_png(path, picture)
+    return True
+
+
 # --------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------
@@ -652,6 +706,11 @@ def finish_suite(paths: list[Path], out_dir: Path, host: str, tag: str) -> None:
     text = render_suite(results, host)
     print(text, flush=True)
     (out_dir / f"train-suite-{host}{tag}.md").write_text(text + "\n")
+    try:
+        if plot_crossover(results, out_dir / f"train-crossover-{host}{tag}.png"):
+            print(f"crossover figure: {out_dir / f'train-crossover-{host}{tag}.png'}", flush=True)
+    except Exception as exc:  # the figures matter more than the picture
+        print(f"crossover plot failed: {type(exc).__name__}: {exc}", flush=True)
     write_json_atomic(out_dir / f"train-suite-{host}{tag}.json",
                       {"benches": [str(Path(p).name) for p in paths], "host_kind": host,
                        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})

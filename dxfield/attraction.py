@@ -315,11 +315,17 @@ class _Batches:
 
 def _corrected_sums(pf, xp, bt: _Batches, k: int):
     """One temperature of :func:`corrected_attraction`, all groups at once: ``(b, log_w, log_r,
-    fallback rows)`` as (groups x rows) arrays (padded rows hold garbage; ``bt.valid`` marks the rest)."""
+    fallback rows)`` as (groups x rows) arrays (padded rows hold garbage; ``bt.valid`` marks the rest).
+
+    The sample's Nystrom part ``E W^{-1} K_s [Y_s, 1]`` (``K_s = k(U, Y_s) n / B``) is multiplied in
+    the cheaper order (docs/design.md section 8.16): ``E (W^{-1} (K_s [Y_s, 1]))`` (m^2 (D+1)
+    float64 products per group) or, with fewer queries per group than feature columns,
+    ``((E W^{-1}) K_s) [Y_s, 1]`` (nq m^2): the residual terms ``e - a`` of each query and sample row
+    are then formed before the last product."""
     d = bt.y1.shape[2] - 1
     dt, f64 = pf.dtype, xp.float64
     coef = logit_coef(pf.kernel, pf.taus[k])
-    folded = bt.folded(xp, k, d)  # A [G | t]
+    folded = bt.folded(xp, k, d)  # A [G | t], float64
     with quiet(xp):
         # k_iu c_u^{-1/2} = exp(e_iu) and k_iu = exp(e_iu) c_u^{1/2}: column sums over each group's queries
         Lu, half, e_u = _landmark_terms(pf, xp, bt, k)
@@ -331,21 +337,29 @@ def _corrected_sums(pf, xp, bt: _Batches, k: int):
         shift = xp.where(xp.isfinite(shift), shift, 0).astype(dt)
         E = xp.exp(e_u - shift[:, :, None])  # units exp(shift_i)
         root_c = xp.exp(half)  # c_u^{1/2}
-        corrected = folded
+        nys = E @ bt.kept(("folded32", k), lambda: folded.astype(dt))  # the Nystrom sums alone [acc | s_w]
+        t_col = folded[:, :, d]  # W^{-1} t, corrected below for the plain row sums
+        pr = nys
         if bt.has_sample:
-            # the sample's Nystrom summaries, subtracted from the cached ones (float64, m x (D+1))
-            kuy = xp.exp(bt.duy * -coef) * bt.scale[:, None, :]  # in the working dtype, like the cached sums
-            corrected = folded - bt.inverse_grams(pf, xp, k) @ (kuy @ bt.y1).astype(f64)
-        mats = corrected.astype(dt)
-        pr = E @ mats  # [acc | s_w]
-        r = (E @ (mats[:, :, d] * root_c)[:, :, None])[:, :, 0]  # plain row sums k_i. W^{-1} t
-        ay = xp.exp(e_y - shift[:, :, None]) * bt.scale[:, None, :]
-        pr += ay @ bt.y1
-        r += (ay @ xp.exp(half_y)[:, :, None])[:, :, 0]
+            ay = xp.exp(e_y - shift[:, :, None]) * bt.scale[:, None, :]  # exact terms, units exp(shift_i)
+            kuy = xp.exp(bt.duy * -coef) * bt.scale[:, None, :]  # K_s, in the working dtype like the cached sums
+            winv = bt.inverse_grams(pf, xp, k)
+            if bt.nq < d + 1:  # (E W^{-1}) K_s: the Nystrom terms a of every (query, sample row) pair
+                # one product for both: the rows of E, and (K_s 1)^T whose product is (W^{-1} K_s 1)^T (W symmetric)
+                ew = xp.concatenate([E.astype(f64), kuy.sum(axis=2, dtype=f64)[:, None, :]], axis=1) @ winv
+                a = ew[:, :-1] @ kuy.astype(f64)
+                pr = nys + (ay - a).astype(dt) @ bt.y1
+                t_col = t_col - ew[:, -1]
+            else:  # W^{-1} (K_s [Y_s, 1]) subtracted from the cached sums; its last column is W^{-1} K_s 1
+                corrected = folded - winv @ (kuy @ bt.y1).astype(f64)
+                pr = E @ corrected.astype(dt) + ay @ bt.y1
+                t_col = corrected[:, :, d]
+        r = (E @ (t_col.astype(dt) * root_c)[:, :, None])[:, :, 0]  # plain row sums k_i. W^{-1} t
+        if bt.has_sample:
+            r += (ay @ xp.exp(half_y)[:, :, None])[:, :, 0]
     bad = (~(pr[:, :, d] > 0) | ~(r > 0)) & bt.valid
     nbad = int(bad.sum()) if bt.has_sample else 0
     if nbad:  # the sample's estimate went negative there: Nystrom alone
-        nys = E @ folded.astype(dt)
         pr = xp.where(bad[:, :, None], nys, pr)
         r = xp.where(bad, (E @ (folded[:, :, d].astype(dt) * root_c)[:, :, None])[:, :, 0], r)
     s_w = pr[:, :, d]

@@ -310,10 +310,11 @@ def test_argument_errors(points):
 @pytest.mark.parametrize("kernel", ["laplace", "gaussian"])
 @pytest.mark.parametrize("drift_norm", [False, True])
 @pytest.mark.parametrize("scale,temps", [(None, (0.3, 1.0)), (0.8, (0.02, 0.05, 0.2))])
-def test_the_whole_data_as_sample_gives_algorithm_2_whatever_the_landmarks(kernel, drift_norm, scale, temps):
+@pytest.mark.parametrize("dim", [4, 24])  # 18 queries: more than D + 1 columns, then fewer (the other product order)
+def test_the_whole_data_as_sample_gives_algorithm_2_whatever_the_landmarks(kernel, drift_norm, scale, temps, dim):
     rng = np.random.default_rng(20)
-    pos = rng.normal(size=(120, 4)) + 0.4
-    x = rng.normal(size=(18, 4))
+    pos = rng.normal(size=(120, dim)) / np.sqrt(dim / 4) + 0.4
+    x = rng.normal(size=(18, dim)) / np.sqrt(dim / 4)
     pf = dxfield.ProjectedField.build(pos, landmarks=12, method="uniform", feature_scale=scale, temperatures=temps,
                                       kernel=kernel)  # 12 landmarks: a poor Nystrom approximation
     V = pf.field(x, normalization="bidirectional", drift_norm=drift_norm, pos_sample=pos)
