@@ -35,36 +35,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-GENERATOR_KINDS = ("mlp", "conv", "auto")
+from .genparts import check_noise, check_positive, embed_labels
+from .unet import UNetGenerator
 
-
-def _class_embedding(labels: Tensor | None, embedding: nn.Embedding | None, batch: int) -> Tensor | None:
-    """The class embedding for ``labels`` (or None for an unconditional generator).
-
-    A conditional generator needs labels and an unconditional one refuses them:
-    silently ignoring either mismatch would train the wrong model.
-    """
-    if embedding is None:
-        if labels is not None:
-            raise ValueError("labels were given to an unconditional generator (num_classes=0); "
-                             "build it with num_classes > 0 or pass labels=None")
-        return None
-    if labels is None:
-        raise ValueError(f"this generator is class-conditional (num_classes={embedding.num_embeddings}); "
-                         "pass labels, a LongTensor of shape (B,)")
-    if labels.shape != (batch,):
-        raise ValueError(f"labels must have shape ({batch},) to match the noise batch, got {tuple(labels.shape)}")
-    return embedding(labels.long())
-
-
-def _check_noise(noise: Tensor, noise_dim: int) -> None:
-    if noise.ndim != 2 or noise.shape[1] != noise_dim:
-        raise ValueError(f"noise must have shape (B, {noise_dim}), got {tuple(noise.shape)}")
-
-
-def _check_positive(name: str, value: int, minimum: int = 1) -> None:
-    if not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+GENERATOR_KINDS = ("mlp", "conv", "unet", "auto")
 
 
 class MLPGenerator(nn.Module):
@@ -94,11 +68,11 @@ class MLPGenerator(nn.Module):
     def __init__(self, out_dim: int, noise_dim: int = 32, hidden: int = 256, depth: int = 3,
                  num_classes: int = 0, *, out_shape: tuple[int, ...] | None = None):
         super().__init__()
-        _check_positive("out_dim", out_dim)
-        _check_positive("noise_dim", noise_dim)
-        _check_positive("hidden", hidden)
-        _check_positive("depth", depth)
-        _check_positive("num_classes", num_classes, minimum=0)
+        check_positive("out_dim", out_dim)
+        check_positive("noise_dim", noise_dim)
+        check_positive("hidden", hidden)
+        check_positive("depth", depth)
+        check_positive("num_classes", num_classes, minimum=0)
         if out_shape is not None and math.prod(out_shape) != out_dim:
             raise ValueError(f"out_shape {tuple(out_shape)} has {math.prod(out_shape)} entries, "
                              f"but out_dim is {out_dim}")
@@ -115,10 +89,14 @@ class MLPGenerator(nn.Module):
         )
         self.output = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, out_dim))
 
+    def describe(self) -> str:
+        """The size, for the run log."""
+        return f"hidden {self.input.out_features}, depth {len(self.hidden) + 1}"
+
     def forward(self, noise: Tensor, labels: Tensor | None = None) -> Tensor:
-        _check_noise(noise, self.noise_dim)
+        check_noise(noise, self.noise_dim)
         h = self.input(noise)
-        embedded = _class_embedding(labels, self.class_embedding, noise.shape[0])
+        embedded = embed_labels(labels, self.class_embedding, noise.shape[0])
         if embedded is not None:
             h = h + embedded
         for layer in self.hidden:
@@ -175,10 +153,10 @@ class ConvGenerator(nn.Module):
         if len(image_shape) != 3:
             raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)!r}")
         for name, value in zip(("C", "H", "W"), image_shape):
-            _check_positive(f"image_shape {name}", int(value))
-        _check_positive("noise_dim", noise_dim)
-        _check_positive("width", width)
-        _check_positive("num_classes", num_classes, minimum=0)
+            check_positive(f"image_shape {name}", int(value))
+        check_positive("noise_dim", noise_dim)
+        check_positive("width", width)
+        check_positive("num_classes", num_classes, minimum=0)
         channels, height, width_px = (int(s) for s in image_shape)
         self.image_shape = (channels, height, width_px)
         self.noise_dim = noise_dim
@@ -203,11 +181,15 @@ class ConvGenerator(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.to_image = nn.Conv2d(width, channels, 3, padding=1)
 
+    def describe(self) -> str:
+        """The size, for the run log."""
+        return f"width {self.to_image.in_channels}"
+
     def forward(self, noise: Tensor, labels: Tensor | None = None) -> Tensor:
-        _check_noise(noise, self.noise_dim)
+        check_noise(noise, self.noise_dim)
         batch = noise.shape[0]
         h = self.project(noise).reshape(batch, self.base_channels, *self.base_size)
-        embedded = _class_embedding(labels, self.class_embedding, batch)
+        embedded = embed_labels(labels, self.class_embedding, batch)
         if embedded is not None:
             h = h + embedded[:, :, None, None]
         h = self.blocks(F.silu(self.base_norm(h)))
@@ -219,23 +201,30 @@ class ConvGenerator(nn.Module):
 
 
 def make_generator(kind: str, sample_shape: tuple[int, ...], *, noise_dim: int | None = None,
-                   num_classes: int = 0, width: int | None = None) -> nn.Module:
+                   num_classes: int = 0, width: int | None = None, depth: int | None = None,
+                   guidance: bool = False) -> nn.Module:
     """A generator whose ``forward(noise, labels=None)`` returns ``(B, *sample_shape)``.
 
     Parameters
     ----------
-    kind : {"mlp", "conv", "auto"}
+    kind : {"mlp", "conv", "unet", "auto"}
         "auto" is "conv" for images ``(C, H, W)`` and "mlp" for vectors ``(D,)``.
         "mlp" also accepts images (flattened internally, linear output).
+        "unet": :class:`dxtrain.unet.UNetGenerator`, square 32x32 or 64x64 images.
     sample_shape : tuple of int
         ``(D,)`` or ``(C, H, W)``.
     noise_dim : int, optional
-        Defaults to 32 for "mlp" and 64 for "conv".
+        Defaults to 32 for "mlp" and 64 for "conv" ("unet": the image's size, not settable).
     num_classes : int
         0 for unconditional; otherwise ``forward`` needs labels in ``[0, num_classes)``.
     width : int, optional
-        Hidden width of the MLP (default 256) or full-resolution channels of
-        the conv generator (default 64).
+        Hidden width of the MLP (default 256), full-resolution channels of
+        the conv generator (default 64) or of the UNet (default 128).
+    depth : int, optional
+        Hidden layers of the MLP (default 3) or residual blocks per resolution
+        of the UNet (default 2); the conv generator has none to set.
+    guidance : bool
+        The generator takes the guidance scale ``forward(..., alpha=)`` (UNet only).
 
     The module exposes ``noise_dim`` for :func:`sample_noise`.
     """
@@ -247,18 +236,29 @@ def make_generator(kind: str, sample_shape: tuple[int, ...], *, noise_dim: int |
                          f"sizes; got {tuple(sample_shape)!r}")
     if kind == "auto":
         kind = "conv" if len(shape) == 3 else "mlp"
+    if guidance and kind != "unet":
+        raise ValueError(f"guidance (the generator taking alpha) needs the UNet generator, not {kind!r}")
     options = {"num_classes": num_classes}
+    sizes = {k: v for k, v in (("width", width), ("depth", depth)) if v is not None}
+    if kind == "unet":
+        if len(shape) != 3 or noise_dim is not None:
+            raise ValueError(f"kind='unet' needs an image sample_shape (C, H, W) and takes a noise image of that "
+                             f"shape (no noise_dim); got sample_shape {shape!r}, noise_dim {noise_dim!r}")
+        return UNetGenerator(shape, guidance=guidance, **options, **sizes)
     if noise_dim is not None:
         options["noise_dim"] = noise_dim
     if kind == "conv":
         if len(shape) != 3:
             raise ValueError(f"kind='conv' needs an image sample_shape (C, H, W), got {shape!r}; "
                              "use kind='mlp' or 'auto' for vectors")
-        if width is not None:
-            options["width"] = width
-        return ConvGenerator(shape, **options)
+        if depth is not None:
+            raise ValueError(f"depth={depth!r}: the conv generator has no depth to set (its upsampling stages "
+                             "follow the image size); set width, or use kind='mlp' or 'unet'")
+        return ConvGenerator(shape, **options, **sizes)
     if width is not None:
         options["hidden"] = width
+    if depth is not None:
+        options["depth"] = depth
     return MLPGenerator(math.prod(shape), out_shape=shape, **options)
 
 
@@ -282,7 +282,7 @@ def sample_noise(generator: nn.Module, n: int, generator_rng: torch.Generator | 
     if not isinstance(noise_dim, numbers.Integral):
         raise ValueError(f"generator {type(generator).__name__} has no int attribute noise_dim; "
                          "build it with make_generator or set noise_dim")
-    _check_positive("n", n, minimum=0)
+    check_positive("n", n, minimum=0)
     device = torch.device(device) if device is not None else _module_device(generator)
     if generator_rng is None:
         return torch.randn(int(n), noise_dim, device=device)

@@ -59,7 +59,7 @@ from .features import FeatureGroups, load_encoder
 from .pretrained import is_pretrained_spec
 from .fields import CORRECTION_BIAS_SHARE, CORRECTION_FIRST_CHECK, ExactField, ProjectedFieldSet, drift_loss
 from .lock import RunLock
-from .models import EMA, generate, make_generator, sample_noise
+from .models import GENERATOR_KINDS, EMA, generate, make_generator, sample_noise
 from .realfeats import RealFeatures, run_features
 from .rundir import save_samples
 
@@ -96,7 +96,9 @@ class TrainConfig:
     landmarks: int = 128  # per class (projected field)
     landmark_method: str = "kmeans"
     conditional: bool = True  # use class labels when the data has them
-    generator: str = "auto"  # "auto", "mlp" or "conv"
+    generator: str = "auto"  # "auto" (conv for images, mlp for vectors), "mlp", "conv" or "unet"
+    gen_width: int | None = None  # the generator's width (None: its kind's default; dxtrain.models.make_generator)
+    gen_depth: int | None = None  # its depth: MLP hidden layers, UNet blocks per resolution (None: the default)
     encoder: str = "auto"  # "auto" (builtin for images, none for vectors), "none", "builtin", a TorchScript
     #                        file or "module:callable"
     encoder_weights: str | None = None  # timm:/torchvision: encoders' weight file, or "random"
@@ -132,8 +134,11 @@ class TrainConfig:
             raise ValueError(f"repulsion={self.repulsion!r} is not valid; choose one of {REPULSIONS}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization={self.normalization!r} is not valid; choose one of {NORMALIZATIONS}")
-        if self.correction_sample is not None and int(self.correction_sample) < 1:
-            raise ValueError(f"correction_sample must be >= 1 (or None: positives), got {self.correction_sample}")
+        for name in ("correction_sample", "gen_width", "gen_depth"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1 (or None: the default), got {getattr(self, name)}")
+        if self.generator not in GENERATOR_KINDS:
+            raise ValueError(f"generator={self.generator!r} is not valid; choose one of {GENERATOR_KINDS}")
         for name in ("steps", "batch", "positives", "landmarks", "log_every", "sample_every", "checkpoint_every",
                      "fidelity_every", "max_locations"):
             if int(getattr(self, name)) < 1:
@@ -411,6 +416,17 @@ class _Run:
         self.saved_step = step
 
 
+def build_generator(cfg: TrainConfig, shape, num_classes: int) -> torch.nn.Module:
+    """The run's generator (``--generator``, ``--gen-width``, ``--gen-depth``) for samples of ``shape``."""
+    try:
+        return make_generator(cfg.generator, shape, num_classes=num_classes, width=cfg.gen_width,
+                              depth=cfg.gen_depth)
+    except ValueError as exc:
+        given = "".join(f" {o} {v}" for o, v in (("--gen-width", cfg.gen_width), ("--gen-depth", cfg.gen_depth))
+                        if v is not None)
+        raise ValueError(f"--generator {cfg.generator}{given}, samples of shape {tuple(shape)}: {exc}") from None
+
+
 def _set_up(cfg: TrainConfig, resume: bool, given, log, dist: Dist) -> _Run:
     """Everything before the first step; on resume, the state the checkpoint holds."""
     checkpoint, latest = rundir.start(cfg.out, resume, log, owner=dist.main) or (None, False)
@@ -429,7 +445,7 @@ def _set_up(cfg: TrainConfig, resume: bool, given, log, dist: Dist) -> _Run:
     guards.announce_unused(cfg, given, log, own_split=test_ds.own_split)
     if dist.main:
         rundir.write_config(cfg.out, cfg)
-    model = make_generator(cfg.generator, train_ds.shape, num_classes=num_classes).to(device)
+    model = build_generator(cfg, train_ds.shape, num_classes).to(device)
     groups = make_feature_groups(cfg, train_ds, device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(model, decay=cfg.ema)
@@ -446,7 +462,7 @@ def _set_up(cfg: TrainConfig, resume: bool, given, log, dist: Dist) -> _Run:
     log(f"data {cfg.data}: {len(train_ds)} train / {len(test_ds)} test"
         f"{' (its own test split)' if test_ds.own_split else ''}, sample shape {train_ds.shape}, "
         f"{train_ds.num_classes} classes ({'conditional' if conditional else 'unconditional'}); "
-        f"generator {type(model).__name__} ({n_params:,} parameters); features {groups.describe()}; "
+        f"generator {type(model).__name__} ({model.describe()}; {n_params:,} parameters); features {groups.describe()}; "
         f"field {cfg.field}; device {device}"
         + (f"; DDP over {dist.world_size} ranks (global batch {cfg.batch} x {dist.world_size})"
            if dist.enabled else ""))

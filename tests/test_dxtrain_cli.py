@@ -984,3 +984,29 @@ def test_correction_sample_sets_the_real_samples_per_step(tmp_path, monkeypatch)
     assert seen == [24, 24]  # 12 per class, both classes
     with pytest.raises(ValueError, match="correction_sample"):
         TrainConfig(correction_sample=0).validate()
+
+
+# --------------------------------------------------------------------------- the UNet generator
+
+
+def test_unet_generator_trains_logs_its_size_and_samples(tmp_path):
+    rng = np.random.default_rng(3)
+    path = tmp_path / "tiny32.npz"
+    np.savez(path, x=rng.integers(0, 256, (90, 3, 32, 32), dtype=np.uint8), labels=np.arange(90) % 3)
+    out = tmp_path / "run"
+    result = invoke("train", "--data", path, "--out", out, "--steps", 2, *FAST, "--generator", "unet",
+                    "--gen-width", 8, "--gen-depth", 1, "--batch", 12, "--positives", 24)
+    assert "generator UNetGenerator (width 8, depth 1, channel multipliers (1,2,2,2);" in result.stderr
+    ckpt = load_ckpt(out)
+    assert ckpt["config"]["generator"] == "unet" and ckpt["config"]["gen_width"] == 8
+    invoke("sample", "--run", out, "--n", 5, "--out", tmp_path / "s.npz")
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["x"].shape == (5, 3, 32, 32) and np.abs(f["x"]).max() <= 1
+
+
+def test_generator_options_that_do_not_fit_are_clean_errors(tmp_path):
+    assert_clean_error(train(tmp_path / "a", "--generator", "unet", ok=False), "--generator unet", "(1, 8, 8)",
+                       "32 or 64")
+    assert_clean_error(train(tmp_path / "b", "--gen-depth", "2", ok=False), "--generator auto", "--gen-depth 2",
+                       "no depth")
+    assert_clean_error(train(tmp_path / "c", "--gen-width", "0", ok=False), "--gen-width")

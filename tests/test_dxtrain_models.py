@@ -80,7 +80,7 @@ def test_seeded_noise_is_deterministic(kind, shape):
 
 def test_make_generator_rejects_bad_arguments():
     with pytest.raises(ValueError, match="kind must be one of"):
-        make_generator("unet", (1, 8, 8))
+        make_generator("transformer", (1, 8, 8))
     with pytest.raises(ValueError, match="needs an image"):
         make_generator("conv", (5,))
     with pytest.raises(ValueError, match="sample_shape"):
@@ -323,3 +323,76 @@ def test_encoder_output_must_be_a_map_or_vector():
     with pytest.raises(ValueError, match="feature map or a"):
         FeatureGroups((2, 4, 4), Tokens())
 
+
+
+# --- the UNet generator (dxtrain/unet.py) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 32, 32), (3, 64, 64)])
+def test_unet_shapes_range_and_noise_image(shape):
+    g = make_generator("unet", shape, width=8, depth=1, num_classes=4)
+    assert g.noise_dim == shape[0] * shape[1] * shape[2]  # a noise image of the sample's shape
+    out = g(sample_noise(g, 3, _rng()) * 10, torch.tensor([0, 1, 3]))
+    assert out.shape == (3, *shape) and torch.isfinite(out).all() and out.abs().max() <= 1
+
+
+def test_unet_conditioning_on_class_and_alpha():
+    g = make_generator("unet", (3, 32, 32), width=8, depth=1, num_classes=3, guidance=True)
+    noise = sample_noise(g, 3, _rng()).repeat(2, 1)
+    labels = torch.tensor([0, 1, 2, 1, 2, 0])
+    with torch.no_grad():
+        plain = g(noise, labels)
+        assert not torch.allclose(plain[:3], plain[3:])  # same noise, other class
+        torch.testing.assert_close(g(noise, labels, alpha=1.0), plain)  # alpha defaults to 1 (no guidance)
+        guided = g(noise, labels, alpha=torch.tensor([1.0, 2.0, 4.0] * 2))
+        torch.testing.assert_close(guided[0], plain[0])
+        assert (guided[1:3] - plain[1:3]).abs().max() > 1e-4  # alpha is an input
+        torch.testing.assert_close(g(noise[2:3], labels[2:3], alpha=4.0), guided[2:3])  # a number: every sample
+    g.zero_grad()
+    g(noise, labels, alpha=torch.full((6,), 2.0)).square().mean().backward()
+    assert g.class_embedding.weight.grad.abs().sum() > 0 and all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in g.alpha_mlp.parameters())
+
+
+def test_unet_default_size_is_tens_of_millions_and_the_options_set_it():
+    with torch.device("meta"):  # counted without allocating
+        sizes = {shape: sum(p.numel() for p in make_generator("unet", shape, num_classes=10).parameters())
+                 for shape in [(3, 32, 32), (3, 64, 64)]}
+        small = make_generator("unet", (3, 32, 32), width=32, depth=1, num_classes=10)
+    assert 20e6 < sizes[(3, 32, 32)] < 60e6 and sizes[(3, 64, 64)] > sizes[(3, 32, 32)]
+    assert sum(p.numel() for p in small.parameters()) < sizes[(3, 32, 32)] / 10
+    assert small.describe() == "width 32, depth 1, channel multipliers (1,2,2,2)"
+
+
+def test_unet_refusals_name_the_argument():
+    with pytest.raises(ValueError, match=r"square images of side 32 or 64.*\(3, 28, 28\).*--generator conv"):
+        make_generator("unet", (3, 28, 28))
+    with pytest.raises(ValueError, match="image sample_shape"):
+        make_generator("unet", (64,))
+    with pytest.raises(ValueError, match="noise_dim"):
+        make_generator("unet", (3, 32, 32), noise_dim=16)
+    with pytest.raises(ValueError, match="width must be an int >= 1"):
+        make_generator("unet", (3, 32, 32), width=0)
+    with pytest.raises(ValueError, match="guidance.*UNet"):
+        make_generator("conv", (3, 32, 32), guidance=True)
+    with pytest.raises(ValueError, match="conv generator has no depth"):
+        make_generator("conv", (3, 32, 32), depth=2)
+    guided = make_generator("unet", (1, 32, 32), width=8, depth=1, guidance=True)
+    plain = make_generator("unet", (1, 32, 32), width=8, depth=1)
+    noise = sample_noise(guided, 2, _rng())
+    with pytest.raises(ValueError, match="alpha .* must be >= 1"):
+        guided(noise, alpha=torch.tensor([1.0, 0.5]))
+    with pytest.raises(ValueError, match=r"alpha must be a number or have shape \(2,\)"):
+        guided(noise, alpha=torch.ones(3))
+    with pytest.raises(ValueError, match="built without guidance"):
+        plain(noise, alpha=2.0)
+    with pytest.raises(ValueError, match="unconditional generator"):
+        plain(noise, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"noise must have shape \(B, 1024\)"):
+        plain(noise[:, :10])
+
+
+def test_mlp_depth_and_sizes_in_the_log():
+    g = make_generator("mlp", (5,), width=16, depth=2)
+    assert g.describe() == "hidden 16, depth 2" and len(g.hidden) == 1
+    assert make_generator("conv", (1, 8, 8), width=8).describe() == "width 8"
