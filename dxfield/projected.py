@@ -195,7 +195,7 @@ class ProjectedField(Summaries):
     def field(self, x, neg=None, *, labels=None, normalization: str = "row", repulsion: str = "exact",
               drift_norm: bool = True, neg_weight=None, include_self: bool | None = None, backend=None,
               check_finite: bool = True, engine=None, precision: str = "float32", pos_sample=None,
-              pos_sample_labels=None):
+              pos_sample_labels=None, neg_labels=None):
         """The projected drifting field ``V = b+ - b-`` at ``x`` (N x D), summed over temperatures.
 
         Parameters
@@ -209,6 +209,10 @@ class ProjectedField(Summaries):
             class's summaries, repulsion from the other queries of its class.
             Without labels a class cache attracts every query by all classes
             combined, with a :class:`ClassesCombinedWarning`.
+        neg_labels : array (M,) of ints, optional
+            Class of each explicit negative: it repels only the queries of
+            that class (needs ``labels``); without them every explicit negative
+            repels every query (e.g. guidance's unconditional negatives).
         {options}
 
         Returns
@@ -219,6 +223,8 @@ class ProjectedField(Summaries):
         normalization = checks.choice(normalization, "normalization", NORMALIZATIONS)
         repulsion = checks.choice(repulsion, "repulsion", REPULSIONS)
         include_self, neg_weight = resolve_negatives(neg, neg_weight, include_self)
+        if neg_labels is not None and (neg is None or labels is None):
+            raise ValueError("neg_labels labels the explicit negatives by class: pass neg and the queries' labels too")
         if repulsion == "nystrom" and (neg is not None or not include_self):
             raise ValueError("repulsion='nystrom' uses the queries themselves as negatives; "
                              "use repulsion='exact' for explicit negatives")
@@ -242,7 +248,8 @@ class ProjectedField(Summaries):
             sample = None if pos_sample is None else _checked_sample(self, a["pos_sample"], pos_sample_labels,
                                                                      groups, check_finite)
             call = FieldCall(xp=xp, xa=q.x, groups=groups, labels=lab,
-                             negatives=_checked_negatives(self, a, include_self, neg_weight, check_finite),
+                             negatives=_checked_negatives(self, a, include_self, neg_weight, neg_labels,
+                                                          check_finite),
                              centre=self.on_device(q.placement)["centre"], ops=ops, precision=precision,
                              drift_norm=drift_norm, sample=sample)
             estimate = ESTIMATORS[normalization, "corrected" if sample is not None else repulsion]
@@ -302,8 +309,9 @@ def _cache_rows(pf, a, name: str, check_finite: bool):
     return rows, keep, n
 
 
-def _checked_negatives(pf, a: dict, include_self: bool, neg_weight, check_finite: bool) -> Negatives:
-    """The call's negatives: explicit ones checked against the cache, finite rows only (with their weights)."""
+def _checked_negatives(pf, a: dict, include_self: bool, neg_weight, neg_labels, check_finite: bool) -> Negatives:
+    """The call's negatives: explicit ones checked against the cache, finite rows only (with their weights
+    and labels)."""
     w = a.get("neg_weight", neg_weight)
     if a["neg"] is None:
         return Negatives(include_self, None, w, check_finite)
@@ -311,8 +319,10 @@ def _checked_negatives(pf, a: dict, include_self: bool, neg_weight, check_finite
     weighted = w is not None and not isinstance(w, float)
     if weighted:
         check_weight_shape(w, n)
+    lab = None if neg_labels is None else rows_of(host_labels(neg_labels, n, "one per explicit negative (neg_labels)"),
+                                                  keep)
     some_rows(na, "neg")
-    return Negatives(include_self, na, rows_of(w, keep) if weighted else w, check_finite=False)
+    return Negatives(include_self, na, rows_of(w, keep) if weighted else w, check_finite=False, neg_labels=lab)
 
 
 def _checked_sample(pf, ys, labels, groups, check_finite: bool):

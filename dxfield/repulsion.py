@@ -35,6 +35,7 @@ class Negatives:
     neg: Any = None  # explicit negatives (M, D) on the call's device, or None
     neg_weight: Any = None  # a float, an (M,) array, or None
     check_finite: bool = True
+    neg_labels: Any = None  # (M,) host ints: a labelled negative repels only the queries of its class
 
 
 QUERIES = Negatives(include_self=True, check_finite=False)  # the batch itself, as Nystrom fallbacks use it
@@ -44,7 +45,8 @@ def sweep_negatives(pf, xp, xa, negs: Negatives, query_labels=None, bidirectiona
                     precision="float32"):
     """The exact sweep over the negatives: ``(sweeper, sums, row_lse)`` at the cache's temperatures."""
     targets = negative_runs(xp, xa, negs.neg, negs.neg_weight, include_self=negs.include_self, dtype=pf.dtype,
-                            check_finite=negs.check_finite, query_labels=query_labels)
+                            check_finite=negs.check_finite, query_labels=query_labels,
+                            neg_labels=None if negs.neg_labels is None else xp.asarray(negs.neg_labels))
     sweeper = ExactSums(xp, xa, targets, n_temperatures=len(pf.taus), kernel=pf.kernel,
                         bidirectional=bidirectional, budget=pf.memory_budget,
                         tile_cap=tile_cap(device_of(xa)), sides=(1,), query_labels=query_labels,

@@ -83,6 +83,35 @@ def test_class_shards_use_their_own_data_and_queries():
     np.testing.assert_allclose(V, Vx, atol=1e-8, rtol=0)
 
 
+@pytest.mark.parametrize("corrected", [False, True])
+def test_labelled_weighted_negatives_repel_their_own_class_only(corrected):
+    # guidance's negatives split by class: each class's weight reaches only that class's queries. Exact summaries,
+    # so per class it is Algorithm 2 with the generated batch and that class's weighted negatives (dense reference)
+    pos, plab, x, qlab = two_classes(8, (20, 25), (3, 8), 14, d=D)
+    rng = np.random.default_rng(9)
+    neg, nlab = rng.normal(size=(10, D)) + 1.0, np.array([3, 8] * 5)
+    w = np.where(nlab == 3, 0.7, 2.5)
+    pf = dxfield.ProjectedField.build(pos, labels=plab, landmarks=pos, ridge=1e-12, feature_scale=0.7,
+                                      temperatures=(0.05, 0.2))
+    opts = dict(labels=qlab, normalization="bidirectional", drift_norm=False, neg_weight=w, include_self=True)
+    sample = dict(pos_sample=pos, pos_sample_labels=plab) if corrected else {}
+    V = pf.field(x, neg, neg_labels=nlab, **opts, **sample)
+    for c in (3, 8):
+        q, n = qlab == c, nlab == c
+        Vc, _ = ref.field(x[q], pos[plab == c], neg[n], neg_weight=w[n], include_self=True,
+                          normalization="bidirectional", feature_scale=0.7, drift_norm=False, temperatures=(0.05, 0.2))
+        np.testing.assert_allclose(V[q], Vc, atol=1e-8, rtol=0)
+    Vx = dxfield.drift_field(x, pos, neg, labels=qlab, pos_labels=plab, neg_labels=nlab, neg_weight=w,
+                             include_self=True, normalization="bidirectional", feature_scale=0.7,
+                             temperatures=(0.05, 0.2), drift_norm=False)
+    np.testing.assert_allclose(V, Vx, atol=1e-8, rtol=0)
+    assert np.abs(pf.field(x, neg, **opts, **sample) - V).max() > 1e-3  # unlabelled: every query sees all ten
+    with pytest.raises(ValueError, match="neg_labels"):
+        pf.field(x, neg_labels=nlab, labels=qlab, normalization="bidirectional")
+    with pytest.raises(ValueError, match="neg_labels"):
+        pf.field(x, neg, neg_labels=nlab[:4], labels=qlab, normalization="bidirectional")
+
+
 def dense_kernel(a, b, tau, kernel):
     return np.exp(ref.log_kernel(ref.distances(a, b), tau, kernel))
 

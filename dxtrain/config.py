@@ -1,0 +1,134 @@
+"""The settings of a training run (:class:`TrainConfig`) and their checks.
+
+``dxtrain train``'s options map one to one onto these fields; a run saves them
+as ``config.json`` in its folder and its checkpoint, and a resumed run reads
+them back (:meth:`TrainConfig.from_dict`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+import dxfield
+from dxfield.projected import REPULSIONS
+
+from .models import GENERATOR_KINDS
+from .pretrained import is_pretrained_spec
+
+FIELDS = ("projected", "exact")
+NORMALIZATIONS = dxfield.NORMALIZATIONS
+
+
+PRECISIONS = ("float32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved as ``config.json`` in the run folder."""
+
+    data: str = "digits"  # embedded name or a .npz/.npy/.h5 path
+    data_key: str | None = None
+    labels_key: str | None = None
+    out: str = "runs/digits"
+    field: str = "projected"  # "projected" (DriftXpress) or "exact" (standard drifting)
+    steps: int = 600
+    time_budget: float | None = None  # seconds of training; stops early when reached
+    batch: int = 256  # generated samples per step (split evenly over classes when conditional)
+    positives: int = 512  # real samples per step for the exact field
+    temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)
+    normalization: str = "bidirectional"  # of both fields: "bidirectional" (Algorithm 2) or "row" (mean shift)
+    repulsion: str = "exact"  # projected field: "exact" over the batch, or "nystrom" (the attraction's kernel)
+    correction: bool | None = None  # projected field: correct the Nystrom sums with fresh real samples each
+    #                                  step; None = auto (off until the uncorrected field's bias is material)
+    correction_sample: int | None = None  # real samples per step for the correction (None: `positives`)
+    landmarks: int = 128  # per class (projected field)
+    landmark_method: str = "kmeans"
+    conditional: bool = True  # use class labels when the data has them
+    generator: str = "auto"  # "auto" (conv for images, mlp for vectors), "mlp", "conv" or "unet"
+    gen_width: int | None = None  # the generator's width (None: its kind's default; dxtrain.models.make_generator)
+    gen_depth: int | None = None  # its depth: MLP hidden layers, UNet blocks per resolution (None: the default)
+    encoder: str = "auto"  # "auto" (builtin for images, none for vectors), "none", "builtin", a TorchScript
+    #                        file or "module:callable"
+    encoder_weights: str | None = None  # timm:/torchvision: encoders' weight file, or "random"
+    encoder_size: int | None = None  # their input size (None: the size the weights were trained at)
+    max_locations: int = 4  # per-location feature groups kept per encoder scale
+    precision: str = "float32"  # "bf16": the encoder under bf16 autocast (the field stays float32)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 2.0
+    ema: float = 0.995
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    log_every: int = 25
+    sample_every: int = 250
+    checkpoint_every: int = 250
+    fidelity_every: int = 250
+    test_fraction: float = 0.15
+    cache: str | None = None  # summaries folder from `dxtrain summarize`
+    features: str | None = None  # the real data's feature file (with an encoder; None: $DXTRAIN_CACHE/features/...)
+    feature_ram: str | None = None  # features up to this size are read into RAM, larger stay in the file (None: 4GiB)
+    memory_budget: str | None = None  # dxfield's per-call budget
+    evaluate: bool = True
+    progress: bool = True
+
+    def validate(self) -> "TrainConfig":
+        if self.field not in FIELDS:
+            raise ValueError(f"field={self.field!r} is not valid; choose one of {FIELDS}")
+        if self.correction is True and (self.field != "projected" or self.normalization != "bidirectional"
+                                or self.repulsion != "exact"):
+            raise ValueError("correction applies to field='projected' with normalization='bidirectional' and "
+                             "repulsion='exact'")
+        if self.repulsion not in REPULSIONS:
+            raise ValueError(f"repulsion={self.repulsion!r} is not valid; choose one of {REPULSIONS}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization={self.normalization!r} is not valid; choose one of {NORMALIZATIONS}")
+        for name in ("correction_sample", "gen_width", "gen_depth"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1 (or None: the default), got {getattr(self, name)}")
+        if self.generator not in GENERATOR_KINDS:
+            raise ValueError(f"generator={self.generator!r} is not valid; choose one of {GENERATOR_KINDS}")
+        for name in ("steps", "batch", "positives", "landmarks", "log_every", "sample_every", "checkpoint_every",
+                     "fidelity_every", "max_locations"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ValueError(f"time_budget must be > 0 seconds, got {self.time_budget}")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+        if not self.temperatures or any(not (np.isfinite(t) and t > 0) for t in self.temperatures):
+            raise ValueError(f"temperatures must be finite numbers > 0, got {self.temperatures}")
+        for name, positive in (("lr", True), ("grad_clip", True), ("weight_decay", False)):
+            value = float(getattr(self, name))
+            if not (np.isfinite(value) and (value > 0 if positive else value >= 0)):
+                raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, "
+                                 f"got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not valid; choose one of {PRECISIONS}")
+        if (self.encoder_weights is not None or self.encoder_size is not None) and not is_pretrained_spec(self.encoder):
+            raise ValueError(f"--encoder-weights and --encoder-size (encoder_weights, encoder_size) apply to "
+                             f"timm:<model> and torchvision:<model> encoders; encoder is {self.encoder!r}")
+        for name in ("memory_budget", "feature_ram"):
+            if getattr(self, name) is not None:
+                dxfield.memory.parse_budget(getattr(self, name), name)  # "memory_budget='...' is not a size; ..."
+        return self
+
+    @property
+    def feature_ram_bytes(self) -> int | None:
+        return None if self.feature_ram is None else dxfield.memory.parse_budget(self.feature_ram, "feature_ram")
+
+    @property
+    def real_per_step(self) -> int:
+        """Real samples a step draws: the exact field's positives, or the correction's sample."""
+        return self.positives if self.field == "exact" else (self.correction_sample or self.positives)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        if "temperatures" in kw:
+            kw["temperatures"] = tuple(kw["temperatures"])
+        return cls(**kw)
