@@ -193,6 +193,15 @@ def main(debug):
 @_encoder_options
 @click.option("--conditional/--unconditional", default=True, show_default=True,
               help="Use class labels when the data has them.")
+@click.option("--guidance/--no-guidance", default=False, show_default=True,
+              help="Classifier-free guidance as drifting trains it (class-conditional data): each step draws a scale "
+                   "alpha per class (half at 1, the rest from a power law on [1, --guidance-max]), the generator takes "
+                   "it as an input, and unconditional real samples join that class's negatives with weight "
+                   "(alpha - 1)(N_gen - 1) / N_unc. Pick the scale at inference: sample/eval --cfg-scale.")
+@click.option("--guidance-max", type=_Finite(min=1, min_open=True), default=_DEFAULTS.guidance_max,
+              show_default=True, help="The largest guidance scale drawn in training.")
+@click.option("--guidance-negatives", type=click.IntRange(min=1), default=None,
+              help="Unconditional real negatives per step, dealt to the classes in turn [default: --batch].")
 @click.option("--generator", type=click.Choice(["auto", "mlp", "conv", "unet"]), default="auto", show_default=True,
               help="auto: conv for images, mlp for vectors. conv: a small upsampling generator (~0.4M parameters "
                    "at width 64 on 8x8 digits). unet: a one-step UNet for 32x32 and 64x64 images (36.9M parameters "
@@ -324,6 +333,12 @@ def _load_run(run: str, data: str | None = None):
     return cfg, ckpt, model, train_ds, test_ds, (train_ds.num_classes if cond else 0)
 
 
+def _check_cfg_scale(cfg, run: str, scale) -> None:
+    if scale is not None and not cfg.guidance:
+        raise click.ClickException(f"--cfg-scale {scale:g}: the run in {run} was trained without --guidance, so its "
+                                   "generator takes no guidance scale; leave the option out, or train with --guidance")
+
+
 def _moved_data_option(f):
     return click.option("--data", default=None,
                         help="The run's data file, if it has moved since training [default: the path in the run's "
@@ -337,8 +352,10 @@ def _moved_data_option(f):
 @click.option("--label", type=click.IntRange(min=0), default=None,
               help="Class to sample (conditional runs); default: cycle classes.")
 @click.option("--seed", type=_SEED, default=0, show_default=True)
+@click.option("--cfg-scale", type=_Finite(min=1), default=None,
+              help="Guidance scale alpha of a run trained with --guidance (1: none) [default: 1].")
 @_moved_data_option
-def sample(run, n, out, label, seed, data):
+def sample(run, n, out, label, seed, cfg_scale, data):
     """Draw samples from a run's EMA generator."""
     import numpy as np
 
@@ -355,7 +372,8 @@ def sample(run, n, out, label, seed, data):
     cfg, ckpt, model, train_ds, _, k = _load_run(run, data)
     if label is not None and not (0 <= label < max(k, 1)) or (label is not None and k == 0):
         raise click.ClickException(f"--label {label} is not a class of this run (it has {k} classes)")
-    x = generate(model, n, k, "cpu", seed=seed, label=label)
+    _check_cfg_scale(cfg, run, cfg_scale)
+    x = generate(model, n, k, "cpu", seed=seed, label=label, alpha=cfg_scale)
     if ext == ".npz":
         labels = (np.full(n, label) if label is not None else np.arange(n) % k) if k else None
         atomic_write(out, lambda fh: np.savez(fh, x=x, **({"labels": labels} if labels is not None else {})))
@@ -369,8 +387,11 @@ def sample(run, n, out, label, seed, data):
 @click.option("--n", type=click.IntRange(min=10), default=None, help="Samples to evaluate [default: by data kind].")
 @click.option("--inception-weights", default=None, help="Inception weights on disk for standard FID (images).")
 @click.option("--seed", type=_SEED, default=0, show_default=True)
+@click.option("--cfg-scale", "cfg_scales", type=_Finite(min=1), multiple=True,
+              help="Guidance scale alpha of a run trained with --guidance [default: 1]; given several times "
+                   "(--cfg-scale 1 --cfg-scale 1.5 ...) it sweeps them: one report per scale in eval.json's cfg_sweep.")
 @_moved_data_option
-def evaluate_cmd(run, n, inception_weights, seed, data):
+def evaluate_cmd(run, n, inception_weights, seed, cfg_scales, data):
     """Evaluate a run's EMA generator against held-out data; prints and writes eval.json.
 
     The report is printed even when eval.json cannot be written (the command then fails, saying why)."""
@@ -386,9 +407,15 @@ def evaluate_cmd(run, n, inception_weights, seed, data):
             f"the run's data {cfg.data!r} leaves {len(test_ds)} of its {len(train_ds) + len(test_ds)} samples out "
             f"for testing ({cfg.test_fraction:.0%}); eval needs at least 2 held-out samples: train on more data")
     kwargs = {"inception_weights": inception_weights} if inception_weights else {}
+    for a in cfg_scales:
+        _check_cfg_scale(cfg, run, a)
+    reports = []
     with tempfile.TemporaryDirectory(prefix="dxtrain-eval-") as scratch:  # eval.json is written below, by us
-        report = evaluate_run(model, train_ds, test_ds, k, "cpu", folder=scratch, step=int(ckpt["step"]),
-                              wall=float(ckpt["elapsed"]), field=cfg.field, seed=seed, n=n, **kwargs)
+        for a in cfg_scales or (None,):
+            reports.append(evaluate_run(model, train_ds, test_ds, k, "cpu", folder=scratch, step=int(ckpt["step"]),
+                                        wall=float(ckpt["elapsed"]), field=cfg.field, seed=seed, n=n, alpha=a,
+                                        **kwargs))
+    report = reports[0] if len(reports) == 1 else {"cfg_sweep": reports}
     click.echo(json.dumps(report, indent=1, default=float))
     path = os.path.join(run, EVAL)
     try:

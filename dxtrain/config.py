@@ -46,6 +46,9 @@ class TrainConfig:
     landmarks: int = 128  # per class (projected field)
     landmark_method: str = "kmeans"
     conditional: bool = True  # use class labels when the data has them
+    guidance: bool = False  # classifier-free guidance: alpha per class and step, unconditional real negatives
+    guidance_max: float = 4.0  # the largest guidance scale drawn in training (dxtrain.guidance)
+    guidance_negatives: int | None = None  # unconditional real negatives per step (None: batch)
     generator: str = "auto"  # "auto" (conv for images, mlp for vectors), "mlp", "conv" or "unet"
     gen_width: int | None = None  # the generator's width (None: its kind's default; dxtrain.models.make_generator)
     gen_depth: int | None = None  # its depth: MLP hidden layers, UNet blocks per resolution (None: the default)
@@ -87,6 +90,10 @@ class TrainConfig:
         for name in ("correction_sample", "gen_width", "gen_depth"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1 (or None: the default), got {getattr(self, name)}")
+        if self.guidance_negatives is not None and int(self.guidance_negatives) < 1:
+            raise ValueError(f"guidance_negatives must be >= 1 (or None: batch), got {self.guidance_negatives}")
+        if not (np.isfinite(self.guidance_max) and self.guidance_max > 1):
+            raise ValueError(f"guidance_max must be a finite number > 1, got {self.guidance_max}")
         if self.generator not in GENERATOR_KINDS:
             raise ValueError(f"generator={self.generator!r} is not valid; choose one of {GENERATOR_KINDS}")
         for name in ("steps", "batch", "positives", "landmarks", "log_every", "sample_every", "checkpoint_every",

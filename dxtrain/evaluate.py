@@ -526,16 +526,18 @@ def classifier_cache() -> str:
 
 
 def evaluate_run(model, train_ds: Dataset, test_ds: Dataset, num_classes: int, device, *, folder: str, step: int,
-                 wall: float, field: str, seed: int = 0, n: int | None = None, **options) -> dict:
+                 wall: float, field: str, seed: int = 0, n: int | None = None, alpha: float | None = None,
+                 **options) -> dict:
     """Evaluate ``n`` samples of ``model`` against the held-out data and write ``eval.json``.
 
     The final evaluation of :func:`train` and ``dxtrain eval``: ``n`` defaults to 2000 for
     vectors and twice the test split for images, drawn with ``seed + 7``; ``options`` go to
-    :func:`dxtrain.evaluate.evaluate_samples`.  Returns the report.
+    :func:`dxtrain.evaluate.evaluate_samples`; ``alpha``: the guidance scale of a generator trained with
+    guidance (recorded as ``cfg_scale``).  Returns the report.
     """
     n = n or (2000 if train_ds.kind == "vectors" else 2 * len(test_ds))
-    x = models.generate(model, n, num_classes, device, seed=seed + 7)
+    x = models.generate(model, n, num_classes, device, seed=seed + 7, alpha=alpha)
     report = evaluate_samples(x, train_ds, test_ds, classifier_cache=classifier_cache(), seed=seed, **options)
-    report.update({"step": step, "wall": wall, "field": field})
+    report.update({"step": step, "wall": wall, "field": field, **({} if alpha is None else {"cfg_scale": alpha})})
     rundir.write_eval(folder, report)
     return report

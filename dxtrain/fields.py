@@ -77,6 +77,15 @@ def to_torch(a, like: torch.Tensor) -> torch.Tensor:
     return out.to(device=like.device, dtype=like.dtype)
 
 
+def guidance_negatives(negatives: dict | None, name: str) -> dict:
+    """dxfield's negatives options for feature group ``name`` from guidance's weighted unconditional negatives
+    (:class:`dxtrain.guidance.Guide`): the generated batch plus those, each repelling its own class's queries."""
+    if negatives is None:
+        return {}
+    return {"neg": to_dxfield(negatives["features"][name]), "neg_labels": to_dxfield(negatives["labels"]),
+            "neg_weight": to_dxfield(negatives["weight"]), "include_self": True}
+
+
 @dataclass
 class GroupDrift:
     v: torch.Tensor  # (B, D_g), no grad
@@ -108,9 +117,11 @@ class ExactField:
         self.normalization = normalization
 
     def __call__(self, features: dict[str, torch.Tensor], positives: dict[str, torch.Tensor],
-                 labels: torch.Tensor | None = None, pos_labels: torch.Tensor | None = None) -> dict[str, GroupDrift]:
+                 labels: torch.Tensor | None = None, pos_labels: torch.Tensor | None = None,
+                 negatives: dict | None = None) -> dict[str, GroupDrift]:
         # Class-conditional runs use one sweep per group: each generated sample meets only the
         # positives and the other generated samples of its own class (dxfield masks the rest).
+        # ``negatives``: guidance's weighted unconditional negatives (dxtrain.guidance.Guide).
         out = {}
         with torch_stream(next(iter(features.values()))):
             lab = None if labels is None else to_dxfield(labels)
@@ -119,7 +130,7 @@ class ExactField:
                 v, s = dxfield.drift_field(to_dxfield(f), to_dxfield(positives[name]),
                                            temperatures=self.temperatures, labels=lab, pos_labels=plab,
                                            normalization=self.normalization, return_scale=True,
-                                           memory_budget=self.memory_budget)
+                                           memory_budget=self.memory_budget, **guidance_negatives(negatives, name))
                 out[name] = GroupDrift(to_torch(v, f), float(s))
         return out
 
@@ -256,7 +267,7 @@ class ProjectedFieldSet:
                                      "temperatures": [float(t) for t in temperatures]})
 
     def __call__(self, features: dict[str, torch.Tensor], positives=None, labels: torch.Tensor | None = None,
-                 pos_labels=None) -> dict[str, GroupDrift]:
+                 pos_labels=None, negatives: dict | None = None) -> dict[str, GroupDrift]:
         out = {}
         fallback = 0
         with torch_stream(next(iter(features.values()))):
@@ -271,7 +282,7 @@ class ProjectedFieldSet:
                 if self.correction:
                     sample["pos_sample"] = to_dxfield(positives[name])
                 v = pf.field(to_dxfield(f), labels=lab, normalization=self.normalization, repulsion=self.repulsion,
-                             **sample)
+                             **sample, **guidance_negatives(negatives, name))
                 fallback += sum(pf.last_stats.get("attraction_fallback_rows", [0]))
                 fallback += int(pf.last_stats.get("repulsion_fallback_rows", 0))
                 out[name] = GroupDrift(to_torch(v, f), float(pf.feature_scale or 1.0))

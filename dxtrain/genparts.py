@@ -56,3 +56,26 @@ def alpha_features(alpha, batch: int, device) -> Tensor:
     freqs = torch.arange(ALPHA_FREQUENCIES, device=device, dtype=torch.float32)
     angle = torch.log(alpha)[:, None] * math.pi * (freqs[None, :] + 1) / 2
     return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+
+class AlphaEmbedding(nn.Module):
+    """The guidance scale ``alpha`` as a learned ``dim``-vector: Fourier features of ``log alpha``, then a
+    two-layer MLP (every generator built with ``guidance=True`` adds it where it adds the class embedding)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(2 * ALPHA_FREQUENCIES, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, alpha, batch: int, device) -> Tensor:
+        return self.mlp(alpha_features(alpha, batch, device))
+
+
+def embed_alpha(alpha, embedding: AlphaEmbedding | None, batch: int, device) -> Tensor | None:
+    """The embedding of ``alpha`` (None: 1), or None for a generator built without guidance, which refuses
+    an ``alpha``."""
+    if embedding is None:
+        if alpha is not None:
+            raise ValueError("alpha (the guidance scale) was given to a generator built without guidance; "
+                             "build it with guidance=True (dxtrain train --guidance)")
+        return None
+    return embedding(alpha, batch, device)

@@ -86,6 +86,19 @@ def check_batch(cfg, num_classes: int, log, world_size: int = 1) -> None:
             f"{per * num_classes} per step{where}")
 
 
+def check_guidance(cfg, num_classes: int) -> None:
+    """Refuse guidance where it has no meaning: without classes, or with negatives the field cannot take."""
+    if not cfg.guidance:
+        return
+    if num_classes < 2:
+        raise ValueError(f"--guidance needs class-conditional data with 2 classes or more (this run has {num_classes}"
+                         "): guidance pushes each class away from all of them; drop --guidance, or train on "
+                         "labelled data without --unconditional")
+    if cfg.field == "projected" and cfg.repulsion != "exact":
+        raise ValueError(f"--guidance adds weighted unconditional negatives to the repulsion, which --repulsion "
+                         f"{cfg.repulsion} cannot take: use --repulsion exact")
+
+
 def check_evaluable(cfg, test_ds) -> None:
     """Refuse, before training, a run whose final evaluation could not run: fewer than 2 test samples."""
     if cfg.evaluate and len(test_ds) < 2:

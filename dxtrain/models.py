@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .genparts import check_noise, check_positive, embed_labels
+from .genparts import AlphaEmbedding, check_noise, check_positive, embed_alpha, embed_labels
 from .unet import UNetGenerator
 
 GENERATOR_KINDS = ("mlp", "conv", "unet", "auto")
@@ -66,7 +66,7 @@ class MLPGenerator(nn.Module):
     """
 
     def __init__(self, out_dim: int, noise_dim: int = 32, hidden: int = 256, depth: int = 3,
-                 num_classes: int = 0, *, out_shape: tuple[int, ...] | None = None):
+                 num_classes: int = 0, *, out_shape: tuple[int, ...] | None = None, guidance: bool = False):
         super().__init__()
         check_positive("out_dim", out_dim)
         check_positive("noise_dim", noise_dim)
@@ -83,6 +83,7 @@ class MLPGenerator(nn.Module):
 
         self.input = nn.Linear(noise_dim, hidden)
         self.class_embedding = nn.Embedding(num_classes, hidden) if num_classes > 0 else None
+        self.alpha_embedding = AlphaEmbedding(hidden) if guidance else None
         self.hidden = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, hidden))
             for _ in range(depth - 1)
@@ -93,12 +94,13 @@ class MLPGenerator(nn.Module):
         """The size, for the run log."""
         return f"hidden {self.input.out_features}, depth {len(self.hidden) + 1}"
 
-    def forward(self, noise: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(self, noise: Tensor, labels: Tensor | None = None, alpha=None) -> Tensor:
         check_noise(noise, self.noise_dim)
         h = self.input(noise)
-        embedded = embed_labels(labels, self.class_embedding, noise.shape[0])
-        if embedded is not None:
-            h = h + embedded
+        for embedded in (embed_labels(labels, self.class_embedding, noise.shape[0]),
+                         embed_alpha(alpha, self.alpha_embedding, noise.shape[0], noise.device)):
+            if embedded is not None:
+                h = h + embedded
         for layer in self.hidden:
             h = layer(h)
         return self.output(h).reshape(noise.shape[0], *self.out_shape)
@@ -148,7 +150,7 @@ class ConvGenerator(nn.Module):
     """
 
     def __init__(self, image_shape: tuple[int, int, int], noise_dim: int = 64, width: int = 64,
-                 num_classes: int = 0):
+                 num_classes: int = 0, guidance: bool = False):
         super().__init__()
         if len(image_shape) != 3:
             raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)!r}")
@@ -174,6 +176,7 @@ class ConvGenerator(nn.Module):
         self.project = nn.Linear(noise_dim, low * self.base_size[0] * self.base_size[1])
         self.base_norm = _group_norm(low)
         self.class_embedding = nn.Embedding(num_classes, low) if num_classes > 0 else None
+        self.alpha_embedding = AlphaEmbedding(low) if guidance else None
         blocks = [_ConvBlock(low, low if self.num_upsamples > 0 else width, upsample=False)]
         for step in range(1, self.num_upsamples + 1):
             last = step == self.num_upsamples
@@ -185,13 +188,14 @@ class ConvGenerator(nn.Module):
         """The size, for the run log."""
         return f"width {self.to_image.in_channels}"
 
-    def forward(self, noise: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(self, noise: Tensor, labels: Tensor | None = None, alpha=None) -> Tensor:
         check_noise(noise, self.noise_dim)
         batch = noise.shape[0]
         h = self.project(noise).reshape(batch, self.base_channels, *self.base_size)
-        embedded = embed_labels(labels, self.class_embedding, batch)
-        if embedded is not None:
-            h = h + embedded[:, :, None, None]
+        for embedded in (embed_labels(labels, self.class_embedding, batch),
+                         embed_alpha(alpha, self.alpha_embedding, batch, noise.device)):
+            if embedded is not None:
+                h = h + embedded[:, :, None, None]
         h = self.blocks(F.silu(self.base_norm(h)))
         _, height, width = self.image_shape
         top = (h.shape[2] - height) // 2
@@ -224,7 +228,7 @@ def make_generator(kind: str, sample_shape: tuple[int, ...], *, noise_dim: int |
         Hidden layers of the MLP (default 3) or residual blocks per resolution
         of the UNet (default 2); the conv generator has none to set.
     guidance : bool
-        The generator takes the guidance scale ``forward(..., alpha=)`` (UNet only).
+        The generator takes the guidance scale as an input: ``forward(noise, labels, alpha=)``.
 
     The module exposes ``noise_dim`` for :func:`sample_noise`.
     """
@@ -236,15 +240,13 @@ def make_generator(kind: str, sample_shape: tuple[int, ...], *, noise_dim: int |
                          f"sizes; got {tuple(sample_shape)!r}")
     if kind == "auto":
         kind = "conv" if len(shape) == 3 else "mlp"
-    if guidance and kind != "unet":
-        raise ValueError(f"guidance (the generator taking alpha) needs the UNet generator, not {kind!r}")
-    options = {"num_classes": num_classes}
+    options = {"num_classes": num_classes, "guidance": guidance}
     sizes = {k: v for k, v in (("width", width), ("depth", depth)) if v is not None}
     if kind == "unet":
         if len(shape) != 3 or noise_dim is not None:
             raise ValueError(f"kind='unet' needs an image sample_shape (C, H, W) and takes a noise image of that "
                              f"shape (no noise_dim); got sample_shape {shape!r}, noise_dim {noise_dim!r}")
-        return UNetGenerator(shape, guidance=guidance, **options, **sizes)
+        return UNetGenerator(shape, **options, **sizes)
     if noise_dim is not None:
         options["noise_dim"] = noise_dim
     if kind == "conv":
@@ -290,8 +292,10 @@ def sample_noise(generator: nn.Module, n: int, generator_rng: torch.Generator | 
     return noise.to(device)
 
 
-def generate(model, n: int, num_classes: int, device, seed: int = 0, label: int | None = None) -> np.ndarray:
-    """``n`` samples from ``model`` (classes cycled, or all ``label``), as a NumPy array."""
+def generate(model, n: int, num_classes: int, device, seed: int = 0, label: int | None = None,
+             alpha: float | None = None) -> np.ndarray:
+    """``n`` samples from ``model`` (classes cycled, or all ``label``), as a NumPy array; ``alpha``: the
+    guidance scale of a generator trained with guidance (None: its default, 1)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     with torch.no_grad():
@@ -301,7 +305,8 @@ def generate(model, n: int, num_classes: int, device, seed: int = 0, label: int 
             if num_classes:
                 labels = (torch.full((b,), label) if label is not None else torch.arange(i, i + b) % num_classes)
                 labels = labels.to(device)
-            out.append(model(sample_noise(model, b, g, device=device), labels).float().cpu().numpy())
+            extra = {} if alpha is None else {"alpha": float(alpha)}
+            out.append(model(sample_noise(model, b, g, device=device), labels, **extra).float().cpu().numpy())
     return np.concatenate(out)
 
 

@@ -57,6 +57,7 @@ from .data import Dataset, load_dataset, train_test_split
 from .ddp import DEBUG_DIR_ENV, Dist, process_group, rank_seed, stop_signals, write_weights_hash
 from .evaluate import classifier_cache, evaluate_run
 from .features import FeatureGroups, load_encoder
+from .guidance import Guide
 from .fields import CORRECTION_BIAS_SHARE, CORRECTION_FIRST_CHECK, ExactField, ProjectedFieldSet, drift_loss
 from .lock import RunLock
 from .pretrained import is_pretrained_spec
@@ -194,13 +195,15 @@ def _train(run: "_Run", resume: bool, log, dist: Dist, callback, t_setup: float)
             t_step = time.perf_counter()
             labels = class_labels(cfg.batch, num_classes, device) if num_classes else None
             noise = sample_noise(model, cfg.batch if labels is None else len(labels), run.noise_rng, device=device)
-            feats = run.groups(run.gen(noise, labels))
+            alpha, negatives = run.guide.draw(run.rng, labels) if run.guide is not None else (None, None)
+            feats = run.groups(run.gen(noise, labels, **({} if alpha is None else {"alpha": alpha})))
             if cfg.field == "projected" and field.correction_check_due(step):
                 pending.update(_check_correction(run, step, {k: f.detach() for k, f in feats.items()}, labels,
                                                  dist, log))
             pos_feats, pos_labels = run.positives()
             t_field = time.perf_counter()
-            drifts = field(feats, pos_feats, labels, pos_labels)
+            drifts = field(feats, pos_feats, labels, pos_labels, **({} if negatives is None else
+                                                                    {"negatives": negatives}))
             window.add(time.perf_counter() - t_field)
             loss, group_norms = drift_loss(feats, drifts)
             opt.zero_grad(set_to_none=True)
@@ -277,6 +280,7 @@ class _Run:
     step: int = 0
     elapsed: float = 0.0
     saved_step: int | None = None  # the step checkpoint.pt holds, once known (no second save at that step)
+    guide: Guide | None = None  # classifier-free guidance's inputs of each step (--guidance)
 
     def positives(self):
         """The step's real mini-batch ``(features, labels)`` for the exact field or the correction, else Nones."""
@@ -305,7 +309,7 @@ def build_generator(cfg: TrainConfig, shape, num_classes: int) -> torch.nn.Modul
     """The run's generator (``--generator``, ``--gen-width``, ``--gen-depth``) for samples of ``shape``."""
     try:
         return make_generator(cfg.generator, shape, num_classes=num_classes, width=cfg.gen_width,
-                              depth=cfg.gen_depth)
+                              depth=cfg.gen_depth, guidance=cfg.guidance)
     except ValueError as exc:
         given = "".join(f" {o} {v}" for o, v in (("--gen-width", cfg.gen_width), ("--gen-depth", cfg.gen_depth))
                         if v is not None)
@@ -327,6 +331,7 @@ def _set_up(cfg: TrainConfig, resume: bool, given, log, dist: Dist) -> _Run:
     guards.check_classes(train_ds.labels, num_classes)
     guards.check_evaluable(cfg, test_ds)
     guards.check_batch(cfg, num_classes, log, dist.world_size)
+    guards.check_guidance(cfg, num_classes)
     guards.announce_unused(cfg, given, log, own_split=test_ds.own_split)
     if dist.main:
         rundir.write_config(cfg.out, cfg)
@@ -365,9 +370,14 @@ def _set_up(cfg: TrainConfig, resume: bool, given, log, dist: Dist) -> _Run:
     if checkpoint is not None and cfg.field == "projected":
         field.restore(checkpoint.get("field"))  # the automatic correction as it was
     guards.announce_draws(cfg, field, train_ds.labels, num_classes, len(train_ds), log)
-    draws = cfg.field == "exact" or field.correction or field.auto_correction
+    draws = cfg.field == "exact" or field.correction or field.auto_correction or cfg.guidance
+    guide = None if not cfg.guidance else Guide(real, len(train_ds), num_classes, cfg.guidance_max,
+                                                cfg.guidance_negatives or cfg.batch, device)
+    if guide is not None:
+        log(f"guidance: a scale per class and step in [1, {cfg.guidance_max:g}] (the generator's input), "
+            f"{guide.n_negatives} unconditional real negatives per step weighted (alpha - 1)(N_gen - 1) / N_unc")
     return _Run(cfg, device, train_ds, test_ds, num_classes, real if draws else None, model, gen, groups, field, opt,
-                ema, rng, noise_rng, step, elapsed, step if latest else None)
+                ema, rng, noise_rng, step, elapsed, step if latest else None, guide)
 
 
 def _streams(seed: int, rank: int, step: int = 0) -> tuple[np.random.Generator, torch.Generator]:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .genparts import ALPHA_FREQUENCIES, alpha_features, check_noise, check_positive, embed_labels
+from .genparts import AlphaEmbedding, check_noise, check_positive, embed_alpha, embed_labels
 
 UNET_SIZES = (32, 64)  # image sides the channel plans below are made for
 UNET_MULTS = {32: (1, 2, 2, 2), 64: (1, 2, 2, 2, 2)}  # channels per resolution, as multiples of width
@@ -116,8 +116,7 @@ class UNetGenerator(nn.Module):
         chans = [width * m for m in UNET_MULTS[height]]
         cond_dim = 4 * width
         self.class_embedding = nn.Embedding(self.num_classes, cond_dim) if self.num_classes else None
-        self.alpha_mlp = nn.Sequential(nn.Linear(2 * ALPHA_FREQUENCIES, cond_dim), nn.SiLU(),
-                                       nn.Linear(cond_dim, cond_dim)) if self.guidance else None
+        self.alpha_embedding = AlphaEmbedding(cond_dim) if self.guidance else None
         self.cond_bias = nn.Parameter(torch.zeros(cond_dim))  # the conditioning of an unconditional, unguided net
 
         self.stem = nn.Conv2d(channels, chans[0], 3, padding=1)
@@ -148,15 +147,11 @@ class UNetGenerator(nn.Module):
 
     def _conditioning(self, batch: int, labels: Tensor | None, alpha, like: Tensor) -> Tensor:
         cond = self.cond_bias.expand(batch, -1)
-        embedded = embed_labels(labels, self.class_embedding, batch)
-        if embedded is not None:
-            cond = cond + embedded
-        if not self.guidance:
-            if alpha is not None:
-                raise ValueError("alpha (the guidance scale) was given to a generator built without guidance; "
-                                 "build it with guidance=True")
-            return cond
-        return cond + self.alpha_mlp(alpha_features(alpha, batch, like.device).to(cond.dtype))
+        for embedded in (embed_labels(labels, self.class_embedding, batch),
+                         embed_alpha(alpha, self.alpha_embedding, batch, like.device)):
+            if embedded is not None:
+                cond = cond + embedded.to(cond.dtype)
+        return cond
 
     def forward(self, noise: Tensor, labels: Tensor | None = None, alpha: Tensor | float | None = None) -> Tensor:
         check_noise(noise, self.noise_dim)

@@ -336,8 +336,9 @@ def test_unet_shapes_range_and_noise_image(shape):
     assert out.shape == (3, *shape) and torch.isfinite(out).all() and out.abs().max() <= 1
 
 
-def test_unet_conditioning_on_class_and_alpha():
-    g = make_generator("unet", (3, 32, 32), width=8, depth=1, num_classes=3, guidance=True)
+@pytest.mark.parametrize("kind, shape", [("unet", (3, 32, 32)), ("conv", (1, 8, 8)), ("mlp", (6,))])
+def test_conditioning_on_class_and_the_guidance_scale(kind, shape):
+    g = make_generator(kind, shape, width=8, num_classes=3, guidance=True, **({"depth": 1} if kind != "conv" else {}))
     noise = sample_noise(g, 3, _rng()).repeat(2, 1)
     labels = torch.tensor([0, 1, 2, 1, 2, 0])
     with torch.no_grad():
@@ -351,7 +352,7 @@ def test_unet_conditioning_on_class_and_alpha():
     g.zero_grad()
     g(noise, labels, alpha=torch.full((6,), 2.0)).square().mean().backward()
     assert g.class_embedding.weight.grad.abs().sum() > 0 and all(
-        p.grad is not None and p.grad.abs().sum() > 0 for p in g.alpha_mlp.parameters())
+        p.grad is not None and p.grad.abs().sum() > 0 for p in g.alpha_embedding.parameters())
 
 
 def test_unet_default_size_is_tens_of_millions_and_the_options_set_it():
@@ -373,8 +374,6 @@ def test_unet_refusals_name_the_argument():
         make_generator("unet", (3, 32, 32), noise_dim=16)
     with pytest.raises(ValueError, match="width must be an int >= 1"):
         make_generator("unet", (3, 32, 32), width=0)
-    with pytest.raises(ValueError, match="guidance.*UNet"):
-        make_generator("conv", (3, 32, 32), guidance=True)
     with pytest.raises(ValueError, match="conv generator has no depth"):
         make_generator("conv", (3, 32, 32), depth=2)
     guided = make_generator("unet", (1, 32, 32), width=8, depth=1, guidance=True)
