@@ -116,8 +116,9 @@ def _encoder_options(f):
                      "each map also gives its global and patch (2x2, 4x4) means and stds, and the run log says "
                      "how many groups of which sizes.")(f)
     f = click.option("--precision", type=click.Choice(["float32", "bf16"]), default="float32", show_default=True,
-                     help="bf16: the encoder runs under bf16 autocast (GPU, and CPUs that support it); the feature "
-                          "groups and the field stay float32.")(f)
+                     help="bf16: the generator (in train) and the encoder run under bf16 autocast (GPU, and CPUs "
+                          "that support it); the feature groups and the field stay float32 (bf16 distances underflow "
+                          "at tau = 0.02).")(f)
     f = click.option("--encoder-size", type=click.IntRange(min=8), default=None,
                      help="Input size (pixels) a timm:/torchvision: encoder sees; images are resized to it "
                           "[default: the size its weights were trained at].")(f)
@@ -213,6 +214,10 @@ def main(debug):
               help="Generator depth: MLP hidden layers (3), UNet residual blocks per resolution (2); the conv "
                    "generator has none.")
 @click.option("--lr", type=_Finite(min=0, min_open=True), default=_DEFAULTS.lr, show_default=True)
+@click.option("--lr-warmup", type=click.IntRange(min=0), default=_DEFAULTS.lr_warmup, show_default=True,
+              help="Steps of linear learning-rate warmup.")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default=_DEFAULTS.lr_schedule,
+              show_default=True, help="After the warmup: constant, or a cosine decay reaching 0 at --steps.")
 @click.option("--ema", type=_Finite(0, 1, max_open=True), default=_DEFAULTS.ema, show_default=True)
 @click.option("--grad-clip", type=_Finite(min=0, min_open=True), default=_DEFAULTS.grad_clip,
               show_default=True)

@@ -7,6 +7,7 @@ them back (:meth:`TrainConfig.from_dict`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -22,6 +23,7 @@ NORMALIZATIONS = dxfield.NORMALIZATIONS
 
 
 PRECISIONS = ("float32", "bf16")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -57,8 +59,10 @@ class TrainConfig:
     encoder_weights: str | None = None  # timm:/torchvision: encoders' weight file, or "random"
     encoder_size: int | None = None  # their input size (None: the size the weights were trained at)
     max_locations: int = 4  # per-location feature groups kept per encoder scale
-    precision: str = "float32"  # "bf16": the encoder under bf16 autocast (the field stays float32)
+    precision: str = "float32"  # "bf16": the generator and the encoder under bf16 autocast (the field stays float32)
     lr: float = 1e-3
+    lr_warmup: int = 0  # steps of linear warmup from lr / lr_warmup
+    lr_schedule: str = "constant"  # after the warmup: "constant", or "cosine" decay to 0 at `steps`
     weight_decay: float = 0.0
     grad_clip: float = 2.0
     ema: float = 0.995
@@ -94,6 +98,10 @@ class TrainConfig:
             raise ValueError(f"guidance_negatives must be >= 1 (or None: batch), got {self.guidance_negatives}")
         if not (np.isfinite(self.guidance_max) and self.guidance_max > 1):
             raise ValueError(f"guidance_max must be a finite number > 1, got {self.guidance_max}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} is not valid; choose one of {LR_SCHEDULES}")
+        if int(self.lr_warmup) < 0:
+            raise ValueError(f"lr_warmup must be >= 0 steps, got {self.lr_warmup}")
         if self.generator not in GENERATOR_KINDS:
             raise ValueError(f"generator={self.generator!r} is not valid; choose one of {GENERATOR_KINDS}")
         for name in ("steps", "batch", "positives", "landmarks", "log_every", "sample_every", "checkpoint_every",
@@ -126,6 +134,14 @@ class TrainConfig:
     @property
     def feature_ram_bytes(self) -> int | None:
         return None if self.feature_ram is None else dxfield.memory.parse_budget(self.feature_ram, "feature_ram")
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of step ``step`` (0-based): linear warmup over ``lr_warmup`` steps, then constant
+        or a cosine decay reaching 0 at ``steps``."""
+        warm = min(1.0, (step + 1) / self.lr_warmup) if self.lr_warmup else 1.0
+        if self.lr_schedule == "cosine":
+            warm *= 0.5 * (1.0 + math.cos(math.pi * min(step, self.steps) / max(self.steps, 1)))
+        return self.lr * warm
 
     @property
     def real_per_step(self) -> int:

@@ -196,7 +196,9 @@ def _train(run: "_Run", resume: bool, log, dist: Dist, callback, t_setup: float)
             labels = class_labels(cfg.batch, num_classes, device) if num_classes else None
             noise = sample_noise(model, cfg.batch if labels is None else len(labels), run.noise_rng, device=device)
             alpha, negatives = run.guide.draw(run.rng, labels) if run.guide is not None else (None, None)
-            feats = run.groups(run.gen(noise, labels, **({} if alpha is None else {"alpha": alpha})))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                generated = run.gen(noise, labels, **({} if alpha is None else {"alpha": alpha}))
+            feats = run.groups(generated.float())  # the encoder has its own autocast; the groups are float32
             if cfg.field == "projected" and field.correction_check_due(step):
                 pending.update(_check_correction(run, step, {k: f.detach() for k, f in feats.items()}, labels,
                                                  dist, log))
@@ -207,6 +209,8 @@ def _train(run: "_Run", resume: bool, log, dist: Dist, callback, t_setup: float)
             window.add(time.perf_counter() - t_field)
             loss, group_norms = drift_loss(feats, drifts)
             opt.zero_grad(set_to_none=True)
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr_at(step)
             loss.backward()
             loss_value = loss.item()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
@@ -223,7 +227,7 @@ def _train(run: "_Run", resume: bool, log, dist: Dist, callback, t_setup: float)
             if step % cfg.log_every == 0 or final:
                 loss_value, drift_norm = dist.mean(loss_value, drift_norm)
                 last = {"step": step, "wall": round(elapsed, 4), "loss": loss_value, "drift_norm": drift_norm,
-                        "grad_norm": grad_norm, **window.take(), **pending}
+                        "grad_norm": grad_norm, "lr": cfg.lr_at(step - 1), **window.take(), **pending}
                 pending = {}
                 if cfg.field == "projected":
                     last["fallback_rows"] = field.last_stats.get("fallback_rows", 0)
