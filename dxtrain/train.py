@@ -194,11 +194,7 @@ def _train(run: "_Run", resume: bool, log, dist: Dist, callback, t_setup: float)
                 break
             t_step = time.perf_counter()
             labels = class_labels(cfg.batch, num_classes, device) if num_classes else None
-            noise = sample_noise(model, cfg.batch if labels is None else len(labels), run.noise_rng, device=device)
-            alpha, negatives = run.guide.draw(run.rng, labels) if run.guide is not None else (None, None)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                generated = run.gen(noise, labels, **({} if alpha is None else {"alpha": alpha}))
-            feats = run.groups(generated.float())  # the encoder has its own autocast; the groups are float32
+            feats, negatives = run.generated_features(labels)
             if cfg.field == "projected" and field.correction_check_due(step):
                 pending.update(_check_correction(run, step, {k: f.detach() for k, f in feats.items()}, labels,
                                                  dist, log))
@@ -285,6 +281,16 @@ class _Run:
     elapsed: float = 0.0
     saved_step: int | None = None  # the step checkpoint.pt holds, once known (no second save at that step)
     guide: Guide | None = None  # classifier-free guidance's inputs of each step (--guidance)
+
+    def generated_features(self, labels):
+        """A step's generated batch as feature groups (float32), and guidance's negatives (or None): noise, the
+        guidance scales, the generator under bf16 autocast with ``precision="bf16"``, the frozen encoder."""
+        noise = sample_noise(self.model, self.cfg.batch if labels is None else len(labels), self.noise_rng,
+                             device=self.device)
+        alpha, negatives = self.guide.draw(self.rng, labels) if self.guide is not None else (None, None)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+            generated = self.gen(noise, labels, **({} if alpha is None else {"alpha": alpha}))
+        return self.groups(generated.float()), negatives  # the encoder has its own autocast
 
     def positives(self):
         """The step's real mini-batch ``(features, labels)`` for the exact field or the correction, else Nones."""
