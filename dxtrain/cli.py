@@ -344,6 +344,21 @@ def _check_cfg_scale(cfg, run: str, scale) -> None:
                                    "generator takes no guidance scale; leave the option out, or train with --guidance")
 
 
+def _cfg_tag(scale) -> str:
+    return "" if scale is None else f"-cfg{scale:g}"
+
+
+def _per_class_grid(model, train_ds, num_classes: int, path: str, scale) -> None:
+    """The EMA generator's samples as a PNG, one column per class (10 rows), at guidance scale ``scale``."""
+    from .models import generate
+    from .rundir import write_samples_png
+
+    columns = num_classes or 10
+    write_samples_png(path, generate(model, 10 * columns, num_classes, "cpu", seed=0, alpha=scale), train_ds,
+                      nrow=columns)
+    click.echo(f"samples by class -> {path}", err=True)
+
+
 def _moved_data_option(f):
     return click.option("--data", default=None,
                         help="The run's data file, if it has moved since training [default: the path in the run's "
@@ -399,9 +414,14 @@ def sample(run, n, out, label, seed, cfg_scale, data):
 def evaluate_cmd(run, n, inception_weights, seed, cfg_scales, data):
     """Evaluate a run's EMA generator against held-out data; prints and writes eval.json.
 
+    Vectors: energy distance, MMD, sliced Wasserstein. Images add FD_encoder and k-NN precision/recall in the
+    training encoder's pooled features, FID, KID and (RGB) IS through torch-fidelity with --inception-weights,
+    and eval-samples.png (10 samples per class, a column each); the digits add FD_digits. Every score comes with
+    its floor (real held-out data in the samples' place) and the sample count it used.
+
     The report is printed even when eval.json cannot be written (the command then fails, saying why)."""
     from .rundir import EVAL, write_eval
-    from .train import evaluate_run
+    from .train import evaluate_run, make_feature_groups
 
     if inception_weights is not None and not os.path.isfile(inception_weights):
         raise click.ClickException(f"--inception-weights {inception_weights}: no such file: give the path of the "
@@ -414,12 +434,20 @@ def evaluate_cmd(run, n, inception_weights, seed, cfg_scales, data):
     kwargs = {"inception_weights": inception_weights} if inception_weights else {}
     for a in cfg_scales:
         _check_cfg_scale(cfg, run, a)
-    reports = []
-    with tempfile.TemporaryDirectory(prefix="dxtrain-eval-") as scratch:  # eval.json is written below, by us
-        for a in cfg_scales or (None,):
-            reports.append(evaluate_run(model, train_ds, test_ds, k, "cpu", folder=scratch, step=int(ckpt["step"]),
-                                        wall=float(ckpt["elapsed"]), field=cfg.field, seed=seed, n=n, alpha=a,
-                                        **kwargs))
+    try:
+        groups = make_feature_groups(cfg, train_ds, "cpu") if train_ds.kind == "images" else None
+        reports = []
+        with tempfile.TemporaryDirectory(prefix="dxtrain-eval-") as scratch:  # eval.json is written below, by us
+            for a in cfg_scales or (None,):
+                reports.append(evaluate_run(
+                    model, train_ds, test_ds, k, "cpu", folder=scratch, step=int(ckpt["step"]),
+                    wall=float(ckpt["elapsed"]), field=cfg.field, seed=seed, n=n, alpha=a,
+                    encoder_features=groups.pooled_array if groups is not None and groups.encoder else None,
+                    **kwargs))
+                if train_ds.kind == "images":
+                    _per_class_grid(model, train_ds, k, os.path.join(run, f"eval-samples{_cfg_tag(a)}.png"), a)
+    except ValueError as exc:
+        raise click.ClickException(str(exc))
     report = reports[0] if len(reports) == 1 else {"cfg_sweep": reports}
     click.echo(json.dumps(report, indent=1, default=float))
     path = os.path.join(run, EVAL)

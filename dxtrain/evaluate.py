@@ -56,9 +56,8 @@ import time
 import numpy as np
 import scipy.linalg
 import scipy.stats
-import torch
 
-from dxtrain import models, rundir
+from dxtrain import inception, models, rundir
 from dxtrain.classifier import DigitsClassifier, train_digits_classifier
 from dxtrain.data import Dataset
 from dxtrain.featcache import cache_home
@@ -328,49 +327,6 @@ def mixture_quality(samples, truth, *, n_truth: int = 8000, seed: int = 0) -> di
     return out
 
 
-# --------------------------------------------------------------------------- FID (optional)
-
-
-def _inception_features(weights: str, device: str, batch_size: int = 64):
-    """A function images -> pool-3 (2048-d) InceptionV3 features, through torch-fidelity.
-
-    The network is built once and its weights read from ``weights`` (never
-    downloaded). Images in ``[-1, 1]`` become uint8 as in the PNG grids;
-    grayscale is repeated to RGB.
-    """
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    extractor = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                            feature_extractor_weights_path=weights).to(device)
-
-    def features(images: np.ndarray) -> np.ndarray:
-        pixels = np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
-        if pixels.shape[1] == 1:
-            pixels = np.repeat(pixels, 3, axis=1)
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(pixels), batch_size):
-                (feats,) = extractor(torch.from_numpy(pixels[i:i + batch_size]).to(device))
-                out.append(feats.double().cpu().numpy())
-        return np.concatenate(out)
-
-    return features
-
-
-def _fid_unavailable(inception_weights: str | None, kind: str, channels: int) -> str | None:
-    if inception_weights is None:
-        return "FID skipped: no inception_weights given (weights are never downloaded)"
-    if kind != "images" or channels not in (1, 3):
-        return "FID skipped: needs images with 1 or 3 channels"
-    if not os.path.isfile(inception_weights):
-        return f"FID skipped: inception_weights file {inception_weights!r} not found"
-    try:
-        import torch_fidelity.feature_extractor_inceptionv3  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken torchvision underneath
-        return f"FID skipped: torch-fidelity is not importable ({type(exc).__name__}: {exc})"
-    return None
-
-
 # --------------------------------------------------------------------------- the report
 
 
@@ -406,7 +362,7 @@ def _digits_scores(samples, sample_labels, train: Dataset, test: Dataset, report
 
 def evaluate_samples(samples, train: Dataset, test: Dataset, *, classifier_cache: str | None = None,
                      seed: int = 0, max_points: int = MAX_POINTS, sample_labels=None,
-                     inception_weights: str | None = None, device: str = "cpu") -> dict:
+                     inception_weights: str | None = None, device: str = "cpu", encoder_features=None) -> dict:
     """Score generated ``samples`` against real data; a JSON-ready dict.
 
     Parameters
@@ -430,9 +386,14 @@ def evaluate_samples(samples, train: Dataset, test: Dataset, *, classifier_cache
         Path to torch-fidelity's InceptionV3 weights
         (``weights-inception-2015-12-05-6726825d.pth``); with torch-fidelity
         importable, adds standard ``FID`` (pool-3 features, samples vs
-        ``train``). Never downloads; otherwise a note says why it was skipped.
+        ``train``), ``KID`` and, for RGB images, ``IS`` (torch-fidelity's). Never downloads; otherwise a
+        note says why they were skipped, and a file that does not hold those weights is a ValueError.
     device : str
         Device for the Inception network.
+    encoder_features : callable, optional
+        Images (N, C, H, W) in ``[-1, 1]`` -> features (N, F): the training encoder's pooled features
+        (:meth:`dxtrain.features.FeatureGroups.pooled`); images then add ``FD_encoder`` and, except the
+        digits (whose classifier gives them), k-NN ``precision``/``recall`` in that space.
 
     Returns
     -------
@@ -469,17 +430,25 @@ def evaluate_samples(samples, train: Dataset, test: Dataset, *, classifier_cache
                        max_points=max_points, classifier_cache=classifier_cache)
     elif train.kind == "images":
         report["notes"].append("FD_digits skipped: needs labelled 1x8x8 images")
-    if getattr(train, "truth", None) is not None:  # a known density (the embedded "mixture")
-        scores = mixture_quality(samples.reshape(len(samples), -1), train.truth, seed=seed)
-        for key in ("n", "n_truth", "num_modes"):
-            scores.pop(key)
-        floor.update(scores.pop("floor"))
-        report.update(scores)
-
+    _truth_scores(samples, train, report, floor, seed)
+    if encoder_features is not None and train.kind == "images":
+        _encoder_scores(fake, train, test, report, floor, rng=rng, max_points=max_points, seed=seed,
+                        encoder_features=encoder_features, precision_recall_too=not digits_like)
     _fid_scores(fake, train, test, report, floor, rng=rng, max_points=max_points,
-                inception_weights=inception_weights, device=device)
+                inception_weights=inception_weights, device=device, seed=seed)
     report["floor"] = floor
     return report
+
+
+def _truth_scores(samples, train: Dataset, report: dict, floor: dict, seed: int) -> None:
+    """:func:`mixture_quality` for data with a known density (the embedded "mixture")."""
+    if getattr(train, "truth", None) is None:
+        return
+    scores = mixture_quality(samples.reshape(len(samples), -1), train.truth, seed=seed)
+    for key in ("n", "n_truth", "num_modes"):
+        scores.pop(key)
+    floor.update(scores.pop("floor"))
+    report.update(scores)
 
 
 def _checked_samples(samples, sample_labels, train: Dataset, test: Dataset):
@@ -501,20 +470,37 @@ def _checked_samples(samples, sample_labels, train: Dataset, test: Dataset):
 
 
 def _fid_scores(fake, train: Dataset, test: Dataset, report: dict, floor: dict, *, rng, max_points: int,
-                inception_weights, device) -> None:
-    """FID (samples vs ``train``) and its floor (``test`` vs ``train``) where torch-fidelity can run;
-    otherwise a note saying why not."""
-    why_not = _fid_unavailable(inception_weights, train.kind, train.shape[0] if train.kind == "images" else 0)
+                inception_weights, device, seed: int = 0) -> None:
+    """FID, KID and (RGB) IS of :func:`dxtrain.inception.inception_scores` where torch-fidelity can run them:
+    samples vs ``train``, floors ``test`` vs ``train``; otherwise a note saying why not."""
+    why_not = inception.unavailable(inception_weights, train.kind, train.shape[0] if train.kind == "images" else 0)
     if why_not is None:
-        inception = _inception_features(inception_weights, device)
-        f_train = inception(np.asarray(_subsample(train.x, max_points, rng)))
-        f_fake = inception(fake)
-        f_test = inception(np.asarray(_subsample(test.x, len(fake), rng)))
-        report["FID"] = frechet_distance(f_fake, f_train)
-        floor["FID"] = frechet_distance(f_test, f_train)
-        report["fid_n"] = len(fake)
+        real = np.asarray(_subsample(train.x, max_points, rng))
+        held_out = np.asarray(_subsample(test.x, len(fake), rng))
+        scores, floors, notes = inception.inception_scores(fake, real, held_out, weights=inception_weights,
+                                                           device=device, seed=seed)
+        report.update(scores)
+        floor.update(floors)
+        report["notes"] += notes
     elif inception_weights is not None or train.kind == "images":
         report["notes"].append(why_not)
+
+
+def _encoder_scores(fake, train: Dataset, test: Dataset, report: dict, floor: dict, *, rng, max_points: int,
+                    seed: int, encoder_features, precision_recall_too: bool) -> None:
+    """``FD_encoder`` (and, unless the digits classifier gave them, k-NN ``precision``/``recall``, k=3) in the
+    training encoder's pooled feature space, samples vs ``train``; floors: ``test`` vs ``train``."""
+    f_train = encoder_features(np.asarray(_subsample(train.x, max_points, rng)))
+    f_fake = encoder_features(fake)
+    f_test = encoder_features(np.asarray(_subsample(test.x, len(fake), rng)))
+    report["FD_encoder"] = frechet_distance(f_fake, f_train)
+    floor["FD_encoder"] = frechet_distance(f_test, f_train)
+    report["fd_encoder_n"] = len(fake)
+    if precision_recall_too:
+        pr = precision_recall(f_train, f_fake, k=3, max_points=max_points, seed=seed)
+        pr_floor = precision_recall(f_train, f_test, k=3, max_points=max_points, seed=seed)
+        report.update(precision=pr["precision"], recall=pr["recall"])
+        floor.update(precision=pr_floor["precision"], recall=pr_floor["recall"])
 
 
 # --------------------------------------------------------------------------- a run's final evaluation

@@ -48,6 +48,7 @@ import importlib
 import math
 import os
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -317,6 +318,23 @@ class FeatureGroups(nn.Module):
         if self.include_pixels:
             groups[self.raw_name] = x.flatten(1)
         return {name: value.float().contiguous() for name, value in groups.items()}
+
+    @torch.no_grad()
+    def pooled(self, x: Tensor) -> Tensor | None:
+        """The encoder's outputs averaged over their locations and concatenated, ``(B, sum of channels)``:
+        the feature space of the evaluation's ``FD_encoder``; None without an encoder."""
+        if self.encoder is None:
+            return None
+        outputs = self._encode(x.float())
+        return torch.cat([o.float().mean(dim=(2, 3)) if o.ndim == 4 else o.float() for o in outputs], dim=1)
+
+    def pooled_array(self, images, batch: int = 256):
+        """:meth:`pooled` of images ``(N, C, H, W)`` (NumPy, in ``[-1, 1]``) as a float64 NumPy array, in batches
+        on the groups' device: the ``encoder_features`` of :func:`dxtrain.evaluate.evaluate_samples`."""
+        device = next(iter(self.parameters()), torch.zeros(0)).device
+        out = [self.pooled(torch.from_numpy(np.asarray(images[i:i + batch], dtype=np.float32)).to(device))
+               .double().cpu().numpy() for i in range(0, len(images), batch)]
+        return np.concatenate(out)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         if tuple(x.shape[1:]) != self.sample_shape:

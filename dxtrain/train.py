@@ -251,7 +251,8 @@ def _train(run: "_Run", resume: bool, log, dist: Dist, callback, t_setup: float)
               **{k: v for k, v in last.items() if k not in ("step", "wall")}}
     if cfg.evaluate and dist.main:
         result["eval"] = evaluate_run(ema.model, run.train_ds, run.test_ds, num_classes, device, folder=cfg.out,
-                                      step=step, wall=elapsed, field=cfg.field, seed=cfg.seed)
+                                      step=step, wall=elapsed, field=cfg.field, seed=cfg.seed,
+                                      encoder_features=run.groups.pooled_array if run.groups.encoder else None)
         log("eval: " + json.dumps({k: v for k, v in result["eval"].items() if isinstance(v, (int, float))}))
     return result
 

@@ -433,6 +433,15 @@ def test_eval_digits(digits_run, classifier_cache):
     with open(run / "eval.json") as fh:
         assert json.load(fh) == report
     assert (classifier_cache / "digits_classifier.pt").is_file()  # DXTRAIN_CACHE honoured
+    assert "FD_encoder" not in report  # trained with --encoder none: no encoder space
+    assert_png(run / "eval-samples.png", DIGITS_GRID)  # 10 per class, a column each
+
+
+def test_eval_in_the_training_encoders_space(tmp_path, classifier_cache):
+    run = tmp_path / "run"
+    train(run, "--encoder", "builtin", "--max-locations", 1, steps=2)
+    report = json.loads(invoke("eval", "--run", run, "--n", 200).stdout)
+    assert report["FD_encoder"] > report["floor"]["FD_encoder"] >= 0 and report["fd_encoder_n"] == 200
 
 
 def test_eval_without_checkpoint(tmp_path):

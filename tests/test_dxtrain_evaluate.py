@@ -258,46 +258,6 @@ def test_evaluate_digits_report(digits):
     assert any("FID skipped" in note for note in real["notes"])
 
 
-class _FakeInception(torch.nn.Module):
-    """Stands in for torch-fidelity's InceptionV3: same constructor and call contract."""
-
-    calls = []
-
-    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
-        super().__init__()
-        assert feature_extractor_weights_path is not None  # never the downloading default
-        self.weights = torch.load(feature_extractor_weights_path)
-        _FakeInception.calls.append((name, tuple(features_list)))
-
-    def forward(self, x):
-        assert x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 3
-        pooled = x.double().mean(dim=(2, 3)) / 255.0
-        return (torch.cat([pooled, pooled ** 2], dim=1) @ self.weights,)
-
-
-def test_evaluate_fid_with_weights_from_disk(tmp_path, monkeypatch):
-    weights = tmp_path / "inception.pth"
-    torch.save(torch.eye(6, dtype=torch.float64), weights)
-    module = types.ModuleType("torch_fidelity.feature_extractor_inceptionv3")
-    module.FeatureExtractorInceptionV3 = _FakeInception
-    monkeypatch.setitem(sys.modules, "torch_fidelity", types.ModuleType("torch_fidelity"))
-    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", module)
-
-    rng = np.random.default_rng(9)
-    ds = Dataset("gray", np.tanh(rng.normal(size=(200, 1, 4, 4))).astype(np.float32), None, "images", 0)
-    train, test = train_test_split(ds)
-    good = evaluate_samples(np.tanh(rng.normal(size=(40, 1, 4, 4))), train, test, inception_weights=str(weights))
-    bad = evaluate_samples(np.full((40, 1, 4, 4), 0.9), train, test, inception_weights=str(weights))
-    json.dumps(good)
-    assert _FakeInception.calls[-1] == ("inception-v3-compat", ("2048",))
-    assert good["fid_n"] == 40 and "FID" in good["floor"]
-    assert bad["FID"] > 10 * max(good["FID"], good["floor"]["FID"])
-    assert not any("FID" in note for note in good["notes"])
-
-    missing = evaluate_samples(np.zeros((4, 1, 4, 4)), train, test, inception_weights=str(tmp_path / "no.pth"))
-    assert "FID" not in missing and any("not found" in note for note in missing["notes"])
-
-
 def test_evaluate_fid_skipped_without_torch_fidelity(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # import fails
     weights = tmp_path / "w.pth"
@@ -305,3 +265,23 @@ def test_evaluate_fid_skipped_without_torch_fidelity(tmp_path, monkeypatch):
     ds = Dataset("rgb", np.zeros((20, 3, 4, 4), np.float32), None, "images", 0)
     report = evaluate_samples(np.zeros((5, 3, 4, 4)), ds, ds, inception_weights=str(weights))
     assert "FID" not in report and any("torch-fidelity is not importable" in n for n in report["notes"])
+
+
+def test_encoder_space_scores_for_any_images():
+    # a fixed random projection stands in for the training encoder's pooled features
+    rng = np.random.default_rng(11)
+    proj = rng.normal(size=(3 * 4 * 4, 24))
+    enc = lambda images: np.tanh(np.asarray(images, np.float64).reshape(len(images), -1) @ proj)  # noqa: E731
+    ds = Dataset("rgb", np.tanh(rng.normal(size=(400, 3, 4, 4))).astype(np.float32), None, "images", 0)
+    train, test = train_test_split(ds)
+    good = evaluate_samples(np.tanh(rng.normal(size=(80, 3, 4, 4))), train, test, encoder_features=enc)
+    bad = evaluate_samples(np.tanh(rng.normal(size=(80, 3, 4, 4)) + 1.5), train, test, encoder_features=enc)
+    assert good["fd_encoder_n"] == 80 and "FD_encoder" in good["floor"]
+    assert bad["FD_encoder"] > 5 * good["FD_encoder"]
+    for key in ("precision", "recall"):
+        assert 0 <= good[key] <= 1 and key in good["floor"]
+    assert good["precision"] > bad["precision"]
+    # the same fake set against the features it came from: FD 0 up to the float64 square root
+    f = enc(train.x[:80])
+    assert abs(frechet_distance(f, f)) < 1e-8
+    assert "FD_encoder" not in evaluate_samples(np.tanh(rng.normal(size=(20, 3, 4, 4))), train, test)
