@@ -227,6 +227,12 @@ def main(debug):
 @click.option("--sample-every", type=click.IntRange(min=1), default=_DEFAULTS.sample_every, show_default=True)
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=_DEFAULTS.checkpoint_every,
               show_default=True)
+@click.option("--eval-every", type=click.IntRange(min=0), default=_DEFAULTS.eval_every, show_default=True,
+              help="Evaluate the EMA generator every N steps (0: never) and keep checkpoint.best.pt, the checkpoint "
+                   "of the best main score so far (FD_digits, else FD_encoder for images, else the energy "
+                   "distance), recorded in best.json and metrics.jsonl.")
+@click.option("--eval-samples", type=click.IntRange(min=10), default=None,
+              help="Samples of each --eval-every evaluation [default: as many as the final evaluation].")
 @click.option("--memory-budget", default=None, callback=_budget,
               help="dxfield memory budget per call, e.g. 256MiB.")
 @click.option("--eval/--no-eval", "evaluate", default=True, show_default=True, help="Evaluate at the end.")

@@ -72,6 +72,8 @@ class TrainConfig:
     sample_every: int = 250
     checkpoint_every: int = 250
     fidelity_every: int = 250
+    eval_every: int = 0  # evaluate the EMA generator every this many steps, keeping checkpoint.best.pt (0: never)
+    eval_samples: int | None = None  # samples of those evaluations (None: as many as the final one)
     test_fraction: float = 0.15
     cache: str | None = None  # summaries folder from `dxtrain summarize`
     features: str | None = None  # the real data's feature file (with an encoder; None: $DXTRAIN_CACHE/features/...)
@@ -98,6 +100,9 @@ class TrainConfig:
             raise ValueError(f"guidance_negatives must be >= 1 (or None: batch), got {self.guidance_negatives}")
         if not (np.isfinite(self.guidance_max) and self.guidance_max > 1):
             raise ValueError(f"guidance_max must be a finite number > 1, got {self.guidance_max}")
+        if int(self.eval_every) < 0 or (self.eval_samples is not None and int(self.eval_samples) < 10):
+            raise ValueError(f"eval_every must be >= 0 (0: never) and eval_samples >= 10 (or None), got "
+                             f"{self.eval_every} and {self.eval_samples}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} is not valid; choose one of {LR_SCHEDULES}")
         if int(self.lr_warmup) < 0:

@@ -506,6 +506,19 @@ def _encoder_scores(fake, train: Dataset, test: Dataset, report: dict, floor: di
 # --------------------------------------------------------------------------- a run's final evaluation
 
 
+MAIN_SCORES = ("FD_digits", "FID", "FD_encoder", "truth_energy_distance", "energy_distance")
+"""A run's main score, the first of these a report holds (all lower-is-better): what keeps the best checkpoint."""
+
+
+def main_score(report: dict) -> tuple[str, float] | None:
+    """``(name, value)`` of the report's main score (:data:`MAIN_SCORES`), or None when it holds none."""
+    for name in MAIN_SCORES:
+        value = report.get(name)
+        if value is not None and np.isfinite(value):
+            return name, float(value)
+    return None
+
+
 def classifier_cache() -> str:
     """Where the evaluation caches its digits classifier: ``$DXTRAIN_CACHE`` or ``~/.cache/dxtrain``."""
     return os.path.join(cache_home(), "digits_classifier.pt")

@@ -56,10 +56,12 @@ from .models import sample_noise
 
 CONFIG, METRICS, CHECKPOINT, EVAL = "config.json", "metrics.jsonl", "checkpoint.pt", "eval.json"
 PREV_CHECKPOINT = "checkpoint.prev.pt"
+BEST_CHECKPOINT = "checkpoint.best.pt"  # the checkpoint of the best main score (--eval-every)
+BEST = "best.json"
 SAMPLES, SUMMARIES = "samples", "summaries"
 # settings a resumed run may change (the rest is the run's identity and comes from the checkpoint)
 RESUMABLE = ("steps", "time_budget", "log_every", "sample_every", "checkpoint_every", "fidelity_every", "progress",
-             "evaluate", "device", "memory_budget")
+             "evaluate", "device", "memory_budget", "eval_every", "eval_samples")
 _LEGACY_KEPT = ("steps", "time_budget", "progress", "evaluate", "device")  # resume without ``given``, as before
 _CHECKPOINT_KEYS = ("config", "generator", "ema", "optimizer", "step", "elapsed", "rng")
 
@@ -281,23 +283,54 @@ def _intact_digest(path: str) -> str | None:
 
 
 def _keep_as_previous(folder: str, path: str, digest: str) -> None:
-    prev = os.path.join(folder, PREV_CHECKPOINT)
-    _write_sums(prev, [digest, *(_listed(prev) or ())])
-    tmp = f"{prev}.{os.getpid()}.link.tmp"
+    _keep_copy(path, os.path.join(folder, PREV_CHECKPOINT), digest)
+
+
+def _keep_copy(path: str, copy: str, digest: str) -> None:
+    """``path`` (an intact checkpoint of SHA-256 ``digest``) also as ``copy``, with its sidecar: a hard link, or
+    a copy where the file system has none; atomic, the sidecar listing both hashes in between."""
+    _write_sums(copy, [digest, *(_listed(copy) or ())])
+    tmp = f"{copy}.{os.getpid()}.link.tmp"
     try:
         if os.path.lexists(tmp):
             os.unlink(tmp)
         os.link(path, tmp)  # no copy: checkpoint.pt is only ever replaced by a rename, never written in place
-        os.replace(tmp, prev)
-        if os.path.lexists(tmp):  # prev already was this very file (a save cut short after this point):
+        os.replace(tmp, copy)
+        if os.path.lexists(tmp):  # copy already was this very file (a save cut short after this point):
             os.unlink(tmp)  # rename() between two links of one file does nothing and leaves tmp
     except OSError:  # no hard links on this file system: copy
         if os.path.lexists(tmp):
             os.unlink(tmp)
         with open(path, "rb") as fh:
             data = fh.read()
-        atomic_write(prev, lambda out: out.write(data), "wb")
-    _write_sums(prev, [digest])
+        atomic_write(copy, lambda out: out.write(data), "wb")
+    _write_sums(copy, [digest])
+
+
+def keep_best(folder: str, step: int, name: str, score: float) -> bool:
+    """After ``checkpoint.pt`` was written at ``step``: keep it as ``checkpoint.best.pt`` (with its checksum)
+    when ``score`` (the run's main score ``name``, lower is better) beats the one ``best.json`` records, and
+    record it there; returns whether it did."""
+    best = read_best(folder)
+    if best is not None and best.get("score_name") == name and not score < best["score"]:
+        return False
+    path = os.path.join(folder, CHECKPOINT)
+    digest = _intact_digest(path)
+    if digest is None:
+        return False
+    _keep_copy(path, os.path.join(folder, BEST_CHECKPOINT), digest)
+    write_json(os.path.join(folder, BEST), {"step": int(step), "score_name": name, "score": float(score),
+                                            "sha256": digest})
+    return True
+
+
+def read_best(folder: str) -> dict | None:
+    """``best.json``: the step, main score and checksum of ``checkpoint.best.pt`` (None before the first)."""
+    try:
+        with open(os.path.join(folder, BEST)) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
 
 
 def restore_checkpoint(ckpt: dict, model, ema, opt, rng=None, noise_rng=None) -> tuple[int, float]:

@@ -55,7 +55,7 @@ from . import guards, rundir
 from .config import FIELDS, NORMALIZATIONS, PRECISIONS, TrainConfig
 from .data import Dataset, load_dataset, train_test_split
 from .ddp import DEBUG_DIR_ENV, Dist, process_group, rank_seed, stop_signals, write_weights_hash
-from .evaluate import classifier_cache, evaluate_run
+from .evaluate import classifier_cache, evaluate_run, evaluate_samples, main_score
 from .features import FeatureGroups, load_encoder
 from .guidance import Guide
 from .fields import CORRECTION_BIAS_SHARE, CORRECTION_FIRST_CHECK, ExactField, ProjectedFieldSet, drift_loss
@@ -220,6 +220,8 @@ def _train(run: "_Run", resume: bool, log, dist: Dist, callback, t_setup: float)
             interrupted, budget_hit = dist.agree(stop.requested, _over_budget(cfg, elapsed))
             final = step == cfg.steps or interrupted or budget_hit
             still.see(drift_norm, final, dist)
+            if cfg.eval_every and step % cfg.eval_every == 0 and dist.main:
+                pending.update(_keep_best(run, step, elapsed, log))  # logged with this step's line when it has one
             if step % cfg.log_every == 0 or final:
                 loss_value, drift_norm = dist.mean(loss_value, drift_norm)
                 last = {"step": step, "wall": round(elapsed, 4), "loss": loss_value, "drift_norm": drift_norm,
@@ -244,14 +246,21 @@ def _train(run: "_Run", resume: bool, log, dist: Dist, callback, t_setup: float)
     if dist.main:
         run.checkpoint(step, elapsed)
         sheet.save(ema.model, step)
+    return _finish(run, step, elapsed, setup_s, last, interrupted, log, dist)
+
+
+def _finish(run: "_Run", step: int, elapsed: float, setup_s: float, last: dict, interrupted: bool, log,
+            dist: Dist) -> dict:
+    """The run's summary; after a completed run, the final evaluation (``eval.json``)."""
+    cfg = run.cfg
     if interrupted:
         log(f"interrupted: checkpoint saved at step {step}; continue with: dxtrain train --resume --out {cfg.out}")
         return {**last, "step": step, "wall": elapsed, "setup_s": setup_s, "interrupted": True}
     result = {"step": step, "wall": elapsed, "setup_s": setup_s,
               **{k: v for k, v in last.items() if k not in ("step", "wall")}}
     if cfg.evaluate and dist.main:
-        result["eval"] = evaluate_run(ema.model, run.train_ds, run.test_ds, num_classes, device, folder=cfg.out,
-                                      step=step, wall=elapsed, field=cfg.field, seed=cfg.seed,
+        result["eval"] = evaluate_run(run.ema.model, run.train_ds, run.test_ds, run.num_classes, run.device,
+                                      folder=cfg.out, step=step, wall=elapsed, field=cfg.field, seed=cfg.seed,
                                       encoder_features=run.groups.pooled_array if run.groups.encoder else None)
         log("eval: " + json.dumps({k: v for k, v in result["eval"].items() if isinstance(v, (int, float))}))
     return result
@@ -442,6 +451,23 @@ def _check_correction(run: "_Run", step: int, feats, labels, dist: Dist, log) ->
         log(f"residual correction on from step {step}: the uncorrected field's bias is {share:.0%} of its RMS "
             f"(at least {CORRECTION_BIAS_SHARE:.0%}); {run.cfg.real_per_step} real samples per step")
     return {"correction_bias_share": share}
+
+
+def _keep_best(run: "_Run", step: int, elapsed: float, log) -> dict:
+    """The periodic evaluation (``eval_every``): the EMA generator's main score now, and ``checkpoint.best.pt``
+    kept when it is the best so far (outside the training clock); returns what to log."""
+    n = run.cfg.eval_samples or (2000 if run.train_ds.kind == "vectors" else 2 * len(run.test_ds))
+    x = generate(run.ema.model, n, run.num_classes, run.device, seed=run.cfg.seed + 7)
+    report = evaluate_samples(x, run.train_ds, run.test_ds, classifier_cache=classifier_cache(), seed=run.cfg.seed,
+                              encoder_features=run.groups.pooled_array if run.groups.encoder else None)
+    scored = main_score(report)
+    if scored is None:
+        return {}
+    run.checkpoint(step, elapsed)
+    if rundir.keep_best(run.cfg.out, step, *scored):
+        log(f"step {step}: {scored[0]} {scored[1]:.4g} on {n} samples, the best so far: kept as "
+            f"{rundir.BEST_CHECKPOINT}")
+    return {"eval_" + scored[0]: scored[1]}
 
 
 def _draw_positives(rng, n: int, n_real: int, labels: np.ndarray | None, num_classes: int):

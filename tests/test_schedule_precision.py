@@ -93,3 +93,44 @@ def test_bf16_autocasts_the_generator_and_encoder_on_the_cpu_and_the_field_stays
     assert field_dtypes and all(d == np.float32 for d in field_dtypes)
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+# --------------------------------------------------------------------------- keep the best checkpoint
+
+
+def test_keep_best_copies_the_checkpoint_only_when_the_score_improves(tmp_path):
+    from dxtrain import rundir
+
+    def save(step):
+        rundir.write_checkpoint(str(tmp_path), {k: step for k in ("config", "generator", "ema", "optimizer", "step",
+                                                                  "elapsed", "rng")})
+
+    save(10)
+    assert rundir.keep_best(str(tmp_path), 10, "FD_digits", 5.0)
+    save(20)
+    assert not rundir.keep_best(str(tmp_path), 20, "FD_digits", 6.0)  # worse: the best stays step 10's
+    best, _ = rundir.load_checkpoint_file(str(tmp_path / rundir.BEST_CHECKPOINT), "")
+    assert best["step"] == 10 and rundir.read_best(str(tmp_path))["step"] == 10
+    save(30)
+    assert rundir.keep_best(str(tmp_path), 30, "FD_digits", 4.0)
+    best, digest = rundir.load_checkpoint_file(str(tmp_path / rundir.BEST_CHECKPOINT), "")  # its checksum holds
+    assert best["step"] == 30 and rundir.read_best(str(tmp_path)) == {
+        "step": 30, "score_name": "FD_digits", "score": 4.0, "sha256": digest}
+    current, _ = rundir.load_checkpoint_file(str(tmp_path / rundir.CHECKPOINT), "")
+    assert current["step"] == 30
+
+
+def test_a_run_with_eval_every_keeps_its_best_checkpoint_and_logs_the_score(tmp_path):
+    from dxtrain import rundir
+
+    out = tmp_path / "run"
+    _invoke("train", "--data", "moons", "--out", out, "--steps", 6, "--eval-every", 2, "--eval-samples", 200,
+            "--encoder", "none", *FAST)
+    logged = {json.loads(line)["step"]: json.loads(line).get("eval_energy_distance")
+              for line in (out / "metrics.jsonl").read_text().splitlines()}
+    scores = {s: v for s, v in logged.items() if v is not None}
+    assert sorted(scores) == [2, 4, 6]
+    best = rundir.read_best(str(out))
+    assert best["score_name"] == "energy_distance" and best["score"] == min(scores.values())
+    kept, _ = rundir.load_checkpoint_file(str(out / rundir.BEST_CHECKPOINT), "")
+    assert kept["step"] == best["step"]
