@@ -162,7 +162,16 @@ CROSSOVER = {b.name: b for b in [
           _mix(n=40000, modes=4 * k, dim=32, weights="equal", sigma=0.3, classes=k), conditional=True,
           budget=30.0)
     for k in (2, 8, 16, 32, 64)]}
-ALL = {**BENCHES, **CROSSOVER}
+# The image bench at the paper's image size (`bench/train.py --bench images`): 32x32 RGB, class-conditional,
+# dxtrain's defaults (the conv generator and builtin encoder; `--variant unet=generator=unet,gen_width=32`
+# and a timm encoder through --variant are the paper's setting at a CPU's scale).
+IMAGES = {b.name: b for b in [
+    Bench("shapes-32px", "synthetic 3x32x32 images of 5 shapes, class-conditional, builtin encoder (image bench)",
+          lambda rng, structure: shapes(rng, 10000, size=32), conditional=True, budget=120.0),
+    Bench("shapes-32px-cifar", "the image bench at CIFAR-10's size: 50,000 training images of 3x32x32 "
+          "(bench/gpu_images.sh)", lambda rng, structure: shapes(rng, 58824, size=32), conditional=True,
+          budget=150.0)]}
+ALL = {**BENCHES, **CROSSOVER, **IMAGES}
 
 STRUCTURE_SEED = 7919  # fixes every bench's structure (centres, weights, embedding); the seed draws the points
 

@@ -73,7 +73,7 @@ import dxtrain  # noqa: E402,F401  (before torch and NumPy: sleep-waiting thread
 import numpy as np  # noqa: E402
 
 from _measure import exit_with_parent, gpu_kind, write_json_atomic  # noqa: E402
-from suite import ALL, BENCHES, CROSSOVER, score, write_data  # noqa: E402
+from suite import ALL, BENCHES, CROSSOVER, IMAGES, score, write_data  # noqa: E402
 
 POSITIVES = (256, 512, 1024, 2048)
 DEFAULT_SEEDS = 3
@@ -571,33 +571,39 @@ def _positive(kind, name):
 def parse_variant(text: str) -> tuple[str, dict]:
     """``NAME=key=value,key=value`` -> (NAME, {key: value}) with values parsed as JSON where they can be
     (``true``, ``512``, ``[0.05, 0.2]``), else kept as text; keys must be TrainConfig fields."""
-    from dataclasses import fields
-
-    from dxtrain.train import TrainConfig
-
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest or name == MAIN or name.startswith("exact@"):
         raise argparse.ArgumentTypeError(f"--variant expects NAME=key=value[,key=value...] with a new NAME, "
                                          f"got {text!r}")
+    return name, parse_settings(rest, f"--variant {name}")
+
+
+def parse_settings(text: str, what: str = "--common") -> dict:
+    """``key=value,key=value`` -> {key: value}: TrainConfig fields, values parsed as JSON where they can be."""
+    from dataclasses import fields
+
+    from dxtrain.train import TrainConfig
+
     known = {f.name for f in fields(TrainConfig)}
     settings = {}
-    for item in re.split(r",(?=[A-Za-z_]\w*=)", rest):  # commas inside a value ([0.05,0.2]) stay
+    for item in re.split(r",(?=[A-Za-z_]\w*=)", text):  # commas inside a value ([0.05,0.2]) stay
         key, sep, value = item.partition("=")
         if not sep or key not in known:
-            raise argparse.ArgumentTypeError(f"--variant {name}: {item!r} is not key=value with a TrainConfig "
+            raise argparse.ArgumentTypeError(f"{what}: {item!r} is not key=value with a TrainConfig "
                                              f"field as key (e.g. correction=true, landmarks=512)")
         try:
             settings[key] = json.loads(value)
         except ValueError:
             settings[key] = value
-    return name, settings
+    return settings
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Run::"):],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bench", nargs="+", choices=(*ALL, "all", "crossover"), default=["all"],
-                   help="benches (default all: the suite; crossover: the crossover study's benches)")
+    p.add_argument("--bench", nargs="+", choices=(*ALL, "all", "crossover", "images"), default=["all"],
+                   help="benches (default all: the suite; crossover: the crossover study's benches; images: the "
+                        "32x32 image bench)")
     p.add_argument("--list", action="store_true", help="list the benches and exit")
     p.add_argument("--budget", type=_positive(float, "--budget"), default=None,
                    help="seconds of training per run (default: each bench's own, 20-45 s for vectors, 60 s for images; --list)")
@@ -612,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "all: every --positives at every seed, the best median")
     p.add_argument("--variant", type=parse_variant, action="append", default=[], metavar="NAME=key=value,...",
                    help="also run DriftXpress with these TrainConfig settings (repeatable)")
+    p.add_argument("--common", type=parse_settings, default={}, metavar="key=value,...",
+                   help="TrainConfig settings for every run, both methods (e.g. generator=unet,gen_width=32 or an "
+                        "encoder: encoder=timm:resnet10t,encoder_weights=w.safetensors)")
     p.add_argument("--no-default", action="store_true", help="leave out DriftXpress at the defaults (variants only)")
     p.add_argument("--slice", type=_positive(float, "--slice"), default=None,
                    help=f"seconds of training per turn (default budget / {SLICES})")
@@ -635,7 +644,8 @@ def jobs_for(bench, seed: int, methods: dict, budget: float, args, work: Path, d
         shutil.rmtree(run_dir, ignore_errors=True)
         config = {"data": data, "out": str(run_dir), "steps": 10 ** 9, "time_budget": budget, "seed": seed,
                   "device": args.device, "evaluate": False, "progress": False, "log_every": 50,
-                  "sample_every": 10 ** 9, "checkpoint_every": 10 ** 9, "fidelity_every": 10 ** 9, **settings}
+                  "sample_every": 10 ** 9, "checkpoint_every": 10 ** 9, "fidelity_every": 10 ** 9,
+                  **getattr(args, "common", {}), **settings}
         if args.quick and config["field"] == "projected" and "landmarks" not in settings:
             config["landmarks"] = QUICK["landmarks"]
         jobs.append({"bench": bench.name, "method": method, "seed": seed, "config": config, "eval_times": times,
@@ -750,7 +760,7 @@ def main(argv=None) -> int:
         return 0
     if args.replot:
         return replot(args.replot)
-    named = {"all": list(BENCHES), "crossover": list(CROSSOVER)}
+    named = {"all": list(BENCHES), "crossover": list(CROSSOVER), "images": list(IMAGES)}
     benches = list(dict.fromkeys(b for name in args.bench for b in named.get(name, [name])))
     args.evals = args.evals or (QUICK["evals"] if args.quick else DEFAULT_EVALS)
     args.seeds = args.seeds or (1 if args.quick else DEFAULT_SEEDS)

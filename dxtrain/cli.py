@@ -205,8 +205,8 @@ def main(debug):
               help="Unconditional real negatives per step, dealt to the classes in turn [default: --batch].")
 @click.option("--generator", type=click.Choice(["auto", "mlp", "conv", "unet"]), default="auto", show_default=True,
               help="auto: conv for images, mlp for vectors. conv: a small upsampling generator (~0.4M parameters "
-                   "at width 64 on 8x8 digits). unet: a one-step UNet for 32x32 and 64x64 images (36.9M parameters "
-                   "at 32x32, 47.5M at 64x64, at width 128 and depth 2). mlp: 3 hidden layers of 256.")
+                   "at width 64 on 8x8 digits). unet: a one-step UNet for 32x32 and 64x64 images (36.7M parameters "
+                   "at 32x32, 47.2M at 64x64 with 10 classes, at width 128 and depth 2). mlp: 3 hidden layers of 256.")
 @click.option("--gen-width", type=click.IntRange(min=1), default=None,
               help="Generator width: MLP hidden units (256), conv channels at full resolution (64), UNet channels "
                    "at full resolution (128).")

@@ -16,7 +16,7 @@ a network, written here in plain PyTorch:
   block's normalised activations (FiLM).
 
 At the default width 128 and channel multipliers (1, 2, 2, 2) the 32x32
-network has about 35 million parameters, the size of the UNets these runs use;
+network has 36.7 million parameters (10 classes), the size of the UNets these runs use;
 ``width`` and ``depth`` set it (``dxtrain train --gen-width/--gen-depth``).
 
 Example

@@ -298,19 +298,24 @@ def test_variants_parse_to_train_settings(bt):
     assert bt.parse_variant("c=correction=false,landmarks=512,landmark_method=uniform") == (
         "c", {"correction": False, "landmarks": 512, "landmark_method": "uniform"})
     assert bt.parse_variant("t=temperatures=[0.05,0.2]") == ("t", {"temperatures": [0.05, 0.2]})
+    assert bt.parse_settings("generator=unet,gen_width=32") == {"generator": "unet", "gen_width": 32}
+    with pytest.raises(Exception, match="--common: 'nope=1'"):
+        bt.parse_settings("nope=1")
 
 
 def test_settings_reach_the_run_configs(bt, tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(bt, "run_one", lambda job: seen.append(job) or {"error": "skipped"})
     assert bt.main(["--bench", "mix8-2d", "--quick", "--in-process", "--out", str(tmp_path),
-                    "--positives", "256", "1024", "--variant", "big=landmarks=64,correction=false"]) == 0
+                    "--positives", "256", "1024", "--variant", "big=landmarks=64,correction=false",
+                    "--common", "gen_width=16,lr=0.002"]) == 0
     configs = {j["method"]: j["config"] for j in seen}
     assert set(configs) == {"exact@256", "exact@1024", "projected", "big"}
     assert configs["exact@1024"]["field"] == "exact" and configs["exact@1024"]["positives"] == 1024
     assert configs["projected"]["field"] == "projected" and "correction" not in configs["projected"]
     assert configs["big"]["landmarks"] == 64 and configs["big"]["correction"] is False
     assert all(j["config"]["data"].endswith("mix8-2d.npz") for j in seen)
+    assert all(j["config"]["gen_width"] == 16 and j["config"]["lr"] == 0.002 for j in seen)  # --common: every run
     assert (tmp_path / f"train-mix8-2d-cpu{os.cpu_count()}-quick.json").exists()
 
 
