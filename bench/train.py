@@ -486,6 +486,7 @@ def crossover_points(results: list[dict]) -> dict:
         out.setdefault(hit.group(1), []).append({
             "value": int(hit.group(2)), "ratios": [x or 0.0 for x in s["ratios"]],
             "median": s["ratio_median"] or 0.0, "equal_budget": s["final_ratio_median"],
+            "in_steps": s["steps_ratio_median"], "step_time": s["step_time_ratio_median"],
             "baseline": r["baseline"]})
     return {k: sorted(v, key=lambda p: p["value"]) for k, v in out.items()}
 
@@ -509,10 +510,13 @@ def plot_crossover(results: list[dict], path: Path) -> bool:
         for k in range(seeds):
             series.append({"x": xs, "y": [max(p["ratios"][k], 0.05) if k < len(p["ratios"]) else math.nan
                                           for p in pts],
-                           "colour": colour, "width": 1, "dash": 3, "label": f"{family}: seed {k}" if k == 0 else None})
-        series.append({"x": xs, "y": [p["equal_budget"] or math.nan for p in pts],
-                       "colour": METHOD_COLOURS[(2 * i + 1) % len(METHOD_COLOURS)], "width": 2, "dash": 8,
-                       "label": f"{family}: equal budget (baseline final / DriftXpress final)"})
+                           "colour": colour, "width": 1, "dash": 3, "label": f"{family}: each seed" if k == 0 else None})
+        others = (("equal_budget", "equal budget (baseline final / DriftXpress final)", 8),
+                  ("in_steps", "the time-to-target ratio in steps (per-step gain)", 4),
+                  ("step_time", "step-time ratio (baseline s/step / DriftXpress s/step)", 12))
+        for j, (key, label, dash) in enumerate(others):
+            series.append({"x": xs, "y": [p[key] or math.nan for p in pts], "dash": dash, "width": 2,
+                           "colour": METHOD_COLOURS[(2 * i + 1 + j) % len(METHOD_COLOURS)], "label": f"{family}: {label}"})
     for s in series:
         if s["label"] is None:
             del s["label"]
