@@ -31,11 +31,11 @@ LIMIT=${GPU_IMAGES_TIMEOUT:-540}
 nvidia-smi -L 2>/dev/null || echo "nvidia-smi: no GPU listed"
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     ARGS=(--bench shapes-32px-cifar --device cuda --seeds 1 --budget "$BUDGET" --positives "$POSITIVES"
-          --common "generator=unet,gen_width=$WIDTH,precision=bf16" --tag=-gpu)
+          --common "generator=unet,gen_width=$WIDTH,precision=bf16" --tag gpu)
 else
     echo "no CUDA device: a CPU smoke run of the script (--quick); its numbers mean nothing"
     ARGS=(--bench shapes-32px --device cpu --quick --positives 256 --common "generator=unet,gen_width=8,gen_depth=1"
-          --tag=-gpu-smoke)
+          --tag gpu-smoke)
 fi
 timeout "$LIMIT" "$PY" bench/train.py "${ARGS[@]}"
 status=$?
