@@ -73,7 +73,7 @@ import dxtrain  # noqa: E402,F401  (before torch and NumPy: sleep-waiting thread
 import numpy as np  # noqa: E402
 
 from _measure import exit_with_parent, gpu_kind, write_json_atomic  # noqa: E402
-from suite import ALL, BENCHES, CROSSOVER, IMAGES, score, write_data  # noqa: E402
+from suite import ALL, BENCHES, CROSSOVER, score, write_data  # noqa: E402
 
 POSITIVES = (256, 512, 1024, 2048)
 DEFAULT_SEEDS = 3
@@ -764,7 +764,7 @@ def main(argv=None) -> int:
         return 0
     if args.replot:
         return replot(args.replot)
-    named = {"all": list(BENCHES), "crossover": list(CROSSOVER), "images": list(IMAGES)}
+    named = {"all": list(BENCHES), "crossover": list(CROSSOVER), "images": ["shapes-32px"]}  # -cifar: GPU
     benches = list(dict.fromkeys(b for name in args.bench for b in named.get(name, [name])))
     args.evals = args.evals or (QUICK["evals"] if args.quick else DEFAULT_EVALS)
     args.seeds = args.seeds or (1 if args.quick else DEFAULT_SEEDS)
