@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from . import checks
-from .backend import device_context, floating_dtype, place, to_host
+from .backend import device_context, floating_dtype, place
 from .memory import parse_budget, plan_blocks, tile_cap
 from .options import documented
 
@@ -228,9 +228,15 @@ def sqdist_stacked(x, y):
     out += xx[:, :, None]
     out += yy[:, None, :]
     hits = out < refine_tolerance(out.dtype) * (xx[:, :, None] + yy[:, None, :])
-    if bool(hits.any()):
-        for g in to_host(xp.nonzero(hits.any(axis=(1, 2)))[0]).tolist():
-            _recompute_hits(xp, out[g], x[g], y[g], hits[g], budget_entries=out[g].size)
+    if bool(hits.any()):  # every group's hits at once (a loop over the groups costs more at many classes)
+        g, i, j = xp.nonzero(hits)
+        step = max(1, out[0].size // (3 * x.shape[2]))  # gathered rows: 3 x D per hit, as one group's budget
+        for h0 in range(0, int(g.shape[0]), step):
+            gs, is_, js = g[h0:h0 + step], i[h0:h0 + step], j[h0:h0 + step]
+            diff = x[gs, is_]
+            diff -= y[gs, js]
+            xp.square(diff, out=diff)
+            out[gs, is_, js] = diff.sum(axis=1)
     return out
 
 
