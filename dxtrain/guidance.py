@@ -60,11 +60,9 @@ class Guide:
         self.real_feats, self.n_real, self.num_classes = real_feats, int(n_real), int(num_classes)
         self.alpha_max, self.n_negatives, self.device = float(alpha_max), int(n_negatives), device
         self.unc_labels = np.arange(self.n_negatives) % self.num_classes
-        self.last_alpha = np.ones(self.num_classes)
 
     def draw(self, rng: np.random.Generator, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         alpha = draw_alpha(rng, self.num_classes, self.alpha_max)
-        self.last_alpha = alpha
         gen_per_class = np.bincount(labels.cpu().numpy(), minlength=self.num_classes)
         idx = np.sort(rng.choice(self.n_real, size=min(self.n_negatives, self.n_real), replace=False))
         unc_labels = self.unc_labels[:len(idx)]
