@@ -217,7 +217,8 @@ def main(debug):
 @click.option("--lr-warmup", type=click.IntRange(min=0), default=_DEFAULTS.lr_warmup, show_default=True,
               help="Steps of linear learning-rate warmup.")
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default=_DEFAULTS.lr_schedule,
-              show_default=True, help="After the warmup: constant, or a cosine decay reaching 0 at --steps.")
+              show_default=True, help="After the warmup: constant, or a cosine decay reaching 0 at --steps (a "
+                                      "--resume with a larger --steps stretches it to the new end).")
 @click.option("--ema", type=_Finite(0, 1, max_open=True), default=_DEFAULTS.ema, show_default=True)
 @click.option("--grad-clip", type=_Finite(min=0, min_open=True), default=_DEFAULTS.grad_clip,
               show_default=True)

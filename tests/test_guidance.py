@@ -130,3 +130,17 @@ def test_guidance_refusals(tmp_path):
     assert r.exit_code != 0 and "trained without --guidance" in r.output
     r = _invoke("train", "--data", "moons", "--out", tmp_path / "d", "--guidance-max", 1, *FAST, ok=False)
     assert r.exit_code != 0 and "--guidance-max" in r.output
+
+
+def test_a_guided_run_with_warmup_resumes_exactly(tmp_path):
+    # the scales and unconditional negatives come from the positives' stream and the rate from the step:
+    # both are in the checkpoint, so 3 + 3 steps equal 6 in one go.  (A cosine schedule ends at --steps, so it
+    # resumes exactly when --steps stays the same: an interrupted run.)
+    args = ["--data", "moons", "--field", "exact", "--guidance", "--lr-warmup", 5, *FAST]
+    args = [a for a in args if a != "--steps" and a != "3"]
+    _invoke("train", "--out", tmp_path / "straight", "--steps", 6, *args)
+    _invoke("train", "--out", tmp_path / "split", "--steps", 3, *args)
+    _invoke("train", "--out", tmp_path / "split", "--steps", 6, "--resume", *args)
+    a, b = (torch.load(tmp_path / r / "checkpoint.pt", weights_only=False) for r in ("straight", "split"))
+    assert a["step"] == b["step"] == 6
+    assert all(torch.equal(a["generator"][k], b["generator"][k]) for k in a["generator"])
