@@ -366,6 +366,19 @@ def _per_class_grid(model, train_ds, num_classes: int, path: str, scale) -> None
     click.echo(f"samples by class -> {path}", err=True)
 
 
+def _check_inception(weights: str | None) -> None:
+    """Load ``--inception-weights`` once before the evaluation, so that a file of other weights fails in seconds,
+    not after the other scores (where torch-fidelity cannot run, the report says why instead)."""
+    from . import inception
+
+    if weights is None or inception.unavailable(weights, "images", 3) is not None:
+        return
+    try:
+        inception.inception_features(weights, "cpu")
+    except ValueError as exc:  # named as the command line names it
+        raise click.ClickException(str(exc).replace(f"inception_weights {weights!r}", f"--inception-weights {weights}"))
+
+
 def _moved_data_option(f):
     return click.option("--data", default=None,
                         help="The run's data file, if it has moved since training [default: the path in the run's "
@@ -433,6 +446,7 @@ def evaluate_cmd(run, n, inception_weights, seed, cfg_scales, data):
     if inception_weights is not None and not os.path.isfile(inception_weights):
         raise click.ClickException(f"--inception-weights {inception_weights}: no such file: give the path of the "
                                    "Inception weights (.pth) on disk, or leave the option out")
+    _check_inception(inception_weights)
     cfg, ckpt, model, train_ds, test_ds, k = _load_run(run, data)
     if len(test_ds) < 2:
         raise click.ClickException(

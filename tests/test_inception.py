@@ -103,3 +103,20 @@ def test_a_file_of_other_weights_is_refused_naming_it(tmp_path):
     text.write_text("not a torch file")
     with pytest.raises(ValueError, match="notes.pth"):
         inception.inception_features(str(text), "cpu")
+
+
+def test_eval_refuses_other_weights_before_scoring(tmp_path):
+    from click.testing import CliRunner
+
+    from dxtrain.cli import main
+
+    run = tmp_path / "run"
+    common = ["--steps", "2", "--batch", "40", "--positives", "60", "--landmarks", "8", "--no-eval", "--no-progress",
+              "--device", "cpu", "--encoder", "none"]
+    assert CliRunner().invoke(main, ["train", "--data", "digits", "--out", str(run), *common]).exit_code == 0
+    bad = tmp_path / "resnet.pth"
+    torch.save({"conv.weight": torch.zeros(2, 2)}, bad)
+    result = CliRunner().invoke(main, ["eval", "--run", str(run), "--inception-weights", str(bad)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"--inception-weights {bad} does not hold torch-fidelity's InceptionV3 weights" in result.output
+    assert not (run / "eval.json").exists()  # refused before any scoring
