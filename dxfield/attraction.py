@@ -337,9 +337,12 @@ def _corrected_sums(pf, xp, bt: _Batches, k: int):
         shift = xp.where(xp.isfinite(shift), shift, 0).astype(dt)
         E = xp.exp(e_u - shift[:, :, None])  # units exp(shift_i)
         root_c = xp.exp(half)  # c_u^{1/2}
-        nys = E @ bt.kept(("folded32", k), lambda: folded.astype(dt))  # the Nystrom sums alone [acc | s_w]
+
+        def nystrom():  # [acc | s_w] of the Nystrom sums alone (with a sample: for its product order, or fallback)
+            return E @ bt.kept(("folded32", k), lambda: folded.astype(dt))
+
         t_col = folded[:, :, d]  # W^{-1} t, corrected below for the plain row sums
-        pr = nys
+        nys = pr = None if bt.has_sample else nystrom()
         if bt.has_sample:
             ay = xp.exp(e_y - shift[:, :, None]) * bt.scale[:, None, :]  # exact terms, units exp(shift_i)
             kuy = xp.exp(bt.duy * -coef) * bt.scale[:, None, :]  # K_s, in the working dtype like the cached sums
@@ -348,6 +351,7 @@ def _corrected_sums(pf, xp, bt: _Batches, k: int):
                 # one product for both: the rows of E, and (K_s 1)^T whose product is (W^{-1} K_s 1)^T (W symmetric)
                 ew = xp.concatenate([E.astype(f64), kuy.sum(axis=2, dtype=f64)[:, None, :]], axis=1) @ winv
                 a = ew[:, :-1] @ kuy.astype(f64)
+                nys = nystrom()
                 pr = nys + (ay - a).astype(dt) @ bt.y1
                 t_col = t_col - ew[:, -1]
             else:  # W^{-1} (K_s [Y_s, 1]) subtracted from the cached sums; its last column is W^{-1} K_s 1
@@ -360,7 +364,7 @@ def _corrected_sums(pf, xp, bt: _Batches, k: int):
     bad = (~(pr[:, :, d] > 0) | ~(r > 0)) & bt.valid
     nbad = int(bad.sum()) if bt.has_sample else 0
     if nbad:  # the sample's estimate went negative there: Nystrom alone
-        pr = xp.where(bad[:, :, None], nys, pr)
+        pr = xp.where(bad[:, :, None], nystrom() if nys is None else nys, pr)
         r = xp.where(bad, (E @ (folded[:, :, d].astype(dt) * root_c)[:, :, None])[:, :, 0], r)
     s_w = pr[:, :, d]
     has = (s_w > 0) & (r > 0)  # False only without any data (and on padding)

@@ -463,7 +463,7 @@ def evaluate_cmd(run, n, inception_weights, seed, cfg_scales, data):
                 reports.append(evaluate_run(
                     model, train_ds, test_ds, k, "cpu", folder=scratch, step=int(ckpt["step"]),
                     wall=float(ckpt["elapsed"]), field=cfg.field, seed=seed, n=n, alpha=a,
-                    encoder_features=groups.pooled_array if groups is not None and groups.encoder else None,
+                    encoder_features=None if groups is None else groups.encoder_features,
                     **kwargs))
                 if train_ds.kind == "images":
                     _per_class_grid(model, train_ds, k, os.path.join(run, f"eval-samples{_cfg_tag(a)}.png"), a)

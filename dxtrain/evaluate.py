@@ -524,6 +524,11 @@ def classifier_cache() -> str:
     return os.path.join(cache_home(), "digits_classifier.pt")
 
 
+def default_samples(train_ds: Dataset, test_ds: Dataset) -> int:
+    """Samples a run's evaluation draws by default: 2000 for vectors, twice the test split for images."""
+    return 2000 if train_ds.kind == "vectors" else 2 * len(test_ds)
+
+
 def evaluate_run(model, train_ds: Dataset, test_ds: Dataset, num_classes: int, device, *, folder: str, step: int,
                  wall: float, field: str, seed: int = 0, n: int | None = None, alpha: float | None = None,
                  **options) -> dict:
@@ -534,7 +539,7 @@ def evaluate_run(model, train_ds: Dataset, test_ds: Dataset, num_classes: int, d
     :func:`dxtrain.evaluate.evaluate_samples`; ``alpha``: the guidance scale of a generator trained with
     guidance (recorded as ``cfg_scale``).  Returns the report.
     """
-    n = n or (2000 if train_ds.kind == "vectors" else 2 * len(test_ds))
+    n = n or default_samples(train_ds, test_ds)
     x = models.generate(model, n, num_classes, device, seed=seed + 7, alpha=alpha)
     report = evaluate_samples(x, train_ds, test_ds, classifier_cache=classifier_cache(), seed=seed, **options)
     report.update({"step": step, "wall": wall, "field": field, **({} if alpha is None else {"cfg_scale": alpha})})

@@ -328,6 +328,12 @@ class FeatureGroups(nn.Module):
         outputs = self._encode(x.float())
         return torch.cat([o.float().mean(dim=(2, 3)) if o.ndim == 4 else o.float() for o in outputs], dim=1)
 
+    @property
+    def encoder_features(self):
+        """:meth:`pooled_array` where there is an encoder, else None: ``evaluate_samples``'s
+        ``encoder_features``."""
+        return self.pooled_array if self.encoder is not None else None
+
     def pooled_array(self, images, batch: int = 256):
         """:meth:`pooled` of images ``(N, C, H, W)`` (NumPy, in ``[-1, 1]``) as a float64 NumPy array, in batches
         on the groups' device: the ``encoder_features`` of :func:`dxtrain.evaluate.evaluate_samples`."""

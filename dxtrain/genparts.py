@@ -43,6 +43,14 @@ def embed_labels(labels: Tensor | None, embedding: nn.Embedding | None, batch: i
     return embedding(labels.long())
 
 
+def group_norm(channels: int, max_groups: int) -> nn.GroupNorm:
+    """GroupNorm with the most groups, up to ``max_groups`` (a power of two), that divide ``channels``."""
+    groups = max_groups
+    while channels % groups:
+        groups //= 2
+    return nn.GroupNorm(groups, channels)
+
+
 def alpha_features(alpha, batch: int, device) -> Tensor:
     """Fourier features ``(batch, 2 * ALPHA_FREQUENCIES)`` of ``log alpha``, the guidance scale (a number or
     ``(batch,)``, each >= 1; None: 1, no guidance)."""
@@ -79,3 +87,12 @@ def embed_alpha(alpha, embedding: AlphaEmbedding | None, batch: int, device) -> 
                              "build it with guidance=True (dxtrain train --guidance)")
         return None
     return embedding(alpha, batch, device)
+
+
+def conditioning(labels, alpha, class_embedding: nn.Embedding | None, alpha_embedding: AlphaEmbedding | None,
+                 batch: int, device) -> Tensor | None:
+    """The sum of the class and guidance-scale embeddings a generator adds to its first hidden layer (each
+    checked against how the generator was built), or None when it has neither."""
+    parts = [e for e in (embed_labels(labels, class_embedding, batch),
+                         embed_alpha(alpha, alpha_embedding, batch, device)) if e is not None]
+    return None if not parts else parts[0] if len(parts) == 1 else parts[0] + parts[1]

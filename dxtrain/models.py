@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .genparts import AlphaEmbedding, check_noise, check_positive, embed_alpha, embed_labels
+from .genparts import AlphaEmbedding, check_noise, check_positive, conditioning, group_norm
 from .unet import UNetGenerator
 
 GENERATOR_KINDS = ("mlp", "conv", "unet", "auto")
@@ -97,19 +97,12 @@ class MLPGenerator(nn.Module):
     def forward(self, noise: Tensor, labels: Tensor | None = None, alpha=None) -> Tensor:
         check_noise(noise, self.noise_dim)
         h = self.input(noise)
-        for embedded in (embed_labels(labels, self.class_embedding, noise.shape[0]),
-                         embed_alpha(alpha, self.alpha_embedding, noise.shape[0], noise.device)):
-            if embedded is not None:
-                h = h + embedded
+        cond = conditioning(labels, alpha, self.class_embedding, self.alpha_embedding, noise.shape[0], noise.device)
+        if cond is not None:
+            h = h + cond
         for layer in self.hidden:
             h = layer(h)
         return self.output(h).reshape(noise.shape[0], *self.out_shape)
-
-
-def _group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with up to 8 groups (the largest of 8, 4, 2, 1 dividing ``channels``)."""
-    groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
-    return nn.GroupNorm(groups, channels)
 
 
 class _ConvBlock(nn.Module):
@@ -119,7 +112,7 @@ class _ConvBlock(nn.Module):
         super().__init__()
         self.upsample = upsample
         self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm = _group_norm(out_channels)
+        self.norm = group_norm(out_channels, 8)
 
     def forward(self, h: Tensor) -> Tensor:
         if self.upsample:
@@ -174,7 +167,7 @@ class ConvGenerator(nn.Module):
         low = 2 * width
         self.base_channels = low
         self.project = nn.Linear(noise_dim, low * self.base_size[0] * self.base_size[1])
-        self.base_norm = _group_norm(low)
+        self.base_norm = group_norm(low, 8)
         self.class_embedding = nn.Embedding(num_classes, low) if num_classes > 0 else None
         self.alpha_embedding = AlphaEmbedding(low) if guidance else None
         blocks = [_ConvBlock(low, low if self.num_upsamples > 0 else width, upsample=False)]
@@ -192,10 +185,9 @@ class ConvGenerator(nn.Module):
         check_noise(noise, self.noise_dim)
         batch = noise.shape[0]
         h = self.project(noise).reshape(batch, self.base_channels, *self.base_size)
-        for embedded in (embed_labels(labels, self.class_embedding, batch),
-                         embed_alpha(alpha, self.alpha_embedding, batch, noise.device)):
-            if embedded is not None:
-                h = h + embedded[:, :, None, None]
+        cond = conditioning(labels, alpha, self.class_embedding, self.alpha_embedding, batch, noise.device)
+        if cond is not None:
+            h = h + cond[:, :, None, None]
         h = self.blocks(F.silu(self.base_norm(h)))
         _, height, width = self.image_shape
         top = (h.shape[2] - height) // 2
@@ -305,8 +297,8 @@ def generate(model, n: int, num_classes: int, device, seed: int = 0, label: int 
             if num_classes:
                 labels = (torch.full((b,), label) if label is not None else torch.arange(i, i + b) % num_classes)
                 labels = labels.to(device)
-            extra = {} if alpha is None else {"alpha": float(alpha)}
-            out.append(model(sample_noise(model, b, g, device=device), labels, **extra).float().cpu().numpy())
+            scale = None if alpha is None else float(alpha)
+            out.append(model(sample_noise(model, b, g, device=device), labels, alpha=scale).float().cpu().numpy())
     return np.concatenate(out)
 
 

@@ -55,7 +55,7 @@ from . import guards, rundir
 from .config import FIELDS, NORMALIZATIONS, PRECISIONS, TrainConfig
 from .data import Dataset, load_dataset, train_test_split
 from .ddp import DEBUG_DIR_ENV, Dist, process_group, rank_seed, stop_signals, write_weights_hash
-from .evaluate import classifier_cache, evaluate_run, evaluate_samples, main_score
+from .evaluate import classifier_cache, default_samples, evaluate_run, evaluate_samples, main_score
 from .features import FeatureGroups, load_encoder
 from .guidance import Guide
 from .fields import CORRECTION_BIAS_SHARE, CORRECTION_FIRST_CHECK, ExactField, ProjectedFieldSet, drift_loss
@@ -200,8 +200,7 @@ def _train(run: "_Run", resume: bool, log, dist: Dist, callback, t_setup: float)
                                                  dist, log))
             pos_feats, pos_labels = run.positives()
             t_field = time.perf_counter()
-            drifts = field(feats, pos_feats, labels, pos_labels, **({} if negatives is None else
-                                                                    {"negatives": negatives}))
+            drifts = field(feats, pos_feats, labels, pos_labels, negatives=negatives)
             window.add(time.perf_counter() - t_field)
             loss, group_norms = drift_loss(feats, drifts)
             opt.zero_grad(set_to_none=True)
@@ -261,7 +260,7 @@ def _finish(run: "_Run", step: int, elapsed: float, setup_s: float, last: dict, 
     if cfg.evaluate and dist.main:
         result["eval"] = evaluate_run(run.ema.model, run.train_ds, run.test_ds, run.num_classes, run.device,
                                       folder=cfg.out, step=step, wall=elapsed, field=cfg.field, seed=cfg.seed,
-                                      encoder_features=run.groups.pooled_array if run.groups.encoder else None)
+                                      encoder_features=run.groups.encoder_features)
         log("eval: " + json.dumps({k: v for k, v in result["eval"].items() if isinstance(v, (int, float))}))
     return result
 
@@ -299,7 +298,7 @@ class _Run:
                              device=self.device)
         alpha, negatives = self.guide.draw(self.rng, labels) if self.guide is not None else (None, None)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
-            generated = self.gen(noise, labels, **({} if alpha is None else {"alpha": alpha}))
+            generated = self.gen(noise, labels, alpha=alpha)
         return self.groups(generated.float()), negatives  # the encoder has its own autocast
 
     def positives(self):
@@ -456,10 +455,10 @@ def _check_correction(run: "_Run", step: int, feats, labels, dist: Dist, log) ->
 def _keep_best(run: "_Run", step: int, elapsed: float, log) -> dict:
     """The periodic evaluation (``eval_every``): the EMA generator's main score now, and ``checkpoint.best.pt``
     kept when it is the best so far (outside the training clock); returns what to log."""
-    n = run.cfg.eval_samples or (2000 if run.train_ds.kind == "vectors" else 2 * len(run.test_ds))
+    n = run.cfg.eval_samples or default_samples(run.train_ds, run.test_ds)
     x = generate(run.ema.model, n, run.num_classes, run.device, seed=run.cfg.seed + 7)
     report = evaluate_samples(x, run.train_ds, run.test_ds, classifier_cache=classifier_cache(), seed=run.cfg.seed,
-                              encoder_features=run.groups.pooled_array if run.groups.encoder else None)
+                              encoder_features=run.groups.encoder_features)
     scored = main_score(report)
     if scored is None:
         return {}

@@ -34,14 +34,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .genparts import AlphaEmbedding, check_noise, check_positive, embed_alpha, embed_labels
+from .genparts import AlphaEmbedding, check_noise, check_positive, conditioning, group_norm
 
 UNET_SIZES = (32, 64)  # image sides the channel plans below are made for
 UNET_MULTS = {32: (1, 2, 2, 2), 64: (1, 2, 2, 2, 2)}  # channels per resolution, as multiples of width
 
 
 def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0), channels)
+    return group_norm(channels, 32)
 
 
 class _ResBlock(nn.Module):
@@ -147,11 +147,8 @@ class UNetGenerator(nn.Module):
 
     def _conditioning(self, batch: int, labels: Tensor | None, alpha, like: Tensor) -> Tensor:
         cond = self.cond_bias.expand(batch, -1)
-        for embedded in (embed_labels(labels, self.class_embedding, batch),
-                         embed_alpha(alpha, self.alpha_embedding, batch, like.device)):
-            if embedded is not None:
-                cond = cond + embedded.to(cond.dtype)
-        return cond
+        embedded = conditioning(labels, alpha, self.class_embedding, self.alpha_embedding, batch, like.device)
+        return cond if embedded is None else cond + embedded.to(cond.dtype)
 
     def forward(self, noise: Tensor, labels: Tensor | None = None, alpha: Tensor | float | None = None) -> Tensor:
         check_noise(noise, self.noise_dim)
