@@ -166,7 +166,7 @@ def bidirectional_attraction(pf, xp, xa, groups):
 
 
 def _sample_parts(pf, xp, g: QueryGroup, ysc, sample_rows):
-    """The sample rows that correct group ``g``, by shard: ``(landmark slice, rows, n / B)``."""
+    """The sample rows that correct group ``g``, by shard: ``(landmark slice, rows, n / B, their indices)``."""
     offsets = np.concatenate([[0], np.cumsum([pf.shards[i].m for i in g.shards])])
     parts = []
     for j, i in enumerate(g.shards):
@@ -174,11 +174,38 @@ def _sample_parts(pf, xp, g: QueryGroup, ysc, sample_rows):
         mine = sample_rows.get(key)
         if mine is not None and len(mine):
             rows = xp.asarray(mine)
-            parts.append((slice(int(offsets[j]), int(offsets[j + 1])), ysc[rows], pf.shards[i].n / int(rows.shape[0])))
+            parts.append((slice(int(offsets[j]), int(offsets[j + 1])), ysc[rows], pf.shards[i].n / int(rows.shape[0]),
+                          rows))
     return parts
 
 
-def corrected_attraction(pf, xp, xa, groups, ys, sample_rows):
+def sample_maps(pf, xp, ysc, sample_rows):
+    """``W^{-1} k(U, y)`` of every row ``y`` of ``ysc`` (centred) on its own shard's landmarks, per
+    temperature: (rows x T x m_max), the working dtype, zero beyond the shard's ``m``.
+
+    These are the rows' Nystrom coefficients: the Nystrom term of a query ``x`` and a data point ``y``
+    is ``k(x, U) diag(c_U^{-1/2}) W^{-1} k(U, y)``, so a correction sample whose maps are given skips
+    its landmark distances and the ``m x m`` product of each call (docs/design.md section 8.18).
+    ``sample_rows``: the rows per shard index (``None``: the one shard of an unconditional cache)."""
+    dev = pf.on_device(placement_of(xp, ysc))
+    nt = len(pf.temperatures)
+    out = xp.zeros((ysc.shape[0], nt, max(s.m for s in pf.shards)), dtype=pf.dtype)
+    chunk = max(1, pf.memory_budget // (8 * (3 + nt) * max(pf.n_landmarks, 1)))
+    for key, rows in sample_rows.items():
+        si = 0 if key is None else key
+        uc, m = dev["uc"][si], pf.shards[si].m
+        for r0 in range(0, len(rows), chunk):
+            idx = xp.asarray(rows[r0:r0 + chunk])
+            d2 = sqdist_stacked(uc[None], ysc[idx][None])[0]  # m x rows
+            if pf.kernel == "laplace":
+                xp.sqrt(xp.maximum(d2, 0, out=d2), out=d2)
+            for k in range(nt):
+                kuy = xp.exp(d2 * -logit_coef(pf.kernel, pf.taus[k])).astype(xp.float64)
+                out[idx, k, :m] = (pf.inverse_gram(dev, xp, [si], k) @ kuy).T.astype(pf.dtype)
+    return out
+
+
+def corrected_attraction(pf, xp, xa, groups, ys, sample_rows, maps=None):
     """The positives' side like :func:`bidirectional_attraction`, with the Nystrom sums corrected
     by the residual of a uniform sample ``ys`` of the data (``pos_sample`` of the field).
 
@@ -189,14 +216,16 @@ def corrected_attraction(pf, xp, xa, groups, ys, sample_rows):
     over the queries) are added: per call O(N (m + B) D + m B D + m^2 D).
     Rows whose corrected sums are not positive keep the Nystrom values
     (counted as fallback rows).  ``sample_rows``: the rows of ``ys`` per shard
-    index (``None`` for an unconditional cache).
+    index (``None`` for an unconditional cache).  ``maps``: the rows'
+    :func:`sample_maps`, when the caller keeps them (no landmark-sample block
+    then).
 
     The class groups are batched (:class:`_Batches`): every temperature is a
     few operations on (groups x queries x landmarks) arrays, not a loop over
     the classes (docs/design.md section 2.7).
     """
     centre = pf.on_device(placement_of(xp, xa))["centre"]
-    return _batched(pf, xp, xa, _Batches(pf, xp, xa, groups, ys - centre, sample_rows), _corrected_sums)
+    return _batched(pf, xp, xa, _Batches(pf, xp, xa, groups, ys - centre, sample_rows, maps), _corrected_sums)
 
 
 def _batchable(pf, xa, groups) -> bool:
@@ -230,19 +259,21 @@ class _Batches:
 
     Per group ``g``: its queries (``nq`` rows at most), its landmarks (``nm``),
     the sample rows that correct it (``ns``, each with its scale ``n_s / B_s``
-    and the landmarks of its own shard), and the distances between them.
+    and the landmarks of its own shard), and the distances between them; or,
+    with the sample rows' ``maps``, their ``W^{-1} k(U, y)`` (``zy``: T x groups
+    x nm x ns) instead of the landmark-sample distances.
     Padding is masked: padded queries, landmarks and sample rows get logit
     -inf, so they add nothing to any sum.
     """
 
-    def __init__(self, pf, xp, xa, groups, ysc, sample_rows):
+    def __init__(self, pf, xp, xa, groups, ysc, sample_rows, maps=None):
         dev = pf.on_device(placement_of(xp, xa))
         gs = list(query_groups(pf, xp, xa, groups))
         nb, d, dt = len(gs), xa.shape[1], pf.dtype
         parts = [_sample_parts(pf, xp, g, ysc, sample_rows) for g in gs]
         nq = max(int(g.xs.shape[0]) for g in gs)
         nm = max(int(g.uc.shape[0]) for g in gs)
-        ns = max([sum(int(yb.shape[0]) for _, yb, _ in p) for p in parts] + [1])
+        ns = max([sum(int(yb.shape[0]) for _, yb, _, _ in p) for p in parts] + [1])
         self.groups, self.nq, self.nm, self.ns, self.dev = gs, nq, nm, ns, dev
         self.key = (tuple(tuple(g.shards) for g in gs), nm)  # the padded summaries depend on this only
         xq = xp.zeros((nb, nq, d), dtype=dt)  # each group's queries - c (zeros: padding)
@@ -251,14 +282,17 @@ class _Batches:
         self.valid = xp.zeros((nb, nq), dtype=bool)
         pairs = np.zeros((nb, nm, ns), dtype=bool)  # landmark and sample row of the same shard
         self.has_sample = any(parts)
+        self.zy = None if maps is None else xp.zeros((maps.shape[1], nb, nm, ns), dtype=dt)
         for j, (g, p) in enumerate(zip(gs, parts)):
             q = int(g.xs.shape[0])
             xq[j, :q] = g.xs - dev["centre"]
             self.valid[j, :q] = True
             at = 0
-            for sl, yb, scale in p:
+            for sl, yb, scale, rows in p:
                 cols = slice(at, at + int(yb.shape[0]))
                 pairs[j, sl, cols] = True
+                if maps is not None:
+                    self.zy[:, j, sl, cols] = maps[rows, :, :sl.stop - sl.start].transpose(1, 2, 0)
                 self.y1[j, cols, :d] = yb
                 self.y1[j, cols, d] = 1
                 self.scale[j, cols] = scale
@@ -269,7 +303,7 @@ class _Batches:
         if self.has_sample:
             ys, has_y = self.y1[:, :, :d], self.scale > 0
             self.dy = dist(xq, ys, self.valid[:, :, None] & has_y[:, None, :])  # query-sample
-            self.duy = dist(uc, ys, xp.asarray(pairs))  # landmark-sample (inf: other shard)
+            self.duy = None if maps is not None else dist(uc, ys, xp.asarray(pairs))  # landmark-sample (inf: other shard)
         else:
             self.dy = xp.full((nb, nq, ns), float("inf"), dtype=dt)
             self.duy = xp.full((nb, nm, ns), float("inf"), dtype=dt)
@@ -323,7 +357,7 @@ def _corrected_sums(pf, xp, bt: _Batches, k: int):
     ``((E W^{-1}) K_s) [Y_s, 1]`` (nq m^2): the residual terms ``e - a`` of each query and sample row
     are then formed before the last product."""
     d = bt.y1.shape[2] - 1
-    dt, f64 = pf.dtype, xp.float64
+    dt = pf.dtype
     coef = logit_coef(pf.kernel, pf.taus[k])
     folded = bt.folded(xp, k, d)  # A [G | t], float64
     with quiet(xp):
@@ -345,19 +379,7 @@ def _corrected_sums(pf, xp, bt: _Batches, k: int):
         nys = pr = None if bt.has_sample else nystrom()
         if bt.has_sample:
             ay = xp.exp(e_y - shift[:, :, None]) * bt.scale[:, None, :]  # exact terms, units exp(shift_i)
-            kuy = xp.exp(bt.duy * -coef) * bt.scale[:, None, :]  # K_s, in the working dtype like the cached sums
-            winv = bt.inverse_grams(pf, xp, k)
-            if bt.nq < d + 1:  # (E W^{-1}) K_s: the Nystrom terms a of every (query, sample row) pair
-                # one product for both: the rows of E, and (K_s 1)^T whose product is (W^{-1} K_s 1)^T (W symmetric)
-                ew = xp.concatenate([E.astype(f64), kuy.sum(axis=2, dtype=f64)[:, None, :]], axis=1) @ winv
-                a = ew[:, :-1] @ kuy.astype(f64)
-                nys = nystrom()
-                pr = nys + (ay - a).astype(dt) @ bt.y1
-                t_col = t_col - ew[:, -1]
-            else:  # W^{-1} (K_s [Y_s, 1]) subtracted from the cached sums; its last column is W^{-1} K_s 1
-                corrected = folded - winv @ (kuy @ bt.y1).astype(f64)
-                pr = E @ corrected.astype(dt) + ay @ bt.y1
-                t_col = corrected[:, :, d]
+            pr, t_col, nys = _sample_sums(pf, xp, bt, k, E, ay, folded, nystrom)
         r = (E @ (t_col.astype(dt) * root_c)[:, :, None])[:, :, 0]  # plain row sums k_i. W^{-1} t
         if bt.has_sample:
             r += (ay @ xp.exp(half_y)[:, :, None])[:, :, 0]
@@ -371,6 +393,31 @@ def _corrected_sums(pf, xp, bt: _Batches, k: int):
     safe_s = xp.where(has, s_w, 1.0)
     b = pr[:, :, :d] / safe_s[:, :, None]
     return b, _log_sums(xp, shift, safe_s, has), _log_sums(xp, shift, r, has), nbad
+
+
+def _sample_sums(pf, xp, bt: _Batches, k: int, E, ay, folded, nystrom):
+    """The corrected sums ``[acc | s_w]`` of one temperature, ``W^{-1} t`` corrected for the plain row sums,
+    and the Nystrom sums alone where they were formed (else None), for :func:`_corrected_sums`: the sample's
+    Nystrom part ``E W^{-1} K_s [Y_s, 1]`` subtracted, its exact terms ``ay`` added, in the cheaper order."""
+    d = bt.y1.shape[2] - 1
+    dt, f64 = pf.dtype, xp.float64
+    if bt.zy is not None:  # the rows' maps: W^{-1} K_s as given (docs/design.md section 8.18)
+        kz = bt.zy[k] * bt.scale[:, None, :]
+        if bt.nq < d + 1:  # the Nystrom terms a = E W^{-1} K_s of every (query, sample row) pair
+            nys = nystrom()
+            return nys + (ay - E @ kz) @ bt.y1, folded[:, :, d] - kz.sum(axis=2, dtype=f64), nys
+        corrected = folded - (kz @ bt.y1).astype(f64)
+        return E @ corrected.astype(dt) + ay @ bt.y1, corrected[:, :, d], None
+    kuy = xp.exp(bt.duy * -logit_coef(pf.kernel, pf.taus[k])) * bt.scale[:, None, :]  # K_s, working dtype
+    winv = bt.inverse_grams(pf, xp, k)
+    if bt.nq < d + 1:  # (E W^{-1}) K_s: the Nystrom terms a of every (query, sample row) pair
+        # one product for both: the rows of E, and (K_s 1)^T whose product is (W^{-1} K_s 1)^T (W symmetric)
+        ew = xp.concatenate([E.astype(f64), kuy.sum(axis=2, dtype=f64)[:, None, :]], axis=1) @ winv
+        nys = nystrom()
+        return nys + (ay - ew[:, :-1] @ kuy.astype(f64)).astype(dt) @ bt.y1, folded[:, :, d] - ew[:, -1], nys
+    # W^{-1} (K_s [Y_s, 1]) subtracted from the cached sums; its last column is W^{-1} K_s 1
+    corrected = folded - winv @ (kuy @ bt.y1).astype(f64)
+    return E @ corrected.astype(dt) + ay @ bt.y1, corrected[:, :, d], None
 
 
 def _landmark_terms(pf, xp, bt: "_Batches", k: int):

@@ -35,7 +35,7 @@ class FieldCall:
     ops: Any  # the fused engine's ops, or None
     precision: str
     drift_norm: bool
-    sample: Any = None  # (ys, rows per shard) of pos_sample, or None
+    sample: Any = None  # (ys, rows per shard, their sample maps or None) of pos_sample, or None
 
     @property
     def query_labels(self):

@@ -95,7 +95,11 @@ OPTIONS = {
     residual: an unbiased estimate of Algorithm 2's sums over ALL the data,
     exact when the sample is all the data (docs/design.md section 2.7).
     Class-conditional caches need the sample's classes; each class is
-    corrected by its own rows.  Costs an N x B block and O(m^2 B + N m B).""",
+    corrected by its own rows.  Costs an N x B block and O(m^2 B + N m B).
+pos_sample_maps : array (B, T, m), optional
+    The :meth:`sample_maps` of ``pos_sample``'s rows, where the caller keeps
+    them for the data it samples from: the call then skips the sample's
+    landmark distances and m x m products (docs/design.md section 8.18).""",
     "nystrom.regularisation": """ridge, eig_clamp : float
     Nystrom regularisation (see :class:`dxfield.Nystrom`).""",
 }

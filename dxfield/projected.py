@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import checks
-from .attraction import row_attraction
+from .attraction import row_attraction, sample_maps
 from .backend import device_context, place, to_host
 from .cuda_ops import PRECISIONS
 from .engine import resolve as resolve_engine
@@ -195,7 +195,7 @@ class ProjectedField(Summaries):
     def field(self, x, neg=None, *, labels=None, normalization: str = "row", repulsion: str = "exact",
               drift_norm: bool = True, neg_weight=None, include_self: bool | None = None, backend=None,
               check_finite: bool = True, engine=None, precision: str = "float32", pos_sample=None,
-              pos_sample_labels=None, neg_labels=None):
+              pos_sample_labels=None, pos_sample_maps=None, neg_labels=None):
         """The projected drifting field ``V = b+ - b-`` at ``x`` (N x D), summed over temperatures.
 
         Parameters
@@ -231,7 +231,9 @@ class ProjectedField(Summaries):
         if pos_sample is not None and (normalization != "bidirectional" or repulsion != "exact"):
             raise ValueError("pos_sample corrects the bidirectional field with exact repulsion: "
                              "use normalization='bidirectional', repulsion='exact'")
-        extra = {"neg": neg, "pos_sample": pos_sample}
+        if pos_sample_maps is not None and pos_sample is None:
+            raise ValueError("pos_sample_maps are the maps of pos_sample's rows (sample_maps): pass pos_sample too")
+        extra = {"neg": neg, "pos_sample": pos_sample, "pos_sample_maps": pos_sample_maps}
         if neg_weight is not None and not isinstance(neg_weight, float):
             extra["neg_weight"] = neg_weight
         q = self.place_queries(x, extra, backend, check_finite)
@@ -246,7 +248,7 @@ class ProjectedField(Summaries):
                             bidirectional=normalization == "bidirectional",
                             self_only=neg is None and repulsion == "exact", include_self=include_self)
             sample = None if pos_sample is None else _checked_sample(self, a["pos_sample"], pos_sample_labels,
-                                                                     groups, check_finite)
+                                                                     a["pos_sample_maps"], groups, check_finite)
             call = FieldCall(xp=xp, xa=q.x, groups=groups, labels=lab,
                              negatives=_checked_negatives(self, a, include_self, neg_weight, neg_labels,
                                                           check_finite),
@@ -258,6 +260,35 @@ class ProjectedField(Summaries):
                 total /= self.feature_scale
             self.last_stats = {"attraction_fallback_rows": fallback, "repulsion_fallback_rows": rep_fallback}
             return q.placement.to_origin(expand(xp, total, q.n, q.keep))
+
+    def sample_maps(self, y, labels=None, *, backend=None):
+        """The Nystrom coefficients ``W^{-1} k(U, y)`` of data rows ``y`` (N x D) on their own class's
+        landmarks: (N x T x m) in the working dtype, ``m`` the largest shard's (zero beyond a smaller one).
+
+        Kept for the rows a run draws its correction samples from, they are passed with a sample as
+        ``field(pos_sample=y[rows], pos_sample_maps=maps[rows])``: the call then skips the sample's
+        landmark distances and ``m x m`` products (docs/design.md section 8.18).  They depend on the
+        landmarks and temperatures only, not on the summaries.  Memory: ``N T m`` entries.
+        ``labels``: the rows' classes, needed for a class-conditional cache.
+        """
+        placement, a = place({"y": y}, backend)
+        with device_context(placement):
+            ya, _, n = _cache_rows(self, a["y"], "y", check_finite=True)
+            if self.classes == [None]:
+                rows = {None: np.arange(n)}
+            elif labels is None:
+                raise ValueError("labels are needed for the sample maps of a class-conditional cache "
+                                 "(one class per row of y)")
+            else:
+                lab = host_labels(labels, n, "one per row of y")
+                known = {sh.label: i for i, sh in enumerate(self.shards)}
+                unknown = sorted(set(np.unique(lab).tolist()) - set(known))
+                if unknown:
+                    raise ValueError(f"labels hold classes this cache has no shard for: {unknown[:5]} "
+                                     f"(its classes: {sorted(known)[:10]})")
+                rows = {known[c]: np.flatnonzero(lab == c) for c in known}
+            centre = self.on_device(placement)["centre"]
+            return placement.to_origin(sample_maps(self, placement.xp, ya - centre, rows))
 
     # -- diagnostics -------------------------------------------------------------------
     def diagnostics(self, x, pos=None, *, labels=None, backend=None) -> dict:
@@ -325,13 +356,21 @@ def _checked_negatives(pf, a: dict, include_self: bool, neg_weight, neg_labels, 
     return Negatives(include_self, na, rows_of(w, keep) if weighted else w, check_finite=False, neg_labels=lab)
 
 
-def _checked_sample(pf, ys, labels, groups, check_finite: bool):
-    """``(rows, rows per shard)`` of ``pos_sample``: checked against the cache, finite rows only."""
+def _checked_sample(pf, ys, labels, maps, groups, check_finite: bool):
+    """``(rows, rows per shard, their maps or None)`` of ``pos_sample``: checked against the cache, finite
+    rows only."""
     ys, keep, n = _cache_rows(pf, ys, "pos_sample", check_finite)
     if labels is not None:
         labels = host_labels(labels, n, "one per row of pos_sample")
+    if maps is not None:
+        want = (n, len(pf.temperatures), max(s.m for s in pf.shards))
+        if getattr(maps, "ndim", 0) != 3 or tuple(maps.shape) != want or maps.dtype.kind != "f":
+            raise ValueError(f"pos_sample_maps must be this cache's sample_maps of pos_sample's rows: a float array "
+                             f"of shape {want} (rows, temperatures, landmarks of the largest shard), got "
+                             f"{getattr(maps, 'dtype', type(maps).__name__)} {tuple(getattr(maps, 'shape', ()))}")
+        maps = rows_of(maps.astype(pf.dtype, copy=False), keep)
     some_rows(ys, "pos_sample")
-    return ys, pf.sample_groups(rows_of(labels, keep), ys.shape[0], groups)
+    return ys, pf.sample_groups(rows_of(labels, keep), ys.shape[0], groups), maps
 
 
 def _measured_scale(rows: RowSource, feature_scale, rng, dtype, budget: int):

@@ -118,7 +118,8 @@ class ExactField:
 
     def __call__(self, features: dict[str, torch.Tensor], positives: dict[str, torch.Tensor],
                  labels: torch.Tensor | None = None, pos_labels: torch.Tensor | None = None,
-                 negatives: dict | None = None) -> dict[str, GroupDrift]:
+                 negatives: dict | None = None, pos_rows=None) -> dict[str, GroupDrift]:
+        # ``pos_rows`` (the positives' training rows) matter to the projected field only.
         # Class-conditional runs use one sweep per group: each generated sample meets only the
         # positives and the other generated samples of its own class (dxfield masks the rest).
         # ``negatives``: guidance's weighted unconditional negatives (dxtrain.guidance.Guide).
@@ -148,6 +149,8 @@ class ProjectedFieldSet:
         self.repulsion = repulsion
         self.correction = correction  # correct with the step's real mini-batch (pos_sample)
         self.last_stats: dict = {}
+        self.maps: dict[str, torch.Tensor] = {}  # per group: dxfield's sample maps of every training row
+        self._map_source = None  # (features, labels, byte limit, log) to make them from, once needed
 
     def configure(self, cfg) -> None:
         """Take the field options of a :class:`dxtrain.train.TrainConfig` (``correction=None``: automatic,
@@ -156,6 +159,42 @@ class ProjectedFieldSet:
         self.auto_correction = cfg.correction is None and correction_applies(cfg.normalization, cfg.repulsion)
         self.correction = bool(cfg.correction)  # None (automatic) starts off
         self.correction_from = None  # the step the automatic correction turned on at
+
+    def keep_sample_maps(self, features: dict, labels, limit: int, log=None) -> None:
+        """Make, at the first corrected call, each group's :meth:`dxfield.ProjectedField.sample_maps` of every
+        training row (``features``, NumPy arrays in RAM, rows as the steps' ``pos_rows`` index them), when they
+        fit in ``limit`` bytes: the correction's samples then skip their landmark distances and ``m x m``
+        products (docs/design.md section 8.18).  Larger maps are not made; the correction works without them."""
+        self._map_source = (features, labels, int(limit), log)
+
+    def sample_map_bytes(self, n: int) -> int:
+        """Bytes of the sample maps of ``n`` rows over every group."""
+        return sum(n * len(pf.temperatures) * max(sh.m for sh in pf.shards) * np.dtype(pf.dtype).itemsize
+                   for pf in self.fields.values())
+
+    def _make_sample_maps(self) -> None:
+        features, labels, limit, log = self._map_source
+        self._map_source = None
+        n = next(iter(features.values())).shape[0]
+        need = self.sample_map_bytes(n)
+        if need > limit:
+            if log is not None:
+                log(f"correction: the sample maps of the {n} training rows would take {need / 2**20:.0f} MiB, more "
+                    f"than the {limit / 2**20:.0f} MiB left of --feature-ram: each step computes its sample's")
+            return
+        t0 = time.perf_counter()
+        for name, pf in self.fields.items():
+            self.maps[name] = torch.from_numpy(np.ascontiguousarray(pf.sample_maps(features[name], labels)))
+        if log is not None:
+            log(f"correction: sample maps of the {n} training rows kept in RAM ({need / 2**20:.0f} MiB, "
+                f"{time.perf_counter() - t0:.1f}s)")
+
+    def sample_options(self, name: str, positives: dict, pos_rows, device) -> dict:
+        """dxfield's ``pos_sample`` (and ``pos_sample_maps`` when kept) of group ``name``."""
+        out = {"pos_sample": to_dxfield(positives[name])}
+        if pos_rows is not None and name in self.maps:
+            out["pos_sample_maps"] = to_dxfield(self.maps[name][pos_rows].to(device))
+        return out
 
     def correction_check_due(self, step: int) -> bool:
         """Whether the automatic correction is measured before step ``step + 1`` (after 25, 50, 100, ...
@@ -166,7 +205,7 @@ class ProjectedFieldSet:
     def bias_terms(self, features: dict[str, torch.Tensor], samples, labels=None) -> tuple[float, float]:
         """``(bias^2, signal^2)``: the uncorrected field's squared bias and the field's squared norm, per
         query, summed over the groups, estimated from two independent real samples ``samples`` (each
-        ``(features, labels)``) at the generated ``features``.
+        ``(features, labels)`` or :class:`Positives`) at the generated ``features``.
 
         With ``V_1``, ``V_2`` the field corrected by each sample (unbiased for the sums over all the
         data) and ``V_u`` the uncorrected one: ``E|V_1 - V_2|^2 = 2 var``, so
@@ -179,9 +218,9 @@ class ProjectedFieldSet:
                 pf, x = self.fields[name], to_dxfield(f)
                 opts = dict(labels=lab, normalization=self.normalization, repulsion=self.repulsion)
                 vu = pf.field(x, **opts)
-                v1, v2 = (pf.field(x, pos_sample=to_dxfield(feats[name]),
-                                   pos_sample_labels=None if sl is None else to_dxfield(sl), **opts)
-                          for feats, sl in samples)
+                v1, v2 = (pf.field(x, **self.sample_options(name, s[0], (*s, None)[2], f.device),
+                                   pos_sample_labels=None if s[1] is None else to_dxfield(s[1]), **opts)
+                          for s in samples)
                 var = 0.5 * float(((v1 - v2) ** 2).sum(axis=1).mean())
                 mid = 0.5 * (v1 + v2)
                 bias2 += float(((vu - mid) ** 2).sum(axis=1).mean()) - 0.5 * var
@@ -267,9 +306,11 @@ class ProjectedFieldSet:
                                      "temperatures": [float(t) for t in temperatures]})
 
     def __call__(self, features: dict[str, torch.Tensor], positives=None, labels: torch.Tensor | None = None,
-                 pos_labels=None, negatives: dict | None = None) -> dict[str, GroupDrift]:
+                 pos_labels=None, negatives: dict | None = None, pos_rows=None) -> dict[str, GroupDrift]:
         out = {}
         fallback = 0
+        if self.correction and pos_rows is not None and self._map_source is not None:
+            self._make_sample_maps()
         with torch_stream(next(iter(features.values()))):
             lab = None if labels is None else to_dxfield(labels)
             sample = {}
@@ -280,7 +321,7 @@ class ProjectedFieldSet:
             for name, f in features.items():
                 pf = self.fields[name]
                 if self.correction:
-                    sample["pos_sample"] = to_dxfield(positives[name])
+                    sample.update(self.sample_options(name, positives, pos_rows, f.device))
                 v = pf.field(to_dxfield(f), labels=lab, normalization=self.normalization, repulsion=self.repulsion,
                              **sample, **guidance_negatives(negatives, name))
                 fallback += sum(pf.last_stats.get("attraction_fallback_rows", [0]))
