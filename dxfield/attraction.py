@@ -107,7 +107,7 @@ def _log_sums(xp, shift, s, has, top=0.0):
                         -xp.inf)
 
 
-def bidirectional_attraction(pf, xp, xa, groups):
+def bidirectional_attraction(pf, xp, xa, groups, repel: bool = False):
     """The positives' side of Algorithm 2 against the whole summarised data, per temperature.
 
     Column sums over the queries are taken at the landmarks,
@@ -122,9 +122,11 @@ def bidirectional_attraction(pf, xp, xa, groups):
 
     Many small class groups are batched (:class:`_Batches`, :func:`_nystrom_sums`): a few
     operations per temperature instead of a loop over the classes (docs/design.md section 8.15).
+    The third item returned: with ``repel`` and batched groups, the negatives' side with the queries
+    as the negatives (:func:`self_repulsion`), else None (the caller sweeps the negatives).
     """
     if _batchable(pf, xa, groups):
-        return _batched(pf, xp, xa, _Batches(pf, xp, xa, groups, None, {}), _nystrom_sums)
+        return _batched(pf, xp, xa, _Batches(pf, xp, xa, groups, None, {}), _nystrom_sums, repel)
     n, d = xa.shape
     nt = len(pf.temperatures)
     centre = pf.on_device(placement_of(xp, xa))["centre"]
@@ -162,7 +164,7 @@ def bidirectional_attraction(pf, xp, xa, groups):
             log_w, log_r = _log_sums(xp, shift, den, has), _log_sums(xp, shift, rsum, has, tops[k])
             for o, p in zip(out[k], (b, log_w, log_r)):
                 o[g.idx] = p
-    return out, fallback
+    return out, fallback, None
 
 
 def _sample_parts(pf, xp, g: QueryGroup, ysc, sample_rows):
@@ -205,7 +207,7 @@ def sample_maps(pf, xp, ysc, sample_rows):
     return out
 
 
-def corrected_attraction(pf, xp, xa, groups, ys, sample_rows, maps=None):
+def corrected_attraction(pf, xp, xa, groups, ys, sample_rows, maps=None, repel: bool = False):
     """The positives' side like :func:`bidirectional_attraction`, with the Nystrom sums corrected
     by the residual of a uniform sample ``ys`` of the data (``pos_sample`` of the field).
 
@@ -222,10 +224,13 @@ def corrected_attraction(pf, xp, xa, groups, ys, sample_rows, maps=None):
 
     The class groups are batched (:class:`_Batches`): every temperature is a
     few operations on (groups x queries x landmarks) arrays, not a loop over
-    the classes (docs/design.md section 2.7).
+    the classes (docs/design.md section 2.7).  Returns like
+    :func:`bidirectional_attraction` (``repel``: the negatives' side too, when
+    its block fits).
     """
     centre = pf.on_device(placement_of(xp, xa))["centre"]
-    return _batched(pf, xp, xa, _Batches(pf, xp, xa, groups, ys - centre, sample_rows, maps), _corrected_sums)
+    return _batched(pf, xp, xa, _Batches(pf, xp, xa, groups, ys - centre, sample_rows, maps), _corrected_sums,
+                    repel)
 
 
 def _batchable(pf, xa, groups) -> bool:
@@ -239,19 +244,62 @@ def _batchable(pf, xa, groups) -> bool:
     return entries <= tile_cap(device_of(xa)) and 8 * entries * xa.dtype.itemsize <= pf.memory_budget
 
 
-def _batched(pf, xp, xa, bt: "_Batches", sums):
+def _batched(pf, xp, xa, bt: "_Batches", sums, repel: bool = False):
     """Per temperature ``(b, log_w, log_r)`` in the queries' order, and the fallback counts, from
-    ``sums(pf, xp, bt, k)`` over the stacked groups ``bt``."""
-    n, d = xa.shape
+    ``sums(pf, xp, bt, k)`` over the stacked groups ``bt``; with ``repel`` (and a queries x queries
+    block per group that fits, :func:`_repulsion_fits`), the negatives' side (:func:`self_repulsion`)
+    in the same form, else None."""
     out, fallback = [], []
     for k in range(len(pf.temperatures)):
         b, log_w, log_r, nbad = sums(pf, xp, bt, k)
-        outs = (xp.empty((n, d), dtype=pf.dtype), xp.empty(n, dtype=xp.float64), xp.empty(n, dtype=xp.float64))
-        for o, p in zip(outs, (b, log_w, log_r)):
-            o[bt.rows] = p[bt.valid]
-        out.append(outs)
+        out.append(_in_query_order(pf, xp, xa, bt, (b, log_w, log_r)))
         fallback.append(nbad)
-    return out, fallback
+    neg = self_repulsion(pf, xp, xa, bt) if repel and _repulsion_fits(pf, xa, bt) else None
+    return out, fallback, neg
+
+
+def _in_query_order(pf, xp, xa, bt: "_Batches", parts):
+    """``(b, log_w, log_r)`` of the stacked groups as (N x D, N, N) arrays in the queries' order."""
+    n, d = xa.shape
+    outs = (xp.empty((n, d), dtype=pf.dtype), xp.empty(n, dtype=xp.float64), xp.empty(n, dtype=xp.float64))
+    for o, p in zip(outs, parts):
+        o[bt.rows] = p[bt.valid]
+    return outs
+
+
+def _repulsion_fits(pf, xa, bt: "_Batches") -> bool:
+    """Whether the groups' stacked queries x queries blocks fit a tile and the memory budget."""
+    entries = len(bt.groups) * bt.nq * bt.nq
+    return entries <= tile_cap(device_of(xa)) and 8 * entries * xa.dtype.itemsize <= pf.memory_budget
+
+
+def self_repulsion(pf, xp, xa, bt: "_Batches"):
+    """Algorithm 2's negatives' side with each group's queries as its negatives (self pairs masked), all
+    groups at once: per temperature ``(b, log_w, log_r)`` in the queries' order, ``b`` centred on the
+    cache's centre (docs/design.md section 8.19).
+
+    The same sums as the exact sweep over the negatives: column sums over the group's other queries,
+    ``log_w = log sum_j k_ij c_j^{-1/2}`` and ``log_r = log sum_j k_ij`` (-inf for a query alone in its
+    group: it has no negative); one stacked block instead of the sweep's tiles and passes."""
+    eye = xp.eye(bt.nq, dtype=bool)[None]
+    pair = bt.valid[:, :, None] & bt.valid[:, None, :] & ~eye
+    dq = _masked_distances(xp, pf.kernel, bt.xq, bt.xq, pair)
+    out = []
+    with quiet(xp):
+        for k in range(len(pf.temperatures)):
+            lq = dq * -logit_coef(pf.kernel, pf.taus[k])  # -inf off the pairs
+            half = _half_column_sums(xp, lq)
+            e = lq - half[:, None, :]  # k_ij c_j^{-1/2} = exp(e_ij)
+            shift = e.max(axis=2)
+            shift = xp.where(xp.isfinite(shift), shift, 0).astype(pf.dtype)
+            p = xp.exp(e - shift[:, :, None])  # units exp(shift_i)
+            s = p.sum(axis=2)
+            r = (p @ xp.exp(half)[:, :, None])[:, :, 0]  # k_ij = exp(e_ij) c_j^{1/2}: the plain row sums
+            has = s > 0
+            b = (p @ bt.xq) / xp.where(has, s, 1.0)[:, :, None]
+            out.append(_in_query_order(pf, xp, xa, bt, (b, _log_sums(xp, shift, s, has),
+                                                         _log_sums(xp, shift, r, has))))
+    return out
 
 
 class _Batches:
@@ -276,7 +324,7 @@ class _Batches:
         ns = max([sum(int(yb.shape[0]) for _, yb, _, _ in p) for p in parts] + [1])
         self.groups, self.nq, self.nm, self.ns, self.dev = gs, nq, nm, ns, dev
         self.key = (tuple(tuple(g.shards) for g in gs), nm)  # the padded summaries depend on this only
-        xq = xp.zeros((nb, nq, d), dtype=dt)  # each group's queries - c (zeros: padding)
+        self.xq = xq = xp.zeros((nb, nq, d), dtype=dt)  # each group's queries - c (zeros: padding)
         self.y1 = xp.zeros((nb, ns, d + 1), dtype=dt)  # [y - c, 1] of the sample rows
         self.scale = xp.zeros((nb, ns), dtype=dt)  # n_s / B_s of each sample row's shard
         self.valid = xp.zeros((nb, nq), dtype=bool)
@@ -472,7 +520,7 @@ def _padded(xp, bt: "_Batches", per_group, cols: int, dtype):
 def _masked_distances(xp, kernel: str, a, b, mask):
     """The kernel's distances of stacked sets (:func:`dxfield.kernels.sqdist_stacked`), ``inf`` off
     ``mask`` (padding, other shards)."""
-    d2 = sqdist_stacked(a, b)
+    d2 = sqdist_stacked(a, b, mask)
     if kernel == "laplace":
         xp.sqrt(xp.maximum(d2, 0, out=d2), out=d2)
     return xp.where(mask, d2, xp.asarray(float("inf"), dtype=d2.dtype))

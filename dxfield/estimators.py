@@ -81,15 +81,22 @@ def _settled(pf, xp, side):
 
 
 def _bidirectional_field(pf, c: FieldCall, positives):
-    """Algorithm 2 with the summarised data as positives and the negatives swept exactly.
+    """Algorithm 2 with the summarised data as positives and the negatives exact.
 
-    ``positives``: the attraction estimator's ``(per temperature (b, log_w, log_r), fallback)``.
+    ``positives``: the attraction estimator's ``(per temperature (b, log_w, log_r), fallback, negatives)``;
+    ``negatives`` in the same form when the estimator formed them with its batched groups
+    (:func:`dxfield.attraction.self_repulsion`), else None: the negatives are swept.
     """
     xp = c.xp
-    pos_side, fallback = positives
-    sweeper, sums, row_lse = sweep_negatives(pf, xp, c.xa, c.negatives, c.query_labels, bidirectional=True,
-                                             **c.sweep_options)
-    shift = sweeper.mu - c.centre  # the sweep's sums are centred on the queries' mean
+    pos_side, fallback, neg_side = positives
+    if neg_side is not None:  # both sides centred on the cache's centre
+        shift = 0
+        sums = [[None, RowSums.settled(xp, b, log_w, pf.dtype)] for b, log_w, _ in neg_side]
+        row_lse = [LogSumExp.settled(xp, log_r, pf.dtype) for _, _, log_r in neg_side]
+    else:
+        sweeper, sums, row_lse = sweep_negatives(pf, xp, c.xa, c.negatives, c.query_labels, bidirectional=True,
+                                                 **c.sweep_options)
+        shift = sweeper.mu - c.centre  # the sweep's sums are centred on the queries' mean
     for k, (b, log_w, log_r) in enumerate(pos_side):
         b -= shift
         sums[k][0] = RowSums.settled(xp, b, log_w, pf.dtype)
@@ -134,12 +141,20 @@ def _row_nystrom(pf, c: FieldCall):
     return _row_field(pf, c, nystrom=True)
 
 
+def _batched_negatives(c: FieldCall) -> bool:
+    """Whether the negatives' side may come with the attraction's batched groups: the queries are the only
+    negatives, unweighted, on the composed engine (docs/design.md section 8.19)."""
+    n = c.negatives
+    return n.include_self and n.neg is None and n.neg_weight is None and c.ops is None
+
+
 def _bidirectional_exact(pf, c: FieldCall):
-    return _bidirectional_field(pf, c, bidirectional_attraction(pf, c.xp, c.xa, c.groups))
+    return _bidirectional_field(pf, c, bidirectional_attraction(pf, c.xp, c.xa, c.groups, _batched_negatives(c)))
 
 
 def _bidirectional_corrected(pf, c: FieldCall):
-    return _bidirectional_field(pf, c, corrected_attraction(pf, c.xp, c.xa, c.groups, *c.sample))
+    return _bidirectional_field(pf, c, corrected_attraction(pf, c.xp, c.xa, c.groups, *c.sample,
+                                                            repel=_batched_negatives(c)))
 
 
 ESTIMATORS = {

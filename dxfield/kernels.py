@@ -217,10 +217,12 @@ def sqdist(x, y):
     return sqdist_tile(xc, xx, yc, yy, out, scratch, hits)
 
 
-def sqdist_stacked(x, y):
+def sqdist_stacked(x, y, mask=None):
     """Squared distances of stacked point sets: ``x`` (G x n x D) and ``y`` (G x m x D) give
     (G x n x m), ``x[g]`` against ``y[g]``, with the refinement of :func:`sqdist_tile` (entries lost
-    to cancellation are redone exactly).  Many small sets in a few operations instead of a loop."""
+    to cancellation are redone exactly).  Many small sets in a few operations instead of a loop.
+    ``mask`` (G x n x m, bool): only these entries are refined (the caller discards the others, e.g.
+    padding or self pairs, whose distances are near 0 and would all be redone)."""
     xp = _xp(x)
     xx, yy = xp.einsum("gij,gij->gi", x, x), xp.einsum("gij,gij->gi", y, y)
     out = x @ y.transpose(0, 2, 1)
@@ -228,6 +230,8 @@ def sqdist_stacked(x, y):
     out += xx[:, :, None]
     out += yy[:, None, :]
     hits = out < refine_tolerance(out.dtype) * (xx[:, :, None] + yy[:, None, :])
+    if mask is not None:
+        hits &= mask
     if bool(hits.any()):  # every group's hits at once (a loop over the groups costs more at many classes)
         g, i, j = xp.nonzero(hits)
         step = max(1, out[0].size // (3 * x.shape[2]))  # gathered rows: 3 x D per hit, as one group's budget

@@ -180,7 +180,8 @@ class ProjectedFieldSet:
         if need > limit:
             if log is not None:
                 log(f"correction: the sample maps of the {n} training rows would take {need / 2**20:.0f} MiB, more "
-                    f"than the {limit / 2**20:.0f} MiB left of --feature-ram: each step computes its sample's")
+                    f"than the {max(limit, 0) / 2**20:.0f} MiB left of --feature-ram: each step computes its "
+                    "sample's")
             return
         t0 = time.perf_counter()
         for name, pf in self.fields.items():
@@ -193,7 +194,8 @@ class ProjectedFieldSet:
         """dxfield's ``pos_sample`` (and ``pos_sample_maps`` when kept) of group ``name``."""
         out = {"pos_sample": to_dxfield(positives[name])}
         if pos_rows is not None and name in self.maps:
-            out["pos_sample_maps"] = to_dxfield(self.maps[name][pos_rows].to(device))
+            rows = torch.as_tensor(pos_rows, dtype=torch.long)
+            out["pos_sample_maps"] = to_dxfield(self.maps[name].index_select(0, rows).to(device))
         return out
 
     def correction_check_due(self, step: int) -> bool:

@@ -392,9 +392,10 @@ def _set_up(cfg: TrainConfig, resume: bool, given, log, dist: Dist) -> _Run:
     if checkpoint is not None and cfg.field == "projected":
         field.restore(checkpoint.get("field"))  # the automatic correction as it was
     guards.announce_draws(cfg, field, train_ds.labels, num_classes, len(train_ds), log)
-    if cfg.field == "projected" and (field.correction or field.auto_correction) and real.in_ram:
+    if cfg.field == "projected" and (field.correction or field.auto_correction):
         ram = DEFAULT_FEATURE_RAM if cfg.feature_ram_bytes is None else cfg.feature_ram_bytes
-        field.keep_sample_maps(feats, train_ds.labels if conditional else None, ram - real.nbytes, log)
+        field.keep_sample_maps(feats, train_ds.labels if conditional else None, ram - real.nbytes if real.in_ram else 0,
+                               log)
     draws = cfg.field == "exact" or field.correction or field.auto_correction or cfg.guidance
     guide = None if not cfg.guidance else Guide(real, len(train_ds), num_classes, cfg.guidance_max,
                                                 cfg.guidance_negatives or cfg.batch, device)

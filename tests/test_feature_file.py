@@ -139,7 +139,10 @@ def test_training_computes_the_feature_file_once_and_reuses_it(tmp_path, monkeyp
 @pytest.mark.parametrize("field", ["exact", "projected"])
 def test_features_larger_than_feature_ram_stay_in_the_file_and_train_identically(tmp_path, field):
     """With --feature-ram below the features' size, the summaries stream the file and the positives are
-    read as rows: the run is the same, weight for weight, as with the features in RAM."""
+    read as rows: the run is the same, weight for weight, as with the features in RAM.  (The corrected
+    projected field in RAM also keeps its sample maps, docs/design.md section 8.18, and the run from the
+    file, with no RAM left for them, computes each step's: the same sums in another order, so equal to
+    float32 rounding there.)"""
     from dxtrain.rundir import read_checkpoint
     from dxtrain.train import train
 
@@ -150,9 +153,12 @@ def test_features_larger_than_feature_ram_stay_in_the_file_and_train_identically
                          features=str(tmp_path / "feats.h5"), feature_ram=ram)
         train(cfg, log=lines.append)
         assert any(("read from " + str(tmp_path / "feats.h5")) in m for m in lines) == (ram is not None), lines
+        if field == "projected":
+            assert any("sample maps of the" in m and "kept in RAM" in m for m in lines) == (ram is None), lines
         models.append(read_checkpoint(str(tmp_path / name))["generator"])
+    tol = 0 if field == "exact" else 2e-5
     for k, v in models[0].items():
-        torch.testing.assert_close(models[1][k], v, rtol=0, atol=0)
+        torch.testing.assert_close(models[1][k], v, rtol=0, atol=tol * max(1.0, float(v.abs().max())))
 
 
 def test_a_bad_feature_ram_is_refused_naming_it():

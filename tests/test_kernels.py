@@ -148,3 +148,23 @@ def test_stacked_distances_match_float64_per_set_near_duplicates_included(xp, dt
     # the near-duplicate pairs (set 0: x[i] against y[i] ~ 1e-3 apart, 1000 from the origin) were refined
     near = np.arange(20)
     assert d2[0][near, near].max() < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_stacked_distances_refine_only_inside_the_mask(xp, dtype, far_near_duplicates):
+    """``sqdist_stacked(mask=)``: the masked-in near-duplicate pairs are refined as without a mask; the
+    masked-out ones keep their cancelled value (the callers discard them)."""
+    from dxfield.kernels import sqdist_stacked
+
+    x, y = far_near_duplicates
+    xs, ys = x[None, :20].astype(dtype), y[None, :20].astype(dtype)
+    mask = np.ones((1, 20, 20), dtype=bool)
+    mask[0, np.arange(10), np.arange(10)] = False  # the first ten near-duplicate pairs left out
+    d2 = to_numpy(sqdist_stacked(xp.asarray(xs), xp.asarray(ys), xp.asarray(mask)))
+    exact = ref.distances(xs[0], ys[0]) ** 2
+    keep = mask[0]
+    assert (np.abs(d2[0][keep] - exact[keep]) <= 2e-3 * exact[keep] + 1e-30).all()
+    diag = np.arange(20)
+    assert d2[0][diag[10:], diag[10:]].max() < 1e-3  # refined
+    if dtype == np.float32:  # cancellation at 1000 from the origin loses these digits only in float32
+        assert np.abs(d2[0][diag[:10], diag[:10]] - exact[diag[:10], diag[:10]]).max() > 1e-2  # not refined
