@@ -268,9 +268,12 @@ def _in_query_order(pf, xp, xa, bt: "_Batches", parts):
 
 
 def _repulsion_fits(pf, xa, bt: "_Batches") -> bool:
-    """Whether the groups' stacked queries x queries blocks fit a tile and the memory budget."""
+    """Whether the negatives' side is worth forming with the stacked groups: more than one group (one
+    group of all the queries is the sweep's own case, which it does faster), and their queries x queries
+    blocks within a tile and the memory budget."""
     entries = len(bt.groups) * bt.nq * bt.nq
-    return entries <= tile_cap(device_of(xa)) and 8 * entries * xa.dtype.itemsize <= pf.memory_budget
+    return (len(bt.groups) > 1 and entries <= tile_cap(device_of(xa))
+            and 8 * entries * xa.dtype.itemsize <= pf.memory_budget)
 
 
 def self_repulsion(pf, xp, xa, bt: "_Batches"):

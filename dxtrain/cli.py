@@ -106,7 +106,9 @@ def _encoder_options(f):
     """The encoder and where its features of the real data go (train and summarize)."""
     f = click.option("--feature-ram", default=None, callback=_budget,
                      help="Real features up to this size are read into RAM; larger ones stay in the feature file "
-                          "and are read by chunks (summaries) and rows (a step's positives) [default: 4GiB].")(f)
+                          "and are read by chunks (summaries) and rows (a step's positives). What is left of it "
+                          "holds the corrected projected field's sample maps of every training row, when they fit "
+                          "[default: 4GiB].")(f)
     f = click.option("--features", default=None,
                      help="The real data's feature file (HDF5; with an encoder), computed once per data, encoder "
                           "and weights, resumed if interrupted, refused if made from others [default: "

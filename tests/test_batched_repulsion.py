@@ -59,7 +59,7 @@ def test_batched_negatives_give_algorithm_2_with_the_whole_data_as_sample():
         np.testing.assert_allclose(V[rows], Vc, rtol=0, atol=1e-9 * max(1.0, np.abs(Vc).max()))
 
 
-def test_weighted_or_explicit_negatives_still_sweep(monkeypatch):
+def test_weighted_explicit_or_unconditional_negatives_still_sweep(monkeypatch):
     pos, plab, x, qlab = classes_with_a_lonely_query(52)
     pf = dxfield.ProjectedField.build(pos, labels=plab, landmarks=12, method="uniform")
     used = []
@@ -67,4 +67,7 @@ def test_weighted_or_explicit_negatives_still_sweep(monkeypatch):
     monkeypatch.setattr(attraction, "self_repulsion", lambda *a: used.append(1) or real(*a))
     pf.field(x, x[:4], labels=qlab, normalization="bidirectional", include_self=True)
     pf.field(x, x[:4], labels=qlab, normalization="bidirectional", include_self=True, neg_weight=np.ones(4) * 2)
+    # one group of all the queries (an unconditional cache): the sweep's own case
+    dxfield.ProjectedField.build(pos, landmarks=12, method="uniform").field(x, normalization="bidirectional",
+                                                                            pos_sample=pos[::4])
     assert not used
