@@ -207,7 +207,8 @@ class ProjectedFieldSet:
     def bias_terms(self, features: dict[str, torch.Tensor], samples, labels=None) -> tuple[float, float]:
         """``(bias^2, signal^2)``: the uncorrected field's squared bias and the field's squared norm, per
         query, summed over the groups, estimated from two independent real samples ``samples`` (each
-        ``(features, labels)`` or :class:`Positives`) at the generated ``features``.
+        ``(features, labels)`` or ``(features, labels, training rows)``, the rows for the kept sample maps)
+        at the generated ``features``.
 
         With ``V_1``, ``V_2`` the field corrected by each sample (unbiased for the sums over all the
         data) and ``V_u`` the uncorrected one: ``E|V_1 - V_2|^2 = 2 var``, so
