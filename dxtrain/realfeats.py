@@ -129,13 +129,28 @@ def run_features(groups: FeatureGroups, encoder_spec: str, samples: np.ndarray, 
 
 @contextlib.contextmanager
 def _build_lock(path: str):
-    """An exclusive OS lock on ``<path>.lock`` while the file is built (blocking; none without fcntl)."""
+    """An exclusive OS lock on ``<path>.lock`` while the file is built (blocking; none without fcntl).
+
+    The lock file is removed before it is released, so none is left next to the feature file. A process
+    that was waiting on the removed file finds, once it holds it, that the path no longer names it, and
+    locks the path afresh: two builders never hold the lock at once."""
     if fcntl is None:  # pragma: no cover
         yield
         return
-    with open(path + ".lock", "a") as fh:
+    lock = path + ".lock"
+    while True:
+        fh = open(lock, "a")
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            if os.stat(lock).st_ino == os.fstat(fh.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        fh.close()  # removed (or replaced) by the holder before us: lock the path again
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()

@@ -129,6 +129,7 @@ def test_training_computes_the_feature_file_once_and_reuses_it(tmp_path, monkeyp
     train(_image_run(tmp_path, "a", field="exact"), log=first.append)
     files = os.listdir(tmp_path / "cache" / "features")
     assert len([f for f in files if f.endswith(".h5")]) == 1, files
+    assert not [f for f in files if f.endswith(".lock")], files  # the build lock is removed with the build
     assert any(m.startswith("computing the features of 1528 samples") for m in first), first
     train(_image_run(tmp_path, "b"), log=second.append)  # the projected field: its summaries read the same file
     assert not any(m.startswith("computing the features") for m in second), second
@@ -166,3 +167,31 @@ def test_a_bad_feature_ram_is_refused_naming_it():
 
     with pytest.raises(ValueError, match="feature_ram"):
         TrainConfig(feature_ram="lots").validate()
+
+
+def test_the_build_lock_excludes_other_builders_and_leaves_no_file(tmp_path):
+    """Builders that wait on a lock file its holder removes lock the path afresh: never two at once."""
+    import threading
+    import time
+
+    from dxtrain.realfeats import _build_lock
+
+    path = str(tmp_path / "feats.h5")
+    inside, overlaps, done = [0], [], []
+
+    def builder():
+        for _ in range(5):
+            with _build_lock(path):
+                inside[0] += 1
+                overlaps.append(inside[0])
+                time.sleep(0.002)
+                inside[0] -= 1
+        done.append(1)
+
+    threads = [threading.Thread(target=builder) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(done) == 4 and max(overlaps) == 1, overlaps
+    assert not os.path.exists(path + ".lock")
