@@ -198,11 +198,9 @@ def sample_maps(pf, xp, ysc, sample_rows):
         uc, m = dev["uc"][si], pf.shards[si].m
         for r0 in range(0, len(rows), chunk):
             idx = xp.asarray(rows[r0:r0 + chunk])
-            d2 = sqdist_stacked(uc[None], ysc[idx][None])[0]  # m x rows
-            if pf.kernel == "laplace":
-                xp.sqrt(xp.maximum(d2, 0, out=d2), out=d2)
+            dist = _masked_distances(xp, pf.kernel, uc[None], ysc[idx][None])[0]  # m x rows
             for k in range(nt):
-                kuy = xp.exp(d2 * -logit_coef(pf.kernel, pf.taus[k])).astype(xp.float64)
+                kuy = xp.exp(dist * -logit_coef(pf.kernel, pf.taus[k])).astype(xp.float64)
                 out[idx, k, :m] = (pf.inverse_gram(dev, xp, [si], k) @ kuy).T.astype(pf.dtype)
     return out
 
@@ -520,13 +518,13 @@ def _padded(xp, bt: "_Batches", per_group, cols: int, dtype):
     return out
 
 
-def _masked_distances(xp, kernel: str, a, b, mask):
+def _masked_distances(xp, kernel: str, a, b, mask=None):
     """The kernel's distances of stacked sets (:func:`dxfield.kernels.sqdist_stacked`), ``inf`` off
-    ``mask`` (padding, other shards)."""
+    ``mask`` (padding, other shards; None: every pair)."""
     d2 = sqdist_stacked(a, b, mask)
     if kernel == "laplace":
         xp.sqrt(xp.maximum(d2, 0, out=d2), out=d2)
-    return xp.where(mask, d2, xp.asarray(float("inf"), dtype=d2.dtype))
+    return d2 if mask is None else xp.where(mask, d2, xp.asarray(float("inf"), dtype=d2.dtype))
 
 
 def _half_column_sums(xp, logits):

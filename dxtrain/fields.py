@@ -180,7 +180,7 @@ class ProjectedFieldSet:
         if need > limit:
             if log is not None:
                 log(f"correction: the sample maps of the {n} training rows would take {need / 2**20:.0f} MiB, more "
-                    f"than the {max(limit, 0) / 2**20:.0f} MiB left of --feature-ram: each step computes its "
+                    f"than the {limit / 2**20:.0f} MiB left of --feature-ram: each step computes its "
                     "sample's")
             return
         t0 = time.perf_counter()

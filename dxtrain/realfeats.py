@@ -43,12 +43,14 @@ class RealFeatures:
     """The training split's feature groups: NumPy arrays in RAM, or HDF5 datasets of a feature file.
 
     ``arrays`` is what the summaries read (either kind: dxfield streams both in chunks);
-    :meth:`take` gives a step's rows as CPU tensors.
+    :meth:`take` gives a step's rows as CPU tensors.  ``ram_left``: bytes of ``--feature-ram`` the
+    features left free (0 when they stay in the file).
     """
 
-    def __init__(self, arrays: dict, file: FeatureFile | None = None):
+    def __init__(self, arrays: dict, file: FeatureFile | None = None, ram: int = 0):
         self.arrays = arrays
         self.file = file
+        self.ram_left = max(int(ram) - self.nbytes, 0) if file is None else 0
 
     @property
     def in_ram(self) -> bool:
@@ -105,8 +107,9 @@ def run_features(groups: FeatureGroups, encoder_spec: str, samples: np.ndarray, 
     the file; ``wait()`` (a collective) holds the others until it is complete.
     """
     log = log or (lambda msg: None)
+    ram = DEFAULT_FEATURE_RAM if ram is None else int(ram)
     if groups.encoder is None:
-        return RealFeatures(compute_features(groups, samples, device))
+        return RealFeatures(compute_features(groups, samples, device), ram=ram)
     fp = fingerprint(samples, encoder_spec, groups.encoder, groups.dims)
     path = path or default_feature_path(fp)
     if main:
@@ -119,11 +122,10 @@ def run_features(groups: FeatureGroups, encoder_spec: str, samples: np.ndarray, 
     if wait is not None:
         wait()
     ff = FeatureFile.open(path, fp)
-    ram = DEFAULT_FEATURE_RAM if ram is None else int(ram)
     if RealFeatures(ff.groups, ff).nbytes <= ram:
         arrays = {name: ds[...] for name, ds in ff.groups.items()}
         ff.close()
-        return RealFeatures(arrays)
+        return RealFeatures(arrays, ram=ram)
     return RealFeatures(ff.groups, ff)
 
 

@@ -62,7 +62,7 @@ from .fields import CORRECTION_BIAS_SHARE, CORRECTION_FIRST_CHECK, ExactField, P
 from .lock import RunLock
 from .pretrained import is_pretrained_spec
 from .models import EMA, generate, make_generator, sample_noise
-from .realfeats import DEFAULT_FEATURE_RAM, RealFeatures, run_features
+from .realfeats import RealFeatures, run_features
 from .rundir import save_samples
 
 __all__ = ["DEBUG_DIR_ENV", "FIELDS", "NORMALIZATIONS", "PRECISIONS", "REPULSIONS", "StepInfo", "TrainConfig",
@@ -393,9 +393,7 @@ def _set_up(cfg: TrainConfig, resume: bool, given, log, dist: Dist) -> _Run:
         field.restore(checkpoint.get("field"))  # the automatic correction as it was
     guards.announce_draws(cfg, field, train_ds.labels, num_classes, len(train_ds), log)
     if cfg.field == "projected" and (field.correction or field.auto_correction):
-        ram = DEFAULT_FEATURE_RAM if cfg.feature_ram_bytes is None else cfg.feature_ram_bytes
-        field.keep_sample_maps(feats, train_ds.labels if conditional else None, ram - real.nbytes if real.in_ram else 0,
-                               log)
+        field.keep_sample_maps(feats, train_ds.labels if conditional else None, real.ram_left, log)
     draws = cfg.field == "exact" or field.correction or field.auto_correction or cfg.guidance
     guide = None if not cfg.guidance else Guide(real, len(train_ds), num_classes, cfg.guidance_max,
                                                 cfg.guidance_negatives or cfg.batch, device)
