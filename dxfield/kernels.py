@@ -222,8 +222,33 @@ def sqdist_stacked(x, y, mask=None):
     (G x n x m), ``x[g]`` against ``y[g]``, with the refinement of :func:`sqdist_tile` (entries lost
     to cancellation are redone exactly).  Many small sets in a few operations instead of a loop.
     ``mask`` (G x n x m, bool): only these entries are refined (the caller discards the others, e.g.
-    padding or self pairs, whose distances are near 0 and would all be redone)."""
+    padding or self pairs, whose distances are near 0 and would all be redone).
+
+    Where more than an eighth of the entries lost their digits, each set pair is moved to its own
+    centre (the mean of its rows inside the mask) and the product form is formed again, as the
+    sweep's tiles are centred (docs/design.md section 3.1): a cluster far from the origin, such as
+    early generated samples against each other, then needs few entries redone one by one."""
     xp = _xp(x)
+    out, hits = _product_form(xp, x, y, mask)
+    if 8 * int(hits.sum()) > hits.size:
+        centre = _stacked_centre(xp, x, y, mask)
+        x, y = x - centre, y - centre
+        out, hits = _product_form(xp, x, y, mask)
+    if bool(hits.any()):  # every group's hits at once (a loop over the groups costs more at many classes)
+        g, i, j = xp.nonzero(hits)
+        # gathered rows: 3 x D entries per hit, within the block's own size (at least 2^20 entries)
+        step = max(1, max(out.size, x.size + y.size, 1 << 20) // (3 * x.shape[2]))
+        for h0 in range(0, int(g.shape[0]), step):
+            gs, is_, js = g[h0:h0 + step], i[h0:h0 + step], j[h0:h0 + step]
+            diff = x[gs, is_]
+            diff -= y[gs, js]
+            xp.square(diff, out=diff)
+            out[gs, is_, js] = diff.sum(axis=1)
+    return out
+
+
+def _product_form(xp, x, y, mask):
+    """``|x|^2 + |y|^2 - 2 x.y`` of stacked sets, and the entries (inside ``mask``) that lost their digits."""
     xx, yy = xp.einsum("gij,gij->gi", x, x), xp.einsum("gij,gij->gi", y, y)
     out = x @ y.transpose(0, 2, 1)
     out *= -2.0
@@ -232,16 +257,19 @@ def sqdist_stacked(x, y, mask=None):
     hits = out < refine_tolerance(out.dtype) * (xx[:, :, None] + yy[:, None, :])
     if mask is not None:
         hits &= mask
-    if bool(hits.any()):  # every group's hits at once (a loop over the groups costs more at many classes)
-        g, i, j = xp.nonzero(hits)
-        step = max(1, out[0].size // (3 * x.shape[2]))  # gathered rows: 3 x D per hit, as one group's budget
-        for h0 in range(0, int(g.shape[0]), step):
-            gs, is_, js = g[h0:h0 + step], i[h0:h0 + step], j[h0:h0 + step]
-            diff = x[gs, is_]
-            diff -= y[gs, js]
-            xp.square(diff, out=diff)
-            out[gs, is_, js] = diff.sum(axis=1)
-    return out
+    return out, hits
+
+
+def _stacked_centre(xp, x, y, mask=None):
+    """Per set pair the mean of the rows of ``x`` and ``y`` (G x 1 x D), counting only rows with an
+    entry inside ``mask`` (padding left out); 0 for a pair without any."""
+    if mask is None:
+        total, count = x.sum(axis=1) + y.sum(axis=1), float(x.shape[1] + y.shape[1])
+    else:
+        wx, wy = mask.any(axis=2).astype(x.dtype), mask.any(axis=1).astype(x.dtype)
+        total = (wx[:, None, :] @ x)[:, 0] + (wy[:, None, :] @ y)[:, 0]
+        count = xp.maximum(wx.sum(axis=1) + wy.sum(axis=1), 1)[:, None]
+    return (total / count)[:, None, :]
 
 
 def pairwise_distances(x, y=None, *, backend=None):

@@ -150,6 +150,25 @@ def test_stacked_distances_match_float64_per_set_near_duplicates_included(xp, dt
     assert d2[0][near, near].max() < 1e-3
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_stacked_distances_refine_a_few_near_duplicates_or_recentre_a_far_cluster(xp, offset):
+    """Near the origin only the few near-duplicate pairs lose digits and are redone one by one; a cluster
+    1e4 from the origin loses nearly all of them and is moved to its centre first: float32 distances
+    accurate to float64's in both (product-form errors there would be ~1e-2 absolute at 1e4)."""
+    from dxfield.kernels import sqdist_stacked
+
+    rng = np.random.default_rng(21)
+    xs = rng.normal(size=(4, 24, 40)) + offset
+    ys = rng.normal(size=(4, 30, 40)) + offset
+    ys[:, :3] = xs[:, :3] + 1e-4 * rng.normal(size=(4, 3, 40))  # three near-duplicate pairs per set
+    xs, ys = xs.astype(np.float32), ys.astype(np.float32)
+    d2 = to_numpy(sqdist_stacked(xp.asarray(xs), xp.asarray(ys)))
+    for g in range(4):
+        exact = ref.distances(xs[g], ys[g]) ** 2
+        assert (np.abs(d2[g] - exact) <= 1e-3 * exact + 1e-30).all()
+        assert d2[g][np.arange(3), np.arange(3)].max() < 1e-5  # the near-duplicates kept their ~6e-7
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_stacked_distances_refine_only_inside_the_mask(xp, dtype, far_near_duplicates):
     """``sqdist_stacked(mask=)``: the masked-in near-duplicate pairs are refined as without a mask; the
@@ -166,5 +185,6 @@ def test_stacked_distances_refine_only_inside_the_mask(xp, dtype, far_near_dupli
     assert (np.abs(d2[0][keep] - exact[keep]) <= 2e-3 * exact[keep] + 1e-30).all()
     diag = np.arange(20)
     assert d2[0][diag[10:], diag[10:]].max() < 1e-3  # refined
-    if dtype == np.float32:  # cancellation at 1000 from the origin loses these digits only in float32
-        assert np.abs(d2[0][diag[:10], diag[:10]] - exact[diag[:10], diag[:10]]).max() > 1e-2  # not refined
+    if dtype == np.float32:  # the product form loses these digits only in float32
+        out = diag[:10], diag[:10]
+        assert (np.abs(d2[0][out] - exact[out]) / exact[out]).max() > 2e-2  # not refined
