@@ -165,8 +165,8 @@ def main(debug):
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out exactly where its checkpoint stopped, with its settings (options left "
                    "out come from the checkpoint; changing --steps, --time-budget, the intervals, --device, "
-                   "--memory-budget, --eval or --progress is allowed, any other changed option is an error). A "
-                   "damaged checkpoint.pt falls back to checkpoint.prev.pt.")
+                   "--memory-budget, --cpu-threads, --eval or --progress is allowed, any other changed option is "
+                   "an error). A damaged checkpoint.pt falls back to checkpoint.prev.pt.")
 @click.option("--batch", type=click.IntRange(min=1), default=_DEFAULTS.batch, show_default=True,
               help="Generated samples per step (split evenly over classes when conditional).")
 @click.option("--positives", type=click.IntRange(min=1), default=_DEFAULTS.positives, show_default=True,
@@ -226,6 +226,10 @@ def main(debug):
               show_default=True)
 @click.option("--seed", type=_SEED, default=_DEFAULTS.seed, show_default=True)
 @click.option("--device", default="auto", show_default=True, callback=_device, help="auto, cpu, cuda or cuda:N.")
+@click.option("--cpu-threads", type=click.IntRange(min=1), default=None,
+              help="torch's intra-op threads for a run on the CPU [default: torch's own, one per core]. With a "
+                   "small generator, 1 can make the steps much faster: the field (NumPy) and the steps (torch) "
+                   "then stop contending for the cores (docs/design.md section 8.21).")
 @click.option("--log-every", type=click.IntRange(min=1), default=_DEFAULTS.log_every, show_default=True)
 @click.option("--sample-every", type=click.IntRange(min=1), default=_DEFAULTS.sample_every, show_default=True)
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=_DEFAULTS.checkpoint_every,

@@ -68,6 +68,7 @@ class TrainConfig:
     ema: float = 0.995
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    cpu_threads: int | None = None  # torch's intra-op threads for a CPU run (None: torch's default)
     log_every: int = 25
     sample_every: int = 250
     checkpoint_every: int = 250
@@ -93,7 +94,7 @@ class TrainConfig:
             raise ValueError(f"repulsion={self.repulsion!r} is not valid; choose one of {REPULSIONS}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization={self.normalization!r} is not valid; choose one of {NORMALIZATIONS}")
-        for name in ("correction_sample", "gen_width", "gen_depth"):
+        for name in ("correction_sample", "gen_width", "gen_depth", "cpu_threads"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1 (or None: the default), got {getattr(self, name)}")
         if self.guidance_negatives is not None and int(self.guidance_negatives) < 1:

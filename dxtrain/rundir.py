@@ -61,7 +61,7 @@ BEST = "best.json"
 SAMPLES, SUMMARIES = "samples", "summaries"
 # settings a resumed run may change (the rest is the run's identity and comes from the checkpoint)
 RESUMABLE = ("steps", "time_budget", "log_every", "sample_every", "checkpoint_every", "fidelity_every", "progress",
-             "evaluate", "device", "memory_budget", "eval_every", "eval_samples")
+             "evaluate", "device", "memory_budget", "eval_every", "eval_samples", "cpu_threads")
 _LEGACY_KEPT = ("steps", "time_budget", "progress", "evaluate", "device")  # resume without ``given``, as before
 _CHECKPOINT_KEYS = ("config", "generator", "ema", "optimizer", "step", "elapsed", "rng")
 

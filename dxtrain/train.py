@@ -169,10 +169,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, given=None, log=None, callb
     """
     t_setup = time.perf_counter()
     cfg.validate()
-    with process_group() as dist:
+    with process_group() as dist, _kept_threads():
         log = (log or _to_stderr) if dist.main else _silent  # rank 0 speaks for the run
         with RunLock(cfg.out, log) if dist.main else contextlib.nullcontext():  # rank 0 writes the folder
             return _train(_set_up(cfg, resume, given, log, dist), resume, log, dist, callback, t_setup)
+
+
+@contextlib.contextmanager
+def _kept_threads():
+    """torch's intra-op threads as they were before the run (``--cpu-threads`` sets a CPU run's own)."""
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _train(run: "_Run", resume: bool, log, dist: Dist, callback, t_setup: float) -> dict:
@@ -344,6 +354,8 @@ def _set_up(cfg: TrainConfig, resume: bool, given, log, dist: Dist) -> _Run:
     device = pick_device(cfg.device)
     guards.need_cupy(device)  # before any work
     device = dist.init(device)
+    if device.type == "cpu" and cfg.cpu_threads is not None:
+        torch.set_num_threads(cfg.cpu_threads)  # until the run ends (train() puts torch's count back)
     torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
     rng, noise_rng = _streams(cfg.seed, dist.rank)
     train_ds, test_ds, conditional = setup(cfg)

@@ -392,3 +392,35 @@ def test_final_evaluation_without_two_test_samples_is_refused_before_training(tm
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
     cfg.evaluate = False
     assert train(cfg, log=lambda msg: None)["step"] == 3
+
+
+# --------------------------------------------------------------------------- --cpu-threads
+
+
+def test_cpu_threads_hold_for_every_step_and_torch_gets_its_own_count_back(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        train(config(tmp_path, cpu_threads=1), log=lambda m: None,
+              callback=lambda info: seen.append(torch.get_num_threads()))
+        assert seen == [1] * 4
+        assert torch.get_num_threads() == 2  # the caller's count, put back when the run ends
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_threads_below_one_are_refused_by_name(tmp_path):
+    result = invoke("train", "--data", "digits", "--out", tmp_path / "run", "--cpu-threads", 0, *FAST)
+    assert_refused(result, "--cpu-threads", "x>=1")
+    with pytest.raises(ValueError, match="cpu_threads must be >= 1"):
+        config(tmp_path, cpu_threads=0).validate()
+
+
+def test_a_resumed_run_may_change_its_cpu_threads(tmp_path):
+    out = tmp_path / "run"
+    cli_train(out, steps=2)
+    result = cli_train(out, "--resume", "--cpu-threads", 1, steps=4)
+    assert json.loads((out / "config.json").read_text())["cpu_threads"] == 1, describe(result)
