@@ -227,9 +227,9 @@ def main(debug):
 @click.option("--seed", type=_SEED, default=_DEFAULTS.seed, show_default=True)
 @click.option("--device", default="auto", show_default=True, callback=_device, help="auto, cpu, cuda or cuda:N.")
 @click.option("--cpu-threads", type=click.IntRange(min=1), default=None,
-              help="torch's intra-op threads for a run on the CPU [default: torch's own, one per core]. With a "
-                   "small generator, 1 can make the steps much faster: the field (NumPy) and the steps (torch) "
-                   "then stop contending for the cores (docs/design.md section 8.21).")
+              help="torch's intra-op threads for a run on the CPU [default: 1 for the MLP generator on "
+                   "vectors, whose small operations lose more to waking a second thread than they gain; "
+                   "torch's own, one per core, for images] (docs/design.md section 8.21).")
 @click.option("--log-every", type=click.IntRange(min=1), default=_DEFAULTS.log_every, show_default=True)
 @click.option("--sample-every", type=click.IntRange(min=1), default=_DEFAULTS.sample_every, show_default=True)
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=_DEFAULTS.checkpoint_every,

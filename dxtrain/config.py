@@ -68,7 +68,7 @@ class TrainConfig:
     ema: float = 0.995
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    cpu_threads: int | None = None  # torch's intra-op threads for a CPU run (None: torch's default)
+    cpu_threads: int | None = None  # torch's threads on a CPU (None: 1 for the MLP on vectors, else torch's)
     log_every: int = 25
     sample_every: int = 250
     checkpoint_every: int = 250

@@ -61,7 +61,7 @@ from .guidance import Guide
 from .fields import CORRECTION_BIAS_SHARE, CORRECTION_FIRST_CHECK, ExactField, ProjectedFieldSet, drift_loss
 from .lock import RunLock
 from .pretrained import is_pretrained_spec
-from .models import EMA, generate, make_generator, sample_noise
+from .models import EMA, MLPGenerator, generate, make_generator, sample_noise
 from .realfeats import RealFeatures, run_features
 from .rundir import save_samples
 
@@ -354,8 +354,6 @@ def _set_up(cfg: TrainConfig, resume: bool, given, log, dist: Dist) -> _Run:
     device = pick_device(cfg.device)
     guards.need_cupy(device)  # before any work
     device = dist.init(device)
-    if device.type == "cpu" and cfg.cpu_threads is not None:
-        torch.set_num_threads(cfg.cpu_threads)  # until the run ends (train() puts torch's count back)
     torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
     rng, noise_rng = _streams(cfg.seed, dist.rank)
     train_ds, test_ds, conditional = setup(cfg)
@@ -368,6 +366,7 @@ def _set_up(cfg: TrainConfig, resume: bool, given, log, dist: Dist) -> _Run:
     if dist.main:
         rundir.write_config(cfg.out, cfg)
     model = build_generator(cfg, train_ds.shape, num_classes).to(device)
+    _set_cpu_threads(cfg, device, model, train_ds.shape, log)
     groups = make_feature_groups(cfg, train_ds, device)
     # the fused update (one kernel over every tensor) where torch has it: a third of the per-tensor loop's time
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -414,6 +413,25 @@ def _set_up(cfg: TrainConfig, resume: bool, given, log, dist: Dist) -> _Run:
             f"{guide.n_negatives} unconditional real negatives per step weighted (alpha - 1)(N_gen - 1) / N_unc")
     return _Run(cfg, device, train_ds, test_ds, num_classes, real if draws else None, model, gen, groups, field, opt,
                 ema, rng, noise_rng, step, elapsed, step if latest else None, guide)
+
+
+def _set_cpu_threads(cfg: TrainConfig, device, model, shape, log) -> None:
+    """torch's intra-op threads for a run on the CPU, until it ends (:func:`train` puts torch's count back):
+    ``--cpu-threads``, else one for the MLP generator on vectors, else torch's default (one per core).
+
+    The MLP's operations are small, and torch's pool sleeps between them (dxtrain/__init__.py): waking it
+    costs those steps more than a second thread gives them. On 2 cores one thread made the MLP benches'
+    steps 1.3-1.5x faster for both fields, and the image benches' convolution steps 1.3x slower
+    (docs/design.md section 8.21)."""
+    if device.type != "cpu":
+        return
+    n = cfg.cpu_threads
+    if n is None and isinstance(model, MLPGenerator) and len(shape) == 1 and torch.get_num_threads() > 1:
+        n = 1
+        log("CPU threads: torch at 1 intra-op thread for the MLP generator's small operations "
+            "(--cpu-threads sets it)")
+    if n is not None:
+        torch.set_num_threads(int(n))
 
 
 def _streams(seed: int, rank: int, step: int = 0) -> tuple[np.random.Generator, torch.Generator]:

@@ -424,3 +424,22 @@ def test_a_resumed_run_may_change_its_cpu_threads(tmp_path):
     cli_train(out, steps=2)
     result = cli_train(out, "--resume", "--cpu-threads", 1, steps=4)
     assert json.loads((out / "config.json").read_text())["cpu_threads"] == 1, describe(result)
+
+
+@pytest.mark.parametrize("data, given, expected", [("moons", None, 1), ("moons", 2, 2), ("digits", None, 2)])
+def test_cpu_threads_default_to_one_for_the_mlp_on_vectors_only(tmp_path, data, given, expected):
+    """The MLP generator on vectors takes one intra-op thread unless told (docs/design.md 8.21); images (the
+    convolution generator) keep torch's count, here 2."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        lines = []
+        train(config(tmp_path, data=data, cpu_threads=given, positives=40, batch=32), log=lines.append,
+              callback=lambda info: seen.append(torch.get_num_threads()))
+        assert seen == [expected] * 4
+        assert any("CPU threads: torch at 1" in line for line in lines) == (given is None and expected == 1)
+    finally:
+        torch.set_num_threads(before)
