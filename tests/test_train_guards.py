@@ -397,19 +397,25 @@ def test_final_evaluation_without_two_test_samples_is_refused_before_training(tm
 # --------------------------------------------------------------------------- --cpu-threads
 
 
-def test_cpu_threads_hold_for_every_step_and_torch_gets_its_own_count_back(tmp_path):
+def threads_during_run(tmp_path, **kw):
+    """Train 4 steps with torch at 2 intra-op threads before: ``(count at each step, log lines, count after)``;
+    torch's own count is put back afterwards."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        seen = []
-        train(config(tmp_path, cpu_threads=1), log=lambda m: None,
-              callback=lambda info: seen.append(torch.get_num_threads()))
-        assert seen == [1] * 4
-        assert torch.get_num_threads() == 2  # the caller's count, put back when the run ends
+        seen, lines = [], []
+        train(config(tmp_path, **kw), log=lines.append, callback=lambda info: seen.append(torch.get_num_threads()))
+        return seen, lines, torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_cpu_threads_hold_for_every_step_and_torch_gets_its_own_count_back(tmp_path):
+    seen, _, after = threads_during_run(tmp_path, cpu_threads=1)
+    assert seen == [1] * 4
+    assert after == 2  # the caller's count, put back when the run ends
 
 
 def test_cpu_threads_below_one_are_refused_by_name(tmp_path):
@@ -430,16 +436,6 @@ def test_a_resumed_run_may_change_its_cpu_threads(tmp_path):
 def test_cpu_threads_default_to_one_for_the_mlp_on_vectors_only(tmp_path, data, given, expected):
     """The MLP generator on vectors takes one intra-op thread unless told (docs/design.md 8.21); images (the
     convolution generator) keep torch's count, here 2."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        seen = []
-        lines = []
-        train(config(tmp_path, data=data, cpu_threads=given, positives=40, batch=32), log=lines.append,
-              callback=lambda info: seen.append(torch.get_num_threads()))
-        assert seen == [expected] * 4
-        assert any("CPU threads: torch at 1" in line for line in lines) == (given is None and expected == 1)
-    finally:
-        torch.set_num_threads(before)
+    seen, lines, _ = threads_during_run(tmp_path, data=data, cpu_threads=given, positives=40, batch=32)
+    assert seen == [expected] * 4
+    assert any("CPU threads: torch at 1" in line for line in lines) == (given is None and expected == 1)
