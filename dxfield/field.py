@@ -25,6 +25,7 @@ from .inputs import check_queries, divide, expand, field_inputs
 from .kernels import check_kernel, logit_coefs
 from .memory import parse_budget, tile_cap
 from .options import documented
+from .perclass import StackedSums, stack_plan
 from .sums import combine
 from .sweep import ExactSums
 from .targets import Targets, negative_runs
@@ -35,6 +36,7 @@ NORMALIZATIONS = ("bidirectional", "row")
 # cache-sized cap pay off (measured: 2^19 entries, 1024 x 512 at the benchmark's shape).
 _CPU_TILE = 1 << 19
 DEFAULT_TEMPERATURES = (0.02, 0.05, 0.2)
+STACK_CLASSES = True  # labelled calls: the classes stacked where stack_plan allows (False: the masked sweep)
 
 
 def exact_tile_cap(device) -> int:
@@ -81,6 +83,24 @@ def _logit_coefs(sweeper: ExactSums, scale_arg, frame: float, kernel: str, temps
         scale = None if scale_arg is None else float(scale_arg)
         unit = (1.0 if scale is None else scale * root_d) / frame  # the temperatures' distance unit
     return scale, logit_coefs(kernel, [tau * unit for tau in temps], sweeper.dtype, min(temps) * unit * frame)
+
+
+def _sweeper(xp, inp, *, temps, kernel, bidirectional, include_self, dtype, budget, block, device, ops, precision):
+    """The engine of a call's sums: its classes stacked in one block where :func:`stack_plan` allows
+    (docs/design.md 2.10), else one sweep over every pair (other classes' pairs masked)."""
+    plan = stack_plan(inp, include_self=include_self, bidirectional=bidirectional, ops=ops,
+                      budget=budget) if STACK_CLASSES else None
+    if plan is not None:
+        return StackedSums(xp, inp, plan, kernel=kernel, bidirectional=bidirectional, include_self=include_self,
+                           dtype=dtype)
+    targets = [Targets(inp.pos, False, labels=inp.pos_labels)] + negative_runs(
+        xp, inp.x, inp.neg, inp.neg_weight, include_self=include_self, dtype=dtype, check_finite=False,
+        query_labels=inp.labels, neg_labels=inp.neg_labels)
+    # One engine for both sweeps: its plan is checked against the budget before any work,
+    # and the mean-distance sweep reuses its centred queries and tile shape.
+    return ExactSums(xp, inp.x, targets, n_temperatures=len(temps), kernel=kernel, bidirectional=bidirectional,
+                     budget=budget, block_size=block, tile_cap=exact_tile_cap(device), query_labels=inp.labels,
+                     ops=ops, precision=precision)
 
 
 def _in_units(v, scale, frame: float, scale_arg):
@@ -155,16 +175,10 @@ def drift_field(x, pos, neg=None, *, temperatures=DEFAULT_TEMPERATURES, normaliz
             v = placement.to_origin(expand(xp, xp.empty((0, inp.pos.shape[1]), dtype=dtype), inp.n, inp.keep))
             return (v, math.nan) if return_scale else v
         check_queries(xp, inp, bidirectional=normalization == "bidirectional", include_self=include_self)
-        targets = [Targets(inp.pos, False, labels=inp.pos_labels)] + negative_runs(
-            xp, inp.x, inp.neg, inp.neg_weight, include_self=include_self, dtype=dtype, check_finite=False,
-            query_labels=inp.labels, neg_labels=inp.neg_labels)
-        # One engine for both sweeps: its plan is checked against the budget before any work,
-        # and the mean-distance sweep reuses its centred queries and tile shape.
-        sweeper = ExactSums(xp, inp.x, targets, n_temperatures=len(temps), kernel=kernel,
-                            bidirectional=normalization == "bidirectional", budget=budget,
-                            block_size=block, tile_cap=exact_tile_cap(placement.device), query_labels=inp.labels,
-                            ops=resolve_engine(engine, precision, placement, dtype, len(temps)),
-                            precision=precision)
+        ops = resolve_engine(engine, precision, placement, dtype, len(temps))
+        sweeper = _sweeper(xp, inp, temps=temps, kernel=kernel, bidirectional=normalization == "bidirectional",
+                           include_self=include_self, dtype=dtype, budget=budget, block=block,
+                           device=placement.device, ops=ops, precision=precision)
         scale, coefs = _logit_coefs(sweeper, scale_arg, inp.frame, kernel, temps)
         sums, row_lse = sweeper.sweep(coefs)
         v = combine(xp, sums, row_lse, drift_norm=drift_norm, xc=sweeper.xc)

@@ -249,8 +249,9 @@ def test_build_stays_within_memory_budget(d, temps):
     pf, peak = traced_peak(lambda: dxfield.ProjectedField.build(y, memory_budget=budget, **kw))
     assert peak <= budget, f"traced peak {peak} bytes > memory_budget {budget}"
     free = dxfield.ProjectedField.build(y, memory_budget="1GiB", **kw)
-    if d == 32:  # the whole 2048-row sample fits half the budget: the same scale and summaries
-        assert pf.feature_scale == pytest.approx(free.feature_scale, rel=1e-12)
+    if d == 32:  # the whole 2048-row sample fits half the budget: the same scale (its float64 sums in other
+        # tiles: measured 4e-12 apart with NumPy 2.4) and summaries
+        assert pf.feature_scale == pytest.approx(free.feature_scale, rel=1e-10)
         assert rel_err(pf.summary_vector(), free.summary_vector()) <= 1e-6
     else:  # fewer sampled rows: a scale of the same data, close
         assert pf.feature_scale == pytest.approx(free.feature_scale, rel=0.05)
