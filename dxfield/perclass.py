@@ -23,17 +23,18 @@ from .backend import to_host
 from .kernels import sqdist_stacked
 from .sums import LogSumExp, RowSums, logsumexp, quiet
 
-# Arrays of the block's size that a sweep holds at once (distances, logits, terms, the mask).
-_BLOCK_ARRAYS = 4
+# Arrays of the block's size a call holds at once: the distances, the mask, a temperature's logits and
+# terms, one side's weights and a temporary.
+_BLOCK_ARRAYS = 6
 
 
-def stack_plan(inp, *, include_self: bool, bidirectional: bool, ops, budget: int):
+def stack_plan(inp, *, include_self: bool, bidirectional: bool, ops, budget: int, n_temps: int):
     """The stacked layout of a labelled call ``inp`` (:class:`dxfield.inputs.FieldInputs`) as
     ``(query rows, positive rows, negative rows)`` per class (host indices; negatives None without
     explicit ones), or None where the masked sweep runs: no labels, explicit negatives without labels
     (under Algorithm 2 their column sums run over every class's queries; the row form takes the masked
     sweep too), the fused engine (``ops``), or a padded block larger than the masked sweep's or than
-    ``budget``."""
+    ``budget`` (:func:`stacked_bytes` for ``n_temps`` temperatures)."""
     if inp.labels is None or ops is not None or (inp.neg is not None and inp.neg_labels is None):
         return None
     qlab, plab = to_host(inp.labels), to_host(inp.pos_labels)
@@ -49,9 +50,18 @@ def stack_plan(inp, *, include_self: bool, bidirectional: bool, ops, budget: int
     entries = len(classes) * nq * width
     masked = inp.x.shape[0] * (inp.pos.shape[0] + (0 if inp.neg is None else inp.neg.shape[0])
                                + (inp.x.shape[0] if include_self else 0))
-    if entries >= masked or entries * _BLOCK_ARRAYS * inp.x.dtype.itemsize > budget:
+    if entries >= masked or stacked_bytes(entries, len(classes) * (nq + width), inp.x.shape, n_temps,
+                                          inp.x.dtype.itemsize) > budget:
         return None
     return rows, pos, neg
+
+
+def stacked_bytes(entries: int, stacked_rows: int, shape, n_temps: int, itemsize: int) -> int:
+    """Peak bytes of a stacked call beyond its inputs: block arrays of ``entries``, the padded queries and
+    targets (``stacked_rows`` of ``D``) three times (the copies, their recentred copies in
+    :func:`dxfield.kernels.sqdist_stacked`, products), and each temperature's and side's row sums."""
+    n, d = shape
+    return itemsize * (_BLOCK_ARRAYS * entries + 3 * stacked_rows * d + 2 * n_temps * n * (d + 2))
 
 
 class StackedSums:

@@ -58,6 +58,34 @@ def test_drift_field_stays_within_memory_budget(big, case):
     assert rel_err(v, free) <= 2e-5
 
 
+@pytest.mark.parametrize("rows, classes, stacked", [(200, 20, True), (500, 2, False)])
+def test_labelled_field_stays_within_memory_budget(big, monkeypatch, rows, classes, stacked):
+    # 200 queries of 20 classes: the stacked block (2.10) with its padded copies fits the budget and is
+    # used; 500 of 2 classes: 2 x 250 x 2250 entries would not fit, and the masked sweep runs in tiles
+    import dxfield.field as F
+
+    x, pos, _ = big
+    x, pos = x[:rows], pos[:5 * rows]
+    ql, pl = np.arange(len(x)) % classes, np.arange(len(pos)) % classes
+    used, real = [], F.StackedSums
+
+    class Spy(real):
+        def __init__(self, *args, **kwargs):
+            used.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(F, "StackedSums", Spy)
+    kw = dict(labels=ql, pos_labels=pl, backend="numpy")
+    dxfield.drift_field(x[:40], pos[:200], memory_budget=BUDGET, **{**kw, "labels": ql[:40], "pos_labels": pl[:200]})
+    used.clear()  # the warm-up call above made the one-time Python allocations (imports) outside the trace
+    v, peak = traced_peak(lambda: dxfield.drift_field(x, pos, memory_budget=BUDGET, **kw))
+    assert bool(used) == stacked
+    assert peak <= BUDGET, f"traced peak {peak} bytes > memory_budget {BUDGET}"
+    monkeypatch.setattr(F, "STACK_CLASSES", False)
+    masked = dxfield.drift_field(x, pos, memory_budget="1GiB", **kw)
+    assert rel_err(v, masked) <= 2e-5
+
+
 def test_budget_string_and_env_forms_agree(big, monkeypatch):
     x, pos, _ = big
     x, pos = x[:100], pos[:600]

@@ -163,12 +163,12 @@ def _inputs(ql, pl, d=64, nl=None, m=0):
 
 def test_the_plan_stacks_only_where_the_block_is_smaller_and_fits():
     q, p = np.repeat(np.arange(10), 26), np.repeat(np.arange(10), 102)  # cmix10's exact@1024 step
-    opts = dict(include_self=True, bidirectional=True, ops=None, budget=256 << 20)
+    opts = dict(include_self=True, bidirectional=True, ops=None, budget=256 << 20, n_temps=3)
     rows, pos, neg = stack_plan(_inputs(q, p), **opts)
     assert [r.tolist() for r in rows] == [np.flatnonzero(q == c).tolist() for c in range(10)] and neg is None
     assert stack_plan(_inputs(np.zeros(256, int), np.zeros(1024, int)), **opts) is None  # one class: no saving
     skewed = np.r_[np.zeros(250, int), np.arange(1, 7)]  # padding to the largest class costs more than masking
     assert stack_plan(_inputs(skewed, np.repeat(np.arange(7), 100)), **opts) is None
-    assert stack_plan(_inputs(q, p), **{**opts, "budget": 1 << 18}) is None  # 4 x 33k entries: over the budget
+    assert stack_plan(_inputs(q, p), **{**opts, "budget": 1 << 20}) is None  # 1.4 MB (stacked_bytes): over it
     assert stack_plan(_inputs(q, p), **{**opts, "ops": object()}) is None  # the fused engine keeps its sweep
     assert stack_plan(_inputs(q, p, nl=None, m=30), **opts) is not None  # no explicit negatives
