@@ -88,7 +88,7 @@ def _logit_coefs(sweeper: ExactSums, scale_arg, frame: float, kernel: str, temps
 def _sweeper(xp, inp, *, temps, kernel, bidirectional, include_self, dtype, budget, block, device, ops, precision):
     """The engine of a call's sums: its classes stacked in one block where :func:`stack_plan` allows
     (docs/design.md 2.10), else one sweep over every pair (other classes' pairs masked)."""
-    plan = stack_plan(inp, include_self=include_self, bidirectional=bidirectional, ops=ops, budget=budget,
+    plan = stack_plan(inp, include_self=include_self, ops=ops, budget=budget,
                       n_temps=len(temps)) if STACK_CLASSES else None
     if plan is not None:
         return StackedSums(xp, inp, plan, kernel=kernel, bidirectional=bidirectional, include_self=include_self,

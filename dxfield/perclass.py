@@ -28,12 +28,12 @@ from .sums import LogSumExp, RowSums, logsumexp, quiet
 _BLOCK_ARRAYS = 6
 
 
-def stack_plan(inp, *, include_self: bool, bidirectional: bool, ops, budget: int, n_temps: int):
+def stack_plan(inp, *, include_self: bool, ops, budget: int, n_temps: int):
     """The stacked layout of a labelled call ``inp`` (:class:`dxfield.inputs.FieldInputs`) as
     ``(query rows, positive rows, negative rows)`` per class (host indices; negatives None without
     explicit ones), or None where the masked sweep runs: no labels, explicit negatives without labels
-    (under Algorithm 2 their column sums run over every class's queries; the row form takes the masked
-    sweep too), the fused engine (``ops``), or a padded block larger than the masked sweep's or than
+    (under Algorithm 2 their column sums run over every class's queries; the row form, which could
+    separate them, takes the masked sweep too), the fused engine (``ops``), or a padded block larger than the masked sweep's or than
     ``budget`` (:func:`stacked_bytes` for ``n_temps`` temperatures)."""
     if inp.labels is None or ops is not None or (inp.neg is not None and inp.neg_labels is None):
         return None

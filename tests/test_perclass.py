@@ -163,7 +163,7 @@ def _inputs(ql, pl, d=64, nl=None, m=0):
 
 def test_the_plan_stacks_only_where_the_block_is_smaller_and_fits():
     q, p = np.repeat(np.arange(10), 26), np.repeat(np.arange(10), 102)  # cmix10's exact@1024 step
-    opts = dict(include_self=True, bidirectional=True, ops=None, budget=256 << 20, n_temps=3)
+    opts = dict(include_self=True, ops=None, budget=256 << 20, n_temps=3)
     rows, pos, neg = stack_plan(_inputs(q, p), **opts)
     assert [r.tolist() for r in rows] == [np.flatnonzero(q == c).tolist() for c in range(10)] and neg is None
     assert stack_plan(_inputs(np.zeros(256, int), np.zeros(1024, int)), **opts) is None  # one class: no saving
