@@ -2,13 +2,16 @@
 
 Checks the call's arguments, builds the targets (positives, the queries as
 negatives with self pairs masked, explicit weighted negatives), measures the
-feature scale, and runs one :class:`dxfield.sweep.ExactSums` whose streamed
-sums :func:`dxfield.sums.combine` turns into the field.  The math is in
+feature scale, and runs one :class:`dxfield.sweep.ExactSums` (or, for a
+class-conditional call, :class:`dxfield.perclass.StackedSums` with its classes
+stacked, section 2.10) whose sums :func:`dxfield.sums.combine` turns into the
+field.  The math is in
 docs/design.md sections 2.1-2.3 (the one-sweep factorisation of Algorithm 2,
 the row-normalised field, feature scale and drift normalisation), the
 numerics in section 3 and the memory bound in section 4: beyond its inputs a
 call holds O((N + tile) D) accumulators and a few tiles chosen from
-``memory_budget``, never an N x (P + M) array.  :mod:`dxfield.inputs` leaves
+``memory_budget``, never an N x (P + M) array (the stacked classes: a block of
+their own pairs, when it fits the budget).  :mod:`dxfield.inputs` leaves
 non-finite rows out (``check_finite=False``) and brings extreme magnitudes
 into range first (section 3.7).
 """
