@@ -94,8 +94,7 @@ def _sweeper(xp, inp, *, temps, kernel, bidirectional, include_self, dtype, budg
     plan = stack_plan(inp, include_self=include_self, ops=ops, budget=budget,
                       n_temps=len(temps)) if STACK_CLASSES else None
     if plan is not None:
-        return StackedSums(xp, inp, plan, kernel=kernel, bidirectional=bidirectional, include_self=include_self,
-                           dtype=dtype)
+        return StackedSums(xp, inp, plan, kernel=kernel, bidirectional=bidirectional, dtype=dtype)
     targets = [Targets(inp.pos, False, labels=inp.pos_labels)] + negative_runs(
         xp, inp.x, inp.neg, inp.neg_weight, include_self=include_self, dtype=dtype, check_finite=False,
         query_labels=inp.labels, neg_labels=inp.neg_labels)

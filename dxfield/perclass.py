@@ -17,6 +17,8 @@ and fits the memory budget.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .backend import to_host
@@ -28,10 +30,36 @@ from .sums import LogSumExp, RowSums, logsumexp, quiet
 _BLOCK_ARRAYS = 6
 
 
+class StackPlan(NamedTuple):
+    """The stacked layout: per class, host indices of its queries, positives and explicit negatives
+    (``neg`` None without explicit ones); the queries as negatives with ``include_self``."""
+
+    rows: list
+    pos: list
+    neg: list | None
+    include_self: bool
+
+    @property
+    def nq(self) -> int:
+        return max(r.size for r in self.rows)
+
+    @property
+    def npos(self) -> int:
+        return max(p.size for p in self.pos)
+
+    @property
+    def nneg(self) -> int:
+        return 0 if self.neg is None else max(m.size for m in self.neg)
+
+    @property
+    def width(self) -> int:
+        """Columns of a class's block: positives, explicit negatives, then its queries."""
+        return self.npos + self.nneg + (self.nq if self.include_self else 0)
+
+
 def stack_plan(inp, *, include_self: bool, ops, budget: int, n_temps: int):
-    """The stacked layout of a labelled call ``inp`` (:class:`dxfield.inputs.FieldInputs`) as
-    ``(query rows, positive rows, negative rows)`` per class (host indices; negatives None without
-    explicit ones), or None where the masked sweep runs: no labels, explicit negatives without labels
+    """The :class:`StackPlan` of a labelled call ``inp`` (:class:`dxfield.inputs.FieldInputs`), or None
+    where the masked sweep runs: no labels, explicit negatives without labels
     (under Algorithm 2 their column sums run over every class's queries; the row form, which could
     separate them, takes the masked sweep too), the fused engine (``ops``), or a padded block larger than the masked sweep's or than
     ``budget`` (:func:`stacked_bytes` for ``n_temps`` temperatures)."""
@@ -45,15 +73,14 @@ def stack_plan(inp, *, include_self: bool, ops, budget: int, n_temps: int):
     if inp.neg is not None:
         nlab = to_host(inp.neg_labels)
         neg = [np.flatnonzero(nlab == c) for c in classes]
-    nq = max(r.size for r in rows)
-    width = max(p.size for p in pos) + (0 if neg is None else max(m.size for m in neg)) + (nq if include_self else 0)
-    entries = len(classes) * nq * width
+    plan = StackPlan(rows, pos, neg, include_self)
+    entries = len(classes) * plan.nq * plan.width
     masked = inp.x.shape[0] * (inp.pos.shape[0] + (0 if inp.neg is None else inp.neg.shape[0])
                                + (inp.x.shape[0] if include_self else 0))
-    if entries >= masked or stacked_bytes(entries, len(classes) * (nq + width), inp.x.shape, n_temps,
+    if entries >= masked or stacked_bytes(entries, len(classes) * (plan.nq + plan.width), inp.x.shape, n_temps,
                                           inp.x.dtype.itemsize) > budget:
         return None
-    return rows, pos, neg
+    return plan
 
 
 def stacked_bytes(entries: int, stacked_rows: int, shape, n_temps: int, itemsize: int) -> int:
@@ -71,23 +98,21 @@ class StackedSums:
     queries (self pairs masked); padding is masked too.  Coordinates are centred on the queries' mean,
     as the masked sweep centres them."""
 
-    def __init__(self, xp, inp, plan, *, kernel: str, bidirectional: bool, include_self: bool, dtype):
-        rows, pos, neg = plan
+    def __init__(self, xp, inp, plan: StackPlan, *, kernel: str, bidirectional: bool, dtype):
+        rows, pos, neg = plan.rows, plan.pos, plan.neg
         self.xp, self.kernel, self.bidirectional, self.dtype = xp, kernel, bidirectional, dtype
         self.n, self.d = inp.x.shape
-        g, nq = len(rows), max(r.size for r in rows)
-        self.npos = max(p.size for p in pos)
-        nneg = 0 if neg is None else max(m.size for m in neg)
-        width = self.npos + nneg + (nq if include_self else 0)
+        g, nq, self.npos = len(rows), plan.nq, plan.npos
+        at = self.npos + plan.nneg  # the first column of the queries as negatives
         mu = inp.x.mean(axis=0)
         self.xc = inp.x - mu
         self.valid = np.zeros((g, nq), dtype=bool)
         self.order = np.concatenate(rows)  # the stacked rows' query indices, class by class
         xs = xp.zeros((g, nq, self.d), dtype=dtype)
-        self.ys = ys = xp.zeros((g, width, self.d), dtype=dtype)
-        cols = np.zeros((g, width), dtype=bool)
+        self.ys = ys = xp.zeros((g, plan.width, self.d), dtype=dtype)
+        cols = np.zeros((g, plan.width), dtype=bool)
         weighted = neg is not None and inp.neg_weight is not None
-        self.log_w = xp.zeros((g, width), dtype=xp.float64) if weighted else None
+        self.log_w = xp.zeros((g, plan.width), dtype=xp.float64) if weighted else None
         for j, r in enumerate(rows):
             q, p = r.size, pos[j].size
             self.valid[j, :q] = True
@@ -102,13 +127,11 @@ class StackedSums:
                     w = inp.neg_weight if isinstance(inp.neg_weight, float) else inp.neg_weight[xp.asarray(neg[j])]
                     with quiet(xp):
                         self.log_w[j, self.npos:self.npos + m] = xp.log(xp.asarray(w, dtype=xp.float64))
-            if include_self:
-                at = self.npos + nneg
+            if plan.include_self:
                 ys[j, at:at + q] = xs[j, :q]
                 cols[j, at:at + q] = True
         pairs = self.valid[:, :, None] & cols[:, None, :]
-        if include_self:
-            at = self.npos + nneg
+        if plan.include_self:
             pairs[:, np.arange(nq), at + np.arange(nq)] = False  # a query is not its own negative
         self.pairs = xp.asarray(pairs)
         r = sqdist_stacked(xs, ys, self.pairs)
@@ -138,7 +161,7 @@ class StackedSums:
                 if self.bidirectional:
                     col = logsumexp(xp, logits, 1)  # each target's sum over its class's queries
                     terms = weighted - 0.5 * xp.where(xp.isfinite(col), col, 0)[:, None, :]
-                    row_lse.append(LogSumExp.settled(xp, self._rows(self._log(xp, weighted)), self.dtype))
+                    row_lse.append(LogSumExp.settled(xp, self._rows(_row_exp_sums(xp, weighted)[2]), self.dtype))
                 else:
                     terms = weighted
                 sums.append([self._side(xp, terms[:, :, :self.npos], self.ys[:, :self.npos]),
@@ -148,20 +171,9 @@ class StackedSums:
     def _side(self, xp, terms, ys) -> RowSums:
         """Settled :class:`RowSums` of one side: barycentres ``sum_j exp(t_ij) y_j / sum_j exp(t_ij)`` and
         their log weights, in the queries' order."""
-        shift = terms.max(axis=2)
-        shift = xp.where(xp.isfinite(shift), shift, 0)
-        p = xp.exp(terms - shift[:, :, None])
-        s = p.sum(axis=2)
+        p, s, log_w = _row_exp_sums(xp, terms)
         b = (p @ ys) / xp.where(s > 0, s, 1)[:, :, None]
-        log_w = xp.where(s > 0, shift.astype(xp.float64) + xp.log(s.astype(xp.float64)), -np.inf)
         return RowSums.settled(xp, self._rows(b), self._rows(log_w), self.dtype)
-
-    def _log(self, xp, logits):
-        """Row log-sum-exp over every target, float64."""
-        top = logits.max(axis=2)
-        top = xp.where(xp.isfinite(top), top, 0)
-        s = xp.exp(logits - top[:, :, None]).sum(axis=2)
-        return xp.where(s > 0, top.astype(xp.float64) + xp.log(s.astype(xp.float64)), -np.inf)
 
     def _rows(self, stacked):
         """A (classes x rows x ...) array back in the queries' order (n x ...)."""
@@ -169,3 +181,13 @@ class StackedSums:
         out = xp.empty((self.n,) + stacked.shape[2:], dtype=stacked.dtype)
         out[xp.asarray(self.order)] = stacked[xp.asarray(self.valid)]
         return out
+
+
+def _row_exp_sums(xp, terms):
+    """``(p, s, log s)`` along the last axis of stacked log-terms: ``p = exp(terms - row max)``, its row sums
+    ``s`` and their log-sum-exp in float64 (``-inf`` for a row without terms)."""
+    shift = terms.max(axis=2)
+    shift = xp.where(xp.isfinite(shift), shift, 0)
+    p = xp.exp(terms - shift[:, :, None])
+    s = p.sum(axis=2)
+    return p, s, xp.where(s > 0, shift.astype(xp.float64) + xp.log(s.astype(xp.float64)), -np.inf)

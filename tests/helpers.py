@@ -74,3 +74,19 @@ def assert_refused(result, *needles):
     for needle in needles:
         assert needle.lower() in errors[0].lower(), (needle, errors[0])
     return errors[0]
+
+
+def spy_stacked(monkeypatch) -> list:
+    """Count the labelled ``drift_field`` calls that stack their classes (docs/design.md 2.10): a list that
+    gets one entry per :class:`dxfield.perclass.StackedSums` made."""
+    import dxfield.field as field
+
+    calls, real = [], field.StackedSums
+
+    class Spy(real):
+        def __init__(self, *args, **kwargs):
+            calls.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(field, "StackedSums", Spy)
+    return calls

@@ -15,7 +15,7 @@ import pytest
 
 import dxfield
 import reference as ref
-from helpers import rel_err, traced_peak
+from helpers import rel_err, spy_stacked, traced_peak
 
 BUDGET = 2 * 2**20
 N, P, D = 500, 4000, 64
@@ -67,14 +67,7 @@ def test_labelled_field_stays_within_memory_budget(big, monkeypatch, rows, class
     x, pos, _ = big
     x, pos = x[:rows], pos[:5 * rows]
     ql, pl = np.arange(len(x)) % classes, np.arange(len(pos)) % classes
-    used, real = [], F.StackedSums
-
-    class Spy(real):
-        def __init__(self, *args, **kwargs):
-            used.append(1)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(F, "StackedSums", Spy)
+    used = spy_stacked(monkeypatch)
     kw = dict(labels=ql, pos_labels=pl, backend="numpy")
     dxfield.drift_field(x[:40], pos[:200], memory_budget=BUDGET, **{**kw, "labels": ql[:40], "pos_labels": pl[:200]})
     used.clear()  # the warm-up call above made the one-time Python allocations (imports) outside the trace

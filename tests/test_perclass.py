@@ -9,6 +9,7 @@ import pytest
 import dxfield
 import dxfield.field as F
 import reference as ref
+from helpers import spy_stacked
 from dxfield.perclass import stack_plan
 
 
@@ -16,14 +17,7 @@ from dxfield.perclass import stack_plan
 def split(request, monkeypatch):
     """Stacked classes allowed (True) or not; ``split.used`` counts the calls that stacked them."""
     monkeypatch.setattr(F, "STACK_CLASSES", request.param)
-    calls = []
-
-    class Spy(F.StackedSums):
-        def __init__(self, *args, **kwargs):
-            calls.append(1)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(F, "StackedSums", Spy)
+    calls = spy_stacked(monkeypatch)
     return type("Split", (), {"on": request.param, "used": property(lambda self: len(calls))})()
 
 
@@ -164,8 +158,8 @@ def _inputs(ql, pl, d=64, nl=None, m=0):
 def test_the_plan_stacks_only_where_the_block_is_smaller_and_fits():
     q, p = np.repeat(np.arange(10), 26), np.repeat(np.arange(10), 102)  # cmix10's exact@1024 step
     opts = dict(include_self=True, ops=None, budget=256 << 20, n_temps=3)
-    rows, pos, neg = stack_plan(_inputs(q, p), **opts)
-    assert [r.tolist() for r in rows] == [np.flatnonzero(q == c).tolist() for c in range(10)] and neg is None
+    plan = stack_plan(_inputs(q, p), **opts)
+    assert [r.tolist() for r in plan.rows] == [np.flatnonzero(q == c).tolist() for c in range(10)] and plan.neg is None
     assert stack_plan(_inputs(np.zeros(256, int), np.zeros(1024, int)), **opts) is None  # one class: no saving
     skewed = np.r_[np.zeros(250, int), np.arange(1, 7)]  # padding to the largest class costs more than masking
     assert stack_plan(_inputs(skewed, np.repeat(np.arange(7), 100)), **opts) is None
