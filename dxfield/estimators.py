@@ -36,6 +36,7 @@ class FieldCall:
     precision: str
     drift_norm: bool
     sample: Any = None  # (ys, rows per shard, their sample maps or None) of pos_sample, or None
+    pos_mass: Any = None  # the positives' mass per class (or in all) in the row sums; None: every data point
 
     @property
     def query_labels(self):
@@ -97,11 +98,30 @@ def _bidirectional_field(pf, c: FieldCall, positives):
         sweeper, sums, row_lse = sweep_negatives(pf, xp, c.xa, c.negatives, c.query_labels, bidirectional=True,
                                                  **c.sweep_options)
         shift = sweeper.mu - c.centre  # the sweep's sums are centred on the queries' mean
+    mass = _log_mass(pf, c)
     for k, (b, log_w, log_r) in enumerate(pos_side):
         b -= shift
+        if mass is not None:
+            log_w += mass
+            log_r += mass
         sums[k][0] = RowSums.settled(xp, b, log_w, pf.dtype)
         row_lse[k] = LogSumExp.settled(xp, xp.logaddexp(row_lse[k].value(), log_r), pf.dtype)
     return combine(xp, sums, row_lse, drift_norm=c.drift_norm), fallback, 0
+
+
+def _log_mass(pf, c: FieldCall):
+    """Per query, ``log(pos_mass / n)`` of its class's shard (or of all the data): the summaries hold
+    sums over every data point, and ``pos_mass`` positives drawn from them weigh that share of it
+    (docs/design.md section 8.24); None without ``pos_mass``."""
+    if c.pos_mass is None:
+        return None
+    xp = c.xp
+    if c.groups is None:
+        return float(np.log(c.pos_mass / max(pf.n_samples, 1)))
+    out = np.zeros(c.xa.shape[0])
+    for si, rows in c.groups:
+        out[rows] = np.log(c.pos_mass / max(pf.shards[si].n, 1))
+    return xp.asarray(out)
 
 
 def _bidirectional_nystrom_field(pf, c: FieldCall):
@@ -126,7 +146,11 @@ def _bidirectional_nystrom_field(pf, c: FieldCall):
                 log_w[rows] = xp.where(has, ex.m[rows] + xp.log(xp.where(has, ex.s[rows], 1.0)), -xp.inf)
             log_r[rows] = row_lse[k].value()[rows]
     sums, lse = [], []
+    mass = _log_mass(pf, c)
     for k in range(len(pf.temperatures)):
+        if mass is not None:
+            pos_side[k][1][...] += mass
+            pos_side[k][2][...] += mass
         (pos, pos_r), (neg, neg_r) = _settled(pf, xp, pos_side[k]), _settled(pf, xp, neg_side[k])
         sums.append([pos, neg])
         lse.append(LogSumExp.settled(xp, xp.logaddexp(pos_r, neg_r), pf.dtype))

@@ -190,12 +190,13 @@ class ProjectedField(Summaries):
             return q.placement.to_origin(expand(xp, out, q.n, q.keep, axis=1))
 
 
-    @documented("projected.normalization", "projected.repulsion", "projected.pos_sample", "drift_norm", "neg_weight",
+    @documented("projected.normalization", "projected.repulsion", "projected.pos_sample", "projected.pos_mass",
+                "drift_norm", "neg_weight",
                 "include_self", "backend", "field.check_finite", "engine", "projected.precision")
     def field(self, x, neg=None, *, labels=None, normalization: str = "row", repulsion: str = "exact",
               drift_norm: bool = True, neg_weight=None, include_self: bool | None = None, backend=None,
               check_finite: bool = True, engine=None, precision: str = "float32", pos_sample=None,
-              pos_sample_labels=None, pos_sample_maps=None, neg_labels=None):
+              pos_sample_labels=None, pos_sample_maps=None, neg_labels=None, pos_mass=None):
         """The projected drifting field ``V = b+ - b-`` at ``x`` (N x D), summed over temperatures.
 
         Parameters
@@ -223,6 +224,8 @@ class ProjectedField(Summaries):
         normalization = checks.choice(normalization, "normalization", NORMALIZATIONS)
         repulsion = checks.choice(repulsion, "repulsion", REPULSIONS)
         include_self, neg_weight = resolve_negatives(neg, neg_weight, include_self)
+        if pos_mass is not None:
+            pos_mass = checks.positive_float(pos_mass, "pos_mass")
         if neg_labels is not None and (neg is None or labels is None):
             raise ValueError("neg_labels labels the explicit negatives by class: pass neg and the queries' labels too")
         if repulsion == "nystrom" and (neg is not None or not include_self):
@@ -253,7 +256,7 @@ class ProjectedField(Summaries):
                              negatives=_checked_negatives(self, a, include_self, neg_weight, neg_labels,
                                                           check_finite),
                              centre=self.on_device(q.placement)["centre"], ops=ops, precision=precision,
-                             drift_norm=drift_norm, sample=sample)
+                             drift_norm=drift_norm, sample=sample, pos_mass=pos_mass)
             estimate = ESTIMATORS[normalization, "corrected" if sample is not None else repulsion]
             total, fallback, rep_fallback = estimate(self, call)
             if self.feature_scale is not None and not drift_norm:

@@ -45,6 +45,9 @@ class TrainConfig:
     correction: bool | None = None  # projected field: correct the Nystrom sums with fresh real samples each
     #                                  step; None = auto (off until the uncorrected field's bias is material)
     correction_sample: int | None = None  # real samples per step for the correction (None: `positives`)
+    pos_mass: int | str = "positives"  # projected field: the positives' mass in Algorithm 2's row sums, as if this
+    #                                    many real samples (split over the classes) were drawn: "positives" (the
+    #                                    exact field's mini-batch), a count, or "all" (every training sample)
     landmarks: int = 128  # per class (projected field)
     landmark_method: str = "kmeans"
     conditional: bool = True  # use class labels when the data has them
@@ -97,6 +100,7 @@ class TrainConfig:
         for name in ("correction_sample", "gen_width", "gen_depth", "cpu_threads"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1 (or None: the default), got {getattr(self, name)}")
+        self.pos_mass_count()  # "pos_mass=... is not valid; ..."
         if self.guidance_negatives is not None and int(self.guidance_negatives) < 1:
             raise ValueError(f"guidance_negatives must be >= 1 (or None: batch), got {self.guidance_negatives}")
         if not (np.isfinite(self.guidance_max) and self.guidance_max > 1):
@@ -149,6 +153,21 @@ class TrainConfig:
             warm *= 0.5 * (1.0 + math.cos(math.pi * min(step, self.steps) / max(self.steps, 1)))
         return self.lr * warm
 
+    def pos_mass_count(self) -> int | None:
+        """The projected field's positive mass as a count of real samples per step (None: all the data)."""
+        if self.pos_mass == "all":
+            return None
+        if self.pos_mass == "positives":
+            return int(self.positives)
+        try:
+            count = int(self.pos_mass)
+        except (TypeError, ValueError):
+            count = 0
+        if count < 1 or str(count) != str(self.pos_mass).strip():
+            raise ValueError(f"--pos-mass (pos_mass) {self.pos_mass!r} is not valid; choose positives (the default: "
+                             f"--positives), all (every training sample), or a whole number of samples >= 1")
+        return count
+
     @property
     def real_per_step(self) -> int:
         """Real samples a step draws: the exact field's positives, or the correction's sample."""
@@ -160,4 +179,6 @@ class TrainConfig:
         kw = {k: v for k, v in d.items() if k in known}
         if "temperatures" in kw:
             kw["temperatures"] = tuple(kw["temperatures"])
+        # runs saved before pos_mass existed summed Algorithm 2 over all the data: resume them as they ran
+        kw.setdefault("pos_mass", "all")
         return cls(**kw)

@@ -151,6 +151,7 @@ class ProjectedFieldSet:
         self.last_stats: dict = {}
         self.maps: dict[str, torch.Tensor] = {}  # per group: dxfield's sample maps of every training row
         self._map_source = None  # (features, labels, byte limit, log) to make them from, once needed
+        self.pos_mass = None  # the positives' mass per class in the row sums (None: every training row)
 
     def configure(self, cfg) -> None:
         """Take the field options of a :class:`dxtrain.train.TrainConfig` (``correction=None``: automatic,
@@ -159,6 +160,8 @@ class ProjectedFieldSet:
         self.auto_correction = cfg.correction is None and correction_applies(cfg.normalization, cfg.repulsion)
         self.correction = bool(cfg.correction)  # None (automatic) starts off
         self.correction_from = None  # the step the automatic correction turned on at
+        count = cfg.pos_mass_count()
+        self.pos_mass = None if count is None else _mass_per_class(count, self.fields)
 
     def keep_sample_maps(self, features: dict, labels, limit: int, log=None) -> None:
         """Make, at the first corrected call, each group's :meth:`dxfield.ProjectedField.sample_maps` of every
@@ -219,7 +222,8 @@ class ProjectedFieldSet:
             lab = None if labels is None else to_dxfield(labels)
             for name, f in features.items():
                 pf, x = self.fields[name], to_dxfield(f)
-                opts = dict(labels=lab, normalization=self.normalization, repulsion=self.repulsion)
+                opts = dict(labels=lab, normalization=self.normalization, repulsion=self.repulsion,
+                            pos_mass=self.pos_mass)
                 vu = pf.field(x, **opts)
                 v1, v2 = (pf.field(x, **self.sample_options(name, s[0], (*s, None)[2], f.device),
                                    pos_sample_labels=None if s[1] is None else to_dxfield(s[1]), **opts)
@@ -326,7 +330,7 @@ class ProjectedFieldSet:
                 if self.correction:
                     sample.update(self.sample_options(name, positives, pos_rows, f.device))
                 v = pf.field(to_dxfield(f), labels=lab, normalization=self.normalization, repulsion=self.repulsion,
-                             **sample, **guidance_negatives(negatives, name))
+                             pos_mass=self.pos_mass, **sample, **guidance_negatives(negatives, name))
                 fallback += sum(pf.last_stats.get("attraction_fallback_rows", [0]))
                 fallback += int(pf.last_stats.get("repulsion_fallback_rows", 0))
                 out[name] = GroupDrift(to_torch(v, f), float(pf.feature_scale or 1.0))
@@ -406,6 +410,13 @@ def points_per_landmark(fields) -> float:
     """Data points per landmark of the summaries: ``sum n / sum m`` over the shards, the fewest of the fields."""
     ratios = [sum(s.n for s in pf.shards) / max(1, sum(s.m for s in pf.shards)) for pf in fields]
     return min(ratios) if ratios else 0.0
+
+
+def _mass_per_class(count: int, fields: dict) -> float:
+    """``count`` positives split evenly over the classes, as an exact step draws them (one shard per class)."""
+    from .guards import per_class  # guards imports this module
+    pf = next(iter(fields.values()))
+    return float(per_class(count, len(pf.shards)) if pf.classes != [None] else count)
 
 
 def correction_applies(normalization: str, repulsion: str) -> bool:

@@ -19,8 +19,9 @@ def log_kernel(d, tau, kernel="laplace"):
 
 
 def field(x, pos, neg=None, *, temperatures=(0.02, 0.05, 0.2), normalization="bidirectional",
-          kernel="laplace", feature_scale="auto", drift_norm=True, neg_weight=None, include_self=None):
-    """Return (V, S) following docs/design.md; neg=None means the queries, self pairs masked."""
+          kernel="laplace", feature_scale="auto", drift_norm=True, neg_weight=None, include_self=None, pos_weight=1.0):
+    """Return (V, S) following docs/design.md; neg=None means the queries, self pairs masked.  ``pos_weight``:
+    every positive's multiplicity (in the row sums, not in its own column sum), as ``neg_weight``'s."""
     x = np.asarray(x, np.float64)
     pos = np.asarray(pos, np.float64)
     if include_self is None:
@@ -53,7 +54,7 @@ def field(x, pos, neg=None, *, temperatures=(0.02, 0.05, 0.2), normalization="bi
         dpos, dneg = dpos / scale, dneg / scale
     total = np.zeros_like(x)
     P = len(pos)
-    logw = np.log(np.concatenate([np.ones(P), wneg]))
+    logw = np.log(np.concatenate([np.full(P, float(pos_weight)), wneg]))
     for tau in np.atleast_1d(temperatures):
         t = tau * np.sqrt(d) if scale is not None else tau
         L = log_kernel(np.concatenate([dpos, dneg], axis=1), t, kernel)

@@ -89,3 +89,21 @@ def test_too_many_landmarks_and_bad_arguments():
         select(y, 2, labels=np.zeros(3, dtype=int))
     with pytest.raises(ValueError, match="y"):
         select(np.full((4, 2), np.inf), 2)
+
+
+@pytest.mark.parametrize("n, m", [(0, 4), (1, 4), (50, 7), (2000, 128)])
+def test_scatter_add_sums_rows_by_index(xp, n, m):
+    """k-means' centre sums: every row added to its index's sum (repeated indices accumulate, unused ones stay),
+    against a dense float64 one-hot product."""
+    from dxfield.landmarks import _scatter_add
+    rng = np.random.default_rng(n)
+    idx = rng.integers(0, max(m - 2, 1), n)  # the last indices never occur
+    values = rng.normal(size=(n, 5)).astype(np.float32)
+    start = rng.normal(size=(m, 5)).astype(np.float32)
+    out = xp.asarray(start.copy())
+    _scatter_add(xp, out, xp.asarray(idx), xp.asarray(values))
+    out = out.get() if hasattr(out, "get") else out
+    onehot = np.zeros((n, m))
+    onehot[np.arange(n), idx] = 1.0
+    want = start + onehot.T @ values.astype(np.float64)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-4)
