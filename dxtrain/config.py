@@ -26,6 +26,11 @@ PRECISIONS = ("float32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 
 
+def per_class(n: int, num_classes: int) -> int:
+    """Samples per class out of ``n`` split evenly over the classes: at least one (as the loop draws)."""
+    return max(1, n // num_classes)
+
+
 @dataclass
 class TrainConfig:
     """Everything a run depends on; saved as ``config.json`` in the run folder."""
@@ -153,20 +158,22 @@ class TrainConfig:
             warm *= 0.5 * (1.0 + math.cos(math.pi * min(step, self.steps) / max(self.steps, 1)))
         return self.lr * warm
 
-    def pos_mass_count(self) -> int | None:
-        """The projected field's positive mass as a count of real samples per step (None: all the data)."""
+    def pos_mass_count(self, num_classes: int = 0) -> int | None:
+        """The projected field's positive mass as real samples per step, per class when ``num_classes`` (split as
+        a step draws them); None: all the data."""
         if self.pos_mass == "all":
             return None
         if self.pos_mass == "positives":
-            return int(self.positives)
-        try:
-            count = int(self.pos_mass)
-        except (TypeError, ValueError):
-            count = 0
-        if count < 1 or str(count) != str(self.pos_mass).strip():
-            raise ValueError(f"--pos-mass (pos_mass) {self.pos_mass!r} is not valid; choose positives (the default: "
-                             f"--positives), all (every training sample), or a whole number of samples >= 1")
-        return count
+            count = int(self.positives)
+        else:
+            try:
+                count = int(self.pos_mass)
+            except (TypeError, ValueError):
+                count = 0
+            if count < 1 or str(count) != str(self.pos_mass).strip():
+                raise ValueError(f"--pos-mass (pos_mass) {self.pos_mass!r} is not valid; choose positives (the "
+                                 f"default: --positives), all (every training sample), or a whole number >= 1")
+        return per_class(count, num_classes) if num_classes else count
 
     @property
     def real_per_step(self) -> int:

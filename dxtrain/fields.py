@@ -160,8 +160,9 @@ class ProjectedFieldSet:
         self.auto_correction = cfg.correction is None and correction_applies(cfg.normalization, cfg.repulsion)
         self.correction = bool(cfg.correction)  # None (automatic) starts off
         self.correction_from = None  # the step the automatic correction turned on at
-        count = cfg.pos_mass_count()
-        self.pos_mass = None if count is None else _mass_per_class(count, self.fields)
+        pf = next(iter(self.fields.values()))
+        count = cfg.pos_mass_count(len(pf.shards) if pf.classes != [None] else 0)
+        self.pos_mass = None if count is None else float(count)
 
     def keep_sample_maps(self, features: dict, labels, limit: int, log=None) -> None:
         """Make, at the first corrected call, each group's :meth:`dxfield.ProjectedField.sample_maps` of every
@@ -410,13 +411,6 @@ def points_per_landmark(fields) -> float:
     """Data points per landmark of the summaries: ``sum n / sum m`` over the shards, the fewest of the fields."""
     ratios = [sum(s.n for s in pf.shards) / max(1, sum(s.m for s in pf.shards)) for pf in fields]
     return min(ratios) if ratios else 0.0
-
-
-def _mass_per_class(count: int, fields: dict) -> float:
-    """``count`` positives split evenly over the classes, as an exact step draws them (one shard per class)."""
-    from .guards import per_class  # guards imports this module
-    pf = next(iter(fields.values()))
-    return float(per_class(count, len(pf.shards)) if pf.classes != [None] else count)
 
 
 def correction_applies(normalization: str, repulsion: str) -> bool:

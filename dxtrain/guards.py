@@ -26,6 +26,7 @@ import math
 
 import numpy as np
 
+from .config import per_class
 from .fields import ProjectedFieldSet
 
 GPU_EXTRA = "driftxpress[gpu]"  # pyproject.toml's extra with CuPy
@@ -57,11 +58,6 @@ def need_cupy(device) -> None:
         raise ValueError(f"device {device} needs CuPy for the drifting field on the GPU, but {problem}: "
                          f"pip install \"{GPU_EXTRA}\" (CUDA 12; another CUDA takes its own wheel, e.g. "
                          "cupy-cuda13x), or train on the CPU with --device cpu")
-
-
-def per_class(n: int, num_classes: int) -> int:
-    """Samples per class out of ``n`` split evenly over the classes: at least one (as the loop draws)."""
-    return max(1, n // num_classes)
 
 
 def check_batch(cfg, num_classes: int, log, world_size: int = 1) -> None:
