@@ -190,9 +190,9 @@ def main(debug):
               help="Real samples per step for the correction [default: --positives].")
 @click.option("--pos-mass", default=_DEFAULTS.pos_mass, show_default=True,
               help="Projected field: the positives' weight in the bidirectional field's row sums, as a number of "
-                   "real samples per step (split over the classes): positives (--positives: the field standard "
-                   "drifting estimates with its mini-batch, from the whole data set), a count, or all (every "
-                   "training sample counts fully: Algorithm 2 against the whole data set).")
+                   "real samples per step (split over the classes): all (every training sample counts fully: "
+                   "Algorithm 2 against the whole data set), positives (--positives: the field standard drifting "
+                   "estimates with its mini-batch, from the whole data set), or a count.")
 @click.option("--landmarks", type=click.IntRange(min=1), default=_DEFAULTS.landmarks, show_default=True,
               help="Nystrom landmarks per class (projected field).")
 @click.option("--landmark-method", type=click.Choice(["kmeans", "uniform", "kcenter", "rls"]),

@@ -50,9 +50,9 @@ class TrainConfig:
     correction: bool | None = None  # projected field: correct the Nystrom sums with fresh real samples each
     #                                  step; None = auto (off until the uncorrected field's bias is material)
     correction_sample: int | None = None  # real samples per step for the correction (None: `positives`)
-    pos_mass: int | str = "positives"  # projected field: the positives' mass in Algorithm 2's row sums, as if this
-    #                                    many real samples (split over the classes) were drawn: "positives" (the
-    #                                    exact field's mini-batch), a count, or "all" (every training sample)
+    pos_mass: int | str = "all"  # projected field: the positives' mass in Algorithm 2's row sums, as if this many
+    #                              real samples (split over the classes) were drawn: "all" (every training sample
+    #                              weighs 1), "positives" (the exact field's mini-batch) or a count
     landmarks: int = 128  # per class (projected field)
     landmark_method: str = "kmeans"
     conditional: bool = True  # use class labels when the data has them
@@ -171,8 +171,8 @@ class TrainConfig:
             except (TypeError, ValueError):
                 count = 0
             if count < 1 or str(count) != str(self.pos_mass).strip():
-                raise ValueError(f"--pos-mass (pos_mass) {self.pos_mass!r} is not valid; choose positives (the "
-                                 f"default: --positives), all (every training sample), or a whole number >= 1")
+                raise ValueError(f"--pos-mass (pos_mass) {self.pos_mass!r} is not valid; choose all (the default: "
+                                 f"every training sample), positives (--positives), or a whole number >= 1")
         return per_class(count, num_classes) if num_classes else count
 
     @property
@@ -186,6 +186,4 @@ class TrainConfig:
         kw = {k: v for k, v in d.items() if k in known}
         if "temperatures" in kw:
             kw["temperatures"] = tuple(kw["temperatures"])
-        # runs saved before pos_mass existed summed Algorithm 2 over all the data: resume them as they ran
-        kw.setdefault("pos_mass", "all")
         return cls(**kw)

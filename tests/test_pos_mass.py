@@ -111,7 +111,7 @@ def test_runs_saved_before_the_mass_resume_with_all_the_data():
     old = {k: v for k, v in TrainConfig().__dict__.items() if k != "pos_mass"}
     assert TrainConfig.from_dict(old).pos_mass == "all"
     assert TrainConfig.from_dict({**old, "pos_mass": 128}).pos_mass == 128
-    assert TrainConfig().pos_mass == "positives"
+    assert TrainConfig().pos_mass == "all"  # the default (docs/design.md section 8.24)
 
 
 @pytest.mark.parametrize("pos_mass, want", [("positives", 96 // 3), (30, 10), ("all", None)])
