@@ -16,19 +16,7 @@ import dxfield
 import reference as ref
 from dxtrain.config import TrainConfig
 from dxtrain.fields import ProjectedFieldSet
-from test_projected_bidirectional import two_classes
-
-D, P, N = 4, 40, 15
-
-
-@pytest.fixture(scope="module")
-def points():
-    rng = np.random.default_rng(15)
-    return rng.normal(size=(N, D)), rng.normal(size=(P, D)) + 0.5
-
-
-def full_rank(pos, temps, **kw):
-    return dxfield.ProjectedField.build(pos, landmarks=pos, ridge=1e-12, temperatures=temps, **kw)
+from test_projected_bidirectional import D, P, full_rank, points, two_classes  # noqa: F401 (points: a fixture)
 
 
 @pytest.mark.parametrize("kernel", ["laplace", "gaussian"])
