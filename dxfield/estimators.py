@@ -98,30 +98,30 @@ def _bidirectional_field(pf, c: FieldCall, positives):
         sweeper, sums, row_lse = sweep_negatives(pf, xp, c.xa, c.negatives, c.query_labels, bidirectional=True,
                                                  **c.sweep_options)
         shift = sweeper.mu - c.centre  # the sweep's sums are centred on the queries' mean
-    mass = _log_mass(pf, c)
+    _weigh_positives(pf, c, pos_side)
     for k, (b, log_w, log_r) in enumerate(pos_side):
         b -= shift
-        if mass is not None:
-            log_w += mass
-            log_r += mass
         sums[k][0] = RowSums.settled(xp, b, log_w, pf.dtype)
         row_lse[k] = LogSumExp.settled(xp, xp.logaddexp(row_lse[k].value(), log_r), pf.dtype)
     return combine(xp, sums, row_lse, drift_norm=c.drift_norm), fallback, 0
 
 
-def _log_mass(pf, c: FieldCall):
-    """Per query, ``log(pos_mass / n)`` of its class's shard (or of all the data): the summaries hold
-    sums over every data point, and ``pos_mass`` positives drawn from them weigh that share of it
-    (docs/design.md section 8.24); None without ``pos_mass``."""
+def _weigh_positives(pf, c: FieldCall, pos_side) -> None:
+    """With ``pos_mass``, add ``log(pos_mass / n)`` of each query's class shard (or of all the data) to the
+    positives' ``log_w`` and ``log_r`` of every temperature, in place: the summaries hold sums over every data
+    point, and ``pos_mass`` positives drawn from them weigh that share of it (docs/design.md section 8.24)."""
     if c.pos_mass is None:
-        return None
-    xp = c.xp
+        return
     if c.groups is None:
-        return float(np.log(c.pos_mass / max(pf.n_samples, 1)))
-    out = np.zeros(c.xa.shape[0])
-    for si, rows in c.groups:
-        out[rows] = np.log(c.pos_mass / max(pf.shards[si].n, 1))
-    return xp.asarray(out)
+        mass = float(np.log(c.pos_mass / max(pf.n_samples, 1)))
+    else:
+        per_row = np.zeros(c.xa.shape[0])
+        for si, rows in c.groups:
+            per_row[rows] = np.log(c.pos_mass / max(pf.shards[si].n, 1))
+        mass = c.xp.asarray(per_row)
+    for _, log_w, log_r in pos_side:
+        log_w += mass
+        log_r += mass
 
 
 def _bidirectional_nystrom_field(pf, c: FieldCall):
@@ -146,11 +146,8 @@ def _bidirectional_nystrom_field(pf, c: FieldCall):
                 log_w[rows] = xp.where(has, ex.m[rows] + xp.log(xp.where(has, ex.s[rows], 1.0)), -xp.inf)
             log_r[rows] = row_lse[k].value()[rows]
     sums, lse = [], []
-    mass = _log_mass(pf, c)
+    _weigh_positives(pf, c, pos_side)
     for k in range(len(pf.temperatures)):
-        if mass is not None:
-            pos_side[k][1][...] += mass
-            pos_side[k][2][...] += mass
         (pos, pos_r), (neg, neg_r) = _settled(pf, xp, pos_side[k]), _settled(pf, xp, neg_side[k])
         sums.append([pos, neg])
         lse.append(LogSumExp.settled(xp, xp.logaddexp(pos_r, neg_r), pf.dtype))

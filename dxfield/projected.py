@@ -191,8 +191,8 @@ class ProjectedField(Summaries):
 
 
     @documented("projected.normalization", "projected.repulsion", "projected.pos_sample", "projected.pos_mass",
-                "drift_norm", "neg_weight",
-                "include_self", "backend", "field.check_finite", "engine", "projected.precision")
+                "drift_norm", "neg_weight", "include_self", "backend", "field.check_finite", "engine",
+                "projected.precision")
     def field(self, x, neg=None, *, labels=None, normalization: str = "row", repulsion: str = "exact",
               drift_norm: bool = True, neg_weight=None, include_self: bool | None = None, backend=None,
               check_finite: bool = True, engine=None, precision: str = "float32", pos_sample=None,

@@ -4,8 +4,8 @@ Algorithm 2 against P positives drawn from the data estimates the field in
 which every data point weighs P / n in the row sums (not in its own column
 sum). With every positive a landmark and ridge -> 0, the projected field with
 ``pos_mass=P`` must be that field, checked against the dense float64 reference
-with weighted positives; and dxtrain must pass --positives (split over the
-classes) by default.
+with weighted positives; and dxtrain must pass --pos-mass split over the
+classes.
 """
 
 import numpy as np
