@@ -153,7 +153,9 @@ BENCHES = {b.name: b for b in (
 # The crossover study (`bench/train.py --bench crossover`): one axis at a time, where does DriftXpress start
 # to win?  Unconditional: the number of equal modes in 32-D, against the positives a step can afford (a
 # mode holds P / modes of them).  Conditional: the number of classes (4 modes each, 32-D), which splits
-# the positives (P / classes per class) and the batch alike.
+# the positives (P / classes per class) and the batch alike.  Dimension: mix200's shape (200 Zipf modes,
+# unconditional) in 32 to 1024 dimensions, where an exact step's distances grow with P x D and the
+# generator's cost with D alone, so the field's share of a step -- the bound of docs/design.md 8.9 -- grows.
 CROSSOVER = {b.name: b for b in [
     Bench(f"modes{k}-32d", f"{k} equal modes, 32-D, unconditional (crossover: modes)",
           _mix(n=40000, modes=k, dim=32, weights="equal", sigma=0.3), budget=30.0)
@@ -161,7 +163,10 @@ CROSSOVER = {b.name: b for b in [
     Bench(f"classes{k}-32d", f"{k} classes x 4 modes, 32-D, class-conditional (crossover: classes)",
           _mix(n=40000, modes=4 * k, dim=32, weights="equal", sigma=0.3, classes=k), conditional=True,
           budget=30.0)
-    for k in (2, 8, 16, 32, 64)]}
+    for k in (2, 8, 16, 32, 64)] + [
+    Bench(f"dim{d}-zipf200", f"200 modes, Zipf weights, {d}-D, unconditional (crossover: dimension)",
+          _mix(n=60000, modes=200, dim=d, weights="zipf", sigma=0.4), budget=45.0)
+    for d in (32, 128, 512, 1024)]}
 # The image bench at the paper's image size (`bench/train.py --bench images`): 32x32 RGB, class-conditional,
 # dxtrain's defaults (the conv generator and builtin encoder; `--variant unet=generator=unet,gen_width=32`
 # and a timm encoder through --variant are the paper's setting at a CPU's scale).

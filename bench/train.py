@@ -472,11 +472,11 @@ def plot(result: dict, path: Path) -> None:
     write_png(path, picture)
 
 
-CROSSOVER_AXIS = re.compile(r"^(modes|classes)(\d+)-")  # a crossover bench: its family and the value on its axis
+CROSSOVER_AXIS = re.compile(r"^(modes|classes|dim)(\d+)-")  # a crossover bench: its family and the value on its axis
 
 
 def crossover_points(results: list[dict]) -> dict:
-    """The crossover study's figures by family (``modes``, ``classes``): per bench its axis value, the
+    """The crossover study's figures by family (``modes``, ``classes``, ``dim``): per bench its axis value, the
     time-to-target ratio per seed ("not reached": 0), their median and the median equal-budget ratio."""
     out: dict[str, list[dict]] = {}
     for r in results:
@@ -524,7 +524,7 @@ def plot_crossover(results: list[dict], path: Path) -> bool:
                         hlines=[{"y": 1.0, "label": "parity", "colour": (120, 120, 120)},
                                 {"y": 3.0, "label": "goal: 3x", "colour": (214, 39, 40)}],
                         title="crossover: DriftXpress at the defaults against the tuned standard drifting",
-                        xlabel="value on the family's axis (modes, or classes of 4 modes each; log scale)",
+                        xlabel="value on the family's axis (modes; classes of 4 modes each; dimension; log scale)",
                         ylabel="ratio (> 1: DriftXpress ahead; log scale)")
     write_png(path, picture)
     return True

@@ -259,18 +259,20 @@ def test_crossover_points_and_figure(bt, tmp_path):
     base = _run([5, 10, 20, 40], [1.0, 0.5, 0.3, 0.2])
     ahead, behind = _run([5, 10, 20, 40], [0.9, 0.25, 0.1, 0.05]), _run([5, 10, 20, 40], [1.5, 1.2, 0.9, 0.4])
     results = []
-    for name, runs in (("classes32-32d", (ahead, ahead)), ("classes2-32d", (behind, ahead)), ("mix64-32d", (ahead,))):
+    for name, runs in (("classes32-32d", (ahead, ahead)), ("classes2-32d", (behind, ahead)), ("dim512-zipf200", (ahead,)),
+                       ("mix64-32d", (ahead,))):
         r = {"bench": name, "budget": 40.0, "host_kind": "cpu2", "tune": "seed0", "methods": ["exact@512", "projected"],
              "runs": {str(k): {"exact@512": base, "projected": p} for k, p in enumerate(runs)}}
         bt.analyse(r)
         results.append(r)
     points = bt.crossover_points(results)
-    assert list(points) == ["classes"] and [p["value"] for p in points["classes"]] == [2, 32]  # sorted; mix64 left out
+    assert sorted(points) == ["classes", "dim"] and [p["value"] for p in points["classes"]] == [2, 32]  # sorted
+    assert [p["value"] for p in points["dim"]] == [512]  # mix64 (not on an axis) left out
     low, high = points["classes"]
     assert low["ratios"][0] == 0.0 and low["median"] == pytest.approx(0.5 * high["median"])  # (0, r) against (r, r)
     assert high["equal_budget"] == pytest.approx(4.0) and high["baseline"] == "exact@512"
     assert bt.plot_crossover(results, tmp_path / "x.png") and read_png(tmp_path / "x.png").shape == (640, 1000, 3)
-    assert not bt.plot_crossover(results[2:], tmp_path / "none.png") and not (tmp_path / "none.png").exists()
+    assert not bt.plot_crossover(results[3:], tmp_path / "none.png") and not (tmp_path / "none.png").exists()
 
 
 # --------------------------------------------------------------------------- command line
