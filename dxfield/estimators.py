@@ -11,7 +11,7 @@ fallback rows)``, ``V`` summed over temperatures (docs/design.md sections
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,7 @@ import numpy as np
 from .attraction import bidirectional_attraction, corrected_attraction, row_attraction
 from .repulsion import (QUERIES, Negatives, bidirectional_nystrom, exact_repulsion, nystrom_repulsion,
                         sweep_negatives)
-from .sums import LogSumExp, RowSums, combine, normalize_drift
+from .sums import LogSumExp, RowSums, combine, normalize_drift, quiet
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,9 @@ class FieldCall:
     precision: str
     drift_norm: bool
     sample: Any = None  # (ys, rows per shard, their sample maps or None) of pos_sample, or None
-    pos_mass: Any = None  # the positives' mass per class (or in all) in the row sums; None: every data point
+    pos_mass: Any = None  # the positives' mass per class (or in all) in the row sums, or "balanced"; None: every
+    #                       data point
+    stats: dict = field(default_factory=dict)  # what the estimator measured (the balanced mass), for last_stats
 
     @property
     def query_labels(self):
@@ -98,7 +100,7 @@ def _bidirectional_field(pf, c: FieldCall, positives):
         sweeper, sums, row_lse = sweep_negatives(pf, xp, c.xa, c.negatives, c.query_labels, bidirectional=True,
                                                  **c.sweep_options)
         shift = sweeper.mu - c.centre  # the sweep's sums are centred on the queries' mean
-    _weigh_positives(pf, c, pos_side)
+    _weigh_positives(pf, c, pos_side, [r.value() for r in row_lse])
     for k, (b, log_w, log_r) in enumerate(pos_side):
         b -= shift
         sums[k][0] = RowSums.settled(xp, b, log_w, pf.dtype)
@@ -106,11 +108,16 @@ def _bidirectional_field(pf, c: FieldCall, positives):
     return combine(xp, sums, row_lse, drift_norm=c.drift_norm), fallback, 0
 
 
-def _weigh_positives(pf, c: FieldCall, pos_side) -> None:
+def _weigh_positives(pf, c: FieldCall, pos_side, neg_lse) -> None:
     """With ``pos_mass``, add ``log(pos_mass / n)`` of each query's class shard (or of all the data) to the
     positives' ``log_w`` and ``log_r`` of every temperature, in place: the summaries hold sums over every data
-    point, and ``pos_mass`` positives drawn from them weigh that share of it (docs/design.md section 8.24)."""
+    point, and ``pos_mass`` positives drawn from them weigh that share of it (docs/design.md section 8.24).
+    ``pos_mass="balanced"``: measured per class by :func:`_weigh_balanced` from ``neg_lse``, the negatives' row
+    log-sum-exp per temperature."""
     if c.pos_mass is None:
+        return
+    if c.pos_mass == "balanced":
+        _weigh_balanced(pf, c, pos_side, neg_lse)
         return
     if c.groups is None:
         mass = float(np.log(c.pos_mass / max(pf.n_samples, 1)))
@@ -122,6 +129,54 @@ def _weigh_positives(pf, c: FieldCall, pos_side) -> None:
     for _, log_w, log_r in pos_side:
         log_w += mass
         log_r += mass
+
+
+def _weigh_balanced(pf, c: FieldCall, pos_side, neg_lse) -> None:
+    """``pos_mass="balanced"``: per class, ``log(mass / n) = min(0, mean_t median_i (LR-_ti - LR+_ti))``, the
+    median over the class's queries ``i`` (both sides' row log-sum-exps finite) and the mean over temperatures
+    ``t``: one mass for every temperature, at which the median query's row normaliser weighs its positives about
+    as much as its negatives, and no data point weighs more than 1 (docs/design.md section 8.28).  Adds it in
+    place like :func:`_weigh_positives`; leaves ``log(mass)`` per class (on the device) in
+    ``c.stats["log_pos_mass"]``.  No host synchronisation."""
+    xp = c.xp
+    n_rows = c.xa.shape[0]
+    group_of = np.zeros(n_rows, dtype=np.int64)
+    if c.groups is None:
+        sizes = [pf.n_samples]
+    else:
+        for g, (_, rows) in enumerate(c.groups):
+            group_of[rows] = g
+        sizes = [pf.shards[si].n for si, _ in c.groups]
+    counts = np.bincount(group_of, minlength=len(sizes))
+    order = np.argsort(group_of, kind="stable")  # the rows class by class, each class's padded with +inf
+    slot = np.arange(n_rows) - np.repeat(np.cumsum(counts) - counts, counts)
+    flat = xp.asarray(group_of[order] * int(counts.max()) + slot)
+    order = xp.asarray(order)
+    medians = []
+    for (_, _, log_r), neg in zip(pos_side, neg_lse):
+        with quiet(xp):
+            gap = xp.asarray(neg, dtype=xp.float64) - xp.asarray(log_r, dtype=xp.float64)
+        medians.append(_class_medians(xp, gap, order, flat, len(sizes), int(counts.max())))
+    offset = xp.minimum(xp.mean(xp.stack(medians), axis=0), 0.0)
+    offset = xp.where(xp.isnan(offset), 0.0, offset)  # a class without a finite row: every point weighs 1
+    shift = offset[xp.asarray(group_of)]
+    for _, log_w, log_r in pos_side:
+        log_w += shift.astype(log_w.dtype, copy=False)
+        log_r += shift.astype(log_r.dtype, copy=False)
+    c.stats["log_pos_mass"] = offset + xp.asarray(np.log(np.maximum(sizes, 1)))
+
+
+def _class_medians(xp, values, order, flat, groups: int, width: int):
+    """Median of the finite ``values`` of each class (nan for a class without one): the rows sorted into a
+    padded classes x width block (``order``, ``flat``), non-finite entries as +inf."""
+    finite = xp.isfinite(values)
+    block = xp.full(groups * width, xp.inf)
+    block[flat] = xp.where(finite, values, xp.inf)[order]
+    block = xp.sort(block.reshape(groups, width), axis=1)
+    k = xp.bincount(xp.asarray(flat // width)[finite[order]], minlength=groups)  # finite rows per class
+    lo = xp.take_along_axis(block, xp.maximum((k - 1) // 2, 0)[:, None], axis=1)[:, 0]
+    hi = xp.take_along_axis(block, xp.minimum(k // 2, width - 1)[:, None], axis=1)[:, 0]
+    return xp.where(k > 0, 0.5 * (lo + hi), xp.nan)
 
 
 def _bidirectional_nystrom_field(pf, c: FieldCall):
@@ -146,7 +201,7 @@ def _bidirectional_nystrom_field(pf, c: FieldCall):
                 log_w[rows] = xp.where(has, ex.m[rows] + xp.log(xp.where(has, ex.s[rows], 1.0)), -xp.inf)
             log_r[rows] = row_lse[k].value()[rows]
     sums, lse = [], []
-    _weigh_positives(pf, c, pos_side)
+    _weigh_positives(pf, c, pos_side, [side[2] for side in neg_side])
     for k in range(len(pf.temperatures)):
         (pos, pos_r), (neg, neg_r) = _settled(pf, xp, pos_side[k]), _settled(pf, xp, neg_side[k])
         sums.append([pos, neg])

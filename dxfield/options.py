@@ -100,14 +100,17 @@ pos_sample_maps : array (B, T, m), optional
     The :meth:`sample_maps` of ``pos_sample``'s rows, where the caller keeps
     them for the data it samples from: the call then skips the sample's
     landmark distances and m x m products (docs/design.md section 8.18).""",
-    "projected.pos_mass": """pos_mass : float > 0, optional
+    "projected.pos_mass": """pos_mass : float > 0 or "balanced", optional
     The positives' mass in the bidirectional field's row sums: the field of
     Algorithm 2 against ``pos_mass`` positives drawn from the summarised data
     (per class with labels), each data point weighing ``pos_mass / n`` of its
     class's ``n``.  Standard drifting with P positives estimates this field
-    with ``pos_mass = P`` (docs/design.md section 8.24).  Default: every data
-    point weighs 1 (Algorithm 2 against all the data).  The row-normalised
-    field does not depend on it.""",
+    with ``pos_mass = P`` (docs/design.md section 8.24).  ``"balanced"``:
+    measured per class and call, one mass for every temperature, at which
+    the median query's row normaliser weighs its positives about as much as
+    its negatives (the geometric mean over temperatures), at most ``n``
+    (section 8.28); the mass chosen is left in ``last_stats``.  Default: every data point weighs 1 (Algorithm 2 against
+    all the data).  The row-normalised field does not depend on it.""",
     "nystrom.regularisation": """ridge, eig_clamp : float
     Nystrom regularisation (see :class:`dxfield.Nystrom`).""",
 }

@@ -219,12 +219,16 @@ class ProjectedField(Summaries):
         Returns
         -------
         V : (N, D) in units of the stored feature scale, in ``x``'s namespace/device.
-        Statistics of the call (fallback rows) are left in :attr:`last_stats`.
+        Statistics of the call (fallback rows; with ``pos_mass="balanced"``, ``log_pos_mass``: the log of
+        the mass chosen, temperatures x classes, on the call's device) are left in :attr:`last_stats`.
         """
         normalization = checks.choice(normalization, "normalization", NORMALIZATIONS)
         repulsion = checks.choice(repulsion, "repulsion", REPULSIONS)
         include_self, neg_weight = resolve_negatives(neg, neg_weight, include_self)
-        if pos_mass is not None:
+        if isinstance(pos_mass, str):
+            if pos_mass != "balanced":
+                raise ValueError(f"pos_mass={pos_mass!r} is not valid: give a mass > 0 or 'balanced'")
+        elif pos_mass is not None:
             pos_mass = checks.positive_float(pos_mass, "pos_mass")
         if neg_labels is not None and (neg is None or labels is None):
             raise ValueError("neg_labels labels the explicit negatives by class: pass neg and the queries' labels too")
@@ -261,7 +265,8 @@ class ProjectedField(Summaries):
             total, fallback, rep_fallback = estimate(self, call)
             if self.feature_scale is not None and not drift_norm:
                 total /= self.feature_scale
-            self.last_stats = {"attraction_fallback_rows": fallback, "repulsion_fallback_rows": rep_fallback}
+            self.last_stats = {"attraction_fallback_rows": fallback, "repulsion_fallback_rows": rep_fallback,
+                               **call.stats}
             return q.placement.to_origin(expand(xp, total, q.n, q.keep))
 
     def sample_maps(self, y, labels=None, *, backend=None):

@@ -192,7 +192,9 @@ def main(debug):
               help="Projected field: the positives' weight in the bidirectional field's row sums, as a number of "
                    "real samples per step (split over the classes): all (every training sample counts fully: "
                    "Algorithm 2 against the whole data set), positives (--positives: the field standard drifting "
-                   "estimates with its mini-batch, from the whole data set), or a count.")
+                   "estimates with its mini-batch, from the whole data set), a count, or balanced (measured every "
+                   "step: the mass at which the median sample's row normaliser weighs the positives as much as "
+                   "the generated batch, at most all; logged as pos_mass).")
 @click.option("--landmarks", type=click.IntRange(min=1), default=_DEFAULTS.landmarks, show_default=True,
               help="Nystrom landmarks per class (projected field).")
 @click.option("--landmark-method", type=click.Choice(["kmeans", "uniform", "kcenter", "rls"]),

@@ -52,7 +52,8 @@ class TrainConfig:
     correction_sample: int | None = None  # real samples per step for the correction (None: `positives`)
     pos_mass: int | str = "all"  # projected field: the positives' mass in Algorithm 2's row sums, as if this many
     #                              real samples (split over the classes) were drawn: "all" (every training sample
-    #                              weighs 1), "positives" (the exact field's mini-batch) or a count
+    #                              weighs 1), "positives" (the exact field's mini-batch), a count, or "balanced"
+    #                              (measured each step: positives weigh as much as the batch; at most "all")
     landmarks: int = 128  # per class (projected field)
     landmark_method: str = "kmeans"
     conditional: bool = True  # use class labels when the data has them
@@ -158,11 +159,13 @@ class TrainConfig:
             warm *= 0.5 * (1.0 + math.cos(math.pi * min(step, self.steps) / max(self.steps, 1)))
         return self.lr * warm
 
-    def pos_mass_count(self, num_classes: int = 0) -> int | None:
+    def pos_mass_count(self, num_classes: int = 0) -> int | str | None:
         """The projected field's positive mass as real samples per step, per class when ``num_classes`` (split as
-        a step draws them); None: all the data."""
+        a step draws them); None: all the data; "balanced": the field measures it (docs/design.md section 8.28)."""
         if self.pos_mass == "all":
             return None
+        if self.pos_mass == "balanced":
+            return "balanced"
         if self.pos_mass == "positives":
             count = int(self.positives)
         else:
@@ -172,7 +175,7 @@ class TrainConfig:
                 count = 0
             if count < 1 or str(count) != str(self.pos_mass).strip():
                 raise ValueError(f"--pos-mass (pos_mass) {self.pos_mass!r} is not valid; choose all (the default: "
-                                 f"every training sample), positives (--positives), or a whole number >= 1")
+                                 f"every training sample), balanced, positives (--positives), or a whole number >= 1")
         return per_class(count, num_classes) if num_classes else count
 
     @property

@@ -41,6 +41,7 @@ import torch
 
 import dxfield
 from dxfield.atomic import atomic_write
+from dxfield.backend import to_host
 from dxfield.projected import RowSource
 from dxfield.summaries import distinct_rows
 
@@ -162,7 +163,7 @@ class ProjectedFieldSet:
         self.correction_from = None  # the step the automatic correction turned on at
         pf = next(iter(self.fields.values()))
         count = cfg.pos_mass_count(len(pf.shards) if pf.classes != [None] else 0)
-        self.pos_mass = None if count is None else float(count)
+        self.pos_mass = count if count in (None, "balanced") else float(count)
 
     def keep_sample_maps(self, features: dict, labels, limit: int, log=None) -> None:
         """Make, at the first corrected call, each group's :meth:`dxfield.ProjectedField.sample_maps` of every
@@ -317,6 +318,7 @@ class ProjectedFieldSet:
                  pos_labels=None, negatives: dict | None = None, pos_rows=None) -> dict[str, GroupDrift]:
         out = {}
         fallback = 0
+        masses = []
         if self.correction and pos_rows is not None and self._map_source is not None:
             self._make_sample_maps()
         with torch_stream(next(iter(features.values()))):
@@ -334,9 +336,19 @@ class ProjectedFieldSet:
                              pos_mass=self.pos_mass, **sample, **guidance_negatives(negatives, name))
                 fallback += sum(pf.last_stats.get("attraction_fallback_rows", [0]))
                 fallback += int(pf.last_stats.get("repulsion_fallback_rows", 0))
+                if "log_pos_mass" in pf.last_stats:
+                    masses.append(pf.last_stats["log_pos_mass"])
                 out[name] = GroupDrift(to_torch(v, f), float(pf.feature_scale or 1.0))
-        self.last_stats = {"fallback_rows": fallback}
+        self.last_stats = {"fallback_rows": fallback, "log_pos_mass": masses}
         return out
+
+    def balanced_mass(self) -> float | None:
+        """The last call's balanced positives' mass (``--pos-mass balanced``) in real samples per class: the median
+        over the feature groups and classes; None without it.  Synchronises with the device."""
+        logs = self.last_stats.get("log_pos_mass")
+        if not logs:
+            return None
+        return round(float(np.exp(np.median(np.concatenate([to_host(a).ravel() for a in logs])))), 1)
 
     def diagnostics(self, features: dict[str, torch.Tensor], labels=None, limit: int = 4) -> dict:
         """Fidelity diagnostics of the first ``limit`` groups at the current generated features."""

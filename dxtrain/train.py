@@ -238,6 +238,9 @@ def _train(run: "_Run", resume: bool, log, dist: Dist, callback, t_setup: float)
                 pending = {}
                 if cfg.field == "projected":
                     last["fallback_rows"] = field.last_stats.get("fallback_rows", 0)
+                    mass = field.balanced_mass()
+                    if mass is not None:
+                        last["pos_mass"] = mass
                     if step % cfg.fidelity_every == 0 and dist.main:
                         last["fidelity"] = field.diagnostics(feats)
                 metrics.write(last)

@@ -1019,3 +1019,15 @@ def test_generator_options_that_do_not_fit_are_clean_errors(tmp_path):
     assert_clean_error(train(tmp_path / "b", "--gen-depth", "2", ok=False), "--generator auto", "--gen-depth 2",
                        "no depth")
     assert_clean_error(train(tmp_path / "c", "--gen-width", "0", ok=False), "--gen-width")
+
+
+def test_balanced_mass_is_logged_per_step(tmp_path):
+    # --pos-mass balanced: the mass the field chose (per class, at most the class's size) goes into metrics.jsonl
+    out = tmp_path / "balanced"
+    train(out, "--pos-mass", "balanced")
+    masses = [m["pos_mass"] for m in read_metrics(out)]
+    assert masses and all(0 < m <= 200 for m in masses), masses  # about 180 training digits per class
+    with open(out / "config.json") as fh:
+        assert json.load(fh)["pos_mass"] == "balanced"
+    train(tmp_path / "all", "--pos-mass", "all")
+    assert all("pos_mass" not in m for m in read_metrics(tmp_path / "all"))
