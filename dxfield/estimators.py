@@ -148,15 +148,15 @@ def _weigh_balanced(pf, c: FieldCall, pos_side, neg_lse) -> None:
             group_of[rows] = g
         sizes = [pf.shards[si].n for si, _ in c.groups]
     counts = np.bincount(group_of, minlength=len(sizes))
+    width = int(counts.max())
     order = np.argsort(group_of, kind="stable")  # the rows class by class, each class's padded with +inf
     slot = np.arange(n_rows) - np.repeat(np.cumsum(counts) - counts, counts)
-    flat = xp.asarray(group_of[order] * int(counts.max()) + slot)
-    order = xp.asarray(order)
+    layout = (xp.asarray(order), xp.asarray(group_of[order]), xp.asarray(group_of[order] * width + slot))
     medians = []
     for (_, _, log_r), neg in zip(pos_side, neg_lse):
         with quiet(xp):
             gap = xp.asarray(neg, dtype=xp.float64) - xp.asarray(log_r, dtype=xp.float64)
-        medians.append(_class_medians(xp, gap, order, flat, len(sizes), int(counts.max())))
+        medians.append(_class_medians(xp, gap, layout, len(sizes), width))
     offset = xp.minimum(xp.mean(xp.stack(medians), axis=0), 0.0)
     offset = xp.where(xp.isnan(offset), 0.0, offset)  # a class without a finite row: every point weighs 1
     shift = offset[xp.asarray(group_of)]
@@ -166,14 +166,16 @@ def _weigh_balanced(pf, c: FieldCall, pos_side, neg_lse) -> None:
     c.stats["log_pos_mass"] = offset + xp.asarray(np.log(np.maximum(sizes, 1)))
 
 
-def _class_medians(xp, values, order, flat, groups: int, width: int):
+def _class_medians(xp, values, layout, groups: int, width: int):
     """Median of the finite ``values`` of each class (nan for a class without one): the rows sorted into a
-    padded classes x width block (``order``, ``flat``), non-finite entries as +inf."""
+    padded classes x width block, non-finite entries as +inf.  ``layout``: the rows in class order, their
+    classes, and their places in the block."""
+    order, group, place = layout
     finite = xp.isfinite(values)
     block = xp.full(groups * width, xp.inf)
-    block[flat] = xp.where(finite, values, xp.inf)[order]
+    block[place] = xp.where(finite, values, xp.inf)[order]
     block = xp.sort(block.reshape(groups, width), axis=1)
-    k = xp.bincount(xp.asarray(flat // width)[finite[order]], minlength=groups)  # finite rows per class
+    k = xp.bincount(group[finite[order]], minlength=groups)  # finite rows per class
     lo = xp.take_along_axis(block, xp.maximum((k - 1) // 2, 0)[:, None], axis=1)[:, 0]
     hi = xp.take_along_axis(block, xp.minimum(k // 2, width - 1)[:, None], axis=1)[:, 0]
     return xp.where(k > 0, 0.5 * (lo + hi), xp.nan)

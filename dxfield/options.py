@@ -109,8 +109,9 @@ pos_sample_maps : array (B, T, m), optional
     measured per class and call, one mass for every temperature, at which
     the median query's row normaliser weighs its positives about as much as
     its negatives (the geometric mean over temperatures), at most ``n``
-    (section 8.28); the mass chosen is left in ``last_stats``.  Default: every data point weighs 1 (Algorithm 2 against
-    all the data).  The row-normalised field does not depend on it.""",
+    (section 8.28); the mass chosen is left in ``last_stats``.  Default:
+    every data point weighs 1 (Algorithm 2 against all the data).  The
+    row-normalised field does not depend on it.""",
     "nystrom.regularisation": """ridge, eig_clamp : float
     Nystrom regularisation (see :class:`dxfield.Nystrom`).""",
 }

@@ -220,7 +220,7 @@ class ProjectedField(Summaries):
         -------
         V : (N, D) in units of the stored feature scale, in ``x``'s namespace/device.
         Statistics of the call (fallback rows; with ``pos_mass="balanced"``, ``log_pos_mass``: the log of
-        the mass chosen, temperatures x classes, on the call's device) are left in :attr:`last_stats`.
+        the mass chosen per class, on the call's device) are left in :attr:`last_stats`.
         """
         normalization = checks.choice(normalization, "normalization", NORMALIZATIONS)
         repulsion = checks.choice(repulsion, "repulsion", REPULSIONS)
