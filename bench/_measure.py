@@ -401,6 +401,31 @@ def run_isolated(func, *args):
 # --------------------------------------------------------------------------------------
 # results
 # --------------------------------------------------------------------------------------
+def code_revision(root: Path, paths: tuple[str, ...]) -> dict:
+    """Which code a benchmark measured: ``{"git_commit", "dirty"}``.
+
+    In a git work tree: ``HEAD`` and whether ``paths`` have local edits.  In a copy outside git
+    (``git archive HEAD | tar -x``, the way runs are kept off a working tree being edited) the
+    commit is the ``DX_GIT_COMMIT`` environment variable if set, and ``dirty`` is None: unknown,
+    not clean.
+    """
+    import subprocess
+
+    def git(*argv):
+        try:
+            return subprocess.run(["git", *argv], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    inside = git("rev-parse", "--show-toplevel")
+    if inside is None or inside.returncode != 0 or Path(inside.stdout.strip()).resolve() != Path(root).resolve():
+        return {"git_commit": os.environ.get("DX_GIT_COMMIT") or None, "dirty": None}
+    head = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--", *paths)
+    return {"git_commit": (head.stdout.strip() or None) if head and head.returncode == 0 else None,
+            "dirty": bool(status.stdout.strip()) if status and status.returncode == 0 else None}
+
+
 def gpu_kind(name: str | None) -> str:
     """``"NVIDIA H100 80GB HBM3"`` -> ``"h100"``; ``"NVIDIA H200"`` -> ``"h200"`` (result file names)."""
     toks = re.findall(r"[a-z]*\d+[a-z0-9]*", (name or "").lower().replace("nvidia", ""))

@@ -196,8 +196,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import (MiB, Worker, gpu_kind, malloc_trim, memory_in_use_mib, run_isolated, synchronizer,  # noqa: E402
-                      to_host, write_json_atomic)
+from _measure import (MiB, Worker, code_revision, gpu_kind, malloc_trim, memory_in_use_mib,  # noqa: E402
+                      run_isolated, synchronizer, to_host, write_json_atomic)
 
 HERE = Path(__file__).resolve().parent
 TEMPERATURES = (0.02, 0.05, 0.2)
@@ -753,17 +753,9 @@ def machine_info(device: str = "cpu") -> dict:
         info["dxfield"] = getattr(dxfield, "__version__", None)
     except Exception:
         pass
-    try:  # which dxfield was measured: commit, and whether dxfield/ had local edits
-        import subprocess
-
-        root = HERE.parent
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                            text=True, timeout=10).stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "dxfield"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        info["dxfield_dirty"] = bool(dirty)
-    except Exception:
-        pass
+    # which dxfield was measured: commit, and whether dxfield/ had local edits (None: unknown)
+    rev = code_revision(HERE.parent, ("dxfield",))
+    info["git_commit"], info["dxfield_dirty"] = rev["git_commit"], rev["dirty"]
     return info
 
 

@@ -131,6 +131,14 @@ def _mix(**kw):
     return make
 
 
+def _mix64(n: int):
+    """mix64-32d's mixture (its centres: the structure of the name ``mix64-32d``) with ``n`` points; at
+    ``n = 40000`` it is mix64-32d's data."""
+    def make(rng, structure):
+        return gaussian_mixture(rng, _structure("mix64-32d"), n=n, modes=64, dim=32, weights="equal", sigma=0.3)
+    return make
+
+
 BENCHES = {b.name: b for b in (
     Bench("mix8-2d", "8 equal modes on a circle, 2-D, unconditional",
           _mix(n=30000, modes=8, dim=2, weights="equal", sigma=0.1), budget=20.0),
@@ -156,6 +164,8 @@ BENCHES = {b.name: b for b in (
 # the positives (P / classes per class) and the batch alike.  Dimension: mix200's shape (200 Zipf modes,
 # unconditional) in 32 to 1024 dimensions, where an exact step's distances grow with P x D and the
 # generator's cost with D alone, so the field's share of a step -- the bound of docs/design.md 8.9 -- grows.
+# Data size: mix64-32d's 64 modes (the same centres) with 1,250 to 40,000 points; at the smallest the
+# baseline's mini-batch is most of the data set, and the whole set's summaries have little to add.
 CROSSOVER = {b.name: b for b in [
     Bench(f"modes{k}-32d", f"{k} equal modes, 32-D, unconditional (crossover: modes)",
           _mix(n=40000, modes=k, dim=32, weights="equal", sigma=0.3), budget=30.0)
@@ -166,7 +176,10 @@ CROSSOVER = {b.name: b for b in [
     for k in (2, 8, 16, 32, 64)] + [
     Bench(f"dim{d}-zipf200", f"200 modes, Zipf weights, {d}-D, unconditional (crossover: dimension)",
           _mix(n=60000, modes=200, dim=d, weights="zipf", sigma=0.4), budget=45.0)
-    for d in (32, 128, 512, 1024)]}
+    for d in (32, 128, 512, 1024)] + [
+    Bench(f"size{n}-mix64", f"mix64-32d's 64 modes with {n:,} points (crossover: data size)", _mix64(n),
+          budget=30.0)
+    for n in (1250, 5000, 10000, 40000)]}
 # The image bench at the paper's image size (`bench/train.py --bench images`): 32x32 RGB, class-conditional,
 # dxtrain's defaults (the conv generator and builtin encoder; `--variant unet=generator=unet,gen_width=32`
 # and a timm encoder through --variant are the paper's setting at a CPU's scale).
@@ -181,13 +194,17 @@ ALL = {**BENCHES, **CROSSOVER, **IMAGES}
 STRUCTURE_SEED = 7919  # fixes every bench's structure (centres, weights, embedding); the seed draws the points
 
 
+def _structure(name: str) -> np.random.Generator:
+    """The generator of a bench's structure (centres, weights, embedding): fixed by its name."""
+    return np.random.default_rng([STRUCTURE_SEED, sum(map(ord, name))])
+
+
 def write_data(bench: Bench, path, seed: int = 0) -> str:
     """The bench's data as ``.npz`` (``x`` and, when labelled, ``labels``) at ``path``; the embedded name
     for an embedded bench.  The same ``seed`` gives the same file."""
     if bench.data is not None:
         return bench.data
-    structure = np.random.default_rng([STRUCTURE_SEED, sum(map(ord, bench.name))])
-    x, labels = bench.make(np.random.default_rng([seed, 17]), structure)
+    x, labels = bench.make(np.random.default_rng([seed, 17]), _structure(bench.name))
     arrays = {"x": x} if labels is None else {"x": x, "labels": labels}
     np.savez(path, **arrays)
     return str(path)

@@ -59,7 +59,6 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -72,7 +71,7 @@ sys.path.insert(0, str(HERE.parent))
 import dxtrain  # noqa: E402,F401  (before torch and NumPy: sleep-waiting thread pools, see dxtrain/__init__.py)
 import numpy as np  # noqa: E402
 
-from _measure import exit_with_parent, gpu_kind, write_json_atomic  # noqa: E402
+from _measure import code_revision, exit_with_parent, gpu_kind, write_json_atomic  # noqa: E402
 from suite import ALL, BENCHES, CROSSOVER, score, write_data  # noqa: E402
 
 POSITIVES = (256, 512, 1024, 2048)
@@ -472,11 +471,11 @@ def plot(result: dict, path: Path) -> None:
     write_png(path, picture)
 
 
-CROSSOVER_AXIS = re.compile(r"^(modes|classes|dim)(\d+)-")  # a crossover bench: its family and the value on its axis
+CROSSOVER_AXIS = re.compile(r"^(modes|classes|dim|size)(\d+)-")  # a crossover bench: its family and the value on its axis
 
 
 def crossover_points(results: list[dict]) -> dict:
-    """The crossover study's figures by family (``modes``, ``classes``, ``dim``): per bench its axis value, the
+    """The crossover study's figures by family (``modes``, ``classes``, ``dim``, ``size``): per bench its axis value, the
     time-to-target ratio per seed ("not reached": 0), their median and the median equal-budget ratio."""
     out: dict[str, list[dict]] = {}
     for r in results:
@@ -524,7 +523,8 @@ def plot_crossover(results: list[dict], path: Path) -> bool:
                         hlines=[{"y": 1.0, "label": "parity", "colour": (120, 120, 120)},
                                 {"y": 3.0, "label": "goal: 3x", "colour": (214, 39, 40)}],
                         title="crossover: DriftXpress at the defaults against the tuned standard drifting",
-                        xlabel="value on the family's axis (modes; classes of 4 modes each; dimension; log scale)",
+                        xlabel="value on the family's axis (modes; classes of 4 modes each; dimension; data points; "
+                               "log scale)",
                         ylabel="ratio (> 1: DriftXpress ahead; log scale)")
     write_png(path, picture)
     return True
@@ -549,14 +549,7 @@ def machine_info() -> dict:
             "cpu_count": os.cpu_count(), "numpy": np.__version__, "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "dxtrain": dxtrain.__version__,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    try:
-        root = HERE.parent
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                            timeout=10).stdout.strip() or None
-        info["dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--", "dxfield", "dxtrain"], cwd=root,
-                                            capture_output=True, text=True, timeout=10).stdout.strip())
-    except Exception:
-        pass
+    info.update(code_revision(HERE.parent, ("dxfield", "dxtrain")))
     return info
 
 

@@ -112,6 +112,19 @@ def test_every_bench_writes_its_data_deterministically(suite, tmp_path):
     assert not np.array_equal(np.load(other)["x"], np.load(tmp_path / "mix64-32d-a.npz")["x"])
 
 
+def test_data_size_family_shares_mix64s_modes(suite, tmp_path):
+    """The data-size axis changes only the count: 40,000 points are mix64-32d's data, and a smaller set
+    draws from the same 64 centres (each point near one of mix64's centres, not of another structure)."""
+    mix64 = np.load(suite.write_data(suite.BENCHES["mix64-32d"], tmp_path / "m.npz"))["x"]
+    assert np.array_equal(np.load(suite.write_data(suite.CROSSOVER["size40000-mix64"], tmp_path / "s.npz"))["x"], mix64)
+    small = np.load(suite.write_data(suite.CROSSOVER["size1250-mix64"], tmp_path / "t.npz"))["x"]
+    assert small.shape == (1250, 32)
+    centres = suite._structure("mix64-32d").standard_normal((64, 32))
+    other = suite._structure("modes64-32d").standard_normal((64, 32))
+    near = lambda x, c: np.sqrt(((x[:, None, :] - c[None]) ** 2).sum(-1)).min(1)  # noqa: E731
+    assert np.median(near(small, centres)) < 0.3 * np.sqrt(32) * 1.2 < np.median(near(small, other))
+
+
 def _energy_reference(a, b):
     """The U-statistic energy distance, written out in float64 pair by pair."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -260,19 +273,20 @@ def test_crossover_points_and_figure(bt, tmp_path):
     ahead, behind = _run([5, 10, 20, 40], [0.9, 0.25, 0.1, 0.05]), _run([5, 10, 20, 40], [1.5, 1.2, 0.9, 0.4])
     results = []
     for name, runs in (("classes32-32d", (ahead, ahead)), ("classes2-32d", (behind, ahead)), ("dim512-zipf200", (ahead,)),
-                       ("mix64-32d", (ahead,))):
+                       ("size5000-mix64", (behind,)), ("mix64-32d", (ahead,))):
         r = {"bench": name, "budget": 40.0, "host_kind": "cpu2", "tune": "seed0", "methods": ["exact@512", "projected"],
              "runs": {str(k): {"exact@512": base, "projected": p} for k, p in enumerate(runs)}}
         bt.analyse(r)
         results.append(r)
     points = bt.crossover_points(results)
-    assert sorted(points) == ["classes", "dim"] and [p["value"] for p in points["classes"]] == [2, 32]  # sorted
+    assert sorted(points) == ["classes", "dim", "size"] and [p["value"] for p in points["classes"]] == [2, 32]  # sorted
     assert [p["value"] for p in points["dim"]] == [512]  # mix64 (not on an axis) left out
+    assert [p["value"] for p in points["size"]] == [5000] and points["size"][0]["median"] == 0.0
     low, high = points["classes"]
     assert low["ratios"][0] == 0.0 and low["median"] == pytest.approx(0.5 * high["median"])  # (0, r) against (r, r)
     assert high["equal_budget"] == pytest.approx(4.0) and high["baseline"] == "exact@512"
     assert bt.plot_crossover(results, tmp_path / "x.png") and read_png(tmp_path / "x.png").shape == (640, 1000, 3)
-    assert not bt.plot_crossover(results[3:], tmp_path / "none.png") and not (tmp_path / "none.png").exists()
+    assert not bt.plot_crossover(results[-1:], tmp_path / "none.png") and not (tmp_path / "none.png").exists()
 
 
 # --------------------------------------------------------------------------- command line
@@ -352,3 +366,22 @@ def test_quick_interleaved_run_writes_results(bt, tmp_path, capsys):
     assert "replotted" in after and "## mix8-2d:" in capsys.readouterr().out
     (tmp_path / "junk.json").write_text("{}")
     assert bt.main(["--replot", str(tmp_path / "junk.json")]) == 2
+
+
+def test_code_revision_in_a_work_tree_and_in_a_copy(bt, tmp_path, monkeypatch):
+    """A run records the commit it measured; a copy outside git (``git archive``) says its commit is
+    unknown unless DX_GIT_COMMIT names it, and never claims to be clean."""
+    from _measure import code_revision
+
+    if subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=ROOT, capture_output=True,
+                      text=True).stdout.strip() == str(ROOT):
+        rev = code_revision(ROOT, ("dxfield", "dxtrain"))
+        assert len(rev["git_commit"]) == 40 and isinstance(rev["dirty"], bool)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    monkeypatch.delenv("DX_GIT_COMMIT", raising=False)
+    assert code_revision(copy, ("dxfield",)) == {"git_commit": None, "dirty": None}
+    monkeypatch.setenv("DX_GIT_COMMIT", "0123abc")
+    assert code_revision(copy, ("dxfield",)) == {"git_commit": "0123abc", "dirty": None}
+    info = bt.machine_info()
+    assert "git_commit" in info and "dirty" in info
