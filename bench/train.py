@@ -439,14 +439,21 @@ METHOD_COLOURS = [(31, 119, 180), (44, 160, 44), (148, 103, 189), (140, 86, 75),
                   (227, 119, 194), (23, 190, 207)]
 
 
+def method_colours(methods) -> dict:
+    """A colour per method: DriftXpress at the defaults orange, the others (up to 7) each their own."""
+    main_colour = (255, 127, 14)
+    others = [c for c in METHOD_COLOURS if c != main_colour]
+    colours = {m: others[i % len(others)] for i, m in enumerate(x for x in methods if x != MAIN)}
+    colours[MAIN] = main_colour
+    return colours
+
+
 def plot(result: dict, path: Path) -> None:
     from dxtrain.pictures import line_plot, write_png
 
     bench = ALL[result["bench"]]
     series, values = [], []
-    colours = {m: METHOD_COLOURS[i % len(METHOD_COLOURS)] for i, m in enumerate(result["methods"])}
-    if MAIN in colours:
-        colours[MAIN] = (255, 127, 14)
+    colours = method_colours(result["methods"])
     seeds = sorted(result["runs"], key=int)
     for seed in seeds:
         for method in result["methods"]:

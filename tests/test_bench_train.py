@@ -264,6 +264,8 @@ def test_report_and_plot_from_synthetic_results(bt, tmp_path):
     bt.plot(result, tmp_path / "p.png")
     pic = read_png(tmp_path / "p.png")
     assert np.all(pic == (255, 127, 14), axis=2).sum() > 100  # DriftXpress's curve
+    colours = bt.method_colours(["exact@256", "exact@512", "exact@1024", "exact@2048", "projected", "t3", "ext3", "v"])
+    assert colours["projected"] == (255, 127, 14) and len(set(colours.values())) == 8  # no two alike
     assert json.dumps(bt.jsonable({"a": math.nan, "b": (1, np.float32(2.5)), "c": np.int64(3)}),
                       allow_nan=False) == '{"a": null, "b": [1, 2.5], "c": 3}'
 
