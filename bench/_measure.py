@@ -34,6 +34,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import threading
@@ -409,8 +410,6 @@ def code_revision(root: Path, paths: tuple[str, ...]) -> dict:
     commit is the ``DX_GIT_COMMIT`` environment variable if set, and ``dirty`` is None: unknown,
     not clean.
     """
-    import subprocess
-
     def git(*argv):
         try:
             return subprocess.run(["git", *argv], cwd=root, capture_output=True, text=True, timeout=10)

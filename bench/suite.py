@@ -125,25 +125,22 @@ def shapes(rng, n: int, size: int = 12):
     return np.clip(img, -1, 1).astype(np.float32), labels.astype(np.int64)
 
 
-def _mix(**kw):
+def _mix(structure_of: str | None = None, **kw):
+    """A bench's ``make``: a :func:`gaussian_mixture` of ``kw``; ``structure_of``: another bench's name, whose
+    structure (centres, weights) it draws from instead of its own."""
     def make(rng, structure):
-        return gaussian_mixture(rng, structure, **kw)
+        return gaussian_mixture(rng, _structure(structure_of) if structure_of else structure, **kw)
     return make
 
 
-def _mix64(n: int):
-    """mix64-32d's mixture (its centres: the structure of the name ``mix64-32d``) with ``n`` points; at
-    ``n = 40000`` it is mix64-32d's data."""
-    def make(rng, structure):
-        return gaussian_mixture(rng, _structure("mix64-32d"), n=n, modes=64, dim=32, weights="equal", sigma=0.3)
-    return make
+MIX64 = dict(modes=64, dim=32, weights="equal", sigma=0.3)  # mix64-32d's mixture, also the data-size axis's
 
 
 BENCHES = {b.name: b for b in (
     Bench("mix8-2d", "8 equal modes on a circle, 2-D, unconditional",
           _mix(n=30000, modes=8, dim=2, weights="equal", sigma=0.1), budget=20.0),
     Bench("mix64-32d", "64 equal-weight modes, 32-D, unconditional",
-          _mix(n=40000, modes=64, dim=32, weights="equal", sigma=0.3), budget=30.0),
+          _mix(n=40000, **MIX64), budget=30.0),
     Bench("mix200-128d", "200 modes, Zipf weights, 128-D, unconditional",
           _mix(n=60000, modes=200, dim=128, weights="zipf", sigma=0.4), budget=45.0),
     Bench("cmix10-64d", "10 classes x 6 modes each (skewed), 64-D, class-conditional",
@@ -177,8 +174,8 @@ CROSSOVER = {b.name: b for b in [
     Bench(f"dim{d}-zipf200", f"200 modes, Zipf weights, {d}-D, unconditional (crossover: dimension)",
           _mix(n=60000, modes=200, dim=d, weights="zipf", sigma=0.4), budget=45.0)
     for d in (32, 128, 512, 1024)] + [
-    Bench(f"size{n}-mix64", f"mix64-32d's 64 modes with {n:,} points (crossover: data size)", _mix64(n),
-          budget=30.0)
+    Bench(f"size{n}-mix64", f"mix64-32d's 64 modes with {n:,} points (crossover: data size)",
+          _mix(structure_of="mix64-32d", n=n, **MIX64), budget=30.0)
     for n in (1250, 5000, 10000, 40000)]}
 # The image bench at the paper's image size (`bench/train.py --bench images`): 32x32 RGB, class-conditional,
 # dxtrain's defaults (the conv generator and builtin encoder; `--variant unet=generator=unet,gen_width=32`

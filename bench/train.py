@@ -478,12 +478,13 @@ def plot(result: dict, path: Path) -> None:
     write_png(path, picture)
 
 
-CROSSOVER_AXIS = re.compile(r"^(modes|classes|dim|size)(\d+)-")  # a crossover bench: its family and the value on its axis
+# a crossover bench: its family and the value on its axis
+CROSSOVER_AXIS = re.compile(r"^(modes|classes|dim|size)(\d+)-")
 
 
 def crossover_points(results: list[dict]) -> dict:
-    """The crossover study's figures by family (``modes``, ``classes``, ``dim``, ``size``): per bench its axis value, the
-    time-to-target ratio per seed ("not reached": 0), their median and the median equal-budget ratio."""
+    """The crossover study's figures by family (``modes``, ``classes``, ``dim``, ``size``): per bench its axis
+    value, the time-to-target ratio per seed ("not reached": 0), their median and the median equal-budget ratio."""
     out: dict[str, list[dict]] = {}
     for r in results:
         hit, s = CROSSOVER_AXIS.match(r.get("bench", "")), r.get("summary", {}).get(MAIN)
