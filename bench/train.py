@@ -33,8 +33,12 @@ quality; the time DriftXpress first reaches it (interpolated between
 evaluations); the time-to-target ratio = budget / that time (with set-up
 added to both sides too, and in optimiser steps next to the step-time ratio);
 the equal-budget finals.  Over seeds the median ratio ("not reached" counts
-as 0); over benches, the median bench.  Curves as PNG per bench, the table in
-markdown (stdout and ``train-suite-<host>.md``), everything in JSON.
+as 0); over benches, the median bench.  The positives-per-step axis:
+DriftXpress against the exact field at every ``P`` run, not only the
+baseline's (a table in the suite's markdown, ``train-positives-<host>.png``).
+Curves as PNG per bench, the crossover benches' figure
+(``train-crossover-<host>.png``), the table in markdown (stdout and
+``train-suite-<host>.md``), everything in JSON.
 
 Run::
 
@@ -299,6 +303,11 @@ def choose_baseline(runs: dict, tune: str) -> str | None:
     return min(scored, key=scored.get) if scored else None
 
 
+def _usable(run: dict | None) -> bool:
+    """A run that finished with evaluations (not missing, not failed)."""
+    return bool(run) and "error" not in run and bool(run.get("records"))
+
+
 def analyse(result: dict) -> None:
     """Fill ``result["baseline"]``, ``["comparisons"]`` (method -> seed -> figures) and ``["summary"]``."""
     runs = result["runs"]
@@ -310,11 +319,8 @@ def analyse(result: dict) -> None:
     for method in result["methods"]:
         if method.startswith("exact@"):
             continue
-        comps = {}
-        for seed in sorted(runs, key=int):
-            b, r = runs[seed].get(base), runs[seed].get(method)
-            if b and r and "error" not in b and "error" not in r and b.get("records") and r.get("records"):
-                comps[seed] = compare(b, r)
+        comps = {seed: compare(runs[seed][base], runs[seed][method]) for seed in sorted(runs, key=int)
+                 if _usable(runs[seed].get(base)) and _usable(runs[seed].get(method))}
         result["comparisons"][method] = comps
         result["summary"][method] = summarize(comps)
 
@@ -432,7 +438,7 @@ def render_suite(results: list[dict], host: str) -> str:
                          f"{'yes' if s['never_worse'] else 'no'} |")
         if medians:
             lines += ["", f"median bench: {float(np.median(medians)):.2f}x; worst bench: {min(medians):.2f}x", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + render_positives(results))
 
 
 METHOD_COLOURS = [(31, 119, 180), (44, 160, 44), (148, 103, 189), (140, 86, 75), (255, 127, 14), (214, 39, 40),
@@ -534,6 +540,92 @@ def plot_crossover(results: list[dict], path: Path) -> bool:
                         xlabel="value on the family's axis (modes; classes of 4 modes each; dimension; data points; "
                                "log scale)",
                         ylabel="ratio (> 1: DriftXpress ahead; log scale)")
+    write_png(path, picture)
+    return True
+
+
+EXACT = re.compile(r"^exact@(\d+)$")
+
+
+def positives_points(result: dict, method: str = MAIN) -> list[dict]:
+    """The positives-per-step axis of one bench: ``method`` against the exact field at each ``--positives``
+    that was run, over the seeds where both ran (with ``--tune seed0`` the counts other than the baseline's ran
+    at seed 0 only). Per count: the seeds, the medians of the equal-budget, time-to-target ("not reached": 0)
+    and step-time ratios, the exact field's median final, and whether it is the baseline."""
+    runs, pts = result["runs"], []
+    for name in result["methods"]:
+        hit = EXACT.match(name)
+        comps = [compare(runs[s][name], runs[s][method]) for s in sorted(runs, key=int)
+                 if hit and _usable(runs[s].get(name)) and _usable(runs[s].get(method))]
+        if not comps:
+            continue
+
+        def median(key, zero=None):
+            vals = [c[key] if c[key] is not None else zero for c in comps]
+            vals = [v for v in vals if v is not None and math.isfinite(v)]
+            return float(np.median(vals)) if vals else None
+
+        pts.append({"positives": int(hit.group(1)), "seeds": len(comps), "equal_budget": median("final_ratio"),
+                    "ratio": median("ratio", zero=0.0), "step_time": median("step_time_ratio"),
+                    "exact_final": median("base_final"), "baseline": name == result.get("baseline")})
+    return sorted(pts, key=lambda p: p["positives"])
+
+
+def cost_equivalent(points: list[dict]) -> str:
+    """The exact field's ``--positives`` whose step costs what DriftXpress's does: where the step-time ratio
+    crosses 1 between two counts (interpolated in log count), or a bound past the counts run."""
+    pts = [p for p in points if p["step_time"]]
+    if not pts:
+        return "n/a"
+    for a, b in zip(pts, pts[1:]):
+        if (a["step_time"] - 1) * (b["step_time"] - 1) <= 0 and a["step_time"] != b["step_time"]:
+            frac = (1 - a["step_time"]) / (b["step_time"] - a["step_time"])
+            return f"{math.exp(math.log(a['positives']) + frac * math.log(b['positives'] / a['positives'])):.0f}"
+    return f"> {pts[-1]['positives']}" if pts[-1]["step_time"] < 1 else f"< {pts[0]['positives']}"
+
+
+def render_positives(results: list[dict]) -> list[str]:
+    """The suite's positives-per-step table: per bench and ``--positives``, DriftXpress's equal-budget ratio
+    and time-to-target ratio against the exact field at that count; no lines when no bench ran two counts."""
+    axis = {r["bench"]: positives_points(r) for r in results}
+    axis = {b: pts for b, pts in axis.items() if len(pts) > 1}
+    counts = sorted({p["positives"] for pts in axis.values() for p in pts})
+    if not axis:
+        return []
+    lines = ["## positives per step: DriftXpress against the exact field at each --positives", "",
+             "Per cell: equal budget (exact final / DriftXpress final; > 1: DriftXpress ends lower), then the "
+             "time-to-target ratio (nr: not reached) and the seeds; * marks the baseline. The last column: the "
+             "exact field's positives whose step costs what DriftXpress's does.", "",
+             "| bench |" + "".join(f" exact@{n} |" for n in counts) + " same step cost |",
+             "|---|" + "---|" * len(counts) + "---:|"]
+    for bench, pts in axis.items():
+        by = {p["positives"]: p for p in pts}
+        cells = [(f"{_fmt(p['equal_budget'], '.2f')}; {_fmt(p['ratio'] or None, '.2f', 'nr')}"
+                  + ("x" if p["ratio"] else "") + f" ({p['seeds']}){' *' if p['baseline'] else ''}")
+                 if (p := by.get(n)) else "" for n in counts]
+        lines.append(f"| {bench} |" + "".join(f" {c} |" for c in cells) + f" {cost_equivalent(pts)} |")
+    return lines + [""]
+
+
+def plot_positives(results: list[dict], path: Path) -> bool:
+    """One figure of the positives-per-step axis: per bench, DriftXpress's equal-budget ratio against the exact
+    field at each ``--positives`` (above 1: DriftXpress ends lower); False when no bench ran two counts."""
+    from dxtrain.pictures import line_plot, write_png
+
+    series = []
+    for r in results:
+        pts = positives_points(r)
+        if len(pts) > 1:
+            series.append({"x": [p["positives"] for p in pts], "y": [p["equal_budget"] or math.nan for p in pts],
+                           "colour": METHOD_COLOURS[len(series) % len(METHOD_COLOURS)],
+                           "dash": 0 if len(series) < len(METHOD_COLOURS) else 6, "label": r["bench"]})
+    if not series:
+        return False
+    picture = line_plot(series, logx=True, logy=True, size=(1000, 640),
+                        hlines=[{"y": 1.0, "label": "parity", "colour": (120, 120, 120)}],
+                        title="positives per step: DriftXpress at the defaults against the exact field at each count",
+                        xlabel="the exact field's --positives per step (log scale)",
+                        ylabel="equal budget: exact final / DriftXpress final (> 1: DriftXpress ahead; log)")
     write_png(path, picture)
     return True
 
@@ -721,11 +813,13 @@ def finish_suite(paths: list[Path], out_dir: Path, host: str, tag: str) -> None:
     text = render_suite(results, host)
     print(text, flush=True)
     (out_dir / f"train-suite-{host}{tag}.md").write_text(text + "\n")
-    try:
-        if plot_crossover(results, out_dir / f"train-crossover-{host}{tag}.png"):
-            print(f"crossover figure: {out_dir / f'train-crossover-{host}{tag}.png'}", flush=True)
-    except Exception as exc:  # the figures matter more than the picture
-        print(f"crossover plot failed: {type(exc).__name__}: {exc}", flush=True)
+    for kind, draw in (("crossover", plot_crossover), ("positives", plot_positives)):
+        figure = out_dir / f"train-{kind}-{host}{tag}.png"
+        try:
+            if draw(results, figure):
+                print(f"{kind} figure: {figure}", flush=True)
+        except Exception as exc:  # the figures matter more than the picture
+            print(f"{kind} plot failed: {type(exc).__name__}: {exc}", flush=True)
     write_json_atomic(out_dir / f"train-suite-{host}{tag}.json",
                       {"benches": [str(Path(p).name) for p in paths], "host_kind": host,
                        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})

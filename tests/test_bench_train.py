@@ -291,6 +291,40 @@ def test_crossover_points_and_figure(bt, tmp_path):
     assert not bt.plot_crossover(results[-1:], tmp_path / "none.png") and not (tmp_path / "none.png").exists()
 
 
+def test_positives_axis_table_and_figure(bt, tmp_path):
+    """DriftXpress against the exact field at every count run, not only the baseline's: per-count medians over the
+    seeds where both ran (seed 0 only for the counts ``--tune seed0`` did not choose), the table, the figure."""
+    good = _run([5, 10, 20, 40], [0.9, 0.25, 0.1, 0.05])
+    e256 = _run([5, 10, 20, 40], [1.0, 0.5, 0.3, 0.2])
+    e1024 = _run([5, 10, 20, 40], [1.0, 0.4, 0.08, 0.04], steps=[1, 2, 3, 6])  # twice the steps in the same time
+    result = {"bench": "mix64-32d", "budget": 40.0, "host_kind": "cpu2", "tune": "seed0",
+              "methods": ["exact@1024", "exact@256", "exact@512", "projected"],
+              "runs": {"0": {"exact@256": e256, "exact@1024": e1024, "exact@512": {"error": "x"}, "projected": good},
+                       "1": {"exact@1024": e1024, "projected": _run([5, 10, 20, 40], [1, 1, 1, 0.1])},
+                       "2": {"exact@1024": e1024, "projected": good}}}
+    bt.analyse(result)
+    assert result["baseline"] == "exact@1024"
+    pts = bt.positives_points(result)
+    assert [p["positives"] for p in pts] == [256, 1024]  # sorted by count; the failed exact@512 left out
+    low, high = pts
+    assert low["seeds"] == 1 and not low["baseline"] and low["equal_budget"] == pytest.approx(0.2 / 0.05)
+    assert low["ratio"] == pytest.approx(40 / (10 + 10 * 0.05 / 0.15)) and low["exact_final"] == pytest.approx(0.2)
+    assert high["seeds"] == 3 and high["baseline"] and low["step_time"] == pytest.approx(1.0)
+    assert high["equal_budget"] == pytest.approx(0.8)  # median of 0.8, 0.4, 0.8
+    assert high["ratio"] == 0.0 and high["step_time"] == pytest.approx(0.5)  # 0.04 never reached
+    lines = bt.render_suite([result], "cpu2").splitlines()
+    header = lines.index("| bench | exact@256 | exact@1024 | same step cost |")
+    assert lines[header + 2] == f"| mix64-32d | 4.00; {low['ratio']:.2f}x (1) | 0.80; nr (3) * | 256 |"
+    # the count whose step costs DriftXpress's: interpolated in log count where the step-time ratio crosses 1
+    at = [{"positives": 256, "step_time": 0.5}, {"positives": 1024, "step_time": 1.5}]
+    assert bt.cost_equivalent(at) == "512" and bt.cost_equivalent(at[:1]) == "> 256"
+    assert bt.cost_equivalent(at[1:]) == "< 1024" and bt.cost_equivalent([]) == "n/a"
+    one = dict(result, methods=["exact@1024", "projected"])  # one count: no axis, no table, no figure
+    assert "positives per step" not in bt.render_suite([one], "cpu2")
+    assert not bt.plot_positives([one], tmp_path / "none.png") and not (tmp_path / "none.png").exists()
+    assert bt.plot_positives([one, result], tmp_path / "p.png") and read_png(tmp_path / "p.png").shape == (640, 1000, 3)
+
+
 # --------------------------------------------------------------------------- command line
 
 
