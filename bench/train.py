@@ -374,6 +374,13 @@ def _ratio_text(c: dict, key: str = "ratio") -> str:
     return (">= " if c["bound"] == "at_first_eval" else "") + _fmt(c[key], ".2f") + "x"
 
 
+def method_title(method: str, results: list[dict]) -> str:
+    """``method`` as the tables name it: a ``--variant`` that sets ``field=exact`` is standard drifting, not
+    DriftXpress, and says so."""
+    exact = any(r.get("configs", {}).get(method, {}).get("field") == "exact" for r in results)
+    return f"{method} (standard drifting, --field exact)" if exact and not EXACT.match(method) else method
+
+
 def render_bench(result: dict) -> str:
     bench = ALL[result["bench"]]
     m, base = bench.metric, result.get("baseline")
@@ -397,7 +404,7 @@ def render_bench(result: dict) -> str:
                          f"{_fmt(r['floor'].get(m))} |" + "".join(f" {_fmt(last['scores'].get(k))} |"
                                                                   for k in bench.extras))
     for method, comps in result.get("comparisons", {}).items():
-        lines += ["", f"{method} against {base}:", "",
+        lines += ["", f"{method_title(method, [result])} against {base}:", "",
                   "| seed | target = baseline final | reached at (s) | baseline total (s) | time-to-target ratio "
                   "| with set-up | in steps | step-time ratio | final | equal budget |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -421,7 +428,7 @@ def render_suite(results: list[dict], host: str) -> str:
              "final quality (median over seeds, per seed in brackets; 'not reached' counts as 0); equal budget = "
              "baseline final / method final (> 1: the method ends lower, better).", ""]
     for method in methods:
-        lines += [f"## {method}", "",
+        lines += [f"## {method_title(method, results)}", "",
                   "| bench | budget (s) | seeds | baseline | time-to-target ratio | in steps | step-time ratio "
                   "| baseline final | final | equal budget | never worse |",
                   "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|"]
@@ -653,14 +660,16 @@ def machine_info() -> dict:
     return info
 
 
-def _positive(kind, name):
+def _positive(kind, name, low=0, strict=True):
+    """An argparse type: a finite ``kind`` above ``low`` (at least ``low`` where not ``strict``)."""
     def parse(text):
         try:
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} expects a {kind.__name__}, got {text!r}")
-        if not (v > 0 and math.isfinite(v)):
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {text!r}")
+        if not ((v > low if strict else v >= low) and math.isfinite(v)):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number {'>' if strict else '>='} {low}, "
+                                             f"got {text!r}")
         return v
     return parse
 
@@ -705,13 +714,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=_positive(float, "--budget"), default=None,
                    help="seconds of training per run (default: each bench's own, 20-45 s for vectors, 60 s for images; --list)")
     p.add_argument("--seeds", type=_positive(int, "--seeds"), default=None,
-                   help=f"training seeds 0, 1, ... (default {DEFAULT_SEEDS}; --quick 1)")
+                   help=f"how many training seeds (default {DEFAULT_SEEDS}; --quick 1)")
+    p.add_argument("--first-seed", type=_positive(int, "--first-seed", strict=False), default=0,
+                   help="the first training seed: seeds N, N+1, ... (default 0); the first one tunes the baseline")
     p.add_argument("--evals", type=_positive(int, "--evals"), default=None,
                    help=f"evaluations per run (default {DEFAULT_EVALS}; --quick {QUICK['evals']})")
     p.add_argument("--positives", type=_positive(int, "--positives"), nargs="+", default=list(POSITIVES),
                    help="the baseline's --positives tried (default %(default)s); the best is the baseline")
     p.add_argument("--tune", choices=("seed0", "all"), default="seed0",
-                   help="seed0: every --positives at seed 0 only, the best one at the other seeds (default); "
+                   help="seed0: every --positives at the first seed only, the best one at the other seeds (default); "
                         "all: every --positives at every seed, the best median")
     p.add_argument("--variant", type=parse_variant, action="append", default=[], metavar="NAME=key=value,...",
                    help="also run DriftXpress with these TrainConfig settings (repeatable)")
@@ -760,14 +771,14 @@ def run_bench(bench, args, work: Path, host: str) -> dict:
               "metric": bench.metric, "quick": args.quick, "tune": args.tune, "methods": [*baselines, *own],
               "configs": {**baselines, **own}, "runs": {}, "argv": args.argv}
     print(f"# {bench.name}: {bench.about}; {budget:g} s per run, {args.seeds} seed(s)", flush=True)
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         methods = dict(own)
-        if seed == 0 or args.tune == "all" or len(baselines) == 1:
+        if seed == args.first_seed or args.tune == "all" or len(baselines) == 1:
             methods = {**baselines, **methods}
         else:
             best = choose_baseline(result["runs"], "seed0")
             if best is None:
-                print(f"  no baseline finished at seed 0: seed {seed} skipped", flush=True)
+                print(f"  no baseline finished at seed {args.first_seed}: seed {seed} skipped", flush=True)
                 continue
             methods = {best: baselines[best], **methods}
         names = list(methods)

@@ -264,6 +264,11 @@ def test_report_and_plot_from_synthetic_results(bt, tmp_path):
     bt.plot(result, tmp_path / "p.png")
     pic = read_png(tmp_path / "p.png")
     assert np.all(pic == (255, 127, 14), axis=2).sum() > 100  # DriftXpress's curve
+    ext = dict(result, methods=[*result["methods"], "ext"], configs={"ext": {"field": "exact", "positives": 512}},
+               runs={"0": {**result["runs"]["0"], "ext": base}})
+    bt.analyse(ext)
+    assert "ext (standard drifting, --field exact) against exact@512:" in bt.render_bench(ext)
+    assert "## ext (standard drifting, --field exact)" in bt.render_suite([ext], "cpu2") and "## projected" in suite_text
     colours = bt.method_colours(["exact@256", "exact@512", "exact@1024", "exact@2048", "projected", "t3", "ext3", "v"])
     assert colours["projected"] == (255, 127, 14) and len(set(colours.values())) == 8  # no two alike
     assert json.dumps(bt.jsonable({"a": math.nan, "b": (1, np.float32(2.5)), "c": np.int64(3)}),
@@ -339,7 +344,8 @@ def test_help_list_and_bad_arguments():
     r = _cli("--list")
     assert r.returncode == 0 and "shapes-12px" in r.stdout and "digits" in r.stdout
     for args, needle in ((["--budget", "-1"], "--budget"), (["--budget", "inf"], "--budget"),
-                         (["--seeds", "0"], "--seeds"), (["--bench", "cifar"], "--bench"),
+                         (["--seeds", "0"], "--seeds"), (["--first-seed", "-1"], "--first-seed"),
+                         (["--first-seed", "1.5"], "--first-seed"), (["--bench", "cifar"], "--bench"),
                          (["--variant", "corr"], "--variant"), (["--variant", "x=nosuchfield=1"], "nosuchfield"),
                          (["--variant", "projected=correction=true"], "--variant")):
         r = _cli(*args)
@@ -369,6 +375,25 @@ def test_settings_reach_the_run_configs(bt, tmp_path, monkeypatch):
     assert all(j["config"]["data"].endswith("mix8-2d.npz") for j in seen)
     assert all(j["config"]["gen_width"] == 16 and j["config"]["lr"] == 0.002 for j in seen)  # --common: every run
     assert (tmp_path / f"train-mix8-2d-cpu{os.cpu_count()}-quick.json").exists()
+
+
+def test_first_seed_tunes_the_baseline_and_later_seeds_run_it(bt, tmp_path, monkeypatch):
+    seen = []
+
+    def fake(job):
+        seen.append((job["seed"], job["method"], job["config"]["seed"]))
+        final = {"exact@256": 0.5, "exact@1024": 0.2}.get(job["method"], 0.1)
+        return _run([1, 2], [1.0, final])
+
+    monkeypatch.setattr(bt, "run_one", fake)
+    assert bt.main(["--bench", "mix8-2d", "--quick", "--in-process", "--out", str(tmp_path), "--seeds", "2",
+                    "--first-seed", "3", "--positives", "256", "1024", "--tag", "fs"]) == 0
+    assert sorted(seen) == [(3, "exact@1024", 3), (3, "exact@256", 3), (3, "projected", 3),
+                            (4, "exact@1024", 4), (4, "projected", 4)]  # seed 3 tunes; seed 4 runs the best
+    with open(tmp_path / f"train-mix8-2d-cpu{os.cpu_count()}-fs-quick.json") as fh:
+        saved = json.load(fh)
+    assert sorted(saved["runs"]) == ["3", "4"] and saved["baseline"] == "exact@1024"
+    assert sorted(saved["comparisons"]["projected"]) == ["3", "4"]
 
 
 def test_quick_interleaved_run_writes_results(bt, tmp_path, capsys):
