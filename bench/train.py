@@ -325,17 +325,23 @@ def analyse(result: dict) -> None:
         result["summary"][method] = summarize(comps)
 
 
+def _median(comps: list[dict], key: str, missing=None) -> float | None:
+    """The median of ``key`` over per-seed comparisons; a None value counts as ``missing`` (None: left out),
+    non-finite values are left out; None when nothing is left."""
+    vals = [c[key] if c[key] is not None else missing for c in comps]
+    vals = [v for v in vals if v is not None and math.isfinite(v)]
+    return float(np.median(vals)) if vals else None
+
+
 def summarize(comps: dict) -> dict:
     """Over seeds: the median time-to-target ratio ("not reached" counts as 0) and median finals."""
     cs = [comps[k] for k in sorted(comps, key=int)]
     if not cs:
         return {}
-    ratios = [c["ratio"] if c["ratio"] is not None else 0.0 for c in cs]
-    med = float(np.median(ratios))
+    med = _median(cs, "ratio", missing=0.0)
 
     def median(key):
-        vals = [c[key] for c in cs if c[key] is not None and math.isfinite(c[key])]
-        return float(np.median(vals)) if vals else None
+        return _median(cs, key)
 
     return {"ratio_median": med if med > 0 else None, "ratios": [c["ratio"] for c in cs],
             "bounds": [c["bound"] for c in cs], "ratio_text": ("not reached" if med == 0 else f"{med:.2f}x")
@@ -564,17 +570,11 @@ def positives_points(result: dict, method: str = MAIN) -> list[dict]:
         hit = EXACT.match(name)
         comps = [compare(runs[s][name], runs[s][method]) for s in sorted(runs, key=int)
                  if hit and _usable(runs[s].get(name)) and _usable(runs[s].get(method))]
-        if not comps:
-            continue
-
-        def median(key, zero=None):
-            vals = [c[key] if c[key] is not None else zero for c in comps]
-            vals = [v for v in vals if v is not None and math.isfinite(v)]
-            return float(np.median(vals)) if vals else None
-
-        pts.append({"positives": int(hit.group(1)), "seeds": len(comps), "equal_budget": median("final_ratio"),
-                    "ratio": median("ratio", zero=0.0), "step_time": median("step_time_ratio"),
-                    "exact_final": median("base_final"), "baseline": name == result.get("baseline")})
+        if comps:
+            pts.append({"positives": int(hit.group(1)), "seeds": len(comps),
+                        "equal_budget": _median(comps, "final_ratio"), "ratio": _median(comps, "ratio", missing=0.0),
+                        "step_time": _median(comps, "step_time_ratio"), "exact_final": _median(comps, "base_final"),
+                        "baseline": name == result.get("baseline")})
     return sorted(pts, key=lambda p: p["positives"])
 
 
