@@ -79,6 +79,7 @@ from _measure import code_revision, exit_with_parent, gpu_kind, write_json_atomi
 from suite import ALL, BENCHES, CROSSOVER, score, write_data  # noqa: E402
 
 POSITIVES = (256, 512, 1024, 2048)
+EXACT = re.compile(r"^exact@(\d+)$")  # the exact field at --positives P, as the benches name it
 DEFAULT_SEEDS = 3
 DEFAULT_EVALS = 12
 SLICES = 15  # turns per run: the default slice is budget / SLICES
@@ -297,7 +298,7 @@ def choose_baseline(runs: dict, tune: str) -> str | None:
     seeds = sorted(runs, key=int)
     for seed in (seeds if tune == "all" else seeds[:1]):
         for method, run in runs[seed].items():
-            if method.startswith("exact@"):
+            if EXACT.match(method):
                 finals.setdefault(method, []).append(final_quality(run))
     scored = {m: float(np.median(v)) for m, v in finals.items() if all(math.isfinite(x) for x in v)}
     return min(scored, key=scored.get) if scored else None
@@ -317,7 +318,7 @@ def analyse(result: dict) -> None:
     if base is None:
         return
     for method in result["methods"]:
-        if method.startswith("exact@"):
+        if EXACT.match(method):
             continue
         comps = {seed: compare(runs[seed][base], runs[seed][method]) for seed in sorted(runs, key=int)
                  if _usable(runs[seed].get(base)) and _usable(runs[seed].get(method))}
@@ -339,16 +340,12 @@ def summarize(comps: dict) -> dict:
     if not cs:
         return {}
     med = _median(cs, "ratio", missing=0.0)
-
-    def median(key):
-        return _median(cs, key)
-
     return {"ratio_median": med if med > 0 else None, "ratios": [c["ratio"] for c in cs],
             "bounds": [c["bound"] for c in cs], "ratio_text": ("not reached" if med == 0 else f"{med:.2f}x")
             + " (" + ", ".join(_ratio_text(c) for c in cs) + ")",
-            "base_final_median": median("base_final"), "final_median": median("final"),
-            "final_ratio_median": median("final_ratio"), "steps_ratio_median": median("steps_ratio"),
-            "step_time_ratio_median": median("step_time_ratio"),
+            "base_final_median": _median(cs, "base_final"), "final_median": _median(cs, "final"),
+            "final_ratio_median": _median(cs, "final_ratio"), "steps_ratio_median": _median(cs, "steps_ratio"),
+            "step_time_ratio_median": _median(cs, "step_time_ratio"),
             "never_worse": all(c["better_at_budget"] for c in cs)}
 
 
@@ -557,9 +554,6 @@ def plot_crossover(results: list[dict], path: Path) -> bool:
     return True
 
 
-EXACT = re.compile(r"^exact@(\d+)$")
-
-
 def positives_points(result: dict, method: str = MAIN) -> list[dict]:
     """The positives-per-step axis of one bench: ``method`` against the exact field at each ``--positives``
     that was run, over the seeds where both ran (with ``--tune seed0`` the counts other than the baseline's ran
@@ -596,9 +590,9 @@ def render_positives(results: list[dict]) -> list[str]:
     and time-to-target ratio against the exact field at that count; no lines when no bench ran two counts."""
     axis = {r["bench"]: positives_points(r) for r in results}
     axis = {b: pts for b, pts in axis.items() if len(pts) > 1}
-    counts = sorted({p["positives"] for pts in axis.values() for p in pts})
     if not axis:
         return []
+    counts = sorted({p["positives"] for pts in axis.values() for p in pts})
     lines = ["## positives per step: DriftXpress against the exact field at each --positives", "",
              "Per cell: equal budget (exact final / DriftXpress final; > 1: DriftXpress ends lower), then the "
              "time-to-target ratio (nr: not reached) and the seeds; * marks the baseline. The last column: the "
@@ -660,15 +654,15 @@ def machine_info() -> dict:
     return info
 
 
-def _positive(kind, name, low=0, strict=True):
-    """An argparse type: a finite ``kind`` above ``low`` (at least ``low`` where not ``strict``)."""
+def _positive(kind, name, strict=True):
+    """An argparse type: a finite ``kind`` above 0 (at least 0 where not ``strict``)."""
     def parse(text):
         try:
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} expects a {kind.__name__}, got {text!r}")
-        if not ((v > low if strict else v >= low) and math.isfinite(v)):
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number {'>' if strict else '>='} {low}, "
+        if not ((v > 0 if strict else v >= 0) and math.isfinite(v)):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number {'>' if strict else '>='} 0, "
                                              f"got {text!r}")
         return v
     return parse
