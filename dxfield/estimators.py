@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .attraction import bidirectional_attraction, corrected_attraction, row_attraction
+from .attraction import bidirectional_attraction, row_attraction
+from .correction import corrected_attraction
 from .repulsion import (QUERIES, Negatives, bidirectional_nystrom, exact_repulsion, nystrom_repulsion,
                         sweep_negatives)
 from .sums import LogSumExp, RowSums, combine, normalize_drift, quiet

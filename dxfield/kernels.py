@@ -230,7 +230,7 @@ def sqdist_stacked(x, y, mask=None):
     early generated samples against each other, then needs few entries redone one by one."""
     xp = _xp(x)
     out, hits = _product_form(xp, x, y, mask)
-    if 8 * int(hits.sum()) > hits.size:
+    if 8 * int(xp.count_nonzero(hits)) > hits.size:
         centre = _stacked_centre(xp, x, y, mask)
         x, y = x - centre, y - centre
         out, hits = _product_form(xp, x, y, mask)
@@ -254,9 +254,16 @@ def _product_form(xp, x, y, mask):
     out *= -2.0
     out += xx[:, :, None]
     out += yy[:, None, :]
-    hits = out < refine_tolerance(out.dtype) * (xx[:, :, None] + yy[:, None, :])
+    tol = refine_tolerance(out.dtype)
+    # a first pass against each set pair's largest |x|^2 + |y|^2 (a bound of every entry's), the exact test
+    # only where some entry is under it: sets apart from each other need one comparison per entry
+    if not out.size:
+        return out, xp.zeros(out.shape, dtype=bool)
+    hits = out < (tol * (xx.max(axis=1) + yy.max(axis=1)))[:, None, None]
     if mask is not None:
         hits &= mask
+    if bool(hits.any()):
+        hits &= out < tol * (xx[:, :, None] + yy[:, None, :])
     return out, hits
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .attraction import query_groups
+from .stacking import query_groups
 from .backend import device_of, placement_of
 from .kernels import logit_coef, sq_norms, sqdist
 from .memory import tile_cap

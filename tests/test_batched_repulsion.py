@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 import dxfield
-import dxfield.attraction as attraction
 import dxfield.estimators as estimators
 import reference as ref
 
@@ -31,14 +30,14 @@ def test_batched_negatives_equal_the_sweep(monkeypatch, corrected, drift_norm, k
     kw = dict(labels=qlab, normalization="bidirectional", drift_norm=drift_norm)
     if corrected:
         kw.update(pos_sample=pos[::3], pos_sample_labels=plab[::3])
-    used = []
-    real = attraction.self_repulsion
-    monkeypatch.setattr(attraction, "self_repulsion", lambda *a: used.append(1) or real(*a))
+    swept_calls = []
+    real = estimators.sweep_negatives
+    monkeypatch.setattr(estimators, "sweep_negatives", lambda *a, **k: swept_calls.append(1) or real(*a, **k))
     batched = pf.field(x, **kw)
-    assert used, "the batched negatives were not used"
+    assert not swept_calls, "the negatives went through the sweep"
     monkeypatch.setattr(estimators, "_batched_negatives", lambda c: False)
     swept = pf.field(x, **kw)
-    assert len(used) == 1
+    assert len(swept_calls) == 1
     np.testing.assert_allclose(batched, swept, rtol=0, atol=1e-12 * max(1.0, np.abs(swept).max()))
     assert np.abs(batched[-1]).max() == 0  # the lonely query: nothing repels it
 
@@ -62,12 +61,16 @@ def test_batched_negatives_give_algorithm_2_with_the_whole_data_as_sample():
 def test_weighted_explicit_or_unconditional_negatives_still_sweep(monkeypatch):
     pos, plab, x, qlab = classes_with_a_lonely_query(52)
     pf = dxfield.ProjectedField.build(pos, labels=plab, landmarks=12, method="uniform")
-    used = []
-    real = attraction.self_repulsion
-    monkeypatch.setattr(attraction, "self_repulsion", lambda *a: used.append(1) or real(*a))
+    swept = []
+    real = estimators.sweep_negatives
+    monkeypatch.setattr(estimators, "sweep_negatives", lambda *a, **k: swept.append(1) or real(*a, **k))
     pf.field(x, x[:4], labels=qlab, normalization="bidirectional", include_self=True)
     pf.field(x, x[:4], labels=qlab, normalization="bidirectional", include_self=True, neg_weight=np.ones(4) * 2)
-    # one group of all the queries (an unconditional cache): the sweep's own case
-    dxfield.ProjectedField.build(pos, landmarks=12, method="uniform").field(x, normalization="bidirectional",
-                                                                            pos_sample=pos[::4])
-    assert not used
+    assert len(swept) == 2
+    # one group of all the queries (an unconditional cache): the sweep's own case without a correction; with
+    # one, the negatives come in the corrected attraction's stacked block (docs/design.md section 8.36)
+    unconditional = dxfield.ProjectedField.build(pos, landmarks=12, method="uniform")
+    unconditional.field(x, normalization="bidirectional")
+    assert len(swept) == 3
+    unconditional.field(x, normalization="bidirectional", pos_sample=pos[::4])
+    assert len(swept) == 3

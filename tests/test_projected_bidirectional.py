@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import dxfield
-from dxfield.attraction import corrected_attraction
+from dxfield.correction import corrected_attraction
 import reference as ref
 from helpers import namespace_of, to_numpy
 

@@ -1,0 +1,271 @@
+"""The queries' class groups, one by one or padded and stacked, for the projected field's estimators.
+
+* :func:`query_groups` -- one :class:`QueryGroup` per class of the queries (or one of all of them);
+* :class:`Batches` -- the same groups padded and stacked into (groups x rows x ...) arrays, with the
+  correction sample's rows of each and the distances between them (docs/design.md sections 8.4, 8.15);
+* :func:`self_repulsion` -- the negatives' side with each group's queries as its negatives, in the same
+  stacked blocks (section 8.19).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .backend import device_of, placement_of
+from .kernels import logit_coef, sqdist_stacked
+from .memory import tile_cap
+from .sums import logsumexp, quiet
+
+
+@dataclass
+class QueryGroup:
+    """Queries that see the same landmarks: one class (its own shard) or all (every shard)."""
+
+    shards: list  # indices of the shards whose landmarks the group sees
+    xs: Any  # the group's queries
+    idx: Any  # where its rows go in the output (a full slice for all queries)
+    uc: Any  # landmarks centred on the cache's centre, working dtype
+    uu: Any  # their squared norms
+    mass: Any  # data points each landmark stands for (n / m of its shard)
+    folded: list  # per temperature A [G | t | |A t|] (working dtype)
+
+
+def query_groups(pf, xp, xa, groups):
+    """Yield a :class:`QueryGroup` per class group (``groups`` from the labels), or one for all."""
+    dev = pf.on_device(placement_of(xp, xa))
+    nt = len(pf.temperatures)
+    for si, rows in [(None, None)] if groups is None else groups:
+        if si is None:
+            yield QueryGroup(list(range(len(pf.shards))), xa, slice(None), dev["uc_all"], dev["uu_all"],
+                             dev["mass_all"], dev["folded_all"])
+        else:
+            idx = xp.asarray(rows)
+            yield QueryGroup([si], xa[idx], idx, dev["uc"][si], dev["uu"][si], dev["mass"][si],
+                             [dev["folded"][si][k] for k in range(nt)])
+
+
+def log_sums(xp, shift, s, has, top=0.0):
+    """``shift + top + log s`` in float64 where ``has``, else -inf."""
+    with np.errstate(divide="ignore"):
+        return xp.where(has, shift.astype(xp.float64) + top + xp.log(xp.where(has, s, 1.0).astype(xp.float64)),
+                        -xp.inf)
+
+
+def sample_parts(pf, xp, g: QueryGroup, ysc, sample_rows):
+    """The sample rows that correct group ``g``, by shard: ``(landmark slice, rows, n / B, their indices)``."""
+    offsets = np.concatenate([[0], np.cumsum([pf.shards[i].m for i in g.shards])])
+    parts = []
+    for j, i in enumerate(g.shards):
+        key = None if pf.classes == [None] else i
+        mine = sample_rows.get(key)
+        if mine is not None and len(mine):
+            mine = np.asarray(mine)
+            start = int(mine[0])  # rows in order make views, not copies (the maps: (rows x T x m) each)
+            rows = slice(start, start + len(mine)) if np.array_equal(mine, np.arange(start, start + len(mine))) \
+                else xp.asarray(mine)
+            parts.append((slice(int(offsets[j]), int(offsets[j + 1])), ysc[rows], pf.shards[i].n / len(mine), rows))
+    return parts
+
+
+def in_query_order(pf, xp, xa, bt: "Batches", parts):
+    """``(b, log_w, log_r)`` of the stacked groups as (N x D, N, N) arrays in the queries' order."""
+    n, d = xa.shape
+    outs = (xp.empty((n, d), dtype=pf.dtype), xp.empty(n, dtype=xp.float64), xp.empty(n, dtype=xp.float64))
+    for o, p in zip(outs, parts):
+        o[bt.rows] = p[bt.valid]
+    return outs
+
+
+def repulsion_fits(pf, xa, bt: "Batches", one_group: bool = False) -> bool:
+    """Whether the negatives' side is worth forming with the stacked groups: their queries x queries blocks
+    within a tile and the memory budget, and more than one group unless ``one_group`` (one group of all the
+    queries is otherwise the sweep's own case, which it does faster than :func:`self_repulsion`)."""
+    entries = len(bt.groups) * bt.nq * bt.nq
+    return ((one_group or len(bt.groups) > 1) and entries <= tile_cap(device_of(xa))
+            and 8 * entries * xa.dtype.itemsize <= pf.memory_budget)
+
+
+def self_repulsion(pf, xp, xa, bt: "Batches"):
+    """Algorithm 2's negatives' side with each group's queries as its negatives (self pairs masked), all
+    groups at once: per temperature ``(b, log_w, log_r)`` in the queries' order, ``b`` centred on the
+    cache's centre (docs/design.md section 8.19).
+
+    The same sums as the exact sweep over the negatives: column sums over the group's other queries,
+    ``log_w = log sum_j k_ij c_j^{-1/2}`` and ``log_r = log sum_j k_ij`` (-inf for a query alone in its
+    group: it has no negative); one stacked block instead of the sweep's tiles and passes."""
+    return [in_query_order(pf, xp, xa, bt, self_repulsion_at(pf, xp, bt, k)) for k in range(len(pf.temperatures))]
+
+
+def self_repulsion_at(pf, xp, bt: "Batches", k: int):
+    """One temperature of :func:`self_repulsion`, as (groups x rows) arrays (padded rows hold garbage)."""
+    with quiet(xp):
+        lq = bt.self_distances(pf, xp) * -logit_coef(pf.kernel, pf.taus[k])  # -inf off the pairs
+        half = half_column_sums(xp, lq)
+        e = lq - half[:, None, :]  # k_ij c_j^{-1/2} = exp(e_ij)
+        shift = e.max(axis=2)
+        shift = xp.where(xp.isfinite(shift), shift, 0).astype(pf.dtype)
+        p = xp.exp(e - shift[:, :, None])  # units exp(shift_i)
+        s = p.sum(axis=2)
+        r = (p @ xp.exp(half)[:, :, None])[:, :, 0]  # k_ij = exp(e_ij) c_j^{1/2}: the plain row sums
+        has = s > 0
+        b = (p @ bt.xq) / xp.where(has, s, 1.0)[:, :, None]
+        return b, log_sums(xp, shift, s, has), log_sums(xp, shift, r, has)
+
+
+class Batches:
+    """The query groups of :func:`corrected_attraction`, padded and stacked: (groups x rows x ...) arrays.
+
+    Per group ``g``: its queries (``nq`` rows at most), its landmarks (``nm``),
+    the sample rows that correct it (``ns``, each with its scale ``n_s / B_s``
+    and the landmarks of its own shard), and the distances between them; or,
+    with the sample rows' ``maps``, their ``W^{-1} k(U, y)`` (``zy``: groups x
+    ns x T x nm) instead of the landmark-sample distances.
+    Padding is masked: padded queries, landmarks and sample rows get logit
+    -inf, so they add nothing to any sum.
+    """
+
+    def __init__(self, pf, xp, xa, groups, ysc, sample_rows, maps=None):
+        dev = pf.on_device(placement_of(xp, xa))
+        gs = list(query_groups(pf, xp, xa, groups))
+        nb, d, dt = len(gs), xa.shape[1], pf.dtype
+        parts = [sample_parts(pf, xp, g, ysc, sample_rows) for g in gs]
+        nq = max(int(g.xs.shape[0]) for g in gs)
+        nm = max(int(g.uc.shape[0]) for g in gs)
+        ns = max([sum(int(yb.shape[0]) for _, yb, _, _ in p) for p in parts] + [1])
+        self.groups, self.nq, self.nm, self.ns, self.dev = gs, nq, nm, ns, dev
+        self.dq = None  # the queries' distances to each other (self_distances), once needed
+        self.key = (tuple(tuple(g.shards) for g in gs), nm)  # the padded summaries depend on this only
+        self.xq = xq = xp.zeros((nb, nq, d), dtype=dt)  # each group's queries - c (zeros: padding)
+        self.y1 = xp.zeros((nb, ns, d + 1), dtype=dt)  # [y - c, 1] of the sample rows
+        self.scale = xp.zeros((nb, ns), dtype=dt)  # n_s / B_s of each sample row's shard
+        self.valid = xp.zeros((nb, nq), dtype=bool)
+        pairs = np.zeros((nb, nm, ns), dtype=bool)  # landmark and sample row of the same shard
+        self.has_sample = any(parts)
+        self.zy = None if maps is None else self._stacked_maps(xp, maps, parts, dt)
+        for j, (g, p) in enumerate(zip(gs, parts)):
+            q = int(g.xs.shape[0])
+            xq[j, :q] = g.xs - dev["centre"]
+            self.valid[j, :q] = True
+            at = 0
+            for sl, yb, scale, rows in p:
+                cols = slice(at, at + int(yb.shape[0]))
+                pairs[j, sl, cols] = True
+                self.y1[j, cols, :d] = yb
+                self.y1[j, cols, d] = 1
+                self.scale[j, cols] = scale
+                at = cols.stop
+        uc, has_u = self.landmarks(xp, d, dt)
+        dist = (lambda a, b, mask: masked_distances(xp, pf.kernel, a, b, mask))  # noqa: E731
+        if self.has_sample:  # query-landmark and query-sample in one block (inf: padding)
+            ys, has_y = self.y1[:, :, :d], self.scale > 0
+            has = xp.concatenate([has_u, has_y], axis=1)
+            self.dpos = dist(xq, xp.concatenate([uc, ys], axis=1), self.valid[:, :, None] & has[:, None, :])
+            self.du, self.dy = self.dpos[:, :, :nm], self.dpos[:, :, nm:]
+            self.duy = None if maps is not None else dist(uc, ys, xp.asarray(pairs))  # landmark-sample (inf: other shard)
+        else:
+            self.du = dist(xq, uc, self.valid[:, :, None] & has_u[:, None, :])
+            self.dy = xp.full((nb, nq, ns), float("inf"), dtype=dt)
+            self.duy = xp.full((nb, nm, ns), float("inf"), dtype=dt)
+        self.rows = xp.concatenate([xp.asarray(g.idx) if not isinstance(g.idx, slice)
+                                    else xp.arange(xa.shape[0]) for g in gs])
+        self.y_rows = self.y1 * self.scale[:, :, None]  # (n_s / B_s) [y - c, 1]
+
+    def _stacked_maps(self, xp, maps, parts, dtype):
+        """The sample rows' maps ``W^{-1} k(U, y)`` per group, padded: (groups x ns x T x nm), a view of
+        ``maps`` where one group takes them all in order."""
+        nb, ns, nm = len(parts), self.ns, self.nm
+        if nb == 1 and len(parts[0]) == 1:
+            sl, _, _, rows = parts[0][0]
+            if isinstance(rows, slice) and sl.stop - sl.start == nm == maps.shape[2] and rows.stop - rows.start == ns:
+                return maps[rows][None]
+        out = xp.zeros((nb, ns, maps.shape[1], nm), dtype=dtype)
+        for j, p in enumerate(parts):
+            at = 0
+            for sl, yb, _, rows in p:
+                out[j, at:at + int(yb.shape[0]), :, sl] = maps[rows, :, :sl.stop - sl.start]
+                at += int(yb.shape[0])
+        return out
+
+    def self_distances(self, pf, xp):
+        """Each group's queries against each other (groups x nq x nq; inf off the pairs: self pairs and
+        padding), made once per call."""
+        if self.dq is None:
+            eye = xp.eye(self.nq, dtype=bool)[None]
+            pair = self.valid[:, :, None] & self.valid[:, None, :] & ~eye
+            self.dq = masked_distances(xp, pf.kernel, self.xq, self.xq, pair)
+        return self.dq
+
+    def landmarks(self, xp, d: int, dtype):
+        """Every group's landmarks (centred), padded: (groups x nm x D), and which are real (made once
+        per device and set of groups)."""
+        def make():
+            uc = padded(xp, self, [g.uc for g in self.groups], d, dtype)
+            has = xp.asarray(np.arange(self.nm)[None, :] < np.array([[g.uc.shape[0]] for g in self.groups]))
+            return uc, has
+        return self.kept(("landmarks",), make)
+
+    def folded(self, xp, k: int, d: int):
+        """``A [G | t]`` of every group at temperature ``k``, padded: (groups x nm x (D+1)), float64 (made
+        once per device and set of groups)."""
+        return self.kept(("folded", k), lambda: padded(xp, self, [g.folded[k] for g in self.groups], d + 1,
+                                                        xp.float64))
+
+    def inverse_grams(self, pf, xp, k: int):
+        """``W^{-1}`` of every group's shards (block diagonal), padded: (groups x nm x nm), float64 (made
+        once per device and set of groups)."""
+        def make():
+            out = xp.zeros((len(self.groups), self.nm, self.nm), dtype=xp.float64)
+            for j, g in enumerate(self.groups):
+                m = g.uc.shape[0]
+                out[j, :m, :m] = pf.inverse_gram(self.dev, xp, g.shards, k)
+            return out
+        return self.kept(("winv", k), make)
+
+    def kept(self, what, make):
+        """``make()``, kept on the device for the next call with the same groups (only the last set of
+        groups is kept: with many classes the set changes from call to call)."""
+        kept = self.dev.get("batched")
+        if kept is None or kept["key"] != self.key:
+            kept = self.dev["batched"] = {"key": self.key}
+        if what not in kept:
+            kept[what] = make()
+        return kept[what]
+
+
+def landmark_terms(pf, xp, bt: "Batches", k: int):
+    """``(Lu, half, e_u)`` at temperature ``k``: the query-landmark logits, half the log column sums
+    over each group's queries, and ``e_u = Lu - half`` (``k_iu c_u^{-1/2} = exp(e_u)``)."""
+    Lu = bt.du * -logit_coef(pf.kernel, pf.taus[k])  # -inf on padding
+    half = half_column_sums(xp, Lu)
+    return Lu, half, Lu - half[:, None, :]
+
+
+def padded(xp, bt: "Batches", per_group, cols: int, dtype):
+    """Per-group (landmarks x >= cols) arrays, their first ``cols`` columns stacked and zero-padded to
+    (groups x nm x cols)."""
+    out = xp.zeros((len(per_group), bt.nm, cols), dtype=dtype)
+    for j, a in enumerate(per_group):
+        out[j, :a.shape[0]] = a[:, :cols]
+    return out
+
+
+def masked_distances(xp, kernel: str, a, b, mask=None):
+    """The kernel's distances of stacked sets (:func:`dxfield.kernels.sqdist_stacked`), ``inf`` off
+    ``mask`` (padding, other shards; None: every pair)."""
+    d2 = sqdist_stacked(a, b, mask)
+    if kernel == "laplace":
+        xp.sqrt(xp.maximum(d2, 0, out=d2), out=d2)
+    if mask is not None:
+        xp.copyto(d2, xp.asarray(float("inf"), dtype=d2.dtype), where=~mask)
+    return d2
+
+
+def half_column_sums(xp, logits):
+    """``0.5 log sum_i exp(logits_gij)`` over each group's queries (axis 1); 0 for an empty column
+    (padding, or a landmark no query of its group sees), whose terms are all 0 anyway."""
+    with quiet(xp):
+        lse = logsumexp(xp, logits, 1)
+    return xp.where(xp.isfinite(lse), 0.5 * lse, 0.0)
