@@ -84,10 +84,9 @@ class _Block:
         if not any(ok):
             return out
         xq1 = xp.concatenate([bt.xq, xp.ones(bt.xq.shape[:2] + (1,), dtype=bt.xq.dtype)], axis=2)
-        rhs = xp.empty(F.shape + (xq1.shape[2] + 1,), dtype=pf.dtype)
-        rhs[..., :-1] = xq1[None] * F[:, :, :, None]
-        rhs[..., -1] = 1
-        b, log_w, log_r = _settled(xp, P @ rhs, self.neg.units(coefs), top)
+        acc = _weighted(xp, P, F, xp.broadcast_to(xq1[None], F.shape + (xq1.shape[2],)))
+        d = bt.xq.shape[2]
+        b, log_w, log_r = _settled(xp, acc[..., :d], acc[..., d], P.sum(axis=3), self.neg.units(coefs), top)
         for i, k in enumerate(ks):
             if ok[i]:
                 out[k] = (out[k][0], (b[i], log_w[i], log_r[i]))
@@ -97,43 +96,75 @@ class _Block:
         """Per temperature of ``ks`` the positives' ``(b, log_w, log_r, fallback rows)``."""
         pf, xp, bt = self.pf, self.xp, self.bt
         d, nm, dt = bt.y1.shape[2] - 1, bt.nm, pf.dtype
-        rhs = xp.empty(F.shape + (d + 2,), dtype=dt)  # T x groups x (nm + ns) x [acc | s_w | r]
-        pairs = []
-        for i, k in enumerate(ks):
-            rows_u, t_col, pair = _nystrom_part(pf, xp, bt, k, bt.folded(xp, k, d))
-            rhs[i, :, :nm, :d + 1] = rows_u  # the (corrected) summaries, weighted below by c_u^{-1/2}
-            rhs[i, :, :nm, d + 1] = t_col  # W^{-1} t: the plain row sums k_iu W^{-1} t
-            pairs.append(pair)
-        rhs[:, :, :nm, :d + 1] *= F[:, :, :nm, None]
-        rhs[:, :, nm:, :d + 1] = bt.y_rows[None] * F[:, :, nm:, None]  # the sample's exact terms
-        rhs[:, :, nm:, d + 1] = bt.scale[None]
-        S = P @ rhs  # rows in units exp(-c f_i), and exp(top) for acc and s_w
-        for i, pair in enumerate(pairs):
-            if pair is not None:  # the other product order: the Nystrom terms of every (query, sample row) pair
-                S[i, :, :, :d + 1] -= pair(P[i, :, :, :nm] * F[i, :, None, :nm]) @ bt.y1
-        bad = (~(S[..., d] > 0) | ~(S[..., d + 1] > 0)) & bt.valid[None]
+        order = _product_order(bt, len(ks))
+        rows_u, t_col, pairs = _nystrom_parts(pf, xp, bt, ks, order)
+        cols = xp.empty(F.shape + (d + 2,), dtype=dt)  # T x groups x (nm + ns) x [weighted: acc, s_w | plain: r]
+        cols[:, :, :nm, :d + 1] = rows_u  # the (corrected) summaries
+        cols[:, :, :nm, d + 1] = t_col  # W^{-1} t: the plain row sums k_iu W^{-1} t
+        cols[:, :, nm:, :d + 1] = bt.y_rows[None]  # the sample's exact terms
+        cols[:, :, nm:, d + 1] = bt.scale[None]
+        acc = _weighted(xp, P, F, cols[..., :d + 1])  # rows in units exp(-c f_i + top)
+        r = (P @ cols[..., d + 1:])[..., 0]  # rows in units exp(-c f_i)
+        if pairs is not None:  # the other product order: the Nystrom terms of every (query, sample row) pair
+            acc -= pairs(P[..., :nm] * F[:, :, None, :nm]) @ bt.y1[None]
+        bad = (~(acc[..., d] > 0) | ~(r > 0)) & bt.valid[None]
         nbad = [int(v) for v in to_host(xp.count_nonzero(bad.reshape(len(ks), -1), axis=1))]
         for i, k in enumerate(ks):
             if nbad[i]:  # the sample's estimate went negative there: Nystrom alone
                 Pu, folded = P[i, :, :, :nm], bt.folded(xp, k, d)
                 nys = (Pu * F[i, :, None, :nm]) @ bt.kept(("folded32", k), lambda: folded.astype(dt))
-                r = (Pu @ folded[:, :, d].astype(dt)[:, :, None])[:, :, 0]
-                S[i] = xp.where(bad[i][:, :, None], xp.concatenate([nys, r[:, :, None]], axis=2), S[i])
-        b, log_w, log_r = _settled(xp, S, self.pos.units(coefs), top)
+                acc[i] = xp.where(bad[i][:, :, None], nys, acc[i])
+                r[i] = xp.where(bad[i], (Pu @ folded[:, :, d].astype(dt)[:, :, None])[:, :, 0], r[i])
+        b, log_w, log_r = _settled(xp, acc[..., :d], acc[..., d], r, self.pos.units(coefs), top)
         return [(b[i], log_w[i], log_r[i], nbad[i]) for i in range(len(ks))]
 
 
-def _settled(xp, S, units, top):
-    """``(b, log_w, log_r)`` from one side's ``S = [acc | s_w | r]`` (rows in units ``exp(units)``, and
-    ``exp(top)`` of the group for ``acc`` and ``s_w``; any leading axes)."""
-    d = S.shape[-1] - 2
-    s_w, r = S[..., d], S[..., d + 1]
+def _weighted(xp, P, F, cols):
+    """``P diag(F) cols`` over the stacked axes: the column factors on ``P`` or on ``cols``, whichever is
+    smaller."""
+    if P.size <= cols.size:
+        return (P * F[..., None, :]) @ cols
+    return P @ (cols * F[..., None])
+
+
+def _product_order(bt: Batches, temperatures: int) -> bool:
+    """Whether the Nystrom terms of every (query, sample row) pair are formed (docs/design.md section 8.16):
+    where that takes well under the flops of subtracting the sample's Nystrom part from the summaries (many
+    feature columns, few queries per group), by more than a few small products' overhead."""
+    d = bt.y1.shape[2] - 1
+    per_group = temperatures * len(bt.groups)
+    summaries = per_group * bt.nm * bt.ns * (d + 1)
+    pairs = per_group * (bt.nq * bt.nm * bt.ns + bt.nq * bt.ns * (d + 1))
+    return summaries > 2 * pairs + (1 << 24)
+
+
+def _nystrom_parts(pf, xp, bt: Batches, ks, pairs: bool):
+    """:func:`_nystrom_part` of the temperatures ``ks`` (consecutive) stacked on a first axis: ``(rows, t,
+    pairs)``, ``pairs`` taking the stacked query-landmark terms.  With the rows' maps, a few stacked products;
+    else one temperature at a time."""
+    d, f64 = bt.y1.shape[2] - 1, xp.float64
+    folded = bt.kept(("folded_stack", tuple(ks)), lambda: xp.stack([bt.folded(xp, k, d) for k in ks]))
+    if bt.zy is None:
+        parts = [_nystrom_part(pf, xp, bt, k, folded[i], pairs) for i, k in enumerate(ks)]
+        each = None if not pairs else (lambda e: xp.stack([p[2](e[i]) for i, p in enumerate(parts)]))
+        return xp.stack([p[0] for p in parts]), xp.stack([p[1] for p in parts]), each
+    z = xp.moveaxis(bt.zy[:, :, ks[0]:ks[-1] + 1, :], 2, 0)  # T x groups x ns x nm
+    if pairs:
+        t_col = folded[..., d] - (bt.scale[None, :, None, :] @ z)[:, :, 0, :].astype(f64)
+        return folded, t_col, lambda e: (e @ z.transpose(0, 1, 3, 2)) * bt.scale[None, :, None, :]
+    corrected = folded - (z.transpose(0, 1, 3, 2) @ bt.y_rows[None]).astype(f64)
+    return corrected, corrected[..., d], None
+
+
+def _settled(xp, acc, s_w, r, units, top):
+    """``(b, log_w, log_r)`` of one side from its sums ``acc``, ``s_w`` (rows in units ``exp(units + top)``) and
+    ``r`` (units ``exp(units)``), any leading axes."""
     has = (s_w > 0) & (r > 0)  # False only without any data or negative (and on padding)
     safe = xp.where(has, s_w, 1.0)
-    return S[..., :d] / safe[..., None], log_sums(xp, units + top[..., None], safe, has), log_sums(xp, units, r, has)
+    return acc / safe[..., None], log_sums(xp, units + top[..., None], safe, has), log_sums(xp, units, r, has)
 
 
-def _nystrom_part(pf, xp, bt: Batches, k: int, folded):
+def _nystrom_part(pf, xp, bt: Batches, k: int, folded, pairs: bool):
     """The landmarks' side of the corrected sums at temperature ``k``: ``(rows, t, pairs)``.
 
     ``rows`` (groups x nm x (D+1), float64) are the summaries the query-landmark kernel multiplies and ``t``
@@ -141,19 +172,19 @@ def _nystrom_part(pf, xp, bt: Batches, k: int, folded):
     [Y_s, 1]`` (``K_s = k(U, Y_s) n / B``) subtracted; ``pairs`` None.  Or, in the other order (docs/design.md
     section 8.16: fewer queries per group than feature columns), ``rows`` the cached summaries and ``pairs``
     a callable that forms the Nystrom terms ``a = E W^{-1} K_s`` of every (query, sample row) pair from the
-    query-landmark terms ``E``, to subtract before the product with ``[Y_s, 1]``."""
+    query-landmark terms ``E``, to subtract before the product with ``[Y_s, 1]`` (``pairs``)."""
     d = bt.y1.shape[2] - 1
     dt, f64 = pf.dtype, xp.float64
     if bt.zy is not None:  # the rows' maps: W^{-1} K_s = Z^T diag(n_s / B_s) (docs/design.md section 8.18)
         z = bt.zy[:, :, k, :]  # groups x ns x nm
-        if bt.nq < d + 1:
+        if pairs:
             t_col = folded[:, :, d] - (bt.scale[:, None, :] @ z)[:, 0, :].astype(f64)
             return folded, t_col, lambda e: (e @ z.transpose(0, 2, 1)) * bt.scale[:, None, :]
         corrected = folded - (z.transpose(0, 2, 1) @ bt.y_rows).astype(f64)
         return corrected, corrected[:, :, d], None
     kuy = xp.exp(bt.duy * -logit_coef(pf.kernel, pf.taus[k])) * bt.scale[:, None, :]  # K_s, working dtype
     winv = bt.inverse_grams(pf, xp, k)
-    if bt.nq < d + 1:  # (W^{-1} K_s 1)^T = (K_s 1)^T W^{-1} (W symmetric)
+    if pairs:  # (W^{-1} K_s 1)^T = (K_s 1)^T W^{-1} (W symmetric)
         t_col = folded[:, :, d] - (kuy.sum(axis=2, dtype=f64)[:, None, :] @ winv)[:, 0, :]
         return folded, t_col, lambda e: ((e.astype(f64) @ winv) @ kuy.astype(f64)).astype(dt)
     corrected = folded - winv @ (kuy @ bt.y1).astype(f64)
@@ -212,7 +243,7 @@ def _sample_sums(pf, xp, bt: Batches, k: int, E, ay, folded, nystrom):
     """The corrected sums ``[acc | s_w]`` of one temperature, ``W^{-1} t`` corrected for the plain row sums,
     and the Nystrom sums alone where they were formed (else None), for :func:`_corrected_sums`: the sample's
     Nystrom part subtracted (:func:`_nystrom_part`), its exact terms ``ay`` added."""
-    rows_u, t_col, pairs = _nystrom_part(pf, xp, bt, k, folded)
+    rows_u, t_col, pairs = _nystrom_part(pf, xp, bt, k, folded, bt.nq < bt.y1.shape[2])
     if pairs is None:
         return E @ rows_u.astype(pf.dtype) + ay @ bt.y1, t_col, None
     nys = nystrom()

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -25,12 +26,18 @@ class QueryGroup:
     """Queries that see the same landmarks: one class (its own shard) or all (every shard)."""
 
     shards: list  # indices of the shards whose landmarks the group sees
-    xs: Any  # the group's queries
+    source: Any  # all the queries of the call
     idx: Any  # where its rows go in the output (a full slice for all queries)
     uc: Any  # landmarks centred on the cache's centre, working dtype
     uu: Any  # their squared norms
     mass: Any  # data points each landmark stands for (n / m of its shard)
     folded: list  # per temperature A [G | t | |A t|] (working dtype)
+    rows: Any = None  # ``idx`` on the host (None: all the queries)
+
+    @cached_property
+    def xs(self):
+        """The group's queries (gathered once needed: the stacked groups gather all of them at once)."""
+        return self.source if self.rows is None else self.source[self.idx]
 
 
 def query_groups(pf, xp, xa, groups):
@@ -42,9 +49,16 @@ def query_groups(pf, xp, xa, groups):
             yield QueryGroup(list(range(len(pf.shards))), xa, slice(None), dev["uc_all"], dev["uu_all"],
                              dev["mass_all"], dev["folded_all"])
         else:
-            idx = xp.asarray(rows)
-            yield QueryGroup([si], xa[idx], idx, dev["uc"][si], dev["uu"][si], dev["mass"][si],
-                             [dev["folded"][si][k] for k in range(nt)])
+            yield QueryGroup([si], xa, xp.asarray(rows), dev["uc"][si], dev["uu"][si], dev["mass"][si],
+                             [dev["folded"][si][k] for k in range(nt)], np.asarray(rows))
+
+
+def padded_index(lists, width: int, pad: int) -> np.ndarray:
+    """Host index lists as a (lists x width) array, each padded with ``pad``."""
+    out = np.full((len(lists), width), pad, dtype=np.int64)
+    for j, rows in enumerate(lists):
+        out[j, :len(rows)] = rows
+    return out
 
 
 def log_sums(xp, shift, s, has, top=0.0):
@@ -130,25 +144,73 @@ class Batches:
     def __init__(self, pf, xp, xa, groups, ysc, sample_rows, maps=None):
         dev = pf.on_device(placement_of(xp, xa))
         gs = list(query_groups(pf, xp, xa, groups))
-        nb, d, dt = len(gs), xa.shape[1], pf.dtype
-        parts = [sample_parts(pf, xp, g, ysc, sample_rows) for g in gs]
-        nq = max(int(g.xs.shape[0]) for g in gs)
-        nm = max(int(g.uc.shape[0]) for g in gs)
-        ns = max([sum(int(yb.shape[0]) for _, yb, _, _ in p) for p in parts] + [1])
-        self.groups, self.nq, self.nm, self.ns, self.dev = gs, nq, nm, ns, dev
+        nb, d, dt, n = len(gs), xa.shape[1], pf.dtype, xa.shape[0]
+        qrows = [np.arange(n) if g.rows is None else g.rows for g in gs]
+        self.nq = nq = max(len(r) for r in qrows)
+        self.nm = nm = max(int(g.uc.shape[0]) for g in gs)
+        self.groups, self.dev = gs, dev
         self.dq = None  # the queries' distances to each other (self_distances), once needed
         self.key = (tuple(tuple(g.shards) for g in gs), nm)  # the padded summaries depend on this only
-        self.xq = xq = xp.zeros((nb, nq, d), dtype=dt)  # each group's queries - c (zeros: padding)
-        self.y1 = xp.zeros((nb, ns, d + 1), dtype=dt)  # [y - c, 1] of the sample rows
-        self.scale = xp.zeros((nb, ns), dtype=dt)  # n_s / B_s of each sample row's shard
-        self.valid = xp.zeros((nb, nq), dtype=bool)
-        pairs = np.zeros((nb, nm, ns), dtype=bool)  # landmark and sample row of the same shard
+        qidx = padded_index(qrows, nq, n)  # the padding row is the centre: zeros once centred
+        self.valid = xp.asarray(qidx < n)
+        ext = xp.concatenate([xa, dev["centre"][None].astype(xa.dtype)])
+        self.xq = xq = (ext[xp.asarray(qidx)] - dev["centre"]).astype(dt, copy=False)  # each group's queries - c
+        self.rows = xp.asarray(np.concatenate(qrows))
+        uc, has_u = self.landmarks(xp, d, dt)
+        pairs = self._stack_sample(pf, xp, ysc, sample_rows, maps, has_u)  # landmark and sample row of one shard
+        ns = self.ns
+        dist = (lambda a, b, mask: masked_distances(xp, pf.kernel, a, b, mask))  # noqa: E731
+        if self.has_sample:  # query-landmark and query-sample in one block (inf: padding)
+            ys, has_y = self.y1[:, :, :d], self.scale > 0
+            has = xp.concatenate([has_u, has_y], axis=1)
+            self.dpos = dist(xq, xp.concatenate([uc, ys], axis=1), self.valid[:, :, None] & has[:, None, :])
+            self.du, self.dy = self.dpos[:, :, :nm], self.dpos[:, :, nm:]
+            self.duy = None if maps is not None else dist(uc, ys, pairs)  # landmark-sample (inf: other shard)
+        else:
+            self.du = dist(xq, uc, self.valid[:, :, None] & has_u[:, None, :])
+            self.dy = xp.full((nb, nq, ns), float("inf"), dtype=dt)
+            self.duy = xp.full((nb, nm, ns), float("inf"), dtype=dt)
+        self.y_rows = self.y1 * self.scale[:, :, None]  # (n_s / B_s) [y - c, 1]
+
+    def _stack_sample(self, pf, xp, ysc, sample_rows, maps, has_u):
+        """Set ``ns``, ``y1``, ``scale``, ``zy`` and ``has_sample`` from the correction sample's rows of each
+        group's shards; return which landmark and sample row share a shard (groups x nm x ns, on the device)."""
+        gs, d, dt = self.groups, self.xq.shape[2], pf.dtype
+        if ysc is None or any(len(g.shards) != 1 for g in gs):
+            return self._stack_sample_parts(pf, xp, ysc, sample_rows, maps)
+        keys = [None if pf.classes == [None] else g.shards[0] for g in gs]
+        lists = [np.asarray(sample_rows.get(key, ()), dtype=np.int64) for key in keys]
+        self.ns = ns = max([len(rows) for rows in lists] + [1])
+        self.has_sample = any(len(rows) for rows in lists)
+        sidx = padded_index(lists, ns, ysc.shape[0])
+        real = sidx < ysc.shape[0]
+        scale = np.array([pf.shards[g.shards[0]].n / max(len(rows), 1) for g, rows in zip(gs, lists)])
+        self.scale = xp.asarray(np.where(real, scale[:, None], 0.0), dtype=dt)
+        self.y1 = xp.empty((len(gs), ns, d + 1), dtype=dt)
+        self.y1[:, :, :d] = xp.concatenate([ysc, xp.zeros((1, d), dtype=ysc.dtype)])[xp.asarray(sidx)]
+        self.y1[:, :, d] = xp.asarray(real)
+        self.zy = None
+        if maps is not None:
+            start = int(sidx[0, 0])
+            if len(gs) == 1 and self.nm == maps.shape[2] and np.array_equal(sidx[0], np.arange(start, start + ns)):
+                self.zy = maps[start:start + ns][None]  # one group taking its rows in order: a view
+            else:
+                pad = xp.zeros((1,) + maps.shape[1:], dtype=maps.dtype)
+                self.zy = xp.concatenate([maps, pad])[xp.asarray(sidx)][..., :self.nm]
+        return has_u[:, :, None] & xp.asarray(real)[:, None, :]
+
+    def _stack_sample_parts(self, pf, xp, ysc, sample_rows, maps):
+        """:meth:`_stack_sample` for groups that see several shards (unconditional queries on a class cache), or
+        without a sample: shard by shard (:func:`sample_parts`)."""
+        gs, d, dt, nm = self.groups, self.xq.shape[2], pf.dtype, self.nm
+        parts = [[] if ysc is None else sample_parts(pf, xp, g, ysc, sample_rows) for g in gs]
+        self.ns = ns = max([sum(int(yb.shape[0]) for _, yb, _, _ in p) for p in parts] + [1])
+        self.y1 = xp.zeros((len(gs), ns, d + 1), dtype=dt)  # [y - c, 1] of the sample rows
+        self.scale = xp.zeros((len(gs), ns), dtype=dt)  # n_s / B_s of each sample row's shard
+        pairs = np.zeros((len(gs), nm, ns), dtype=bool)
         self.has_sample = any(parts)
         self.zy = None if maps is None else self._stacked_maps(xp, maps, parts, dt)
-        for j, (g, p) in enumerate(zip(gs, parts)):
-            q = int(g.xs.shape[0])
-            xq[j, :q] = g.xs - dev["centre"]
-            self.valid[j, :q] = True
+        for j, p in enumerate(parts):
             at = 0
             for sl, yb, scale, rows in p:
                 cols = slice(at, at + int(yb.shape[0]))
@@ -157,21 +219,7 @@ class Batches:
                 self.y1[j, cols, d] = 1
                 self.scale[j, cols] = scale
                 at = cols.stop
-        uc, has_u = self.landmarks(xp, d, dt)
-        dist = (lambda a, b, mask: masked_distances(xp, pf.kernel, a, b, mask))  # noqa: E731
-        if self.has_sample:  # query-landmark and query-sample in one block (inf: padding)
-            ys, has_y = self.y1[:, :, :d], self.scale > 0
-            has = xp.concatenate([has_u, has_y], axis=1)
-            self.dpos = dist(xq, xp.concatenate([uc, ys], axis=1), self.valid[:, :, None] & has[:, None, :])
-            self.du, self.dy = self.dpos[:, :, :nm], self.dpos[:, :, nm:]
-            self.duy = None if maps is not None else dist(uc, ys, xp.asarray(pairs))  # landmark-sample (inf: other shard)
-        else:
-            self.du = dist(xq, uc, self.valid[:, :, None] & has_u[:, None, :])
-            self.dy = xp.full((nb, nq, ns), float("inf"), dtype=dt)
-            self.duy = xp.full((nb, nm, ns), float("inf"), dtype=dt)
-        self.rows = xp.concatenate([xp.asarray(g.idx) if not isinstance(g.idx, slice)
-                                    else xp.arange(xa.shape[0]) for g in gs])
-        self.y_rows = self.y1 * self.scale[:, :, None]  # (n_s / B_s) [y - c, 1]
+        return xp.asarray(pairs)
 
     def _stacked_maps(self, xp, maps, parts, dtype):
         """The sample rows' maps ``W^{-1} k(U, y)`` per group, padded: (groups x ns x T x nm), a view of
