@@ -96,17 +96,22 @@ class _Block:
         """Per temperature of ``ks`` the positives' ``(b, log_w, log_r, fallback rows)``."""
         pf, xp, bt = self.pf, self.xp, self.bt
         d, nm, dt = bt.y1.shape[2] - 1, bt.nm, pf.dtype
-        order = _product_order(bt, len(ks))
-        rows_u, t_col, pairs = _nystrom_parts(pf, xp, bt, ks, order)
-        cols = xp.empty(F.shape + (d + 2,), dtype=dt)  # T x groups x (nm + ns) x [weighted: acc, s_w | plain: r]
-        cols[:, :, :nm, :d + 1] = rows_u  # the (corrected) summaries
-        cols[:, :, :nm, d + 1] = t_col  # W^{-1} t: the plain row sums k_iu W^{-1} t
-        cols[:, :, nm:, :d + 1] = bt.y_rows[None]  # the sample's exact terms
-        cols[:, :, nm:, d + 1] = bt.scale[None]
-        acc = _weighted(xp, P, F, cols[..., :d + 1])  # rows in units exp(-c f_i + top)
-        r = (P @ cols[..., d + 1:])[..., 0]  # rows in units exp(-c f_i)
-        if pairs is not None:  # the other product order: the Nystrom terms of every (query, sample row) pair
-            acc -= pairs(P[..., :nm] * F[:, :, None, :nm]) @ bt.y1[None]
+        pairs_order = bt.nq < d + 1  # docs/design.md section 8.16
+        rows_u, t_col, pairs = _nystrom_parts(pf, xp, bt, ks, pairs_order)
+        if pairs_order:  # the summaries as cached (float32, kept), the pairs' Nystrom terms subtracted
+            Pu = P[..., :nm] * F[:, :, None, :nm]
+            folded32 = bt.kept(("folded32_stack", tuple(ks)), lambda: rows_u.astype(dt))
+            acc = Pu @ folded32 + _weighted(xp, P[..., nm:], F[..., nm:], bt.y_rows[None])
+            acc -= pairs(Pu) @ bt.y1[None]
+            r = (P[..., :nm] @ t_col.astype(dt)[..., None] + P[..., nm:] @ bt.scale[None, :, :, None])[..., 0]
+        else:
+            cols = xp.empty(F.shape + (d + 2,), dtype=dt)  # T x groups x (nm + ns) x [weighted: acc, s_w | r]
+            cols[:, :, :nm, :d + 1] = rows_u  # the corrected summaries
+            cols[:, :, :nm, d + 1] = t_col  # W^{-1} t: the plain row sums k_iu W^{-1} t
+            cols[:, :, nm:, :d + 1] = bt.y_rows[None]  # the sample's exact terms
+            cols[:, :, nm:, d + 1] = bt.scale[None]
+            acc = _weighted(xp, P, F, cols[..., :d + 1])  # rows in units exp(-c f_i + top)
+            r = (P @ cols[..., d + 1:])[..., 0]  # rows in units exp(-c f_i)
         bad = (~(acc[..., d] > 0) | ~(r > 0)) & bt.valid[None]
         nbad = [int(v) for v in to_host(xp.count_nonzero(bad.reshape(len(ks), -1), axis=1))]
         for i, k in enumerate(ks):
@@ -125,17 +130,6 @@ def _weighted(xp, P, F, cols):
     if P.size <= cols.size:
         return (P * F[..., None, :]) @ cols
     return P @ (cols * F[..., None])
-
-
-def _product_order(bt: Batches, temperatures: int) -> bool:
-    """Whether the Nystrom terms of every (query, sample row) pair are formed (docs/design.md section 8.16):
-    where that takes well under the flops of subtracting the sample's Nystrom part from the summaries (many
-    feature columns, few queries per group), by more than a few small products' overhead."""
-    d = bt.y1.shape[2] - 1
-    per_group = temperatures * len(bt.groups)
-    summaries = per_group * bt.nm * bt.ns * (d + 1)
-    pairs = per_group * (bt.nq * bt.nm * bt.ns + bt.nq * bt.ns * (d + 1))
-    return summaries > 2 * pairs + (1 << 24)
 
 
 def _nystrom_parts(pf, xp, bt: Batches, ks, pairs: bool):
