@@ -130,7 +130,8 @@ def self_repulsion_at(pf, xp, bt: "Batches", k: int):
 
 
 class Batches:
-    """The query groups of :func:`corrected_attraction`, padded and stacked: (groups x rows x ...) arrays.
+    """The query groups of the batched estimators (:mod:`dxfield.correction`, :mod:`dxfield.attraction`),
+    padded and stacked: (groups x rows x ...) arrays.
 
     Per group ``g``: its queries (``nq`` rows at most), its landmarks (``nm``),
     the sample rows that correct it (``ns``, each with its scale ``n_s / B_s``

@@ -32,7 +32,7 @@ def dense(r, c):
 
 
 @pytest.mark.parametrize("coefs", [(0.5, 2.0, 5.0), (3.0,)])
-@pytest.mark.parametrize("limit", [None, 4.0])  # the column sums from P; or, for the larger coefficients, their own pass
+@pytest.mark.parametrize("limit", [None, 4.0])  # column sums from P; or, for the larger coefficients, their own pass
 def test_a_side_gives_the_exponentials_and_column_factors_of_the_dense_formula(monkeypatch, coefs, limit):
     if limit is not None:
         monkeypatch.setattr(blocksums, "span_limit", lambda dtype: limit)
