@@ -183,9 +183,9 @@ def _batched(pf, xp, xa, bt: "Batches", sums, repel: bool = False):
 
 
 def _nystrom_sums(pf, xp, bt: "Batches", k: int):
-    """One temperature of :func:`bidirectional_attraction`, all groups at once (no sample): like
-    :func:`dxfield.correction.corrected_sums`.  Rows whose Nystrom sums lost their sign or their digits (below
-    ``den_floor`` of the magnitude of their terms) use the landmarks as the data, group by group."""
+    """One temperature of :func:`bidirectional_attraction`, all groups at once (no sample): like the
+    corrected sums of :mod:`dxfield.correction`.  Rows whose Nystrom sums lost their sign or their digits
+    (below ``den_floor`` of the magnitude of their terms) use the landmarks as the data, group by group."""
     d = bt.y1.shape[2] - 1
     dt = pf.dtype
     # per landmark: [A G | A t | |A t|] (working dtype), then the same two sums weighted by c_u^{1/2}

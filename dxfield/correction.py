@@ -76,8 +76,8 @@ class _Block:
         out = dict.fromkeys(ks, (None, None))
         P, F, top, ok = self.pos.exps(coefs)
         if any(ok):
-            for k, pos in zip(ks, self._positives(ks, coefs, P, F, top)):
-                out[k] = (pos if ok[ks.index(k)] else None, None)
+            for i, pos in enumerate(self._positives(ks, coefs, P, F, top)):
+                out[ks[i]] = (pos if ok[i] else None, None)
         if self.neg is None:
             return out
         P, F, top, ok = self.neg.exps(coefs)
@@ -133,9 +133,16 @@ def _weighted(xp, P, F, cols):
 
 
 def _nystrom_parts(pf, xp, bt: Batches, ks, pairs: bool):
-    """:func:`_nystrom_part` of the temperatures ``ks`` (consecutive) stacked on a first axis: ``(rows, t,
-    pairs)``, ``pairs`` taking the stacked query-landmark terms.  With the rows' maps, a few stacked products;
-    else one temperature at a time."""
+    """The landmarks' side of the corrected sums at the temperatures ``ks`` (consecutive), stacked on a first
+    axis: ``(rows, t, pairs)``.
+
+    ``rows`` (T x groups x nm x (D+1), float64) are the summaries the query-landmark kernel multiplies and
+    ``t`` their ``W^{-1} t`` for the plain row sums, both with the sample's Nystrom part ``W^{-1} K_s [Y_s,
+    1]`` subtracted; ``pairs`` None.  Or, with ``pairs`` (docs/design.md section 8.16: fewer queries per
+    group than feature columns), ``rows`` the cached summaries and ``pairs`` a callable that forms the Nystrom
+    terms ``a = E W^{-1} K_s`` of every (query, sample row) pair from the stacked query-landmark terms ``E``,
+    to subtract before the product with ``[Y_s, 1]``.  With the rows' maps (``W^{-1} K_s = Z^T diag(n /
+    B)``, section 8.18), a few stacked products; else one temperature at a time (:func:`_nystrom_part`)."""
     d, f64 = bt.y1.shape[2] - 1, xp.float64
     folded = bt.kept(("folded_stack", tuple(ks)), lambda: xp.stack([bt.folded(xp, k, d) for k in ks]))
     if bt.zy is None:
@@ -159,23 +166,11 @@ def _settled(xp, acc, s_w, r, units, top):
 
 
 def _nystrom_part(pf, xp, bt: Batches, k: int, folded, pairs: bool):
-    """The landmarks' side of the corrected sums at temperature ``k``: ``(rows, t, pairs)``.
-
-    ``rows`` (groups x nm x (D+1), float64) are the summaries the query-landmark kernel multiplies and ``t``
-    (groups x nm) their ``W^{-1} t`` for the plain row sums, both with the sample's Nystrom part ``W^{-1} K_s
-    [Y_s, 1]`` (``K_s = k(U, Y_s) n / B``) subtracted; ``pairs`` None.  Or, in the other order (docs/design.md
-    section 8.16: fewer queries per group than feature columns), ``rows`` the cached summaries and ``pairs``
-    a callable that forms the Nystrom terms ``a = E W^{-1} K_s`` of every (query, sample row) pair from the
-    query-landmark terms ``E``, to subtract before the product with ``[Y_s, 1]`` (``pairs``)."""
+    """The landmarks' side of the corrected sums at temperature ``k``, without the rows' maps: ``(rows, t,
+    pairs)`` as :func:`_nystrom_parts` gives them for one temperature, ``W^{-1} K_s`` formed from the
+    landmark-sample kernel ``K_s = k(U, Y_s) n / B`` and the kept ``W^{-1}``."""
     d = bt.y1.shape[2] - 1
     dt, f64 = pf.dtype, xp.float64
-    if bt.zy is not None:  # the rows' maps: W^{-1} K_s = Z^T diag(n_s / B_s) (docs/design.md section 8.18)
-        z = bt.zy[:, :, k, :]  # groups x ns x nm
-        if pairs:
-            t_col = folded[:, :, d] - (bt.scale[:, None, :] @ z)[:, 0, :].astype(f64)
-            return folded, t_col, lambda e: (e @ z.transpose(0, 2, 1)) * bt.scale[:, None, :]
-        corrected = folded - (z.transpose(0, 2, 1) @ bt.y_rows).astype(f64)
-        return corrected, corrected[:, :, d], None
     kuy = xp.exp(bt.duy * -logit_coef(pf.kernel, pf.taus[k])) * bt.scale[:, None, :]  # K_s, working dtype
     winv = bt.inverse_grams(pf, xp, k)
     if pairs:  # (W^{-1} K_s 1)^T = (K_s 1)^T W^{-1} (W symmetric)
@@ -217,7 +212,7 @@ def _corrected_sums(pf, xp, bt: Batches, k: int):
         nys = pr = None if bt.has_sample else nystrom()
         if bt.has_sample:
             ay = xp.exp(e_y - shift[:, :, None]) * bt.scale[:, None, :]  # exact terms, units exp(shift_i)
-            pr, t_col, nys = _sample_sums(pf, xp, bt, k, E, ay, folded, nystrom)
+            pr, t_col, nys = _sample_sums(pf, xp, bt, k, E, ay, nystrom)
         r = (E @ (t_col.astype(dt) * root_c)[:, :, None])[:, :, 0]  # plain row sums k_i. W^{-1} t
         if bt.has_sample:
             r += (ay @ xp.exp(half_y)[:, :, None])[:, :, 0]
@@ -233,12 +228,12 @@ def _corrected_sums(pf, xp, bt: Batches, k: int):
     return b, log_sums(xp, shift, safe_s, has), log_sums(xp, shift, r, has), nbad
 
 
-def _sample_sums(pf, xp, bt: Batches, k: int, E, ay, folded, nystrom):
+def _sample_sums(pf, xp, bt: Batches, k: int, E, ay, nystrom):
     """The corrected sums ``[acc | s_w]`` of one temperature, ``W^{-1} t`` corrected for the plain row sums,
     and the Nystrom sums alone where they were formed (else None), for :func:`_corrected_sums`: the sample's
-    Nystrom part subtracted (:func:`_nystrom_part`), its exact terms ``ay`` added."""
-    rows_u, t_col, pairs = _nystrom_part(pf, xp, bt, k, folded, bt.nq < bt.y1.shape[2])
+    Nystrom part subtracted (:func:`_nystrom_parts`), its exact terms ``ay`` added."""
+    rows_u, t_col, pairs = _nystrom_parts(pf, xp, bt, [k], bt.nq < bt.y1.shape[2])
     if pairs is None:
-        return E @ rows_u.astype(pf.dtype) + ay @ bt.y1, t_col, None
+        return E @ rows_u[0].astype(pf.dtype) + ay @ bt.y1, t_col[0], None
     nys = nystrom()
-    return nys + (ay - pairs(E)) @ bt.y1, t_col, nys
+    return nys + (ay - pairs(E[None])[0]) @ bt.y1, t_col[0], nys

@@ -76,10 +76,7 @@ def sample_parts(pf, xp, g: QueryGroup, ysc, sample_rows):
         key = None if pf.classes == [None] else i
         mine = sample_rows.get(key)
         if mine is not None and len(mine):
-            mine = np.asarray(mine)
-            start = int(mine[0])  # rows in order make views, not copies (the maps: (rows x T x m) each)
-            rows = slice(start, start + len(mine)) if np.array_equal(mine, np.arange(start, start + len(mine))) \
-                else xp.asarray(mine)
+            rows = xp.asarray(mine)
             parts.append((slice(int(offsets[j]), int(offsets[j + 1])), ysc[rows], pf.shards[i].n / len(mine), rows))
     return parts
 
@@ -223,13 +220,8 @@ class Batches:
         return xp.asarray(pairs)
 
     def _stacked_maps(self, xp, maps, parts, dtype):
-        """The sample rows' maps ``W^{-1} k(U, y)`` per group, padded: (groups x ns x T x nm), a view of
-        ``maps`` where one group takes them all in order."""
+        """The sample rows' maps ``W^{-1} k(U, y)`` per group, padded: (groups x ns x T x nm)."""
         nb, ns, nm = len(parts), self.ns, self.nm
-        if nb == 1 and len(parts[0]) == 1:
-            sl, _, _, rows = parts[0][0]
-            if isinstance(rows, slice) and sl.stop - sl.start == nm == maps.shape[2] and rows.stop - rows.start == ns:
-                return maps[rows][None]
         out = xp.zeros((nb, ns, maps.shape[1], nm), dtype=dtype)
         for j, p in enumerate(parts):
             at = 0
