@@ -24,8 +24,9 @@ from .backend import device_of, placement_of, to_host
 from .kernels import logit_coef
 from .memory import tile_cap
 from .nystrom import column_log_sums, kernel_products
-from .stacking import (Batches, QueryGroup, in_query_order, landmark_terms, log_sums, masked_distances, padded,
-                       query_groups, repulsion_fits, self_repulsion)
+from .blocksums import Side, log_sums, weighted
+from .stacking import (Batches, QueryGroup, block_repulsion, blocked, landmark_terms, masked_distances, padded,
+                       query_groups, repulsion_fits)
 from .sums import quiet
 
 
@@ -86,13 +87,16 @@ def bidirectional_attraction(pf, xp, xa, groups, repel: bool = False):
     the fallback counts (rows where a Nystrom sum lost its sign or its digits
     use the landmarks as the data, each with the mass ``n / m`` of its shard).
 
-    Many small class groups are batched (:class:`Batches`, :func:`_nystrom_sums`): a few
-    operations per temperature instead of a loop over the classes (docs/design.md section 8.15).
-    The third item returned: with ``repel`` and batched groups, the negatives' side with the queries
-    as the negatives (:func:`self_repulsion`), else None (the caller sweeps the negatives).
+    Many small class groups are batched (:class:`Batches`, :class:`_NystromBlock`): one exponential per
+    entry and temperature, the temperatures stacked, instead of a loop over the classes (docs/design.md
+    sections 8.15, 8.37).  The third item returned: with ``repel`` and batched groups, the negatives' side
+    with the queries as the negatives (:func:`dxfield.stacking.block_repulsion`), else None (the caller
+    sweeps the negatives).
     """
     if _batchable(pf, xa, groups):
-        return _batched(pf, xp, xa, Batches(pf, xp, xa, groups, None, {}), _nystrom_sums, repel)
+        bt = Batches(pf, xp, xa, groups, None, {})
+        neg = repel and repulsion_fits(pf, xa, bt)
+        return blocked(pf, xp, xa, bt, _NystromBlock(pf, xp, bt, neg), _nystrom_sums, neg)
     n, d = xa.shape
     nt = len(pf.temperatures)
     centre = pf.on_device(placement_of(xp, xa))["centre"]
@@ -168,18 +172,74 @@ def _batchable(pf, xa, groups) -> bool:
     return entries <= tile_cap(device_of(xa)) and 8 * entries * xa.dtype.itemsize <= pf.memory_budget
 
 
-def _batched(pf, xp, xa, bt: "Batches", sums, repel: bool = False):
-    """Per temperature ``(b, log_w, log_r)`` in the queries' order, and the fallback counts, from
-    ``sums(pf, xp, bt, k)`` over the stacked groups ``bt``; with ``repel`` (and a queries x queries
-    block per group that fits, :func:`repulsion_fits`), the negatives' side (:func:`self_repulsion`)
-    in the same form, else None."""
-    out, fallback = [], []
-    for k in range(len(pf.temperatures)):
-        b, log_w, log_r, nbad = sums(pf, xp, bt, k)
-        out.append(in_query_order(pf, xp, xa, bt, (b, log_w, log_r)))
-        fallback.append(nbad)
-    neg = self_repulsion(pf, xp, xa, bt) if repel and repulsion_fits(pf, xa, bt) else None
-    return out, fallback, neg
+class _NystromBlock:
+    """:func:`bidirectional_attraction`'s batched sums, and the queries' own repulsion, from one exponential
+    per entry and temperature (:class:`dxfield.blocksums.Side`; docs/design.md section 8.37): the
+    query-landmark block's row sums against ``[A G | A t | |A t|]``, weighted by the landmarks' column
+    factors ``c_u^{-1/2}`` and plain.  Rows whose Nystrom sums lost their sign or their digits (below
+    ``den_floor`` of the magnitude of their terms) use the landmarks as the data, group by group."""
+
+    def __init__(self, pf, xp, bt: Batches, neg: bool):
+        self.pf, self.xp, self.bt = pf, xp, bt
+        self.pos = Side(xp, bt.du, pf.dtype)
+        self.neg = Side(xp, bt.self_distances(pf, xp), pf.dtype) if neg else None
+        self.entries = int(bt.du.size) + (0 if self.neg is None else int(self.neg.v.size))
+
+    def sums(self, ks):
+        """``{k: (positives, negatives)}`` for the temperatures ``ks``, as :func:`dxfield.stacking.blocked`
+        takes them."""
+        pf, xp, bt = self.pf, self.xp, self.bt
+        coefs = [logit_coef(pf.kernel, pf.taus[k]) for k in ks]
+        out = dict.fromkeys(ks, (None, None))
+        P, F, top, ok = self.pos.exps(coefs)
+        if any(ok):
+            for i, pos in enumerate(self._positives(ks, coefs, P, F, top)):
+                out[ks[i]] = (pos if ok[i] else None, None)
+        if self.neg is not None:
+            for k, got in zip(ks, block_repulsion(xp, self.neg, bt.xq, coefs)):
+                if got is not None:
+                    out[k] = (out[k][0], got)
+        return out
+
+    def _positives(self, ks, coefs, P, F, top):
+        """Per temperature of ``ks`` the positives' ``(b, log_w, log_r, fallback rows)``."""
+        pf, xp, bt = self.pf, self.xp, self.bt
+        d, dt = bt.xq.shape[2], pf.dtype
+        cols = bt.kept(("folded_abs",), lambda: xp.stack(
+            [padded(xp, bt, [g.folded[k] for g in bt.groups], d + 2, dt) for k in range(len(pf.taus))]))
+        cols = cols[ks[0]:ks[-1] + 1]  # [A G | A t | |A t|] per temperature
+        with quiet(xp):
+            acc = weighted(xp, P, F, cols)  # rows in units exp(-c f_i + top)
+            plain = P @ cols[..., d:]  # [k A t | k |A t|], rows in units exp(-c f_i)
+        units = self.pos.units(coefs)
+        unit_w = units + top[..., None]
+        den, rsum = acc[..., d], plain[..., 0]
+        bad = bt.valid & (~(den > pf.den_floor * acc[..., d + 1]) | ~(rsum > pf.den_floor * plain[..., 1]))
+        nbad = [int(v) for v in to_host(xp.count_nonzero(bad.reshape(len(ks), -1), axis=1))]
+        for i, k in enumerate(ks):
+            if nbad[i]:
+                self._fallback(k, bad[i], acc[i], plain[i], unit_w[i], units[i], self.pos.log_factors[i])
+        has = (den > 0) & (rsum > 0)  # False only without any data (and on padding)
+        b = acc[..., :d] / xp.where(has, den, 1.0)[..., None]
+        log_w, log_r = log_sums(xp, unit_w, den, has), log_sums(xp, units, rsum, has)
+        return [(b[i], log_w[i], log_r[i], nbad[i]) for i in range(len(ks))]
+
+    def _fallback(self, k, bad, acc, plain, unit_w, units, log_factors):
+        """The landmarks as the data for the ``bad`` rows at temperature ``k``, in place: their weighted sums,
+        plain sums and both units (``log_factors``: the landmarks' ``-0.5 log c_u``)."""
+        pf, xp, bt = self.pf, self.xp, self.bt
+        d = bt.xq.shape[2]
+        half = xp.where(xp.isfinite(log_factors), -log_factors, 0.0)  # 0.5 log c_u
+        for j in np.nonzero(to_host(bad.any(axis=1)))[0]:
+            g = bt.groups[j]
+            m, idx = g.uc.shape[0], xp.nonzero(bad[j])[0]
+            m1, mw = g.mass[:, None], (g.mass * xp.exp(half[j, :m]))[:, None]
+            fb, fs = landmark_fallback(pf, xp, g, idx, k, [g.uc * m1, m1, m1, mw, mw],
+                                       col_log_weights=[-half[j, :m]])
+            acc[j, idx] = fb[0][:, :d + 2]
+            plain[j, idx] = fb[0][:, d + 2:]
+            unit_w[j, idx] = fs[0]
+            units[j, idx] = fs[0]
 
 
 def _nystrom_sums(pf, xp, bt: "Batches", k: int):

@@ -19,6 +19,8 @@ The caller multiplies ``P`` by its targets' columns scaled by ``F``: a row sum i
 
 from __future__ import annotations
 
+import numpy as np
+
 from .backend import to_host
 from .sums import quiet, span_limit
 
@@ -41,13 +43,16 @@ class Side:
         self.colmin = xp.where(self.has_col, colmin, 0).astype(dtype, copy=False)
         self.span = float(xp.where(self.has_col, self.colmin - self.lo[:, None], 0).max()) if r.size else 0.0
         self.work = None  # P of every temperature, once needed
+        self.log_factors = None  # the last exps() call's b_j
 
     def exps(self, coefs):
         """``(P, F, top, ok)`` at the logit coefficients ``coefs`` (one per temperature, stacked on a first
         axis): ``P`` (T x groups x queries x targets, in a buffer the next call overwrites), the column
         factors ``F`` (T x groups x targets, the working dtype, 0 for a column no query reaches), ``top``
         (T x groups, float64) and ``ok`` (host bools, T): whether that temperature's factors stay within
-        range (where not, its ``P`` and ``F`` are not to be used)."""
+        range (where not, its ``P`` and ``F`` are not to be used).  Keeps the factors' logs
+        ``b_j = -0.5 log C_j`` (T x groups x targets, float64, ``-inf`` for a column no query reaches) as
+        :attr:`log_factors` until the next call."""
         xp, f64, nt = self.xp, self.xp.float64, len(coefs)
         c = xp.asarray(coefs, dtype=self.dtype).reshape(nt, 1, 1)
         if self.work is None or self.work.shape[0] != nt:
@@ -68,6 +73,7 @@ class Side:
             spread = xp.where(xp.isfinite(top), top - xp.where(fin, b, xp.inf).min(axis=2), 0).max(axis=1)
             top = xp.where(xp.isfinite(top), top, 0.0)
             F = xp.exp(b - top[:, :, None]).astype(self.dtype)
+        self.log_factors = b
         ok = [bool(v) for v in to_host(spread <= self.limit)]
         return P, F, top, ok
 
@@ -75,3 +81,27 @@ class Side:
         """``-c f_i``: the log of each row's unit in ``P`` (T x groups x queries, float64)."""
         xp = self.xp
         return self.f.astype(xp.float64)[None] * -xp.asarray(coefs, dtype=xp.float64).reshape(-1, 1, 1)
+
+
+def weighted(xp, P, F, cols):
+    """``P diag(F) cols`` over the stacked axes: the column factors on ``P`` or on ``cols``, whichever is
+    smaller."""
+    if P.size <= cols.size:
+        return (P * F[..., None, :]) @ cols
+    return P @ (cols * F[..., None])
+
+
+def settled(xp, acc, s_w, r, units, top):
+    """``(b, log_w, log_r)`` of one side from its sums ``acc``, ``s_w`` (rows in units ``exp(units + top)``) and
+    ``r`` (units ``exp(units)``), any leading axes: the barycentres and the logs of both row sums (``-inf``
+    for a row without any target)."""
+    has = (s_w > 0) & (r > 0)
+    safe = xp.where(has, s_w, 1.0)
+    return acc / safe[..., None], log_sums(xp, units + top[..., None], safe, has), log_sums(xp, units, r, has)
+
+
+def log_sums(xp, shift, s, has, top=0.0):
+    """``shift + top + log s`` in float64 where ``has``, else -inf."""
+    with np.errstate(divide="ignore"):
+        return xp.where(has, shift.astype(xp.float64) + top + xp.log(xp.where(has, s, 1.0).astype(xp.float64)),
+                        -xp.inf)

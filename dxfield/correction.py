@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from .backend import placement_of, to_host
 from .kernels import logit_coef
-from .blocksums import Side
-from .stacking import (Batches, half_column_sums, in_query_order, landmark_terms, log_sums, repulsion_fits,
-                       self_repulsion_at)
+from .blocksums import Side, log_sums, settled, weighted
+from .stacking import Batches, block_repulsion, blocked, half_column_sums, landmark_terms, repulsion_fits
 from .sums import quiet
 
 
@@ -37,24 +36,7 @@ def corrected_attraction(pf, xp, xa, groups, ys, sample_rows, maps=None, repel: 
     centre = pf.on_device(placement_of(xp, xa))["centre"]
     bt = Batches(pf, xp, xa, groups, ys - centre, sample_rows, maps)
     neg = repel and repulsion_fits(pf, xa, bt, one_group=bt.has_sample)
-    nt = len(pf.temperatures)
-    block = {}
-    if bt.has_sample:
-        b = _Block(pf, xp, bt, neg)
-        # every temperature in one stack where its blocks fit in a quarter of the budget, else one at a time
-        each = 4 * b.entries * pf.dtype.itemsize
-        for ks in [list(range(nt))] if nt * each <= pf.memory_budget // 4 else [[k] for k in range(nt)]:
-            block.update(b.sums(ks))
-    out, fallback, negs = [], [], []
-    for k in range(nt):
-        pos_k, neg_k = block.get(k, (None, None))
-        if pos_k is None:
-            pos_k = _corrected_sums(pf, xp, bt, k)
-        out.append(in_query_order(pf, xp, xa, bt, pos_k[:3]))
-        fallback.append(pos_k[3])
-        if neg:
-            negs.append(in_query_order(pf, xp, xa, bt, self_repulsion_at(pf, xp, bt, k) if neg_k is None else neg_k))
-    return out, fallback, negs if neg else None
+    return blocked(pf, xp, xa, bt, _Block(pf, xp, bt, neg) if bt.has_sample else None, _corrected_sums, neg)
 
 
 class _Block:
@@ -80,16 +62,9 @@ class _Block:
                 out[ks[i]] = (pos if ok[i] else None, None)
         if self.neg is None:
             return out
-        P, F, top, ok = self.neg.exps(coefs)
-        if not any(ok):
-            return out
-        xq1 = xp.concatenate([bt.xq, xp.ones(bt.xq.shape[:2] + (1,), dtype=bt.xq.dtype)], axis=2)
-        acc = _weighted(xp, P, F, xp.broadcast_to(xq1[None], F.shape + (xq1.shape[2],)))
-        d = bt.xq.shape[2]
-        b, log_w, log_r = _settled(xp, acc[..., :d], acc[..., d], P.sum(axis=3), self.neg.units(coefs), top)
-        for i, k in enumerate(ks):
-            if ok[i]:
-                out[k] = (out[k][0], (b[i], log_w[i], log_r[i]))
+        for k, got in zip(ks, block_repulsion(xp, self.neg, bt.xq, coefs)):
+            if got is not None:
+                out[k] = (out[k][0], got)
         return out
 
     def _positives(self, ks, coefs, P, F, top):
@@ -101,7 +76,7 @@ class _Block:
         if pairs_order:  # the summaries as cached (float32, kept), the pairs' Nystrom terms subtracted
             Pu = P[..., :nm] * F[:, :, None, :nm]
             folded32 = bt.kept(("folded32_stack", tuple(ks)), lambda: rows_u.astype(dt))
-            acc = Pu @ folded32 + _weighted(xp, P[..., nm:], F[..., nm:], bt.y_rows[None])
+            acc = Pu @ folded32 + weighted(xp, P[..., nm:], F[..., nm:], bt.y_rows[None])
             acc -= pairs(Pu) @ bt.y1[None]
             r = (P[..., :nm] @ t_col.astype(dt)[..., None] + P[..., nm:] @ bt.scale[None, :, :, None])[..., 0]
         else:
@@ -110,7 +85,7 @@ class _Block:
             cols[:, :, :nm, d + 1] = t_col  # W^{-1} t: the plain row sums k_iu W^{-1} t
             cols[:, :, nm:, :d + 1] = bt.y_rows[None]  # the sample's exact terms
             cols[:, :, nm:, d + 1] = bt.scale[None]
-            acc = _weighted(xp, P, F, cols[..., :d + 1])  # rows in units exp(-c f_i + top)
+            acc = weighted(xp, P, F, cols[..., :d + 1])  # rows in units exp(-c f_i + top)
             r = (P @ cols[..., d + 1:])[..., 0]  # rows in units exp(-c f_i)
         bad = (~(acc[..., d] > 0) | ~(r > 0)) & bt.valid[None]
         nbad = [int(v) for v in to_host(xp.count_nonzero(bad.reshape(len(ks), -1), axis=1))]
@@ -120,16 +95,8 @@ class _Block:
                 nys = (Pu * F[i, :, None, :nm]) @ bt.kept(("folded32", k), lambda: folded.astype(dt))
                 acc[i] = xp.where(bad[i][:, :, None], nys, acc[i])
                 r[i] = xp.where(bad[i], (Pu @ folded[:, :, d].astype(dt)[:, :, None])[:, :, 0], r[i])
-        b, log_w, log_r = _settled(xp, acc[..., :d], acc[..., d], r, self.pos.units(coefs), top)
+        b, log_w, log_r = settled(xp, acc[..., :d], acc[..., d], r, self.pos.units(coefs), top)
         return [(b[i], log_w[i], log_r[i], nbad[i]) for i in range(len(ks))]
-
-
-def _weighted(xp, P, F, cols):
-    """``P diag(F) cols`` over the stacked axes: the column factors on ``P`` or on ``cols``, whichever is
-    smaller."""
-    if P.size <= cols.size:
-        return (P * F[..., None, :]) @ cols
-    return P @ (cols * F[..., None])
 
 
 def _nystrom_parts(pf, xp, bt: Batches, ks, pairs: bool):
@@ -155,14 +122,6 @@ def _nystrom_parts(pf, xp, bt: Batches, ks, pairs: bool):
         return folded, t_col, lambda e: (e @ z.transpose(0, 1, 3, 2)) * bt.scale[None, :, None, :]
     corrected = folded - (z.transpose(0, 1, 3, 2) @ bt.y_rows[None]).astype(f64)
     return corrected, corrected[..., d], None
-
-
-def _settled(xp, acc, s_w, r, units, top):
-    """``(b, log_w, log_r)`` of one side from its sums ``acc``, ``s_w`` (rows in units ``exp(units + top)``) and
-    ``r`` (units ``exp(units)``), any leading axes."""
-    has = (s_w > 0) & (r > 0)  # False only without any data or negative (and on padding)
-    safe = xp.where(has, s_w, 1.0)
-    return acc / safe[..., None], log_sums(xp, units + top[..., None], safe, has), log_sums(xp, units, r, has)
 
 
 def _nystrom_part(pf, xp, bt: Batches, k: int, folded, pairs: bool):

@@ -89,7 +89,7 @@ def _bidirectional_field(pf, c: FieldCall, positives):
 
     ``positives``: the attraction estimator's ``(per temperature (b, log_w, log_r), fallback, negatives)``;
     ``negatives`` in the same form when the estimator formed them with its batched groups
-    (:func:`dxfield.attraction.self_repulsion`), else None: the negatives are swept.
+    (:func:`dxfield.stacking.block_repulsion`), else None: the negatives are swept.
     """
     xp = c.xp
     pos_side, fallback, neg_side = positives

@@ -3,8 +3,10 @@
 * :func:`query_groups` -- one :class:`QueryGroup` per class of the queries (or one of all of them);
 * :class:`Batches` -- the same groups padded and stacked into (groups x rows x ...) arrays, with the
   correction sample's rows of each and the distances between them (docs/design.md sections 8.4, 8.15);
-* :func:`self_repulsion` -- the negatives' side with each group's queries as its negatives, in the same
-  stacked blocks (section 8.19).
+* :func:`block_repulsion` (and :func:`self_repulsion_at`) -- the negatives' side with each group's queries
+  as its negatives, in the same stacked blocks (sections 8.19, 8.36);
+* :func:`blocked` -- an estimator's sums from its block, temperatures stacked, with the term-by-term
+  fallbacks.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .backend import device_of, placement_of
+from .blocksums import log_sums, settled, weighted
 from .kernels import logit_coef, sqdist_stacked
 from .memory import tile_cap
 from .sums import logsumexp, quiet
@@ -61,13 +64,6 @@ def padded_index(lists, width: int, pad: int) -> np.ndarray:
     return out
 
 
-def log_sums(xp, shift, s, has, top=0.0):
-    """``shift + top + log s`` in float64 where ``has``, else -inf."""
-    with np.errstate(divide="ignore"):
-        return xp.where(has, shift.astype(xp.float64) + top + xp.log(xp.where(has, s, 1.0).astype(xp.float64)),
-                        -xp.inf)
-
-
 def sample_parts(pf, xp, g: QueryGroup, ysc, sample_rows):
     """The sample rows that correct group ``g``, by shard: ``(landmark slice, rows, n / B, their indices)``."""
     offsets = np.concatenate([[0], np.cumsum([pf.shards[i].m for i in g.shards])])
@@ -93,25 +89,21 @@ def in_query_order(pf, xp, xa, bt: "Batches", parts):
 def repulsion_fits(pf, xa, bt: "Batches", one_group: bool = False) -> bool:
     """Whether the negatives' side is worth forming with the stacked groups: their queries x queries blocks
     within a tile and the memory budget, and more than one group unless ``one_group`` (one group of all the
-    queries is otherwise the sweep's own case, which it does faster than :func:`self_repulsion`)."""
+    queries is otherwise the sweep's own case, which it does faster than :func:`self_repulsion_at`)."""
     entries = len(bt.groups) * bt.nq * bt.nq
     return ((one_group or len(bt.groups) > 1) and entries <= tile_cap(device_of(xa))
             and 8 * entries * xa.dtype.itemsize <= pf.memory_budget)
 
 
-def self_repulsion(pf, xp, xa, bt: "Batches"):
-    """Algorithm 2's negatives' side with each group's queries as its negatives (self pairs masked), all
-    groups at once: per temperature ``(b, log_w, log_r)`` in the queries' order, ``b`` centred on the
-    cache's centre (docs/design.md section 8.19).
+def self_repulsion_at(pf, xp, bt: "Batches", k: int):
+    """Algorithm 2's negatives' side at temperature ``k`` with each group's queries as its negatives (self
+    pairs masked), all groups at once, term by term: ``(b, log_w, log_r)`` as (groups x rows) arrays
+    (padded rows hold garbage), ``b`` centred on the cache's centre (docs/design.md section 8.19).
 
     The same sums as the exact sweep over the negatives: column sums over the group's other queries,
     ``log_w = log sum_j k_ij c_j^{-1/2}`` and ``log_r = log sum_j k_ij`` (-inf for a query alone in its
-    group: it has no negative); one stacked block instead of the sweep's tiles and passes."""
-    return [in_query_order(pf, xp, xa, bt, self_repulsion_at(pf, xp, bt, k)) for k in range(len(pf.temperatures))]
-
-
-def self_repulsion_at(pf, xp, bt: "Batches", k: int):
-    """One temperature of :func:`self_repulsion`, as (groups x rows) arrays (padded rows hold garbage)."""
+    group: it has no negative).  :func:`block_repulsion` forms them from one exponential per entry; this
+    is its fallback where the column factors spread beyond range."""
     with quiet(xp):
         lq = bt.self_distances(pf, xp) * -logit_coef(pf.kernel, pf.taus[k])  # -inf off the pairs
         half = half_column_sums(xp, lq)
@@ -124,6 +116,46 @@ def self_repulsion_at(pf, xp, bt: "Batches", k: int):
         has = s > 0
         b = (p @ bt.xq) / xp.where(has, s, 1.0)[:, :, None]
         return b, log_sums(xp, shift, s, has), log_sums(xp, shift, r, has)
+
+
+def block_repulsion(xp, side, xq, coefs):
+    """The negatives' side of every temperature of ``coefs`` from a :class:`dxfield.blocksums.Side` of the
+    groups' queries against each other (:meth:`Batches.self_distances`): per temperature ``(b, log_w,
+    log_r)`` as (groups x rows) arrays like :func:`self_repulsion_at`, or None where its column factors
+    spread beyond range (docs/design.md section 8.36)."""
+    P, F, top, ok = side.exps(coefs)
+    if not any(ok):
+        return [None] * len(coefs)
+    d = xq.shape[2]
+    xq1 = xp.concatenate([xq, xp.ones(xq.shape[:2] + (1,), dtype=xq.dtype)], axis=2)
+    acc = weighted(xp, P, F, xp.broadcast_to(xq1[None], F.shape + (d + 1,)))
+    b, log_w, log_r = settled(xp, acc[..., :d], acc[..., d], P.sum(axis=3), side.units(coefs), top)
+    return [(b[i], log_w[i], log_r[i]) if ok[i] else None for i in range(len(coefs))]
+
+
+def blocked(pf, xp, xa, bt: "Batches", block, positives_at, neg: bool):
+    """An estimator's sums from a block (``block.sums(ks)``: ``{k: (positives, negatives)}``, either None
+    where its factors spread beyond range; ``block.entries`` its size), every temperature in one stack where
+    their blocks fit in a quarter of the budget, else one at a time; ``positives_at(pf, xp, bt, k)`` and
+    :func:`self_repulsion_at` for what the block did not give.  Returns like
+    :func:`dxfield.attraction.bidirectional_attraction`: per temperature the positives' ``(b, log_w,
+    log_r)`` in the queries' order, the fallback counts, and with ``neg`` the negatives' side (else None)."""
+    nt = len(pf.temperatures)
+    got = {}
+    if block is not None:
+        each = 4 * block.entries * pf.dtype.itemsize
+        for ks in [list(range(nt))] if nt * each <= pf.memory_budget // 4 else [[k] for k in range(nt)]:
+            got.update(block.sums(ks))
+    out, fallback, negs = [], [], []
+    for k in range(nt):
+        pos_k, neg_k = got.get(k, (None, None))
+        if pos_k is None:
+            pos_k = positives_at(pf, xp, bt, k)
+        out.append(in_query_order(pf, xp, xa, bt, pos_k[:3]))
+        fallback.append(pos_k[3])
+        if neg:
+            negs.append(in_query_order(pf, xp, xa, bt, self_repulsion_at(pf, xp, bt, k) if neg_k is None else neg_k))
+    return out, fallback, negs if neg else None
 
 
 class Batches:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import dxfield
+import dxfield.attraction as attraction
 import dxfield.blocksums as blocksums
 import dxfield.correction as correction
 from dxfield.blocksums import Side
@@ -62,13 +63,14 @@ def test_a_side_refuses_factors_that_spread_beyond_range():
     assert ok == [False, True]
 
 
-def stacked_and_term_by_term(monkeypatch, pf, x, **kw):
+def stacked_and_term_by_term(monkeypatch, pf, x, block=correction._Block, **kw):
+    """The field through ``block`` (checked to be used), and with every temperature term by term."""
     V = pf.field(x, normalization="bidirectional", **kw)
     used = []
-    real = correction._Block.sums
-    monkeypatch.setattr(correction._Block, "sums", lambda self, ks: used.append(ks) or real(self, ks))
+    real = block.sums
+    monkeypatch.setattr(block, "sums", lambda self, ks: used.append(ks) or real(self, ks))
     assert np.array_equal(pf.field(x, normalization="bidirectional", **kw), V) and used
-    monkeypatch.setattr(correction._Block, "sums", lambda self, ks: {})  # every temperature term by term
+    monkeypatch.setattr(block, "sums", lambda self, ks: {})  # every temperature term by term
     return V, pf.field(x, normalization="bidirectional", **kw)
 
 
@@ -91,6 +93,24 @@ def test_the_stacked_corrected_field_equals_the_field_term_by_term(monkeypatch, 
     if maps:
         kw["pos_sample_maps"] = pf.sample_maps(pos, lab)[rows]
     V, Vt = stacked_and_term_by_term(monkeypatch, pf, x, **kw)
+    assert np.isfinite(V).all() and np.abs(V).max() > 0
+    np.testing.assert_allclose(V, Vt, rtol=0, atol=tol * np.abs(Vt).max())
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-10), (np.float32, 2e-4)])
+@pytest.mark.parametrize("limit", [None, 6.0, 1.0])
+@pytest.mark.parametrize("dim", [6, 40])
+def test_the_stacked_uncorrected_field_equals_the_field_term_by_term(monkeypatch, dtype, tol, limit, dim):
+    """The batched Nystrom sums of class groups (docs/design.md section 8.37), their negatives included."""
+    if limit is not None:
+        monkeypatch.setattr(blocksums, "span_limit", lambda d: limit)
+    rng = np.random.default_rng(4)
+    lab = rng.integers(0, 5, 500)
+    pos = (rng.normal(size=(500, dim)) + lab[:, None]).astype(dtype)
+    pf = dxfield.ProjectedField.build(pos, labels=lab, landmarks=12, temperatures=(0.02, 0.05, 0.2), dtype=dtype)
+    qlab = np.repeat(np.arange(5), [9, 4, 7, 2, 12])  # unequal groups: padding
+    x = (rng.normal(size=(34, dim)) * 1.3 + qlab[:, None]).astype(dtype)
+    V, Vt = stacked_and_term_by_term(monkeypatch, pf, x, block=attraction._NystromBlock, labels=qlab)
     assert np.isfinite(V).all() and np.abs(V).max() > 0
     np.testing.assert_allclose(V, Vt, rtol=0, atol=tol * np.abs(Vt).max())
 

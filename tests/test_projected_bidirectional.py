@@ -428,9 +428,12 @@ def test_the_whole_data_as_sample_with_a_single_class_cache():
     np.testing.assert_allclose(V, Vref, atol=1e-9, rtol=0)
 
 
-def test_batched_class_groups_equal_the_loop_over_classes_fallback_rows_included(monkeypatch):
-    """Many small class groups go through one stacked computation (docs/design.md section 8.15);
-    it must give what the loop over the classes gives, where some rows fall back too."""
+@pytest.mark.parametrize("path", ["block", "terms"])
+def test_batched_class_groups_equal_the_loop_over_classes_fallback_rows_included(monkeypatch, path):
+    """Many small class groups go through one stacked computation (docs/design.md sections 8.15, 8.37):
+    the block of one exponential per entry, or (where its factors spread beyond range) the terms one
+    temperature at a time.  Either must give what the loop over the classes gives, where some rows fall
+    back too."""
     from dxfield import attraction
 
     rng = np.random.default_rng(21)
@@ -444,10 +447,15 @@ def test_batched_class_groups_equal_the_loop_over_classes_fallback_rows_included
     u = np.concatenate([u0, u0 + 0.05 * rng.normal(size=u0.shape)])
     pf = dxfield.ProjectedField.build(pos, labels=plab, landmarks=u, ridge=1e-3, temperatures=(0.1, 0.3, 1.0))
     pf.den_floor = 0.99  # rows whose sums cancel by more than 1% fall back: some rows, not all
-    stacked = []
+    stacked, blocks = [], []
     monkeypatch.setattr(attraction, "_nystrom_sums", lambda *a, f=attraction._nystrom_sums: stacked.append(1) or f(*a))
+    real = attraction._NystromBlock.sums
+    refuse = path == "terms"  # as if every temperature's factors spread beyond range
+    monkeypatch.setattr(attraction._NystromBlock, "sums", lambda self, ks: blocks.append(list(ks)) or (
+        dict.fromkeys(ks, (None, None)) if refuse else real(self, ks)))
     V = pf.field(x, labels=qlab, normalization="bidirectional")
-    assert len(stacked) == 3  # one stacked computation per temperature
+    assert blocks == [[0, 1, 2]]  # the temperatures stacked
+    assert len(stacked) == (3 if refuse else 0)  # the terms one temperature at a time only where refused
     batched_fallback = pf.last_stats["attraction_fallback_rows"]
     monkeypatch.setattr(attraction, "_batchable", lambda *a: False)
     Vloop = pf.field(x, labels=qlab, normalization="bidirectional")
