@@ -24,8 +24,8 @@ from .backend import device_of, placement_of, to_host
 from .kernels import logit_coef
 from .memory import tile_cap
 from .nystrom import column_log_sums, kernel_products
-from .blocksums import Side, log_sums, weighted
-from .stacking import (Batches, QueryGroup, block_repulsion, blocked, landmark_terms, masked_distances, padded,
+from .blocksums import log_sums, weighted
+from .stacking import (Batches, Block, QueryGroup, blocked, landmark_terms, masked_distances, padded,
                        query_groups, repulsion_fits)
 from .sums import quiet
 
@@ -172,7 +172,7 @@ def _batchable(pf, xa, groups) -> bool:
     return entries <= tile_cap(device_of(xa)) and 8 * entries * xa.dtype.itemsize <= pf.memory_budget
 
 
-class _NystromBlock:
+class _NystromBlock(Block):
     """:func:`bidirectional_attraction`'s batched sums, and the queries' own repulsion, from one exponential
     per entry and temperature (:class:`dxfield.blocksums.Side`; docs/design.md section 8.37): the
     query-landmark block's row sums against ``[A G | A t | |A t|]``, weighted by the landmarks' column
@@ -180,28 +180,9 @@ class _NystromBlock:
     ``den_floor`` of the magnitude of their terms) use the landmarks as the data, group by group."""
 
     def __init__(self, pf, xp, bt: Batches, neg: bool):
-        self.pf, self.xp, self.bt = pf, xp, bt
-        self.pos = Side(xp, bt.du, pf.dtype)
-        self.neg = Side(xp, bt.self_distances(pf, xp), pf.dtype) if neg else None
-        self.entries = int(bt.du.size) + (0 if self.neg is None else int(self.neg.v.size))
+        super().__init__(pf, xp, bt, bt.du, neg)
 
-    def sums(self, ks):
-        """``{k: (positives, negatives)}`` for the temperatures ``ks``, as :func:`dxfield.stacking.blocked`
-        takes them."""
-        pf, xp, bt = self.pf, self.xp, self.bt
-        coefs = [logit_coef(pf.kernel, pf.taus[k]) for k in ks]
-        out = dict.fromkeys(ks, (None, None))
-        P, F, top, ok = self.pos.exps(coefs)
-        if any(ok):
-            for i, pos in enumerate(self._positives(ks, coefs, P, F, top)):
-                out[ks[i]] = (pos if ok[i] else None, None)
-        if self.neg is not None:
-            for k, got in zip(ks, block_repulsion(xp, self.neg, bt.xq, coefs)):
-                if got is not None:
-                    out[k] = (out[k][0], got)
-        return out
-
-    def _positives(self, ks, coefs, P, F, top):
+    def positives(self, ks, coefs, P, F, top):
         """Per temperature of ``ks`` the positives' ``(b, log_w, log_r, fallback rows)``."""
         pf, xp, bt = self.pf, self.xp, self.bt
         d, dt = bt.xq.shape[2], pf.dtype

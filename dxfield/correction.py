@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from .backend import placement_of, to_host
 from .kernels import logit_coef
-from .blocksums import Side, log_sums, settled, weighted
-from .stacking import Batches, block_repulsion, blocked, half_column_sums, landmark_terms, repulsion_fits
+from .blocksums import log_sums, settled, weighted
+from .stacking import Batches, Block, blocked, half_column_sums, landmark_terms, repulsion_fits
 from .sums import quiet
 
 
@@ -39,35 +39,14 @@ def corrected_attraction(pf, xp, xa, groups, ys, sample_rows, maps=None, repel: 
     return blocked(pf, xp, xa, bt, _Block(pf, xp, bt, neg) if bt.has_sample else None, _corrected_sums, neg)
 
 
-class _Block:
+class _Block(Block):
     """:func:`corrected_attraction`'s sums, and the queries' own repulsion, from one exponential per entry and
     temperature, the temperatures stacked (:class:`dxfield.blocksums.Side`; docs/design.md section 8.36)."""
 
     def __init__(self, pf, xp, bt: Batches, neg: bool):
-        self.pf, self.xp, self.bt = pf, xp, bt
-        self.pos = Side(xp, bt.dpos, pf.dtype)  # the landmarks, then the sample rows
-        self.neg = Side(xp, bt.self_distances(pf, xp), pf.dtype) if neg else None
-        self.entries = int(bt.dpos.size) + (0 if self.neg is None else int(self.neg.v.size))
+        super().__init__(pf, xp, bt, bt.dpos, neg)  # the landmarks, then the sample rows
 
-    def sums(self, ks):
-        """``{k: (positives, negatives)}`` for the temperatures ``ks``: ``(b, log_w, log_r, fallback rows)``
-        and ``(b, log_w, log_r)`` as (groups x rows) arrays; either None where its factors spread beyond
-        range (and the negatives None without them)."""
-        pf, xp, bt = self.pf, self.xp, self.bt
-        coefs = [logit_coef(pf.kernel, pf.taus[k]) for k in ks]
-        out = dict.fromkeys(ks, (None, None))
-        P, F, top, ok = self.pos.exps(coefs)
-        if any(ok):
-            for i, pos in enumerate(self._positives(ks, coefs, P, F, top)):
-                out[ks[i]] = (pos if ok[i] else None, None)
-        if self.neg is None:
-            return out
-        for k, got in zip(ks, block_repulsion(xp, self.neg, bt.xq, coefs)):
-            if got is not None:
-                out[k] = (out[k][0], got)
-        return out
-
-    def _positives(self, ks, coefs, P, F, top):
+    def positives(self, ks, coefs, P, F, top):
         """Per temperature of ``ks`` the positives' ``(b, log_w, log_r, fallback rows)``."""
         pf, xp, bt = self.pf, self.xp, self.bt
         d, nm, dt = bt.y1.shape[2] - 1, bt.nm, pf.dtype

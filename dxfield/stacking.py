@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .backend import device_of, placement_of
-from .blocksums import log_sums, settled, weighted
+from .blocksums import Side, log_sums, settled, weighted
 from .kernels import logit_coef, sqdist_stacked
 from .memory import tile_cap
 from .sums import logsumexp, quiet
@@ -131,6 +131,41 @@ def block_repulsion(xp, side, xq, coefs):
     acc = weighted(xp, P, F, xp.broadcast_to(xq1[None], F.shape + (d + 1,)))
     b, log_w, log_r = settled(xp, acc[..., :d], acc[..., d], P.sum(axis=3), side.units(coefs), top)
     return [(b[i], log_w[i], log_r[i]) if ok[i] else None for i in range(len(coefs))]
+
+
+class Block:
+    """An estimator's sums from one exponential per entry and temperature, the temperatures stacked
+    (:class:`dxfield.blocksums.Side`; docs/design.md sections 8.36-8.37): its positives' block ``dpos``
+    (groups x queries x columns) and, with ``neg``, the groups' queries against each other.  A subclass
+    gives :meth:`positives`; :func:`blocked` runs it."""
+
+    def __init__(self, pf, xp, bt: "Batches", dpos, neg: bool):
+        self.pf, self.xp, self.bt = pf, xp, bt
+        self.pos = Side(xp, dpos, pf.dtype)
+        self.neg = Side(xp, bt.self_distances(pf, xp), pf.dtype) if neg else None
+        self.entries = int(dpos.size) + (0 if self.neg is None else int(self.neg.v.size))
+
+    def sums(self, ks):
+        """``{k: (positives, negatives)}`` for the temperatures ``ks``: ``(b, log_w, log_r, fallback rows)``
+        and ``(b, log_w, log_r)`` as (groups x rows) arrays; either None where its factors spread beyond
+        range (and the negatives None without them)."""
+        pf, xp = self.pf, self.xp
+        coefs = [logit_coef(pf.kernel, pf.taus[k]) for k in ks]
+        out = dict.fromkeys(ks, (None, None))
+        P, F, top, ok = self.pos.exps(coefs)
+        if any(ok):
+            for i, pos in enumerate(self.positives(ks, coefs, P, F, top)):
+                out[ks[i]] = (pos if ok[i] else None, None)
+        if self.neg is not None:
+            for k, got in zip(ks, block_repulsion(xp, self.neg, self.bt.xq, coefs)):
+                if got is not None:
+                    out[k] = (out[k][0], got)
+        return out
+
+    def positives(self, ks, coefs, P, F, top):
+        """Per temperature of ``ks`` the positives' ``(b, log_w, log_r, fallback rows)`` from the positives'
+        side's ``(P, F, top)`` (:meth:`dxfield.blocksums.Side.exps`)."""
+        raise NotImplementedError
 
 
 def blocked(pf, xp, xa, bt: "Batches", block, positives_at, neg: bool):
