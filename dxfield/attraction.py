@@ -24,7 +24,7 @@ from .backend import device_of, placement_of, to_host
 from .kernels import logit_coef
 from .memory import tile_cap
 from .nystrom import column_log_sums, kernel_products
-from .blocksums import log_sums, weighted
+from .blocksums import log_sums, settled, weighted
 from .stacking import (Batches, Block, QueryGroup, blocked, landmark_terms, masked_distances, padded,
                        query_groups, repulsion_fits)
 from .sums import quiet
@@ -200,9 +200,7 @@ class _NystromBlock(Block):
         for i, k in enumerate(ks):
             if nbad[i]:
                 self._fallback(k, bad[i], acc[i], plain[i], unit_w[i], units[i], self.pos.log_factors[i])
-        has = (den > 0) & (rsum > 0)  # False only without any data (and on padding)
-        b = acc[..., :d] / xp.where(has, den, 1.0)[..., None]
-        log_w, log_r = log_sums(xp, unit_w, den, has), log_sums(xp, units, rsum, has)
+        b, log_w, log_r = settled(xp, acc[..., :d], den, rsum, unit_w, units)
         return [(b[i], log_w[i], log_r[i], nbad[i]) for i in range(len(ks))]
 
     def _fallback(self, k, bad, acc, plain, unit_w, units, log_factors):

@@ -91,13 +91,13 @@ def weighted(xp, P, F, cols):
     return P @ (cols * F[..., None])
 
 
-def settled(xp, acc, s_w, r, units, top):
-    """``(b, log_w, log_r)`` of one side from its sums ``acc``, ``s_w`` (rows in units ``exp(units + top)``) and
-    ``r`` (units ``exp(units)``), any leading axes: the barycentres and the logs of both row sums (``-inf``
+def settled(xp, acc, s_w, r, unit_w, unit_r):
+    """``(b, log_w, log_r)`` of one side from its sums ``acc``, ``s_w`` (rows in units ``exp(unit_w)``) and
+    ``r`` (units ``exp(unit_r)``), any leading axes: the barycentres and the logs of both row sums (``-inf``
     for a row without any target)."""
     has = (s_w > 0) & (r > 0)
     safe = xp.where(has, s_w, 1.0)
-    return acc / safe[..., None], log_sums(xp, units + top[..., None], safe, has), log_sums(xp, units, r, has)
+    return acc / safe[..., None], log_sums(xp, unit_w, safe, has), log_sums(xp, unit_r, r, has)
 
 
 def log_sums(xp, shift, s, has, top=0.0):

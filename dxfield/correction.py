@@ -74,7 +74,8 @@ class _Block(Block):
                 nys = (Pu * F[i, :, None, :nm]) @ bt.kept(("folded32", k), lambda: folded.astype(dt))
                 acc[i] = xp.where(bad[i][:, :, None], nys, acc[i])
                 r[i] = xp.where(bad[i], (Pu @ folded[:, :, d].astype(dt)[:, :, None])[:, :, 0], r[i])
-        b, log_w, log_r = settled(xp, acc[..., :d], acc[..., d], r, self.pos.units(coefs), top)
+        units = self.pos.units(coefs)
+        b, log_w, log_r = settled(xp, acc[..., :d], acc[..., d], r, units + top[..., None], units)
         return [(b[i], log_w[i], log_r[i], nbad[i]) for i in range(len(ks))]
 
 

@@ -129,7 +129,8 @@ def block_repulsion(xp, side, xq, coefs):
     d = xq.shape[2]
     xq1 = xp.concatenate([xq, xp.ones(xq.shape[:2] + (1,), dtype=xq.dtype)], axis=2)
     acc = weighted(xp, P, F, xp.broadcast_to(xq1[None], F.shape + (d + 1,)))
-    b, log_w, log_r = settled(xp, acc[..., :d], acc[..., d], P.sum(axis=3), side.units(coefs), top)
+    units = side.units(coefs)
+    b, log_w, log_r = settled(xp, acc[..., :d], acc[..., d], P.sum(axis=3), units + top[..., None], units)
     return [(b[i], log_w[i], log_r[i]) if ok[i] else None for i in range(len(coefs))]
 
 
